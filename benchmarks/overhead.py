@@ -1,0 +1,114 @@
+"""Per-batch overhead of statetrainer against a hand-written loop (and Ignite, if installed).
+
+A tiny MLP (32-64-1), batch 64, pre-built batches, one thread: the model's own
+work is a few tens of microseconds, so what a trainer adds on top shows. The
+loops run interleaved in one process, each round timing every loop once, and
+the median round is reported.
+
+    uv run python benchmarks/overhead.py                      # hand loop vs statetrainer
+    uv run --group bench python benchmarks/overhead.py        # + PyTorch Ignite's Engine
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import statetrainer as st
+
+
+def make_model() -> tuple[nn.Module, torch.optim.Optimizer]:
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 1))
+    return model, torch.optim.SGD(model.parameters(), lr=1e-3)
+
+
+# Each factory builds a fresh model and loop outside the timing and returns the call to time.
+Factory = Callable[[list[tuple[torch.Tensor, torch.Tensor]]], Callable[[], None]]
+
+
+def hand_loop(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], None]:
+    model, optimizer = make_model()
+    loss_fn = nn.MSELoss()
+
+    def run() -> None:
+        model.train()
+        for inputs, target in batches:
+            loss = loss_fn(model(inputs), target)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return run
+
+
+def statetrainer_loop(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], None]:
+    model, optimizer = make_model()
+    trainer = st.Trainer(model, optimizer, nn.MSELoss(), [st.Phase("train", batches)], device="cpu")
+    return trainer.fit
+
+
+def ignite_loop(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], None]:
+    from ignite.engine import create_supervised_trainer
+
+    model, optimizer = make_model()
+    engine = create_supervised_trainer(model, optimizer, nn.MSELoss())
+    return lambda: engine.run(batches, max_epochs=1)
+
+
+def machine_only(batches: int) -> float:
+    """us for one batch's four transitions of a bare machine (no callbacks, no work)."""
+    from statetrainer.machine import TrainingMachine
+
+    machine = TrainingMachine(target=None)
+    machine.fire("start_epoch")
+    machine.fire("start_phase")
+    start_batch, backward, step, end_batch = map(machine.firer, ("start_batch", "backward", "step", "end_batch"))
+    start = time.perf_counter()
+    for _ in range(batches):
+        start_batch()
+        backward()
+        step()
+        end_batch()
+    return (time.perf_counter() - start) / batches * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, default=2000, help="batches per timed run")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds")
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    batches = [(torch.randn(64, 32), torch.randn(64, 1)) for _ in range(args.batches)]
+    loops: dict[str, Factory] = {"hand-written": hand_loop, "statetrainer": statetrainer_loop}
+    if importlib.util.find_spec("ignite") is not None:
+        loops["ignite"] = ignite_loop
+
+    timings: dict[str, list[float]] = {name: [] for name in loops}
+    for factory in loops.values():  # warm-up
+        factory(batches)()
+    for _ in range(args.rounds):
+        for name, factory in loops.items():
+            run = factory(batches)
+            start = time.perf_counter()
+            run()
+            timings[name].append((time.perf_counter() - start) / args.batches * 1e6)
+
+    base = statistics.median(timings["hand-written"])
+    print(f"torch {torch.__version__}, {args.batches} batches x {args.rounds} rounds, 1 thread, median us/batch")
+    for name, values in timings.items():
+        median = statistics.median(values)
+        print(f"{name:>13}: {median:7.2f} us/batch   overhead {median - base:+6.2f} us   ratio {median / base:.3f}")
+    machine = statistics.median(machine_only(args.batches * 10) for _ in range(5))
+    print(f"the bare machine: {machine:.2f} us for a batch's four transitions")
+
+
+if __name__ == "__main__":
+    main()

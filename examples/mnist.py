@@ -1,0 +1,153 @@
+"""Train a shallow CNN on MNIST with statetrainer.
+
+    uv run python examples/mnist.py                   # MNIST from --data-root, downloaded when possible
+    uv run python examples/mnist.py --epochs 1 --offline
+
+Data comes from torchvision's ``MNIST`` in ``--data-root``. When it is neither
+there nor downloadable (no network), the example trains on digits it renders
+itself with Pillow instead, and says so in one line: it never fails for being
+offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+from torchvision import datasets
+from torchvision.transforms import v2 as transforms
+from torchvision.transforms.v2 import functional as TF
+
+import statetrainer as st
+
+MEAN, STD = 0.1307, 0.3081
+
+
+def shallow_cnn() -> nn.Module:
+    """Two conv blocks and two linear layers: about 100k parameters."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Dropout(0.25), nn.Linear(64 * 7 * 7, 64), nn.ReLU(), nn.Linear(64, 10),
+    )  # fmt: skip
+
+
+def train_transform() -> transforms.Transform:
+    """Light augmentation: small random shifts, rotations and zooms."""
+    return transforms.Compose([
+        transforms.ToImage(),
+        transforms.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1)),
+        transforms.ToDtype(torch.float32, scale=True),
+        transforms.Normalize([MEAN], [STD]),
+    ])  # fmt: skip
+
+
+def eval_transform() -> transforms.Transform:
+    return transforms.Compose(
+        [transforms.ToImage(), transforms.ToDtype(torch.float32, scale=True), transforms.Normalize([MEAN], [STD])]
+    )
+
+
+class RenderedDigits(Dataset):
+    """Digits drawn with Pillow's default font, each one shifted, rotated and thickened its own way.
+
+    Item ``i`` is always the same image (it is drawn from a generator seeded by
+    ``seed`` and ``i``), so the set is fixed like a real dataset; ``transform``
+    then adds the usual random augmentation.
+    """
+
+    def __init__(self, size: int, seed: int, transform: transforms.Transform | None = None) -> None:
+        self.size, self.seed, self.transform = size, seed, transform
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        uniform = lambda low, high: low + (high - low) * torch.rand((), generator=generator).item()  # noqa: E731
+        label = int(torch.randint(10, (), generator=generator))
+        font = ImageFont.load_default(size=round(uniform(18, 26)))
+        image = Image.new("L", (28, 28))
+        ImageDraw.Draw(image).text((14, 14), str(label), fill=255, font=font, anchor="mm",
+                                   stroke_width=round(uniform(0, 1.6)), stroke_fill=255)  # fmt: skip
+        image = TF.affine(image, angle=uniform(-15, 15), translate=[round(uniform(-3, 3)), round(uniform(-3, 3))],
+                          scale=uniform(0.8, 1.1), shear=[uniform(-12, 12)])  # fmt: skip
+        return (self.transform(image) if self.transform else image), label
+
+
+def load_data(root: Path, download: bool, seed: int) -> tuple[Dataset, Dataset, str]:
+    """MNIST's train and test sets, or rendered digits when MNIST cannot be had."""
+    try:
+        train = datasets.MNIST(root, train=True, download=download, transform=train_transform())
+        valid = datasets.MNIST(root, train=False, download=download, transform=eval_transform())
+        return train, valid, f"MNIST from {root}"
+    except (RuntimeError, OSError) as error:
+        reason = str(error).splitlines()[0]
+    train = RenderedDigits(12_000, seed=seed, transform=train_transform())
+    valid = RenderedDigits(2_000, seed=seed + 1, transform=eval_transform())
+    return train, valid, f"offline: MNIST is not in {root} and could not be downloaded ({reason}); using digits rendered with Pillow"
+
+
+class EpochPrinter(st.Callback):
+    """Prints the mean loss of every phase, one line per epoch."""
+
+    def on_enter_epoch(self, trainer: st.Trainer) -> None:
+        self.parts: list[str] = []
+
+    def on_enter_phase(self, trainer: st.Trainer) -> None:
+        self.total = torch.zeros((), device=trainer.device)
+
+    def on_exit_batch(self, trainer: st.Trainer) -> None:
+        self.total += trainer.loss.detach()
+
+    def on_exit_phase(self, trainer: st.Trainer) -> None:
+        self.parts.append(f"{trainer.phase.name}_loss={float(self.total) / (trainer.batch_index + 1):.4f}")
+
+    def on_exit_epoch(self, trainer: st.Trainer) -> None:
+        print(f"Epoch: {trainer.epoch + 1:4d} | {', '.join(self.parts)}", flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", type=Path, default=Path("data"), help="where torchvision's MNIST lives")
+    parser.add_argument("--offline", action="store_true", help="do not try to download MNIST")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=3e-3, help="Adam's learning rate")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1...; default: CUDA when available")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    parser.add_argument("--limit", type=int, default=None, help="use only this many training samples")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> st.Trainer:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    train, valid, source = load_data(args.data_root, download=not args.offline, seed=args.seed)
+    print(source, flush=True)
+    if args.limit is not None:
+        train = torch.utils.data.Subset(train, range(min(args.limit, len(train))))
+    loader_options = {"num_workers": args.workers, "persistent_workers": args.workers > 0}
+    train_loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, **loader_options)
+    valid_loader = DataLoader(valid, batch_size=512, **loader_options)
+
+    model = shallow_cnn()
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    trainer = st.Trainer(
+        model, optimizer, F.cross_entropy,
+        phases=[st.Phase("train", train_loader), st.Phase("valid", valid_loader, grad=False)],
+        callbacks=[EpochPrinter()], epochs=args.epochs, device=args.device,
+    )  # fmt: skip
+    trainer.fit()
+    return trainer
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,89 @@
+"""The callback protocol: a hook per state entry and exit, plus a state_dict."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..machine import STATES
+
+if TYPE_CHECKING:
+    from ..trainer import Trainer
+
+__all__ = ["HOOK_NAMES", "Callback", "overridden_hooks"]
+
+HOOK_NAMES: tuple[str, ...] = tuple(f"on_{kind}_{state}" for state in STATES for kind in ("enter", "exit"))
+
+
+class Callback:
+    """Base class for everything that reacts to the training machine.
+
+    Override any of ``on_enter_<state>`` / ``on_exit_<state>`` for the states
+    ``idle, epoch, phase, batch, backward, step``; each receives the trainer.
+    Hooks you do not override are never called, so they cost nothing.
+
+    A callback whose state must survive a restart returns it from
+    ``state_dict`` (tensors, numbers, strings, lists and dicts of them) and takes
+    it back in ``load_state_dict``. It is stored under ``name``, which must be
+    unique among a trainer's callbacks: the class name unless you set one.
+
+    A callback may read and change the trainer's attributes and call
+    ``trainer.stop()``, but never drives the machine (``advance``, ``fit``).
+    """
+
+    name: str | None = None
+
+    @property
+    def key(self) -> str:
+        """The unique name this callback's state is stored under."""
+        return self.name or type(self).__name__
+
+    def state_dict(self) -> dict[str, Any]:
+        """What this callback needs to continue exactly after a restart."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+
+    def on_enter_idle(self, trainer: Trainer) -> None:
+        """The run has ended (after the last epoch, or after ``stop()``)."""
+
+    def on_exit_idle(self, trainer: Trainer) -> None:
+        """The run is starting."""
+
+    def on_enter_epoch(self, trainer: Trainer) -> None:
+        """An epoch starts; ``trainer.epoch`` is its index."""
+
+    def on_exit_epoch(self, trainer: Trainer) -> None:
+        """An epoch has run all its phases."""
+
+    def on_enter_phase(self, trainer: Trainer) -> None:
+        """A phase starts; ``trainer.phase`` is it. Its loader is not open yet."""
+
+    def on_exit_phase(self, trainer: Trainer) -> None:
+        """A phase has run all its batches."""
+
+    def on_enter_batch(self, trainer: Trainer) -> None:
+        """``trainer.batch`` holds the batch as the loader gave it; forward has not run."""
+
+    def on_exit_batch(self, trainer: Trainer) -> None:
+        """``trainer.output`` and ``trainer.loss`` hold the batch's results (and its step is done)."""
+
+    def on_enter_backward(self, trainer: Trainer) -> None:
+        """The backward pass is about to run on ``trainer.loss``."""
+
+    def on_exit_backward(self, trainer: Trainer) -> None:
+        """Gradients of this batch have been accumulated into ``.grad``."""
+
+    def on_enter_step(self, trainer: Trainer) -> None:
+        """The optimizer is about to step (the place to set hyper-parameters)."""
+
+    def on_exit_step(self, trainer: Trainer) -> None:
+        """The optimizer has stepped and the gradients are zeroed."""
+
+
+def overridden_hooks(callback: Callback) -> dict[str, Any]:
+    """The bound hook methods a callback overrides, by hook name."""
+    cls = type(callback)
+    return {
+        hook: getattr(callback, hook) for hook in HOOK_NAMES if getattr(cls, hook, None) is not getattr(Callback, hook)
+    }

@@ -1,0 +1,56 @@
+"""Walking one phase's loader batch by batch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = ["END", "BatchCursor", "loader_length"]
+
+END: Any = object()
+"""Returned by ``BatchCursor.next`` when the loader has no more batches."""
+
+_NOTHING: Any = object()
+
+
+def loader_length(loader: Iterable[Any]) -> int | None:
+    """``len(loader)``, or None when the loader does not know its length."""
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+class BatchCursor:
+    """One pass over a loader that can tell whether the current batch is the last.
+
+    A loader with a length is trusted to yield that many batches, so nothing is
+    fetched ahead of time. For a loader without one, ``is_last`` looks one batch
+    ahead, and only when asked.
+    """
+
+    def __init__(self, loader: Iterable[Any]) -> None:
+        self.length = loader_length(loader)
+        self.fetched = 0
+        self._iterator = iter(loader)
+        self._ahead = _NOTHING
+
+    def next(self) -> Any:
+        """The next batch, or ``END``."""
+        if self._ahead is not _NOTHING:
+            batch, self._ahead = self._ahead, _NOTHING
+        elif self.length is not None and self.fetched >= self.length:
+            return END
+        else:
+            batch = next(self._iterator, END)
+        if batch is not END:
+            self.fetched += 1
+        return batch
+
+    def is_last(self) -> bool:
+        """Whether the batch most recently returned by ``next`` is the loader's last."""
+        if self.length is not None:
+            return self.fetched >= self.length
+        if self._ahead is _NOTHING:
+            self._ahead = next(self._iterator, END)
+        return self._ahead is END

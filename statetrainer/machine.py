@@ -1,0 +1,269 @@
+"""The training state machine: six nested states, one table of transitions.
+
+This is the only module that imports ``transitions``. The trainer decides *which*
+transition to fire; this module decides *what firing it means*: which states are
+exited and entered, in which order the callbacks run, and what is recorded.
+
+Nesting (a state's work happens between its entry and its exit)::
+
+    idle                      nothing running; the run starts and ends here
+    epoch                     one pass over every phase
+    └── phase                 train, valid, ...: sets train/eval and grad mode, opens the loader
+        └── batch             moves the batch to the device, runs forward + loss
+            ├── backward      runs the backward pass (training phases only)
+            └── step          optimizer step + zero_grad (at an accumulation boundary)
+
+Transitions (the table ``TRANSITIONS`` below is the whole graph)::
+
+    start_epoch   idle     -> epoch      exit idle, enter epoch
+    start_phase   epoch    -> phase      enter phase
+    start_batch   phase    -> batch      enter batch
+    backward      batch    -> backward   enter backward
+    step          backward -> step       exit backward, enter step
+    end_batch     batch    -> phase      exit batch
+                  backward -> phase      exit backward, exit batch
+                  step     -> phase      exit step, exit batch
+    end_phase     phase    -> epoch      exit phase
+    next_epoch    epoch    -> epoch      exit epoch, enter epoch
+    finish        epoch    -> idle       exit epoch, enter idle
+
+Moving to a child enters only the child; moving up to an ancestor exits every
+state on the way and enters nothing; moving between siblings (or to the same
+state) exits the source and enters the destination. So one training epoch with
+two batches and ``accumulate=2`` followed by one validation batch reads::
+
+    exit idle, enter epoch,
+      enter phase,
+        enter batch, enter backward, exit backward, exit batch,
+        enter batch, enter backward, exit backward, enter step, exit step, exit batch,
+      exit phase,
+      enter phase,
+        enter batch, exit batch,
+      exit phase,
+    exit epoch, enter idle
+
+Entering a state runs, in order: the owner's *prepare* call (bookkeeping such as
+the batch index, so callbacks see the new values), every ``on_enter_<state>``
+callback, then the owner's *work* call. Exiting runs every ``on_exit_<state>``
+callback. All of this is compiled once into a flat tuple of calls per
+transition, so a hook that no callback overrides costs nothing, and firing a
+transition allocates nothing.
+
+Callbacks must not fire transitions: one driver (the trainer) advances the
+machine, so the call stack stays flat.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+from transitions import Event, Machine, MachineError, Transition
+
+__all__ = [
+    "HISTORY_LENGTH",
+    "PARENT",
+    "STATES",
+    "TRANSITIONS",
+    "Move",
+    "TrainingMachine",
+    "InvalidMove",
+    "entered_and_exited",
+]
+
+STATES: tuple[str, ...] = ("idle", "epoch", "phase", "batch", "backward", "step")
+
+PARENT: Mapping[str, str | None] = {
+    "idle": None,
+    "epoch": None,
+    "phase": "epoch",
+    "batch": "phase",
+    "backward": "batch",
+    "step": "batch",
+}
+
+# trigger, source state(s), destination state
+TRANSITIONS: tuple[tuple[str, str | tuple[str, ...], str], ...] = (
+    ("start_epoch", "idle", "epoch"),
+    ("start_phase", "epoch", "phase"),
+    ("start_batch", "phase", "batch"),
+    ("backward", "batch", "backward"),
+    ("step", "backward", "step"),
+    ("end_batch", ("batch", "backward", "step"), "phase"),
+    ("end_phase", "phase", "epoch"),
+    ("next_epoch", "epoch", "epoch"),
+    ("finish", "epoch", "idle"),
+)
+
+HISTORY_LENGTH = 64
+
+Call = Callable[[Any], None]
+
+
+class Move(NamedTuple):
+    """One transition as recorded in the history."""
+
+    event: str
+    source: str
+    dest: str
+
+    def __str__(self) -> str:
+        return f"{self.event}: {self.source} -> {self.dest}"
+
+
+def _lineage(state: str) -> list[str]:
+    """The state followed by its ancestors, innermost first."""
+    chain = []
+    current: str | None = state
+    while current is not None:
+        chain.append(current)
+        current = PARENT[current]
+    return chain
+
+
+def entered_and_exited(source: str, dest: str) -> tuple[list[str], list[str]]:
+    """The states a transition exits (innermost first) and enters (outermost first)."""
+    if source == dest:
+        return [source], [dest]
+    source_chain, dest_chain = _lineage(source), _lineage(dest)
+    common = next((state for state in source_chain if state in dest_chain), None)
+    exited = source_chain[: source_chain.index(common)] if common else source_chain
+    entered = dest_chain[: dest_chain.index(common)] if common else dest_chain
+    return exited, entered[::-1]
+
+
+class InvalidMove(MachineError):
+    """An event was fired from a state that has no transition for it."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class _CompiledTransition(Transition):
+    """A transition whose callbacks were resolved into one flat tuple of calls."""
+
+    def __init__(self, source: str, dest: str, *args: Any, **kwargs: Any) -> None:
+        super().__init__(source, dest, *args, **kwargs)
+        self.machine: TrainingMachine | None = None
+        self.record: Move | None = None
+        self.exit_calls: tuple[Call, ...] = ()
+        self.enter_calls: tuple[Call, ...] = ()
+
+    def apply(self) -> None:
+        machine = self.machine
+        target = machine.target
+        for call in self.exit_calls:
+            call(target)
+        machine.state = self.dest
+        machine.history.append(self.record)
+        for call in self.enter_calls:
+            call(target)
+
+    def execute(self, event_data: Any) -> bool:  # the generic ``transitions`` path
+        self.apply()
+        return True
+
+
+class _DirectEvent(Event):
+    """An event that runs its transition directly, without ``EventData`` or a queue."""
+
+    def fire(self) -> None:
+        """Run this event's transition from the machine's current state."""
+        machine = self.machine
+        try:
+            transition = self._by_source[machine.state]
+        except KeyError:
+            raise InvalidMove(
+                f"cannot fire {self.name!r} from state {machine.state!r}; "
+                f"from {machine.state!r} the machine can fire: "
+                f"{', '.join(machine.get_triggers(machine.state))}"
+            ) from None
+        transition.apply()
+
+    def trigger(self, model: Any, *args: Any, **kwargs: Any) -> bool:
+        self.fire()
+        return True
+
+    def compile(self) -> None:
+        self._by_source = {source: moves[0] for source, moves in self.transitions.items()}
+
+
+class TrainingMachine(Machine):
+    """The six-state training machine with its callbacks compiled in.
+
+    Args:
+        target: The object every call receives (the trainer).
+        prepare: Per state, a call that runs on entry before the callbacks.
+        enter: Per state, the ``on_enter_<state>`` callables, in order.
+        work: Per state, a call that runs on entry after the callbacks.
+        exit: Per state, the ``on_exit_<state>`` callables, in order.
+        history_length: How many recent moves ``history`` keeps.
+    """
+
+    transition_cls = _CompiledTransition
+    event_cls = _DirectEvent
+
+    def __init__(
+        self,
+        target: Any,
+        *,
+        prepare: Mapping[str, Call] | None = None,
+        enter: Mapping[str, Sequence[Call]] | None = None,
+        work: Mapping[str, Call] | None = None,
+        exit: Mapping[str, Sequence[Call]] | None = None,
+        history_length: int = HISTORY_LENGTH,
+    ) -> None:
+        self.target = target
+        self.history: deque[Move] = deque(maxlen=history_length)
+        super().__init__(
+            states=list(STATES),
+            initial="idle",
+            transitions=[
+                {"trigger": trigger, "source": list(source) if isinstance(source, tuple) else source, "dest": dest}
+                for trigger, source, dest in TRANSITIONS
+            ],
+            auto_transitions=False,
+            send_event=False,
+        )
+        self.compile(prepare or {}, enter or {}, work or {}, exit or {})
+
+    def compile(
+        self,
+        prepare: Mapping[str, Call],
+        enter: Mapping[str, Sequence[Call]],
+        work: Mapping[str, Call],
+        exit: Mapping[str, Sequence[Call]],
+    ) -> None:
+        """Resolve every transition's calls once; call again when the callbacks change."""
+        unknown = (set(prepare) | set(enter) | set(work) | set(exit)) - set(STATES)
+        if unknown:
+            raise ValueError(f"unknown state(s) {sorted(unknown)}; states are {', '.join(STATES)}")
+
+        def entry_calls(state: str) -> list[Call]:
+            calls = [prepare[state]] if state in prepare else []
+            calls.extend(enter.get(state, ()))
+            if state in work:
+                calls.append(work[state])
+            return calls
+
+        for event in self.events.values():
+            for moves in event.transitions.values():
+                for transition in moves:
+                    exited, entered = entered_and_exited(transition.source, transition.dest)
+                    transition.machine = self
+                    transition.record = Move(event.name, transition.source, transition.dest)
+                    transition.exit_calls = tuple(call for state in exited for call in exit.get(state, ()))
+                    transition.enter_calls = tuple(call for state in entered for call in entry_calls(state))
+            event.compile()
+
+    def fire(self, event: str) -> None:
+        """Fire the named event from the current state; raises ``InvalidMove`` if it cannot."""
+        try:
+            self.events[event].fire()
+        except KeyError:
+            raise InvalidMove(f"unknown event {event!r}; events are {', '.join(self.events)}") from None
+
+    def firer(self, event: str) -> Callable[[], None]:
+        """The bound, allocation-free call that fires ``event`` (for the driver's hot loop)."""
+        return self.events[event].fire

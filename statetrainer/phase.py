@@ -1,0 +1,45 @@
+"""A phase: one named pass over a loader inside every epoch (train, valid, ...)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .data import loader_length
+
+__all__ = ["Phase"]
+
+
+@dataclass(eq=False)
+class Phase:
+    """One pass over ``loader`` per epoch.
+
+    Args:
+        name: Names the phase in metrics and logs (``train`` gives ``train_loss``).
+        loader: Any re-iterable of batches: a ``DataLoader``, a list, ... An
+            iterator or generator, which can be consumed only once, is refused.
+        grad: True for a phase that trains: the model is in train mode, autograd
+            records, and every batch runs ``backward`` and (at accumulation
+            boundaries) ``step``. False for evaluation: eval mode, no autograd,
+            forward and loss only.
+    """
+
+    name: str
+    loader: Iterable[Any]
+    grad: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.isidentifier():
+            raise ValueError(f"a phase name must be a non-empty identifier like 'train', got {self.name!r}")
+        if not isinstance(self.grad, bool):
+            raise TypeError(f"phase {self.name!r}: grad must be True or False, got {self.grad!r}")
+        if not isinstance(self.loader, Iterable):
+            raise TypeError(f"phase {self.name!r}: loader must be iterable, got {type(self.loader).__name__}")
+        if isinstance(self.loader, Iterator):
+            raise TypeError(
+                f"phase {self.name!r}: loader is an iterator ({type(self.loader).__name__}), which is used up "
+                "after one epoch; pass a re-iterable such as a list or a DataLoader"
+            )
+        if loader_length(self.loader) == 0:
+            raise ValueError(f"phase {self.name!r}: loader is empty (its length is 0)")

@@ -1,0 +1,417 @@
+"""The trainer: one driver that advances the training machine, one state at a time.
+
+The machine (``machine.py``) knows the states, the transitions and the order of
+the callbacks. The trainer knows the data and the model: for the current state
+it decides which transition comes next (``_decide_*``), and it provides the
+work each state does on entry (``_prepare_*`` before the callbacks,
+``_run_*`` after them). ``fit()`` and ``advance()`` run the same deciders, so a
+stepped run and a fitted run are the same run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .callbacks.base import Callback, overridden_hooks
+from .data import END, BatchCursor, to_device
+from .machine import STATES, Move, TrainingMachine
+from .phase import Phase
+from .precision import make_autocast, make_grad_scaler
+
+__all__ = ["Trainer", "unpack_pair"]
+
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+def unpack_pair(batch: Any) -> tuple[Any, Any]:
+    """The default ``unpack``: a batch is an ``(input, target)`` pair."""
+    try:
+        inputs, target = batch
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"by default a batch is an (input, target) pair, got {type(batch).__name__}; "
+            "pass unpack=lambda batch: (input, target) to the Trainer for other shapes"
+        ) from None
+    return inputs, target
+
+
+class Trainer:
+    """Trains ``model`` by running a state machine over epochs, phases and batches.
+
+    Args:
+        model: The module to train; it is moved to ``device``.
+        optimizer: Steps the model's parameters; may be None when no phase has
+            ``grad=True``.
+        loss_fn: ``loss_fn(output, target)`` gives the batch's scalar loss.
+        phases: The phases of every epoch, run in order.
+        callbacks: Observers of the machine's states; their names must be unique.
+        epochs: How many epochs to run.
+        device: Where the model and batches go; None picks CUDA when available.
+        accumulate: How many batches' gradients make one optimizer step. The step
+            follows the mean of the window's batch gradients; a phase whose batch
+            count is not a multiple of ``accumulate`` steps on its last batch, with
+            the mean of that shorter window.
+        grad_clip: Clip the gradients' total 2-norm to this before each step.
+        precision: None for full precision, ``"bf16"`` or ``"fp16"`` for autocast
+            (fp16 on CUDA also scales the loss with a GradScaler).
+        unpack: Turns a batch into ``(input, target)``; the default takes a pair.
+            To change what the model is called with, override ``forward``.
+
+    Attributes:
+        epoch: Index of the current epoch, from 0.
+        phase: The current (or last) ``Phase``.
+        batch_index: Index of the current batch within its phase, from 0.
+        global_step: Optimizer steps taken so far.
+        batch, target, output, loss: The current batch (on the device) and its results.
+        metrics: The latest value of every metric, by name (``train_loss``...).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        phases: Sequence[Phase],
+        *,
+        callbacks: Iterable[Callback] = (),
+        epochs: int = 1,
+        device: str | torch.device | None = None,
+        accumulate: int = 1,
+        grad_clip: float | None = None,
+        precision: str | None = None,
+        unpack: Callable[[Any], tuple[Any, Any]] = unpack_pair,
+    ) -> None:
+        self.phases = _check_phases(phases, optimizer)
+        self.callbacks = _check_callbacks(callbacks)
+        _check_positive_int("epochs", epochs)
+        _check_positive_int("accumulate", accumulate)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        if grad_clip is not None and not grad_clip > 0:
+            raise ValueError(f"grad_clip must be a positive number or None, got {grad_clip!r}")
+
+        self.device = torch.device(device) if device is not None else _default_device()
+        self.model = model.to(self.device)
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.epochs = epochs
+        self.accumulate = accumulate
+        self.grad_clip = grad_clip
+        self.precision = precision
+        self.unpack = unpack
+        self.autocast = make_autocast(precision, self.device)
+        self.scaler = make_grad_scaler(precision, self.device)
+        self._move_batches = self.device.type != "cpu"
+        self._parameters = [p for group in optimizer.param_groups for p in group["params"]] if optimizer else []
+
+        self.epoch = 0
+        self.phase: Phase | None = None
+        self.batch_index = -1
+        self.global_step = 0
+        self.batch: Any = None
+        self.target: Any = None
+        self.output: Any = None
+        self.loss: torch.Tensor | None = None
+        self.metrics: dict[str, Any] = {}
+
+        self._epochs_done = 0
+        self._phase_position = -1
+        self._cursor: BatchCursor | None = None
+        self._incoming: Any = None
+        self._contexts: tuple[Any, Any] | None = None
+        self._stop_requested = False
+        self._finished = False
+        self._driving = False
+        self._error: BaseException | None = None
+        self._machine = self._build_machine()
+        fire = self._machine.firer
+        self._start_epoch, self._start_phase, self._start_batch = (
+            fire("start_epoch"), fire("start_phase"), fire("start_batch"))
+        self._backward, self._step, self._end_batch = fire("backward"), fire("step"), fire("end_batch")
+        self._end_phase, self._next_epoch, self._finish = fire("end_phase"), fire("next_epoch"), fire("finish")
+        self._deciders: dict[str, Callable[[], None]] = {state: getattr(self, f"_decide_{state}") for state in STATES}
+
+    def _build_machine(self) -> TrainingMachine:
+        enter: dict[str, list[Callable[[Any], None]]] = {state: [] for state in STATES}
+        exit: dict[str, list[Callable[[Any], None]]] = {state: [] for state in STATES}
+        for callback in self.callbacks:
+            for hook, method in overridden_hooks(callback).items():
+                _, kind, state = hook.split("_", 2)
+                (enter if kind == "enter" else exit)[state].append(method)
+        cls = type(self)
+        return TrainingMachine(
+            self,
+            prepare={"idle": cls._prepare_idle, "epoch": cls._prepare_epoch, "phase": cls._prepare_phase,
+                     "batch": cls._prepare_batch, "step": cls._prepare_step},
+            enter=enter,
+            work={"phase": cls._run_phase, "batch": cls._run_batch, "backward": cls._run_backward,
+                  "step": cls._run_step},
+            exit=exit,
+        )
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def state(self) -> str:
+        """The machine's current state: idle, epoch, phase, batch, backward or step."""
+        return self._machine.state
+
+    @property
+    def history(self) -> list[Move]:
+        """The most recent transitions, newest last."""
+        return list(self._machine.history)
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run has ended (all epochs done, or stopped)."""
+        return self._finished
+
+    def fit(self) -> Trainer:
+        """Run to the end, or continue a stepped run to the end."""
+        self._begin_driving()
+        deciders, machine = self._deciders, self._machine
+        try:
+            while not self._finished:
+                deciders[machine.state]()
+        except BaseException as error:
+            self._error = error
+            raise
+        finally:
+            self._driving = False
+        return self
+
+    def advance(self) -> str:
+        """Make exactly one transition, with its callbacks and work; return the new state."""
+        self._begin_driving()
+        try:
+            self._deciders[self._machine.state]()
+        except BaseException as error:
+            self._error = error
+            raise
+        finally:
+            self._driving = False
+        return self._machine.state
+
+    def run_until(self, state: str) -> str:
+        """Advance until ``state`` is entered next; return it.
+
+        Raises:
+            ValueError: ``state`` is not a state, or this run can never enter it.
+            RuntimeError: The run ended before entering ``state``.
+        """
+        if state not in STATES:
+            raise ValueError(f"unknown state {state!r}; states are {', '.join(STATES)}")
+        if state in ("backward", "step") and not any(phase.grad for phase in self.phases):
+            raise ValueError(f"this run never enters {state!r}: no phase has grad=True")
+        while True:
+            if self.advance() == state:
+                return state
+            if self._finished:
+                raise RuntimeError(f"the run finished before entering {state!r}")
+
+    def stop(self) -> None:
+        """Ask for a clean stop: the current batch ends, then the phase, the epoch and the run.
+
+        An accumulation window that has not stepped yet is dropped.
+        """
+        self._stop_requested = True
+
+    def forward(self, inputs: Any, target: Any) -> tuple[Any, torch.Tensor]:
+        """Run the model and the loss on one batch; override for other signatures."""
+        output = self.model(inputs)
+        return output, self.loss_fn(output, target)
+
+    def __repr__(self) -> str:
+        loss = "None" if self.loss is None else f"{float(self.loss.detach()):.4g}"
+        phase = self.phase.name if self.phase is not None else None
+        return (
+            f"Trainer(state={self.state!r}, epoch={self.epoch}, phase={phase!r}, "
+            f"batch_index={self.batch_index}, global_step={self.global_step}, loss={loss})"
+        )
+
+    # ------------------------------------------------------------------ driving
+
+    def _begin_driving(self) -> None:
+        if self._driving:
+            raise RuntimeError(
+                "the trainer is already advancing: callbacks must not call fit(), advance() or run_until(); "
+                "use trainer.stop() to end the run"
+            )
+        if self._error is not None:
+            raise RuntimeError(
+                f"the trainer cannot continue: an earlier transition raised {self._error!r} in state "
+                f"{self.state!r}, so its work may be half done; build a new Trainer"
+            ) from self._error
+        if self._finished:
+            reason = "stopped" if self._stop_requested else f"all {self.epochs} epoch(s) done"
+            raise RuntimeError(f"the run has finished ({reason}); there is nothing left to advance")
+        self._driving = True
+
+    # Each decider picks and fires the one transition out of its state.
+
+    def _decide_idle(self) -> None:
+        self._start_epoch()
+
+    def _decide_epoch(self) -> None:
+        if not self._stop_requested and self._phase_position + 1 < len(self.phases):
+            self._start_phase()
+            return
+        self._epochs_done += 1
+        if self._stop_requested or self._epochs_done >= self.epochs:
+            self._finish()
+        else:
+            self._next_epoch()
+
+    def _decide_phase(self) -> None:
+        cursor = self._cursor
+        if not self._stop_requested:
+            batch = cursor.next()
+            if batch is not END:
+                self._incoming = batch
+                self._start_batch()
+                return
+            if cursor.fetched == 0:
+                raise ValueError(f"phase {self.phase.name!r}: its loader yielded no batches")
+        self._cursor = None  # lets a DataLoader's workers shut down
+        self._end_phase()
+
+    def _decide_batch(self) -> None:
+        if self.phase.grad:
+            self._backward()
+        else:
+            self._end_batch()
+
+    def _decide_backward(self) -> None:
+        if (self.batch_index + 1) % self.accumulate == 0 or self._cursor.is_last():
+            self._step()
+        else:
+            self._end_batch()
+
+    def _decide_step(self) -> None:
+        self._end_batch()
+
+    # ------------------------------------------------------------------ the states' work
+
+    def _prepare_idle(self) -> None:
+        self._finished = True
+
+    def _prepare_epoch(self) -> None:
+        self.epoch = self._epochs_done
+        self._phase_position = -1
+
+    def _prepare_phase(self) -> None:
+        self._phase_position += 1
+        self.phase = self.phases[self._phase_position]
+        self.batch_index = -1
+
+    def _run_phase(self) -> None:
+        phase = self.phase
+        self.model.train(phase.grad)
+        if phase.grad:
+            grad_context = None if torch.is_grad_enabled() else torch.enable_grad()
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            grad_context = torch.no_grad()
+        if grad_context is None and self.autocast is None:
+            self._contexts = None
+        else:
+            self._contexts = (grad_context or _NO_CONTEXT, self.autocast or _NO_CONTEXT)
+        self._cursor = BatchCursor(phase.loader)
+
+    def _prepare_batch(self) -> None:
+        self.batch_index += 1
+        self.batch, self._incoming = self._incoming, None
+        self.target = self.output = self.loss = None
+
+    def _run_batch(self) -> None:
+        batch = self.batch
+        if self._move_batches:
+            batch = self.batch = to_device(batch, self.device, non_blocking=True)
+        inputs, target = self.unpack(batch)
+        self.target = target
+        contexts = self._contexts
+        if contexts is None:
+            self.output, self.loss = self.forward(inputs, target)
+        else:
+            with contexts[0], contexts[1]:
+                self.output, self.loss = self.forward(inputs, target)
+
+    def _run_backward(self) -> None:
+        loss = self.loss
+        if self.accumulate > 1:
+            loss = loss / self.accumulate
+        if self.scaler is not None:
+            loss = self.scaler.scale(loss)
+        loss.backward()
+
+    def _prepare_step(self) -> None:
+        window = self.batch_index % self.accumulate + 1
+        if window != self.accumulate:  # a ragged last window: make it the mean of its own batches
+            gradients = [p.grad for p in self._parameters if p.grad is not None]
+            torch._foreach_mul_(gradients, self.accumulate / window)
+
+    def _run_step(self) -> None:
+        optimizer, scaler = self.optimizer, self.scaler
+        if self.grad_clip is not None:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(self._parameters, self.grad_clip)
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
+            scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_phases(phases: Sequence[Phase], optimizer: torch.optim.Optimizer | None) -> list[Phase]:
+    phases = list(phases)
+    if not phases:
+        raise ValueError("phases is empty: give at least one Phase, e.g. [st.Phase('train', loader)]")
+    for phase in phases:
+        if not isinstance(phase, Phase):
+            raise TypeError(f"phases must hold Phase objects, got {type(phase).__name__}")
+        if phase.grad and optimizer is None:
+            raise ValueError(
+                f"phase {phase.name!r} has grad=True (it trains) but the trainer has no optimizer; "
+                "pass an optimizer, or grad=False for an evaluation phase"
+            )
+    names = [phase.name for phase in phases]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"phase names must be unique, got {', '.join(map(repr, duplicates))} more than once")
+    return phases
+
+
+def _check_callbacks(callbacks: Iterable[Callback]) -> list[Callback]:
+    callbacks = list(callbacks)
+    for callback in callbacks:
+        if not isinstance(callback, Callback):
+            raise TypeError(f"callbacks must be statetrainer.Callback instances, got {type(callback).__name__}")
+    keys = [callback.key for callback in callbacks]
+    duplicates = sorted({key for key in keys if keys.count(key) > 1})
+    if duplicates:
+        raise ValueError(
+            f"callback names must be unique, got {', '.join(map(repr, duplicates))} more than once; "
+            "give each a distinct name (callback.name = '...')"
+        )
+    return callbacks

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny deterministic problems and the real MNIST test set when present."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+MNIST_DIR = Path(os.environ.get("STATETRAINER_MNIST", Path(__file__).resolve().parents[2] / "shared/data/mnist"))
+MNIST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def regression_batches(count: int, size: int = 4, features: int = 3, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` (input, target) batches of a noisy linear problem."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(features, 1, generator=generator)
+    batches = []
+    for _ in range(count):
+        inputs = torch.randn(size, features, generator=generator)
+        batches.append((inputs, inputs @ weight + 0.1 * torch.randn(size, 1, generator=generator)))
+    return batches
+
+
+@pytest.fixture(scope="session")
+def mnist_test_set(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 10,000 real MNIST test images (uint8, N x 28 x 28) and labels; skips when absent."""
+    if not all((MNIST_DIR / f"{name}.gz").is_file() for name in MNIST_FILES):
+        pytest.skip(f"the real MNIST test set is not at {MNIST_DIR}")
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    folder = tmp_path_factory.mktemp("mnist")
+    for name in MNIST_FILES:
+        with gzip.open(MNIST_DIR / f"{name}.gz", "rb") as source, open(folder / name, "wb") as target:
+            shutil.copyfileobj(source, target)
+    return read_image_file(str(folder / MNIST_FILES[0])), read_label_file(str(folder / MNIST_FILES[1]))

@@ -1,0 +1,49 @@
+"""BatchCursor and to_device."""
+
+from __future__ import annotations
+
+from collections import namedtuple
+
+import torch
+
+from statetrainer.data import END, BatchCursor, to_device
+
+
+class Counting:
+    """A re-iterable without a length that counts how many items were pulled from it."""
+
+    def __init__(self, count: int):
+        self.count, self.pulled = count, 0
+
+    def __iter__(self):
+        for item in range(self.count):
+            self.pulled += 1
+            yield item
+
+
+def test_sized_loader_is_never_read_ahead():
+    loader = [10, 11, 12]
+    cursor = BatchCursor(loader)
+    assert cursor.length == 3
+    assert [cursor.next(), cursor.is_last(), cursor.next(), cursor.next(), cursor.is_last()] == [10, False, 11, 12, True]
+    assert cursor.next() is END
+
+
+def test_unsized_loader_looks_ahead_only_when_asked():
+    loader = Counting(2)
+    cursor = BatchCursor(loader)
+    assert cursor.length is None
+    assert cursor.next() == 0 and loader.pulled == 1
+    assert not cursor.is_last() and loader.pulled == 2  # looked ahead once
+    assert cursor.next() == 1 and loader.pulled == 2  # served from the look-ahead
+    assert cursor.is_last()
+    assert cursor.next() is END and cursor.fetched == 2
+
+
+def test_to_device_moves_nested_batches_and_keeps_their_shape():
+    Pair = namedtuple("Pair", "x y")
+    batch = {"a": [torch.ones(1), (torch.zeros(2), "label")], "b": Pair(torch.ones(3), 4)}
+    moved = to_device(batch, torch.device("meta"))
+    assert moved["a"][0].device.type == "meta" and moved["a"][1][0].device.type == "meta"
+    assert isinstance(moved["a"], list) and isinstance(moved["a"][1], tuple) and moved["a"][1][1] == "label"
+    assert isinstance(moved["b"], Pair) and moved["b"].x.device.type == "meta" and moved["b"].y == 4

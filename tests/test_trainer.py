@@ -1,0 +1,390 @@
+"""The trainer driving the machine: event order, stepping, accumulation, stop and bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import statetrainer as st
+from statetrainer.testing import EventRecorder
+
+from .conftest import regression_batches
+
+TRAIN_BATCH = ["enter batch", "enter backward", "exit backward", "enter step", "exit step", "exit batch"]
+ACCUMULATING_BATCH = ["enter batch", "enter backward", "exit backward", "exit batch"]
+EVAL_BATCH = ["enter batch", "exit batch"]
+
+
+def linear_trainer(train_batches=2, valid_batches=1, seed=0, **options) -> tuple[st.Trainer, EventRecorder]:
+    torch.manual_seed(seed)
+    model = nn.Linear(3, 1)
+    recorder = EventRecorder()
+    phases = [st.Phase("train", regression_batches(train_batches, seed=seed))]
+    if valid_batches:
+        phases.append(st.Phase("valid", regression_batches(valid_batches, seed=seed + 1), grad=False))
+    options.setdefault("callbacks", [recorder])
+    trainer = st.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), F.mse_loss, phases, **options)
+    return trainer, recorder
+
+
+def test_event_sequence_with_accumulation_matches_the_specification():
+    trainer, recorder = linear_trainer(train_batches=2, valid_batches=1, accumulate=2, epochs=1)
+    trainer.fit()
+    assert recorder.hooks == [
+        "exit idle", "enter epoch",
+        "enter phase",
+        "enter batch", "enter backward", "exit backward", "exit batch",
+        "enter batch", "enter backward", "exit backward", "enter step", "exit step", "exit batch",
+        "exit phase",
+        "enter phase",
+        "enter batch", "exit batch",
+        "exit phase",
+        "exit epoch", "enter idle",
+    ]  # fmt: skip
+    assert trainer.global_step == 1
+    assert trainer.state == "idle" and trainer.finished
+
+
+def test_event_sequence_over_three_epochs_and_two_phases():
+    trainer, recorder = linear_trainer(train_batches=2, valid_batches=1, epochs=3)
+    trainer.fit()
+    epoch = ["enter phase", *TRAIN_BATCH, *TRAIN_BATCH, "exit phase", "enter phase", *EVAL_BATCH, "exit phase"]
+    expected = ["exit idle", "enter epoch", *epoch, "exit epoch", "enter epoch", *epoch, "exit epoch", "enter epoch",
+                *epoch, "exit epoch", "enter idle"]  # fmt: skip
+    assert recorder.hooks == expected
+    assert trainer.global_step == 6
+    # counters as the callbacks saw them
+    batches = [(e.epoch, e.phase, e.batch_index, e.global_step) for e in recorder.events if e.hook == "exit batch"]
+    assert batches == [
+        (0, "train", 0, 1), (0, "train", 1, 2), (0, "valid", 0, 2),
+        (1, "train", 0, 3), (1, "train", 1, 4), (1, "valid", 0, 4),
+        (2, "train", 0, 5), (2, "train", 1, 6), (2, "valid", 0, 6),
+    ]  # fmt: skip
+    assert [e.epoch for e in recorder.events if e.hook == "exit epoch"] == [0, 1, 2]
+
+
+def test_the_step_state_sees_the_step_it_is_about_to_take():
+    trainer, recorder = linear_trainer(train_batches=3, valid_batches=0)
+    trainer.fit()
+    assert [e.global_step for e in recorder.events if e.hook == "enter step"] == [0, 1, 2]
+    assert [e.global_step for e in recorder.events if e.hook == "exit step"] == [1, 2, 3]
+
+
+def test_run_until_backward_exposes_loss_and_gradients():
+    trainer, _ = linear_trainer()
+    assert trainer.run_until("batch") == "batch"
+    assert trainer.loss is not None and trainer.model.weight.grad is None  # forward done, backward not yet
+    assert trainer.run_until("backward") == "backward"
+    inputs, target = trainer.batch
+    reference = copy.deepcopy(trainer.model)
+    F.mse_loss(reference(inputs), target).backward()
+    torch.testing.assert_close(trainer.loss, F.mse_loss(reference(inputs), target))
+    assert torch.equal(trainer.model.weight.grad, reference.weight.grad)
+    assert trainer.run_until("step") == "step"
+    assert trainer.model.weight.grad is None  # the step zeroes the gradients
+    assert "state='step'" in repr(trainer) and "phase='train'" in repr(trainer)
+
+
+def test_stepping_with_advance_equals_fit():
+    fitted, _ = linear_trainer(train_batches=5, valid_batches=2, epochs=2, accumulate=2)
+    fitted.fit()
+    stepped, recorder = linear_trainer(train_batches=5, valid_batches=2, epochs=2, accumulate=2)
+    states = [stepped.advance()]
+    while not stepped.finished:
+        states.append(stepped.advance())
+    assert states[0] == "epoch" and states[-1] == "idle"
+    assert states.count("step") == 6 and states.count("batch") == 14  # one advance per transition
+    for name, value in fitted.model.state_dict().items():
+        assert torch.equal(value, stepped.model.state_dict()[name]), name
+    assert fitted.global_step == stepped.global_step == 6
+
+
+def test_fit_continues_a_stepped_run():
+    whole, _ = linear_trainer(train_batches=4, epochs=2)
+    whole.fit()
+    stepped, recorder = linear_trainer(train_batches=4, epochs=2)
+    stepped.run_until("backward")
+    stepped.advance()
+    stepped.fit()
+    assert stepped.finished and recorder.hooks[-1] == "enter idle"
+    assert torch.equal(whole.model.weight, stepped.model.weight)
+
+
+def test_history_records_recent_transitions():
+    trainer, _ = linear_trainer()
+    trainer.run_until("step")
+    assert [str(move) for move in trainer.history] == [
+        "start_epoch: idle -> epoch",
+        "start_phase: epoch -> phase",
+        "start_batch: phase -> batch",
+        "backward: batch -> backward",
+        "step: backward -> step",
+    ]
+
+
+def gradients_of(batches, accumulate: int) -> list[torch.Tensor]:
+    """The gradient of ``nn.Linear(3, 1)`` seen by each optimizer step."""
+    seen: list[torch.Tensor] = []
+
+    class GradientProbe(st.Callback):
+        def on_enter_step(self, trainer):
+            seen.append(trainer.model.weight.grad.clone())
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)  # lr=0 keeps the weights, so every gradient is taken at the same point
+    trainer = st.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.0), F.mse_loss,
+                         [st.Phase("train", batches)], callbacks=[GradientProbe()], accumulate=accumulate)  # fmt: skip
+    trainer.fit()
+    assert trainer.global_step == len(seen)
+    return seen
+
+
+def large_batch_gradient(inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    F.mse_loss(model(inputs), target).backward()
+    return model.weight.grad
+
+
+def test_accumulated_gradient_equals_the_large_batch_gradient():
+    batches = regression_batches(4, size=8)
+    (accumulated,) = gradients_of(batches, accumulate=4)
+    inputs = torch.cat([x for x, _ in batches])
+    target = torch.cat([y for _, y in batches])
+    torch.testing.assert_close(accumulated, large_batch_gradient(inputs, target))
+
+
+def test_ragged_last_window_steps_with_its_own_mean():
+    batches = regression_batches(5, size=8)
+    grads = gradients_of(batches, accumulate=2)
+    assert len(grads) == 3  # windows of 2, 2 and 1: the last batch steps
+    torch.testing.assert_close(grads[-1], large_batch_gradient(*batches[-1]))
+    inputs = torch.cat([x for x, _ in batches[2:4]])
+    target = torch.cat([y for _, y in batches[2:4]])
+    torch.testing.assert_close(grads[1], large_batch_gradient(inputs, target))
+
+
+class UnsizedLoader:
+    """A re-iterable without a length, as a streaming dataset would be."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        yield from self.batches
+
+
+def test_a_loader_without_length_still_steps_on_its_last_batch():
+    batches = regression_batches(5, size=8)
+    grads = gradients_of(UnsizedLoader(batches), accumulate=2)
+    assert len(grads) == 3
+    torch.testing.assert_close(grads[-1], large_batch_gradient(*batches[-1]))
+
+
+class StopAt(st.Callback):
+    def __init__(self, epoch: int, batch_index: int):
+        self.epoch, self.batch_index = epoch, batch_index
+
+    def on_exit_batch(self, trainer):
+        if (trainer.epoch, trainer.batch_index) == (self.epoch, self.batch_index):
+            trainer.stop()
+
+
+def test_stop_ends_cleanly_at_the_next_batch_boundary():
+    recorder = EventRecorder()
+    trainer, _ = linear_trainer(train_batches=4, valid_batches=1, epochs=3, callbacks=[StopAt(1, 1), recorder])
+    trainer.fit()
+    assert trainer.state == "idle" and trainer.finished
+    assert recorder.hooks[-5:] == ["exit step", "exit batch", "exit phase", "exit epoch", "enter idle"]
+    assert recorder.events[-1].epoch == 1 and trainer.global_step == 6  # 4 + 2 steps, no valid phase in epoch 1
+    assert sum(1 for e in recorder.events if e.hook == "enter phase") == 3
+    with pytest.raises(RuntimeError, match="finished .*stopped"):
+        trainer.fit()
+
+
+def test_advance_after_the_end_is_an_error():
+    trainer, _ = linear_trainer()
+    trainer.fit()
+    with pytest.raises(RuntimeError, match="the run has finished"):
+        trainer.advance()
+
+
+def test_run_until_refuses_unknown_and_unreachable_states():
+    trainer, _ = linear_trainer()
+    with pytest.raises(ValueError, match="unknown state 'bakward'.*idle, epoch, phase, batch, backward, step"):
+        trainer.run_until("bakward")
+    model = nn.Linear(3, 1)
+    evaluator = st.Trainer(model, None, F.mse_loss, [st.Phase("valid", regression_batches(2), grad=False)])
+    with pytest.raises(ValueError, match="never enters 'step'"):
+        evaluator.run_until("step")
+    assert evaluator.state == "idle" and not evaluator.finished
+
+
+def test_run_until_raises_when_the_run_ends_first():
+    trainer, _ = linear_trainer(train_batches=1, valid_batches=1, epochs=1)
+    trainer.run_until("step")
+    trainer.advance()
+    with pytest.raises(RuntimeError, match="finished before entering 'backward'"):
+        trainer.run_until("backward")
+
+
+def test_empty_loaders_are_refused():
+    with pytest.raises(ValueError, match="phase 'train': loader is empty"):
+        st.Phase("train", [])
+    trainer = st.Trainer(nn.Linear(3, 1), None, F.mse_loss, [st.Phase("valid", UnsizedLoader([]), grad=False)])
+    with pytest.raises(ValueError, match="phase 'valid': its loader yielded no batches"):
+        trainer.fit()
+
+
+def test_bad_arguments_get_clear_errors():
+    model = nn.Linear(3, 1)
+    batches = regression_batches(2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="phase 'train' has grad=True .* no optimizer"):
+        st.Trainer(model, None, F.mse_loss, [st.Phase("train", batches)])
+    with pytest.raises(TypeError, match="iterator"):
+        st.Phase("train", iter(batches))
+    with pytest.raises(ValueError, match="phases is empty"):
+        st.Trainer(model, optimizer, F.mse_loss, [])
+    with pytest.raises(ValueError, match="phase names must be unique"):
+        st.Trainer(model, optimizer, F.mse_loss, [st.Phase("train", batches), st.Phase("train", batches)])
+    with pytest.raises(ValueError, match="epochs must be a positive integer"):
+        st.Trainer(model, optimizer, F.mse_loss, [st.Phase("train", batches)], epochs=0)
+    with pytest.raises(ValueError, match="accumulate must be a positive integer"):
+        st.Trainer(model, optimizer, F.mse_loss, [st.Phase("train", batches)], accumulate=1.5)
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        st.Trainer(model, optimizer, F.mse_loss, [st.Phase("train", batches)], precision="fp8")
+    with pytest.raises(ValueError, match="grad_clip"):
+        st.Trainer(model, optimizer, F.mse_loss, [st.Phase("train", batches)], grad_clip=0)
+    with pytest.raises(ValueError, match="callback names must be unique.*'EventRecorder'"):
+        st.Trainer(model, optimizer, F.mse_loss, [st.Phase("train", batches)],
+                   callbacks=[EventRecorder(), EventRecorder()])  # fmt: skip
+    with pytest.raises(ValueError, match="phase name"):
+        st.Phase("train loss", batches)
+
+
+def test_a_batch_that_is_not_a_pair_names_the_unpack_hook():
+    trainer = st.Trainer(nn.Linear(3, 1), None, F.mse_loss, [st.Phase("valid", [torch.ones(3, 3)], grad=False)])
+    with pytest.raises(TypeError, match="unpack="):
+        trainer.fit()
+
+
+def test_unpack_supports_other_batch_shapes():
+    batches = [{"x": x, "y": y} for x, y in regression_batches(3)]
+    model = nn.Linear(3, 1)
+    trainer = st.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), F.mse_loss,
+                         [st.Phase("train", batches)], unpack=lambda batch: (batch["x"], batch["y"]))  # fmt: skip
+    trainer.fit()
+    assert trainer.global_step == 3 and torch.equal(trainer.target, batches[-1]["y"])
+
+
+def test_callbacks_cannot_drive_the_machine():
+    class Recursive(st.Callback):
+        def on_enter_batch(self, trainer):
+            trainer.advance()
+
+    trainer, _ = linear_trainer(callbacks=[Recursive()])
+    with pytest.raises(RuntimeError, match="callbacks must not call"):
+        trainer.fit()
+    with pytest.raises(RuntimeError, match="cannot continue"):
+        trainer.advance()
+
+
+def test_hooks_nobody_overrides_are_not_dispatched():
+    class OnlyBatches(st.Callback):
+        calls = 0
+
+        def on_enter_batch(self, trainer):
+            OnlyBatches.calls += 1
+
+    trainer, _ = linear_trainer(callbacks=[OnlyBatches()])
+    for event in trainer._machine.events.values():
+        for moves in event.transitions.values():
+            for transition in moves:
+                names = [getattr(call, "__name__", "") for call in transition.exit_calls + transition.enter_calls]
+                assert names.count("on_enter_batch") == (transition.dest == "batch")
+                assert not [name for name in names if name.startswith("on_") and name != "on_enter_batch"]
+    trainer.fit()
+    assert OnlyBatches.calls == 3
+
+
+def test_grad_clip_bounds_the_update():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    batches = [(torch.full((4, 3), 100.0), torch.zeros(4, 1))]  # a huge gradient
+    trainer = st.Trainer(model, torch.optim.SGD(model.parameters(), lr=1.0), F.mse_loss,
+                         [st.Phase("train", batches)], grad_clip=0.5)  # fmt: skip
+    trainer.fit()
+    update = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+    torch.testing.assert_close(update.norm(), torch.tensor(0.5))
+
+
+def test_phases_set_train_and_eval_mode_and_grad_mode():
+    seen = []
+
+    class ModeProbe(st.Callback):
+        def on_exit_batch(self, trainer):
+            seen.append((trainer.phase.name, trainer.model.training, trainer.loss.requires_grad))
+
+    model = nn.Sequential(nn.Linear(3, 1), nn.Dropout(0.5))
+    trainer = st.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), F.mse_loss,
+                         [st.Phase("train", regression_batches(1)), st.Phase("valid", regression_batches(1), grad=False)],
+                         callbacks=[ModeProbe()])  # fmt: skip
+    trainer.fit()
+    assert seen == [("train", True, True), ("valid", False, False)]
+    assert torch.is_grad_enabled()  # nothing leaks out of the run
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs_forward_under_autocast(precision):
+    dtypes = []
+
+    class DtypeProbe(st.Callback):
+        def on_exit_batch(self, trainer):
+            dtypes.append(trainer.output.dtype)
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    trainer = st.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), F.mse_loss,
+                         [st.Phase("train", regression_batches(2))], callbacks=[DtypeProbe()],
+                         precision=precision, device="cpu")  # fmt: skip
+    trainer.fit()
+    expected = torch.bfloat16 if precision == "bf16" else torch.float16
+    assert dtypes == [expected, expected]
+    assert trainer.scaler is None  # a GradScaler is for fp16 on CUDA only
+    assert model.weight.dtype == torch.float32 and torch.isfinite(model.weight).all()
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+def test_cuda_run_moves_batches_and_matches_between_fit_and_advance():
+    def build():
+        torch.manual_seed(0)
+        model = nn.Linear(3, 1)
+        return st.Trainer(model, torch.optim.Adam(model.parameters()), F.mse_loss,
+                          [st.Phase("train", regression_batches(4))], device="cuda", epochs=2)  # fmt: skip
+
+    fitted = build().fit()
+    stepped = build()
+    while not stepped.finished:
+        stepped.advance()
+    assert fitted.model.weight.device.type == "cuda" and fitted.batch[0].device.type == "cuda"
+    assert torch.equal(fitted.model.weight, stepped.model.weight)
+
+
+@needs_cuda
+def test_cuda_fp16_uses_a_grad_scaler():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    trainer = st.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), F.mse_loss,
+                         [st.Phase("train", regression_batches(4))], device="cuda", precision="fp16", grad_clip=1.0)  # fmt: skip
+    trainer.fit()
+    assert trainer.scaler is not None and trainer.global_step == 4
+    assert torch.isfinite(model.weight).all()

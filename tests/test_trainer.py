@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -388,3 +389,10 @@ def test_cuda_fp16_uses_a_grad_scaler():
     trainer.fit()
     assert trainer.scaler is not None and trainer.global_step == 4
     assert torch.isfinite(model.weight).all()
+
+
+def test_the_transitions_logger_stays_quiet_while_training(caplog):
+    trainer, _ = linear_trainer(train_batches=3, epochs=2, accumulate=2)
+    with caplog.at_level(logging.DEBUG, logger="transitions"):
+        trainer.fit()
+    assert [record for record in caplog.records if record.name.startswith("transitions")] == []

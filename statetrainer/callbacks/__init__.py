@@ -1,5 +1,30 @@
 """Callbacks: every feature of a run (metrics, schedulers, loggers, checkpoints) is one."""
 
 from .base import HOOK_NAMES, Callback, overridden_hooks
+from .early_stopping import EarlyStopping
+from .loggers import CSVLogger, StreamLogger, learning_rates
+from .metrics import Accuracy, Metric, SmoothedLoss, running_metrics
+from .plots import Plots
+from .progress import ProgressBar
+from .schedulers import CosineWarmRestarts, OneCycle, ParamScheduler, TorchScheduler, anneal
 
-__all__ = ["HOOK_NAMES", "Callback", "overridden_hooks"]
+__all__ = [
+    "HOOK_NAMES",
+    "Accuracy",
+    "CSVLogger",
+    "Callback",
+    "CosineWarmRestarts",
+    "EarlyStopping",
+    "Metric",
+    "OneCycle",
+    "ParamScheduler",
+    "Plots",
+    "ProgressBar",
+    "SmoothedLoss",
+    "StreamLogger",
+    "TorchScheduler",
+    "anneal",
+    "learning_rates",
+    "overridden_hooks",
+    "running_metrics",
+]

@@ -1,0 +1,162 @@
+"""Metrics that accumulate on the device and publish to ``trainer.metrics`` at phase end.
+
+Each batch's update is a few in-place tensor ops: nothing is read back to the
+host until the phase ends (or a logger asks for a running value), so metrics
+never force a GPU sync per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .base import Callback
+
+if TYPE_CHECKING:
+    from ..trainer import Trainer
+
+__all__ = ["Accuracy", "Metric", "SmoothedLoss", "running_metrics"]
+
+
+class Metric(Callback):
+    """A value accumulated over one phase, published as ``<phase>_<metric_name>``.
+
+    Subclasses implement ``reset`` (start of a phase), ``update`` (each batch, on
+    the device) and ``compute`` (a 0-dim tensor, called only after a batch), and
+    extend ``state_dict``/``load_state_dict`` with their accumulators.
+
+    Args:
+        phases: Names of the phases to measure; None measures every phase.
+        name: The callback's unique name (defaults to the class name).
+    """
+
+    metric_name = "metric"
+
+    def __init__(self, phases: Iterable[str] | None = None, name: str | None = None) -> None:
+        self.phases = None if phases is None else frozenset(phases)
+        self.name = name
+        self.active = False  # measuring the current phase
+        self.batches = 0  # batches seen in the current phase
+
+    def key_for(self, trainer: Trainer) -> str:
+        return f"{trainer.phase.name}_{self.metric_name}"
+
+    def reset(self, trainer: Trainer) -> None:
+        raise NotImplementedError
+
+    def update(self, trainer: Trainer) -> None:
+        raise NotImplementedError
+
+    def compute(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def value(self) -> float:
+        """The current value, read back to the host; NaN before the first batch."""
+        return float(self.compute()) if self.batches else float("nan")
+
+    def on_enter_phase(self, trainer: Trainer) -> None:
+        self.active = self.phases is None or trainer.phase.name in self.phases
+        self.batches = 0
+        if self.active:
+            self.reset(trainer)
+
+    def on_exit_batch(self, trainer: Trainer) -> None:
+        if self.active:
+            self.batches += 1
+            self.update(trainer)
+
+    def on_exit_phase(self, trainer: Trainer) -> None:
+        if self.active:
+            trainer.metrics[self.key_for(trainer)] = self.value()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"active": self.active, "batches": self.batches}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.active, self.batches = bool(state["active"]), int(state["batches"])
+
+
+class SmoothedLoss(Metric):
+    """Exponential moving average of the batch loss, bias-corrected.
+
+    ``avg = beta * avg + (1 - beta) * loss`` after each batch, reported as
+    ``avg / (1 - beta ** n)`` after ``n`` batches, so early values are not pulled
+    towards zero. Reset at the start of every phase.
+    """
+
+    metric_name = "loss"
+
+    def __init__(self, beta: float = 0.98, phases: Iterable[str] | None = None, name: str | None = None) -> None:
+        if not 0 <= beta < 1:
+            raise ValueError(f"SmoothedLoss: beta must be in [0, 1), got {beta!r}")
+        super().__init__(phases, name)
+        self.beta = beta
+        self.average = torch.zeros(())
+
+    def reset(self, trainer: Trainer) -> None:
+        self.average = torch.zeros((), device=trainer.device)
+
+    def update(self, trainer: Trainer) -> None:
+        self.average.mul_(self.beta).add_(trainer.loss.detach(), alpha=1 - self.beta)
+
+    def compute(self) -> torch.Tensor:
+        return self.average / (1 - self.beta**self.batches)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "average": self.average}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.average = state["average"]
+
+
+class Accuracy(Metric):
+    """Fraction of samples whose target is among the top ``top_k`` predictions.
+
+    Counts correct predictions and samples over the phase, so the value is the
+    exact sample mean whatever the batch sizes, without keeping outputs.
+    ``output`` is ``(batch, classes)`` scores; ``target`` holds class indices.
+    """
+
+    def __init__(self, top_k: int = 1, phases: Iterable[str] | None = None, name: str | None = None) -> None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"Accuracy: top_k must be a positive integer, got {top_k!r}")
+        super().__init__(phases, name)
+        self.top_k = top_k
+        self.metric_name = "accuracy" if top_k == 1 else f"top{top_k}_accuracy"
+        self.correct = torch.zeros((), dtype=torch.long)
+        self.total = 0
+
+    def reset(self, trainer: Trainer) -> None:
+        self.correct = torch.zeros((), dtype=torch.long, device=trainer.device)
+        self.total = 0
+
+    def update(self, trainer: Trainer) -> None:
+        output, target = trainer.output.detach(), trainer.target
+        if self.top_k == 1:
+            hits = output.argmax(dim=1) == target
+        else:
+            hits = (output.topk(self.top_k, dim=1).indices == target.unsqueeze(1)).any(dim=1)
+        self.correct += hits.sum()
+        self.total += target.numel()
+
+    def compute(self) -> torch.Tensor:
+        return self.correct / self.total
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "correct": self.correct, "total": self.total}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.correct, self.total = state["correct"], int(state["total"])
+
+
+def running_metrics(trainer: Trainer) -> dict[str, float]:
+    """The current phase's metrics as they stand now (reads them back to the host)."""
+    return {
+        metric.key_for(trainer): metric.value()
+        for metric in trainer.callbacks
+        if isinstance(metric, Metric) and metric.active and metric.batches
+    }

@@ -1,0 +1,79 @@
+"""PNG plots of a run: metrics per epoch and the learning rate per step."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .base import Callback
+
+if TYPE_CHECKING:
+    from ..trainer import Trainer
+
+__all__ = ["Plots"]
+
+
+class Plots(Callback):
+    """Writes ``metrics.png`` (every metric per epoch, losses and the rest apart)
+    and ``lr.png`` (the learning rate of every step) into ``folder`` after each epoch.
+
+    Args:
+        folder: Where the PNGs go, e.g. next to the CSV log.
+        name: The callback's unique name (defaults to the class name).
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], name: str | None = None) -> None:
+        self.folder, self.name = Path(folder), name
+        self.epochs: list[dict[str, float]] = []
+        self.learning_rates: list[float] = []
+
+    def on_exit_step(self, trainer: Trainer) -> None:
+        self.learning_rates.append(trainer.optimizer.param_groups[0]["lr"])
+
+    def on_exit_epoch(self, trainer: Trainer) -> None:
+        self.epochs.append(dict(trainer.metrics))
+        self.write()
+
+    def write(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot as plt
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        names = list(dict.fromkeys(key for epoch in self.epochs for key in epoch))
+        groups = [[n for n in names if n.endswith("loss")], [n for n in names if not n.endswith("loss")]]
+        groups = [group for group in groups if group]
+        figure, axes = plt.subplots(1, max(len(groups), 1), figsize=(5.5 * max(len(groups), 1), 4), squeeze=False)
+        epochs = range(1, len(self.epochs) + 1)
+        for axis, group in zip(axes[0], groups):
+            for metric in group:
+                axis.plot(epochs, [epoch.get(metric, float("nan")) for epoch in self.epochs], marker="o", label=metric)
+            axis.set_xlabel("epoch")
+            axis.set_title("loss" if group[0].endswith("loss") else "metrics")
+            axis.grid(alpha=0.3)
+            axis.legend()
+        figure.tight_layout()
+        figure.savefig(self.folder / "metrics.png", dpi=100)
+        plt.close(figure)
+
+        figure, axis = plt.subplots(figsize=(6, 3.5))
+        axis.plot(range(len(self.learning_rates)), self.learning_rates)
+        axis.set_xlabel("step")
+        axis.set_ylabel("learning rate")
+        axis.set_title("learning-rate schedule")
+        axis.grid(alpha=0.3)
+        figure.tight_layout()
+        figure.savefig(self.folder / "lr.png", dpi=100)
+        plt.close(figure)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epochs": [dict(epoch) for epoch in self.epochs],
+                "learning_rates": torch.tensor(self.learning_rates, dtype=torch.float64)}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epochs = [dict(epoch) for epoch in state["epochs"]]
+        self.learning_rates = state["learning_rates"].tolist()

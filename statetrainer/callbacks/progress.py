@@ -1,0 +1,72 @@
+"""A tqdm progress bar per phase, quiet when the output is not a terminal."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any, TextIO
+
+from tqdm.auto import tqdm
+
+from ..data import loader_length
+from .base import Callback
+from .metrics import running_metrics
+
+if TYPE_CHECKING:
+    from ..trainer import Trainer
+
+__all__ = ["ProgressBar"]
+
+
+class ProgressBar(Callback):
+    """Shows a bar for each phase with its running metrics.
+
+    Reading a running metric waits for the device, so the metrics shown are
+    refreshed every ``refresh_every`` batches, not every batch.
+
+    Args:
+        refresh_every: Batches between refreshes of the metrics shown.
+        stream: Where to draw; None means ``sys.stderr``. Nothing is drawn
+            unless it is a terminal (or ``force=True``).
+        force: Draw even when ``stream`` is not a terminal.
+        **tqdm_options: Passed on to ``tqdm`` (``mininterval``, ``ncols``, ...).
+        name: The callback's unique name (defaults to the class name).
+    """
+
+    def __init__(
+        self,
+        refresh_every: int = 20,
+        stream: TextIO | None = None,
+        force: bool = False,
+        name: str | None = None,
+        **tqdm_options: Any,
+    ) -> None:
+        if not isinstance(refresh_every, int) or refresh_every < 1:
+            raise ValueError(f"ProgressBar: refresh_every must be a positive integer, got {refresh_every!r}")
+        self.refresh_every, self.stream, self.force, self.name = refresh_every, stream, force, name
+        self.tqdm_options = {"leave": False, "dynamic_ncols": True, **tqdm_options}
+        self.bar: Any = None
+
+    def _open(self, trainer: Trainer) -> None:
+        stream = self.stream or sys.stderr
+        if not (self.force or (hasattr(stream, "isatty") and stream.isatty())):
+            return
+        self.bar = tqdm(
+            total=loader_length(trainer.phase.loader), initial=trainer.batch_index + 1, file=stream,
+            desc=f"epoch {trainer.epoch + 1} {trainer.phase.name}", **self.tqdm_options,
+        )  # fmt: skip
+
+    def on_enter_phase(self, trainer: Trainer) -> None:
+        self._open(trainer)
+
+    def on_exit_batch(self, trainer: Trainer) -> None:
+        bar = self.bar
+        if bar is None:
+            return
+        bar.update(1)
+        if (trainer.batch_index + 1) % self.refresh_every == 0:
+            bar.set_postfix(running_metrics(trainer), refresh=False)
+
+    def on_exit_phase(self, trainer: Trainer) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

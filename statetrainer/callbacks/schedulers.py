@@ -1,0 +1,269 @@
+"""Parameter schedulers: set an optimizer hyper-parameter before every step.
+
+A schedule is a pure function of ``trainer.global_step`` (the index of the step
+about to be taken), applied on ``enter step``, so a resumed run picks up the
+exact value without replaying anything. Any hyper-parameter of a param group can
+be scheduled by name: ``lr``, ``momentum``, ``weight_decay``, or one element of a
+tuple such as ``betas[0]``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .base import Callback
+
+if TYPE_CHECKING:
+    from ..trainer import Trainer
+
+__all__ = ["CosineWarmRestarts", "OneCycle", "ParamScheduler", "TorchScheduler", "anneal"]
+
+_PARAM = re.compile(r"^(?P<key>[A-Za-z_]\w*)(?:\[(?P<index>\d+)\])?$")
+
+
+def anneal(start: float, end: float, fraction: float, how: str = "cos") -> float:
+    """Go from ``start`` (fraction 0) to ``end`` (fraction 1) along a half cosine or a line."""
+    if how == "cos":
+        return end + (start - end) / 2 * (math.cos(math.pi * fraction) + 1)
+    return start + (end - start) * fraction
+
+
+def _check_anneal(how: str) -> str:
+    if how not in ("cos", "linear"):
+        raise ValueError(f"unknown annealing {how!r}; use 'cos' or 'linear'")
+    return how
+
+
+class ParamScheduler(Callback):
+    """Sets hyper-parameter ``param`` of each param group to ``values(step)`` before each step.
+
+    Args:
+        param: ``lr``, ``momentum``, ``weight_decay``, ``betas[0]``, ...
+        groups: Indices of the param groups to set; None sets all.
+        name: The callback's unique name (defaults to the class name).
+    """
+
+    def __init__(self, param: str = "lr", groups: Sequence[int] | None = None, name: str | None = None) -> None:
+        match = _PARAM.match(param)
+        if match is None:
+            raise ValueError(f"cannot schedule {param!r}: give a param-group key like 'lr' or 'betas[0]'")
+        self.param = param
+        self._key, index = match["key"], match["index"]
+        self._index = None if index is None else int(index)
+        self.groups = None if groups is None else list(groups)
+        self.name = name
+
+    def values(self, step: int, group_count: int) -> list[float]:
+        """The value for each scheduled group at ``step``."""
+        raise NotImplementedError
+
+    def on_enter_step(self, trainer: Trainer) -> None:
+        param_groups = trainer.optimizer.param_groups
+        indices = range(len(param_groups)) if self.groups is None else self.groups
+        for group_index, value in zip(indices, self.values(trainer.global_step, len(indices)), strict=True):
+            self._set(param_groups[group_index], value)
+
+    def _set(self, group: dict[str, Any], value: float) -> None:
+        if self._key not in group:
+            raise KeyError(
+                f"{type(self).__name__}: the optimizer's param groups have no {self._key!r} "
+                f"(they have {', '.join(sorted(group))})"
+            )
+        if self._index is None:
+            current = group[self._key]
+            if isinstance(current, torch.Tensor):  # e.g. a capturable Adam's lr
+                current.fill_(value)
+            else:
+                group[self._key] = value
+        else:
+            items = list(group[self._key])
+            items[self._index] = value
+            group[self._key] = tuple(items)
+
+
+def _per_group(value: float | Sequence[float], count: int, what: str) -> list[float]:
+    if isinstance(value, (int, float)):
+        return [float(value)] * count
+    values = [float(item) for item in value]
+    if len(values) != count:
+        raise ValueError(f"{what}: got {len(values)} values for {count} param groups")
+    return values
+
+
+class CosineWarmRestarts(ParamScheduler):
+    """Cosine annealing with warm restarts (SGDR).
+
+    Each cycle is a half cosine from the peak down to ``min_value``; the first
+    lasts ``period`` steps and each next one ``t_mult`` times the last. At every
+    restart the peak is multiplied by ``decay``. With ``decay=1`` and an integer
+    ``t_mult`` this is torch's ``CosineAnnealingWarmRestarts(T_0=period,
+    T_mult=t_mult, eta_min=min_value)`` with initial lr ``max_value``.
+
+    Args:
+        max_value: The peak, one for all groups or one per group.
+        period: Steps in the first cycle.
+        min_value: The floor at the end of each cycle.
+        t_mult: How much longer each cycle is than the one before (>= 1).
+        decay: Factor on the peak at each restart (0 < decay <= 1).
+    """
+
+    def __init__(
+        self,
+        max_value: float | Sequence[float],
+        period: int,
+        min_value: float | Sequence[float] = 0.0,
+        t_mult: float = 1.0,
+        decay: float = 1.0,
+        param: str = "lr",
+        groups: Sequence[int] | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(param, groups, name)
+        if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+            raise ValueError(f"CosineWarmRestarts: period must be a positive integer, got {period!r}")
+        if t_mult < 1:
+            raise ValueError(f"CosineWarmRestarts: t_mult must be >= 1, got {t_mult!r}")
+        if not 0 < decay <= 1:
+            raise ValueError(f"CosineWarmRestarts: decay must be in (0, 1], got {decay!r}")
+        self.max_value, self.min_value = max_value, min_value
+        self.period, self.t_mult, self.decay = period, t_mult, decay
+
+    def cycle_position(self, step: int) -> tuple[int, float, float]:
+        """(cycle index, steps into the cycle, cycle length) at ``step``."""
+        cycle, start, length = 0, 0.0, float(self.period)
+        while step >= start + length:
+            start += length
+            length *= self.t_mult
+            cycle += 1
+        return cycle, step - start, length
+
+    def values(self, step: int, group_count: int) -> list[float]:
+        cycle, position, length = self.cycle_position(step)
+        peaks = _per_group(self.max_value, group_count, "CosineWarmRestarts max_value")
+        floors = _per_group(self.min_value, group_count, "CosineWarmRestarts min_value")
+        return [anneal(peak * self.decay**cycle, floor, position / length) for peak, floor in zip(peaks, floors)]
+
+
+class OneCycle(ParamScheduler):
+    """The one-cycle policy: warm up to the peak, then anneal to the floor.
+
+    Starts at ``max_value / div_factor``, rises over the first ``pct_start`` of
+    ``total_steps`` to ``max_value`` (linearly by default), then falls to
+    ``max_value / div_factor / final_div_factor`` (along a cosine by default);
+    after ``total_steps`` it stays at the floor. With ``cycle_momentum`` it also
+    moves the momentum (``betas[0]`` for Adam-like optimizers) the opposite way,
+    between ``max_momentum`` and ``base_momentum``. With ``warmup="cos"`` the
+    values are those of torch's ``OneCycleLR``; with both set to ``"linear"``,
+    those of ``OneCycleLR(anneal_strategy="linear")``.
+    """
+
+    def __init__(
+        self,
+        max_value: float | Sequence[float],
+        total_steps: int,
+        pct_start: float = 0.25,
+        div_factor: float = 25.0,
+        final_div_factor: float = 1e4,
+        warmup: str = "linear",
+        anneal: str = "cos",
+        cycle_momentum: bool = False,
+        base_momentum: float = 0.85,
+        max_momentum: float = 0.95,
+        param: str = "lr",
+        groups: Sequence[int] | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(param, groups, name)
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 2:
+            raise ValueError(f"OneCycle: total_steps must be an integer >= 2, got {total_steps!r}")
+        if not 0 < pct_start < 1:
+            raise ValueError(f"OneCycle: pct_start must be in (0, 1), got {pct_start!r}")
+        self.max_value, self.total_steps, self.pct_start = max_value, total_steps, pct_start
+        self.div_factor, self.final_div_factor = div_factor, final_div_factor
+        self.warmup, self.anneal = _check_anneal(warmup), _check_anneal(anneal)
+        self.cycle_momentum, self.base_momentum, self.max_momentum = cycle_momentum, base_momentum, max_momentum
+
+    def _shape(self, step: int, start: float, peak: float, end: float) -> float:
+        """torch's OneCycleLR phases: the peak is reached at step ``pct_start * total - 1``."""
+        peak_step = self.pct_start * self.total_steps - 1
+        last_step = self.total_steps - 1
+        step = min(step, last_step)
+        if step <= peak_step:
+            return anneal(start, peak, step / peak_step, self.warmup)
+        return anneal(peak, end, (step - peak_step) / (last_step - peak_step), self.anneal)
+
+    def values(self, step: int, group_count: int) -> list[float]:
+        peaks = _per_group(self.max_value, group_count, "OneCycle max_value")
+        return [
+            self._shape(step, peak / self.div_factor, peak, peak / self.div_factor / self.final_div_factor)
+            for peak in peaks
+        ]
+
+    def momentum(self, step: int) -> float:
+        return self._shape(step, self.max_momentum, self.base_momentum, self.max_momentum)
+
+    def on_enter_step(self, trainer: Trainer) -> None:
+        super().on_enter_step(trainer)
+        if self.cycle_momentum:
+            param_groups = trainer.optimizer.param_groups
+            momentum = self.momentum(trainer.global_step)
+            for index in range(len(param_groups)) if self.groups is None else self.groups:
+                group = param_groups[index]
+                if "betas" in group:
+                    group["betas"] = (momentum, *group["betas"][1:])
+                elif "momentum" in group:
+                    group["momentum"] = momentum
+                else:
+                    raise KeyError("OneCycle(cycle_momentum=True): the optimizer has neither 'betas' nor 'momentum'")
+
+
+class TorchScheduler(Callback):
+    """Any ``torch.optim.lr_scheduler`` scheduler as a callback, its state saved.
+
+    Args:
+        scheduler: The scheduler, built on the trainer's optimizer.
+        interval: ``"step"`` calls ``scheduler.step()`` after every optimizer
+            step; ``"epoch"`` after every epoch.
+        monitor: For ``ReduceLROnPlateau``: the ``trainer.metrics`` entry it
+            watches (stepped once per epoch).
+        name: The callback's unique name (defaults to the class name).
+    """
+
+    def __init__(
+        self, scheduler: Any, interval: str = "step", monitor: str | None = None, name: str | None = None
+    ) -> None:
+        if interval not in ("step", "epoch"):
+            raise ValueError(f"TorchScheduler: interval must be 'step' or 'epoch', got {interval!r}")
+        plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        if plateau and monitor is None:
+            raise ValueError("TorchScheduler: ReduceLROnPlateau needs monitor='<metric name>'")
+        self.scheduler, self.monitor, self.name = scheduler, monitor, name
+        self.interval = "epoch" if plateau else interval
+
+    def on_exit_step(self, trainer: Trainer) -> None:
+        if self.interval == "step":
+            self.scheduler.step()
+
+    def on_exit_epoch(self, trainer: Trainer) -> None:
+        if self.interval != "epoch":
+            return
+        if self.monitor is None:
+            self.scheduler.step()
+            return
+        if self.monitor not in trainer.metrics:
+            raise KeyError(
+                f"TorchScheduler monitors {self.monitor!r} but trainer.metrics has "
+                f"{', '.join(trainer.metrics) or 'nothing'}"
+            )
+        self.scheduler.step(trainer.metrics[self.monitor])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state["scheduler"])

@@ -1,0 +1,129 @@
+"""StreamLogger's format, CSVLogger's rows and resume, ProgressBar and Plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import statetrainer as st
+from statetrainer.callbacks import Accuracy, CSVLogger, Plots, ProgressBar, SmoothedLoss, StreamLogger
+
+from ..conftest import regression_batches
+
+
+def classifier_batches(count: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(6, 4, generator=generator), torch.randint(3, (6,), generator=generator)) for _ in range(count)]
+
+
+def classifier_trainer(callbacks, epochs=2, **options) -> st.Trainer:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    phases = [st.Phase("train", classifier_batches(4, 0)), st.Phase("valid", classifier_batches(2, 1), grad=False)]
+    return st.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), F.cross_entropy, phases,
+                      callbacks=callbacks, epochs=epochs, device="cpu", **options)  # fmt: skip
+
+
+def test_stream_logger_prints_the_seed_format():
+    stream = io.StringIO()
+    trainer = classifier_trainer([SmoothedLoss(), Accuracy(), StreamLogger(stream)]).fit()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    m = trainer.metrics
+    assert lines[1] == (
+        f"Epoch:    2 | train_loss={m['train_loss']:.4f}, train_accuracy={m['train_accuracy']:.4f}, "
+        f"valid_loss={m['valid_loss']:.4f}, valid_accuracy={m['valid_accuracy']:.4f}"
+    )
+    assert StreamLogger.format(1, {"train_loss": 0.89071, "valid_accuracy": 0.96954}) == (
+        "Epoch:    1 | train_loss=0.8907, valid_accuracy=0.9695"
+    )
+
+
+def read_rows(path):
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def test_csv_logger_writes_one_row_per_epoch_with_metrics_and_lr(tmp_path):
+    path = tmp_path / "run" / "log.csv"
+    trainer = classifier_trainer([SmoothedLoss(), Accuracy(), CSVLogger(path, every_batches=2)], epochs=3).fit()
+    rows = read_rows(path)
+    assert [row["epoch"] for row in rows] == ["1", "2", "3"]
+    assert [row["step"] for row in rows] == ["4", "8", "12"]
+    assert list(rows[0]) == ["epoch", "step", "train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "lr"]
+    assert float(rows[-1]["valid_accuracy"]) == trainer.metrics["valid_accuracy"]
+    assert float(rows[-1]["lr"]) == 0.1
+    batch_rows = read_rows(tmp_path / "run" / "log_batches.csv")
+    # every 2nd batch: train batches 2 and 4, valid batch 2, per epoch
+    assert [(r["epoch"], r["phase"], r["batch"]) for r in batch_rows[:3]] == [
+        ("1", "train", "2"), ("1", "train", "4"), ("1", "valid", "2")]  # fmt: skip
+    assert len(batch_rows) == 9 and batch_rows[0]["train_loss"] != ""
+
+
+def test_csv_logger_widens_its_header_instead_of_dropping_a_new_metric(tmp_path):
+    class LateMetric(st.Callback):
+        def on_exit_epoch(self, trainer):
+            if trainer.epoch == 1:
+                trainer.metrics["late"] = 7.0
+
+    path = tmp_path / "log.csv"
+    classifier_trainer([SmoothedLoss(), LateMetric(), CSVLogger(path)]).fit()
+    rows = read_rows(path)
+    assert rows[0]["late"] == "" and rows[1]["late"] == "7.0"
+
+
+def test_csv_logger_resume_cuts_back_to_the_checkpoint_and_never_duplicates(tmp_path):
+    path = tmp_path / "log.csv"
+    logger = CSVLogger(path)
+    classifier_trainer([SmoothedLoss(), logger], epochs=1).fit()
+    saved = logger.state_dict()
+    complete = path.read_text()
+    with open(path, "a") as file:  # a row written after the checkpoint, before a crash
+        file.write("2,8,0.5,0.5,0.1\n")
+    restored = CSVLogger(path)
+    restored.load_state_dict(saved)
+    assert path.read_text() == complete
+    restored.on_exit_epoch(classifier_trainer([], epochs=1))
+    assert len(read_rows(path)) == 2
+    path.write_text("")
+    with pytest.raises(RuntimeError, match="holds 0 bytes but the checkpoint expects"):
+        CSVLogger(path).load_state_dict(saved)
+
+
+def test_a_fresh_run_starts_a_fresh_log(tmp_path):
+    path = tmp_path / "log.csv"
+    path.write_text("old,log\n1,2\n")
+    classifier_trainer([SmoothedLoss(), CSVLogger(path)], epochs=1).fit()
+    assert [row["epoch"] for row in read_rows(path)] == ["1"]
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_draws_on_a_terminal_and_stays_quiet_otherwise():
+    terminal, pipe = FakeTerminal(), io.StringIO()
+    classifier_trainer([SmoothedLoss(), ProgressBar(refresh_every=2, stream=terminal, mininterval=0)], epochs=1).fit()
+    classifier_trainer([SmoothedLoss(), ProgressBar(stream=pipe)], epochs=1).fit()
+    drawn = terminal.getvalue()
+    assert "epoch 1 train" in drawn and "4/4" in drawn and "train_loss=" in drawn and "epoch 1 valid" in drawn
+    assert pipe.getvalue() == ""
+
+
+def test_plots_writes_pngs_of_metrics_and_learning_rate(tmp_path):
+    plots = Plots(tmp_path / "plots")
+    model = nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = st.callbacks.OneCycle(0.1, total_steps=8)
+    st.Trainer(model, optimizer, F.mse_loss, [st.Phase("train", regression_batches(4))],
+               callbacks=[SmoothedLoss(), schedule, plots], epochs=2).fit()  # fmt: skip
+    for name in ("metrics.png", "lr.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plots.learning_rates == [schedule.values(step, 1)[0] for step in range(8)]
+    assert [list(epoch) for epoch in plots.epochs] == [["train_loss"], ["train_loss"]]

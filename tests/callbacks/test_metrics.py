@@ -1,0 +1,98 @@
+"""SmoothedLoss and Accuracy against hand computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import statetrainer as st
+from statetrainer.callbacks import Accuracy, SmoothedLoss, running_metrics
+
+
+class FixedOutputs(nn.Module):
+    """A 'model' whose outputs are the inputs, so a test chooses every prediction."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(()))
+
+    def forward(self, inputs):
+        return inputs + 0 * self.unused
+
+
+def run(batches, callbacks, loss_fn=None, phases=("valid",)):
+    model = FixedOutputs()
+    loss_fn = loss_fn or (lambda output, target: output.float().mean())
+    trainer = st.Trainer(model, None, loss_fn, [st.Phase(name, batches, grad=False) for name in phases],
+                         callbacks=callbacks, device="cpu")  # fmt: skip
+    return trainer.fit()
+
+
+def test_smoothed_loss_is_the_bias_corrected_moving_average():
+    losses = [2.0, 1.0, 4.0, 3.0]
+    batches = [(torch.tensor([loss]), torch.tensor([0])) for loss in losses]
+    trainer = run(batches, [SmoothedLoss(beta=0.9)])
+    average = 0.0
+    for loss in losses:
+        average = 0.9 * average + 0.1 * loss
+    expected = average / (1 - 0.9 ** len(losses))
+    assert trainer.metrics["valid_loss"] == pytest.approx(expected, rel=1e-6)
+    # by hand for the first two: (0.1*2) / 0.1 = 2, then (0.09*2 + 0.1*1) / 0.19
+    trainer = run(batches[:2], [SmoothedLoss(beta=0.9)])
+    assert trainer.metrics["valid_loss"] == pytest.approx((0.18 + 0.1) / 0.19, rel=1e-6)
+
+
+def test_smoothed_loss_resets_every_phase():
+    batches = [(torch.tensor([5.0]), torch.tensor([0]))]
+    trainer = run(batches, [SmoothedLoss()], phases=("first", "second"))
+    assert trainer.metrics == {"first_loss": pytest.approx(5.0), "second_loss": pytest.approx(5.0)}
+
+
+def test_accuracy_is_the_exact_sample_mean_over_ragged_batches():
+    scores = torch.eye(3)
+    batches = [  # 3 of 3 right, then 1 of 1 wrong: batch means average to 0.5, the sample mean is 0.75
+        (scores, torch.tensor([0, 1, 2])),
+        (scores[:1], torch.tensor([2])),
+    ]
+    trainer = run(batches, [Accuracy()])
+    assert trainer.metrics["valid_accuracy"] == 0.75
+
+
+def test_top_k_accuracy():
+    scores = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7], [0.6, 0.3, 0.1]])
+    targets = torch.tensor([1, 0, 2])  # second-best, worst, worst
+    trainer = run([(scores, targets)], [Accuracy(), Accuracy(top_k=2, name="top2")])
+    assert trainer.metrics == {"valid_accuracy": 0.0, "valid_top2_accuracy": pytest.approx(1 / 3)}
+
+
+def test_metrics_can_be_limited_to_phases_and_read_while_running():
+    seen = []
+
+    class Peek(st.Callback):
+        def on_exit_batch(self, trainer):
+            seen.append(running_metrics(trainer))
+
+    batches = [(torch.eye(2), torch.tensor([0, 0]))]
+    trainer = run(batches, [Accuracy(phases=["second"]), Peek()], phases=("first", "second"))
+    assert trainer.metrics == {"second_accuracy": 0.5}
+    assert seen == [{}, {"second_accuracy": 0.5}]
+
+
+def test_metrics_round_trip_their_state():
+    metric = SmoothedLoss(beta=0.5)
+    batches = [(torch.tensor([1.0]), torch.tensor([0])), (torch.tensor([3.0]), torch.tensor([0]))]
+    run(batches, [metric])
+    copy = SmoothedLoss(beta=0.5)
+    copy.load_state_dict(metric.state_dict())
+    assert copy.value() == metric.value() == pytest.approx((0.25 * 1 + 0.5 * 3) / 0.75)
+    assert math.isnan(SmoothedLoss().value())
+
+
+def test_bad_metric_arguments():
+    with pytest.raises(ValueError, match="beta"):
+        SmoothedLoss(beta=1.0)
+    with pytest.raises(ValueError, match="top_k"):
+        Accuracy(top_k=0)

@@ -1,0 +1,149 @@
+"""Parameter schedules against torch's schedulers and hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import statetrainer as st
+from statetrainer.callbacks import CosineWarmRestarts, OneCycle, ParamScheduler, TorchScheduler
+
+from ..conftest import regression_batches
+
+
+def schedule_seen(scheduler: st.Callback, steps: int, optimizer_cls=torch.optim.SGD, groups=1, **options):
+    """Run ``steps`` optimizer steps and return each step's param groups as the optimizer used them."""
+    model = nn.Linear(3, 1)
+    params = [{"params": [model.weight]}, {"params": [model.bias]}][:groups] if groups > 1 else model.parameters()
+    optimizer = optimizer_cls(params, lr=1.0, **options)
+    used = []
+
+    class Recorder(st.Callback):
+        def on_exit_step(self, trainer):  # after the step: what the optimizer just used
+            used.append([dict(group, params=None) for group in trainer.optimizer.param_groups])
+
+    trainer = st.Trainer(model, optimizer, F.mse_loss, [st.Phase("train", regression_batches(steps))],
+                         callbacks=[scheduler, Recorder()], device="cpu")  # fmt: skip
+    trainer.fit()
+    return used
+
+
+def torch_values(make_scheduler, steps: int, key="lr", optimizer_cls=torch.optim.SGD, **options):
+    optimizer = optimizer_cls(nn.Linear(3, 1).parameters(), lr=1.0, **options)
+    scheduler = make_scheduler(optimizer)
+    values = []
+    for _ in range(steps):
+        group = optimizer.param_groups[0]
+        values.append(group[key] if key != "beta1" else group["betas"][0])
+        optimizer.step()
+        scheduler.step()
+    return values
+
+
+def test_cosine_warm_restarts_matches_torch():
+    steps = 70
+    ours = [s[0]["lr"] for s in schedule_seen(CosineWarmRestarts(0.1, period=10, min_value=0.001, t_mult=2), steps)]
+    theirs = torch_values(
+        lambda opt: [g.update(lr=0.1) for g in opt.param_groups]
+        and torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=10, T_mult=2, eta_min=0.001),
+        steps,
+    )
+    assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-12)
+
+
+def test_cosine_warm_restarts_by_hand_at_restarts_with_decay():
+    scheduler = CosineWarmRestarts(1.0, period=4, min_value=0.0, t_mult=2, decay=0.5)
+    values = [scheduler.values(step, 1)[0] for step in range(13)]
+    assert values[0] == 1.0 and values[2] == pytest.approx(0.5)  # half way down the first cycle
+    assert values[4] == 0.5  # first restart: cycle of 8 steps at half the peak
+    assert values[8] == pytest.approx(0.25)  # half way through the second cycle
+    assert values[12] == 0.25  # second restart
+    assert scheduler.cycle_position(11) == (1, 7, 8)
+
+
+def test_one_cycle_matches_torch_with_cosine_warmup_and_momentum():
+    steps = 40
+    ours = schedule_seen(OneCycle(0.1, total_steps=steps, pct_start=0.3, warmup="cos", cycle_momentum=True),
+                         steps, momentum=0.9)  # fmt: skip
+    make = lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=steps, pct_start=0.3)  # noqa: E731
+    assert [s[0]["lr"] for s in ours] == pytest.approx(torch_values(make, steps, momentum=0.9), rel=1e-9)
+    assert [s[0]["momentum"] for s in ours] == pytest.approx(
+        torch_values(make, steps, key="momentum", momentum=0.9), rel=1e-9
+    )
+
+
+def test_one_cycle_linear_matches_torch_linear_and_cycles_adam_betas():
+    steps = 25
+    ours = schedule_seen(OneCycle(0.01, total_steps=steps, warmup="linear", anneal="linear", cycle_momentum=True),
+                         steps, optimizer_cls=torch.optim.Adam)  # fmt: skip
+    make = lambda opt: torch.optim.lr_scheduler.OneCycleLR(  # noqa: E731
+        opt, max_lr=0.01, total_steps=steps, pct_start=0.25, anneal_strategy="linear")
+    assert [s[0]["lr"] for s in ours] == pytest.approx(torch_values(make, steps, optimizer_cls=torch.optim.Adam), rel=1e-9)
+    betas = torch_values(make, steps, key="beta1", optimizer_cls=torch.optim.Adam)
+    assert [s[0]["betas"][0] for s in ours] == pytest.approx(betas, rel=1e-9)
+    assert all(s[0]["betas"][1] == 0.999 for s in ours)
+
+
+def test_one_cycle_seed_variant_by_hand():
+    scheduler = OneCycle(1.0, total_steps=11, pct_start=0.5, div_factor=10, final_div_factor=100)
+    values = [scheduler.values(step, 1)[0] for step in range(14)]
+    assert values[0] == pytest.approx(0.1)  # start: peak / div_factor
+    assert values[2] == pytest.approx(0.1 + 0.9 * 2 / 4.5)  # linear warm-up, the peak at step 4.5
+    peak_step = 0.5 * 11 - 1
+    assert values[5] == pytest.approx(0.001 + (1 - 0.001) / 2 * (math.cos(math.pi * 0.5 / (10 - peak_step)) + 1))
+    assert values[10] == pytest.approx(0.001) and values[13] == pytest.approx(0.001)  # the floor, then held
+
+
+def test_any_hyper_parameter_per_group():
+    used = schedule_seen(
+        CosineWarmRestarts([0.2, 0.02], period=5, param="weight_decay"), 3, groups=2, weight_decay=0.0
+    )
+    assert [s[0]["weight_decay"] for s in used][0] == 0.2 and used[0][1]["weight_decay"] == 0.02
+    assert used[0][0]["lr"] == 1.0  # untouched
+    used = schedule_seen(CosineWarmRestarts(0.5, period=5, groups=[1]), 2, groups=2)
+    assert used[0][0]["lr"] == 1.0 and used[0][1]["lr"] == 0.5
+
+
+def test_torch_scheduler_wrapper_steps_and_saves_its_state():
+    model = nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    callback = TorchScheduler(torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5))
+    trainer = st.Trainer(model, optimizer, F.mse_loss, [st.Phase("train", regression_batches(5))],
+                         callbacks=[callback], device="cpu")  # fmt: skip
+    trainer.fit()
+    assert optimizer.param_groups[0]["lr"] == 0.25  # 5 steps: halved after steps 2 and 4
+    assert callback.state_dict()["scheduler"]["last_epoch"] == 5
+
+
+def test_reduce_on_plateau_reads_a_metric():
+    model = nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0, factor=0.1)
+
+    class Flat(st.Callback):
+        def on_exit_phase(self, trainer):
+            trainer.metrics["train_loss"] = 1.0
+
+    trainer = st.Trainer(model, optimizer, F.mse_loss, [st.Phase("train", regression_batches(1))],
+                         callbacks=[Flat(), TorchScheduler(plateau, monitor="train_loss")], epochs=3)  # fmt: skip
+    trainer.fit()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)  # no improvement after epochs 2 and 3
+
+
+def test_bad_scheduler_arguments():
+    with pytest.raises(ValueError, match="cannot schedule 'lr\\[x\\]'"):
+        ParamScheduler("lr[x]")
+    with pytest.raises(ValueError, match="period"):
+        CosineWarmRestarts(0.1, period=0)
+    with pytest.raises(ValueError, match="annealing 'cubic'"):
+        OneCycle(0.1, total_steps=10, anneal="cubic")
+    with pytest.raises(ValueError, match="2 values for 1 param groups"):
+        schedule_seen(CosineWarmRestarts([0.1, 0.2], period=3), 1)
+    with pytest.raises(KeyError, match="no 'momentum'"):
+        schedule_seen(CosineWarmRestarts(0.1, period=3, param="momentum"), 1, optimizer_cls=torch.optim.Adam)
+    with pytest.raises(ValueError, match="monitor"):
+        TorchScheduler(torch.optim.lr_scheduler.ReduceLROnPlateau(torch.optim.SGD(nn.Linear(1, 1).parameters())))

@@ -1,7 +1,12 @@
-"""Train a shallow CNN on MNIST with statetrainer.
+"""Train a shallow CNN on MNIST with statetrainer: the seed's recipe.
 
     uv run python examples/mnist.py                   # MNIST from --data-root, downloaded when possible
     uv run python examples/mnist.py --epochs 1 --offline
+
+Adam with the one-cycle schedule (and inverse momentum cycling), light random
+affine augmentation, a bias-corrected smoothed loss and an accuracy per phase,
+one log line per epoch, a CSV log, a progress bar on a terminal, and PNG plots
+of the metrics and the learning-rate schedule in ``--out``.
 
 Data comes from torchvision's ``MNIST`` in ``--data-root``. When it is neither
 there nor downloadable (no network), the example trains on digits it renders
@@ -25,6 +30,7 @@ from torchvision.transforms import v2 as transforms
 from torchvision.transforms.v2 import functional as TF
 
 import statetrainer as st
+from statetrainer import callbacks as cb
 
 MEAN, STD = 0.1307, 0.3081
 
@@ -52,6 +58,19 @@ def eval_transform() -> transforms.Transform:
     return transforms.Compose(
         [transforms.ToImage(), transforms.ToDtype(torch.float32, scale=True), transforms.Normalize([MEAN], [STD])]
     )
+
+
+class ImageTensors(Dataset):
+    """Images held as a uint8 tensor (N x 28 x 28) with their labels, passed through ``transform``."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: transforms.Transform) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.images[index].unsqueeze(0)), int(self.labels[index])
 
 
 class RenderedDigits(Dataset):
@@ -88,29 +107,11 @@ def load_data(root: Path, download: bool, seed: int) -> tuple[Dataset, Dataset, 
         valid = datasets.MNIST(root, train=False, download=download, transform=eval_transform())
         return train, valid, f"MNIST from {root}"
     except (RuntimeError, OSError) as error:
-        reason = str(error).splitlines()[0]
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        reason = "downloads are off (--offline)" if not download else lines[-1] if lines else type(error).__name__
     train = RenderedDigits(12_000, seed=seed, transform=train_transform())
     valid = RenderedDigits(2_000, seed=seed + 1, transform=eval_transform())
-    return train, valid, f"offline: MNIST is not in {root} and could not be downloaded ({reason}); using digits rendered with Pillow"
-
-
-class EpochPrinter(st.Callback):
-    """Prints the mean loss of every phase, one line per epoch."""
-
-    def on_enter_epoch(self, trainer: st.Trainer) -> None:
-        self.parts: list[str] = []
-
-    def on_enter_phase(self, trainer: st.Trainer) -> None:
-        self.total = torch.zeros((), device=trainer.device)
-
-    def on_exit_batch(self, trainer: st.Trainer) -> None:
-        self.total += trainer.loss.detach()
-
-    def on_exit_phase(self, trainer: st.Trainer) -> None:
-        self.parts.append(f"{trainer.phase.name}_loss={float(self.total) / (trainer.batch_index + 1):.4f}")
-
-    def on_exit_epoch(self, trainer: st.Trainer) -> None:
-        print(f"Epoch: {trainer.epoch + 1:4d} | {', '.join(self.parts)}", flush=True)
+    return train, valid, f"offline: MNIST is not in {root} and could not be downloaded: {reason}; using digits rendered with Pillow"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -118,13 +119,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-root", type=Path, default=Path("data"), help="where torchvision's MNIST lives")
     parser.add_argument("--offline", action="store_true", help="do not try to download MNIST")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-3, help="Adam's learning rate")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=5e-3, help="the one-cycle's peak learning rate (Adam)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1...; default: CUDA when available")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
-    parser.add_argument("--limit", type=int, default=None, help="use only this many training samples")
+    parser.add_argument("--limit", type=int, default=None, help="use at most this many samples of each set")
+    parser.add_argument("--out", type=Path, default=Path("checkpoints/mnist"), help="logs and plots go here")
     return parser.parse_args(argv)
+
+
+def build_trainer(
+    train: Dataset, valid: Dataset, *, epochs: int = 3, batch_size: int = 64, lr: float = 5e-3,
+    device: str | None = None, workers: int = 2, out: Path = Path("checkpoints/mnist"), progress: bool = True,
+) -> st.Trainer:  # fmt: skip
+    """The recipe: shallow CNN, Adam + one-cycle, smoothed loss, accuracy, stream and CSV logs, plots."""
+    loader_options = {"num_workers": workers, "persistent_workers": workers > 0}
+    train_loader = DataLoader(train, batch_size=batch_size, shuffle=True, **loader_options)
+    valid_loader = DataLoader(valid, batch_size=512, **loader_options)
+    model = shallow_cnn()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    callbacks: list[st.Callback] = [
+        cb.OneCycle(lr, total_steps=epochs * len(train_loader), cycle_momentum=True),
+        cb.SmoothedLoss(),
+        cb.Accuracy(),
+        cb.StreamLogger(),
+        cb.CSVLogger(out / "log.csv"),
+        cb.Plots(out),
+    ]
+    if progress:
+        callbacks.append(cb.ProgressBar())
+    return st.Trainer(
+        model, optimizer, F.cross_entropy,
+        phases=[st.Phase("train", train_loader), st.Phase("valid", valid_loader, grad=False)],
+        callbacks=callbacks, epochs=epochs, device=device,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> st.Trainer:
@@ -133,19 +162,11 @@ def main(argv: list[str] | None = None) -> st.Trainer:
     train, valid, source = load_data(args.data_root, download=not args.offline, seed=args.seed)
     print(source, flush=True)
     if args.limit is not None:
-        train = torch.utils.data.Subset(train, range(min(args.limit, len(train))))
-    loader_options = {"num_workers": args.workers, "persistent_workers": args.workers > 0}
-    train_loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, **loader_options)
-    valid_loader = DataLoader(valid, batch_size=512, **loader_options)
-
-    model = shallow_cnn()
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    trainer = st.Trainer(
-        model, optimizer, F.cross_entropy,
-        phases=[st.Phase("train", train_loader), st.Phase("valid", valid_loader, grad=False)],
-        callbacks=[EpochPrinter()], epochs=args.epochs, device=args.device,
-    )  # fmt: skip
+        train, valid = (torch.utils.data.Subset(data, range(min(args.limit, len(data)))) for data in (train, valid))
+    trainer = build_trainer(train, valid, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                            device=args.device, workers=args.workers, out=args.out)  # fmt: skip
     trainer.fit()
+    print(f"log and plots: {args.out / 'log.csv'}, {args.out / 'metrics.png'}, {args.out / 'lr.png'}")
     return trainer
 
 

@@ -42,6 +42,7 @@ class Plots(Callback):
 
         matplotlib.use("Agg")
         from matplotlib import pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         self.folder.mkdir(parents=True, exist_ok=True)
         names = list(dict.fromkeys(key for epoch in self.epochs for key in epoch))
@@ -53,6 +54,7 @@ class Plots(Callback):
             for metric in group:
                 axis.plot(epochs, [epoch.get(metric, float("nan")) for epoch in self.epochs], marker="o", label=metric)
             axis.set_xlabel("epoch")
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
             axis.set_title("loss" if group[0].endswith("loss") else "metrics")
             axis.grid(alpha=0.3)
             axis.legend()

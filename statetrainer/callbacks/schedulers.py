@@ -193,8 +193,8 @@ class OneCycle(ParamScheduler):
         peak_step = self.pct_start * self.total_steps - 1
         last_step = self.total_steps - 1
         step = min(step, last_step)
-        if step <= peak_step:
-            return anneal(start, peak, step / peak_step, self.warmup)
+        if step <= peak_step:  # (a warm-up shorter than one step starts at the peak)
+            return anneal(start, peak, step / peak_step if peak_step > 0 else 1.0, self.warmup)
         return anneal(peak, end, (step - peak_step) / (last_step - peak_step), self.anneal)
 
     def values(self, step: int, group_count: int) -> list[float]:

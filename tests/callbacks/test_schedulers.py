@@ -147,3 +147,9 @@ def test_bad_scheduler_arguments():
         schedule_seen(CosineWarmRestarts(0.1, period=3, param="momentum"), 1, optimizer_cls=torch.optim.Adam)
     with pytest.raises(ValueError, match="monitor"):
         TorchScheduler(torch.optim.lr_scheduler.ReduceLROnPlateau(torch.optim.SGD(nn.Linear(1, 1).parameters())))
+
+
+def test_one_cycle_with_a_warm_up_shorter_than_a_step_starts_at_the_peak():
+    scheduler = OneCycle(1.0, total_steps=4, pct_start=0.25)
+    assert scheduler.values(0, 1) == [1.0]
+    assert scheduler.values(3, 1) == [pytest.approx(1.0 / 25 / 1e4)]

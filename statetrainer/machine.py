@@ -257,6 +257,13 @@ class TrainingMachine(Machine):
                     transition.enter_calls = tuple(call for state in entered for call in entry_calls(state))
             event.compile()
 
+    def restore(self, state: str) -> None:
+        """Put the machine in ``state`` without running any call (resuming from a checkpoint)."""
+        if state not in STATES:
+            raise ValueError(f"unknown state {state!r}; states are {', '.join(STATES)}")
+        self.history.append(Move("restore", self.state, state))
+        self.state = state
+
     def fire(self, event: str) -> None:
         """Fire the named event from the current state; raises ``InvalidMove`` if it cannot."""
         try:

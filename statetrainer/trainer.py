@@ -11,21 +11,30 @@ stepped run and a fitted run are the same run.
 from __future__ import annotations
 
 import contextlib
+import os
+import warnings
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import checkpoint
 from .callbacks.base import Callback, overridden_hooks
-from .data import END, BatchCursor, to_device
+from .checkpoint import CheckpointError
+from .data import END, BatchCursor, BatchSource, to_device
 from .machine import STATES, Move, TrainingMachine
 from .phase import Phase
 from .precision import make_autocast, make_grad_scaler
+from .rng import capture_rng, restore_rng
+from .state import check_model_state, unwrap_model
 
-__all__ = ["Trainer", "unpack_pair"]
+__all__ = ["DEFAULT_CHECKPOINT_FOLDER", "Trainer", "unpack_pair"]
 
 _NO_CONTEXT = contextlib.nullcontext()
+_AT_REST = ("idle", "epoch", "phase")  # the states a run can be saved in: between batches
+DEFAULT_CHECKPOINT_FOLDER = Path("checkpoints")
 
 
 def unpack_pair(batch: Any) -> tuple[Any, Any]:
@@ -61,6 +70,9 @@ class Trainer:
             (fp16 on CUDA also scales the loss with a GradScaler).
         unpack: Turns a batch into ``(input, target)``; the default takes a pair.
             To change what the model is called with, override ``forward``.
+        seed: Decides the order of shuffled DataLoaders and the random
+            augmentation of every sample (see ``statetrainer.data.resumable``);
+            None takes ``torch.initial_seed()``. A checkpoint carries its run's seed.
 
     Attributes:
         epoch: Index of the current epoch, from 0.
@@ -85,6 +97,7 @@ class Trainer:
         grad_clip: float | None = None,
         precision: str | None = None,
         unpack: Callable[[Any], tuple[Any, Any]] = unpack_pair,
+        seed: int | None = None,
     ) -> None:
         self.phases = _check_phases(phases, optimizer)
         self.callbacks = _check_callbacks(callbacks)
@@ -108,6 +121,8 @@ class Trainer:
         self.grad_clip = grad_clip
         self.precision = precision
         self.unpack = unpack
+        self.seed = int(seed) if seed is not None else torch.initial_seed() % 2**63
+        self._sources = [BatchSource(phase.loader, index) for index, phase in enumerate(self.phases)]
         self.autocast = make_autocast(precision, self.device)
         self.scaler = make_grad_scaler(precision, self.device)
         self._move_batches = self.device.type != "cpu"
@@ -132,6 +147,8 @@ class Trainer:
         self._finished = False
         self._driving = False
         self._error: BaseException | None = None
+        self._deferred: list[Callable[[Trainer], None]] = []
+        self._at_rest = False
         self._machine = self._build_machine()
         fire = self._machine.firer
         self._start_epoch, self._start_phase, self._start_batch = (
@@ -153,7 +170,7 @@ class Trainer:
             prepare={"idle": cls._prepare_idle, "epoch": cls._prepare_epoch, "phase": cls._prepare_phase,
                      "batch": cls._prepare_batch, "step": cls._prepare_step},
             enter=enter,
-            work={"phase": cls._run_phase, "batch": cls._run_batch, "backward": cls._run_backward,
+            work={"phase": cls._open_new_phase, "batch": cls._run_batch, "backward": cls._run_backward,
                   "step": cls._run_step},
             exit=exit,
         )
@@ -176,12 +193,21 @@ class Trainer:
         return self._finished
 
     def fit(self) -> Trainer:
-        """Run to the end, or continue a stepped run to the end."""
+        """Run to the end, or continue a stepped or resumed run to the end.
+
+        On a run that has already finished (a restarted script whose last
+        checkpoint is the final one), it warns and returns.
+        """
+        if self._finished and self._error is None:
+            warnings.warn(f"the run has already finished ({self._end_reason()}); fit() has nothing to do", stacklevel=2)
+            return self
         self._begin_driving()
         deciders, machine = self._deciders, self._machine
         try:
             while not self._finished:
                 deciders[machine.state]()
+                if self._deferred:
+                    self._run_deferred()
         except BaseException as error:
             self._error = error
             raise
@@ -194,6 +220,8 @@ class Trainer:
         self._begin_driving()
         try:
             self._deciders[self._machine.state]()
+            if self._deferred:
+                self._run_deferred()
         except BaseException as error:
             self._error = error
             raise
@@ -218,6 +246,25 @@ class Trainer:
             if self._finished:
                 raise RuntimeError(f"the run finished before entering {state!r}")
 
+    def defer(self, action: Callable[[Trainer], None]) -> None:
+        """Run ``action(trainer)`` as soon as the machine is between batches.
+
+        Callbacks run in the middle of a transition; an action that needs the
+        whole machine at rest (saving a checkpoint) is deferred to its end.
+        """
+        self._deferred.append(action)
+
+    def _run_deferred(self) -> None:
+        if self._machine.state not in _AT_REST:
+            return
+        actions, self._deferred = self._deferred, []
+        self._at_rest = True
+        try:
+            for action in actions:
+                action(self)
+        finally:
+            self._at_rest = False
+
     def stop(self) -> None:
         """Ask for a clean stop: the current batch ends, then the phase, the epoch and the run.
 
@@ -229,6 +276,166 @@ class Trainer:
         """Run the model and the loss on one batch; override for other signatures."""
         output = self.model(inputs)
         return output, self.loss_fn(output, target)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the next batch depends on, as a tree of tensors and plain values.
+
+        Taken between batches (states idle, epoch or phase); ``load_state_dict``
+        on a fresh trainer built the same way continues exactly from here.
+        """
+        self._check_at_rest("state_dict()")
+        parameters = self._parameters
+        return {
+            "position": {
+                "state": self.state, "epoch": self.epoch, "epochs_done": self._epochs_done,
+                "phase_position": self._phase_position, "batch_index": self.batch_index,
+                "global_step": self.global_step, "finished": self._finished, "stop_requested": self._stop_requested,
+            },  # fmt: skip
+            "seed": self.seed,
+            "phases": [{"name": phase.name, "length": source.length} for phase, source in zip(self.phases, self._sources)],
+            "metrics": dict(self.metrics),
+            "model": unwrap_model(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            # Inside an accumulation window the gradients so far are part of the state.
+            "grads": {str(index): p.grad for index, p in enumerate(parameters) if p.grad is not None},
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "callbacks": {callback.key: callback.state_dict() for callback in self.callbacks},
+            "rng": capture_rng(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state_dict()``'s result; the trainer must not have started.
+
+        Raises:
+            CheckpointError: The state does not fit this trainer (model, phases,
+                callbacks or optimizer differ).
+        """
+        if self.state != "idle" or self._finished or self.global_step or self._epochs_done:
+            raise RuntimeError("load a checkpoint into a trainer that has not started: build a new Trainer")
+        self._check_fits(state)
+        unwrap_model(self.model).load_state_dict(state["model"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        for index, grad in state["grads"].items():
+            parameter = self._parameters[int(index)]
+            parameter.grad = grad.to(parameter.device, parameter.dtype)
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        for callback in self.callbacks:
+            callback.load_state_dict(state["callbacks"][callback.key])
+        position = state["position"]
+        self.seed = int(state["seed"])
+        self.metrics = dict(state["metrics"])
+        self.epoch, self._epochs_done = position["epoch"], position["epochs_done"]
+        self._phase_position, self.batch_index = position["phase_position"], position["batch_index"]
+        self.global_step = position["global_step"]
+        self._finished, self._stop_requested = position["finished"], position["stop_requested"]
+        self.phase = self.phases[self._phase_position] if self._phase_position >= 0 else None
+        self._machine.restore(position["state"])
+        restore_rng(state["rng"])
+        if position["state"] == "phase":  # mid-phase: reopen its batches after the last one done
+            self._open_phase(start=self.batch_index + 1)
+
+    def save_checkpoint(self, path: str | os.PathLike[str] | None = None) -> Path:
+        """Write ``state_dict()`` to a safetensors file, atomically; return its path.
+
+        Args:
+            path: A ``.safetensors`` file, or a folder to add a numbered
+                checkpoint to; None means the ``checkpoints/`` folder.
+
+        Raises:
+            RuntimeError: The machine is not between batches, or it is inside a
+                phase whose loader cannot be resumed mid-phase.
+        """
+        self._check_at_rest("save_checkpoint()")
+        target = Path(path) if path is not None else DEFAULT_CHECKPOINT_FOLDER
+        if target.suffix != ".safetensors":
+            target = checkpoint.next_checkpoint_path(target, self.epoch, self.global_step)
+        from . import __version__
+
+        return checkpoint.write_tree(target, self.state_dict(), __version__)
+
+    def load_checkpoint(self, path: str | os.PathLike[str]) -> Path | None:
+        """Continue from a checkpoint file, or from the newest good checkpoint in a folder.
+
+        Returns the file loaded, or None for a folder that holds no checkpoint
+        (a first run), so ``trainer.load_checkpoint(folder); trainer.fit()``
+        is the whole auto-resume recipe. A folder whose newest file is corrupt
+        falls back to the one before, with a warning.
+
+        Raises:
+            CheckpointError: The file is missing, truncated, corrupted, from a
+                newer format, or does not fit this trainer.
+        """
+        path = Path(path)
+        if path.is_dir():
+            found = checkpoint.newest_valid(path, check=self._check_fits)
+            if found is None:
+                return None
+            path, state = found
+        elif path.exists() or path.suffix == ".safetensors":
+            state = checkpoint.read_tree(path)
+        else:
+            return None
+        self.load_state_dict(state)
+        return path
+
+    def can_checkpoint_here(self) -> bool:
+        """Whether the run can be saved and resumed at this point.
+
+        False inside a batch, and inside a phase whose loader cannot start past
+        its first batch (``statetrainer.data.resumable`` says which).
+        """
+        if self.state not in _AT_REST:
+            return False
+        return self.state != "phase" or self._sources[self._phase_position].resumable
+
+    def _check_at_rest(self, what: str) -> None:
+        if self._driving and not self._at_rest:
+            raise RuntimeError(
+                f"{what} was called from a callback, in the middle of a transition; "
+                "use trainer.defer(lambda trainer: ...) or the Checkpoint callback"
+            )
+        if self.state not in _AT_REST:
+            raise RuntimeError(
+                f"{what} needs the machine between batches (idle, epoch or phase), but it is in {self.state!r}; "
+                "advance to the end of the batch first"
+            )
+        if not self.can_checkpoint_here():
+            source = self._sources[self._phase_position]
+            raise RuntimeError(
+                f"phase {self.phase.name!r} cannot be resumed mid-phase ({source.reason}); "
+                "checkpoint it at an epoch boundary instead"
+            )
+
+    def _check_fits(self, state: dict[str, Any]) -> None:
+        """Raise ``CheckpointError`` if ``state`` was not saved by a trainer built like this one."""
+        try:
+            saved_phases = [(phase["name"], phase["length"]) for phase in state["phases"]]
+            ours = [(phase.name, source.length) for phase, source in zip(self.phases, self._sources)]
+            if saved_phases != ours:
+                raise CheckpointError(f"the checkpoint's phases (name, batches) are {saved_phases}, this trainer's {ours}")
+            check_model_state(unwrap_model(self.model).state_dict(), state["model"])
+            if (state["optimizer"] is None) != (self.optimizer is None):
+                raise CheckpointError("the checkpoint and this trainer disagree on having an optimizer")
+            if self.optimizer is not None:
+                saved_groups = [len(group["params"]) for group in state["optimizer"]["param_groups"]]
+                our_groups = [len(group["params"]) for group in self.optimizer.param_groups]
+                if saved_groups != our_groups:
+                    raise CheckpointError(
+                        f"the checkpoint's optimizer has param groups of sizes {saved_groups}, this one {our_groups}"
+                    )
+            missing = [callback.key for callback in self.callbacks if callback.key not in state["callbacks"]]
+            if missing:
+                raise CheckpointError(f"the checkpoint has no state for callback(s) {', '.join(missing)}")
+            extra = [key for key in state["callbacks"] if key not in {c.key for c in self.callbacks}]
+            if extra:
+                warnings.warn(f"the checkpoint holds state for callbacks this trainer lacks: {', '.join(extra)}",
+                              stacklevel=4)  # fmt: skip
+        except (KeyError, TypeError) as error:
+            raise CheckpointError(f"the checkpoint lacks part of a statetrainer state: {error!r}") from error
 
     def __repr__(self) -> str:
         loss = "None" if self.loss is None else f"{float(self.loss.detach()):.4g}"
@@ -252,9 +459,11 @@ class Trainer:
                 f"{self.state!r}, so its work may be half done; build a new Trainer"
             ) from self._error
         if self._finished:
-            reason = "stopped" if self._stop_requested else f"all {self.epochs} epoch(s) done"
-            raise RuntimeError(f"the run has finished ({reason}); there is nothing left to advance")
+            raise RuntimeError(f"the run has finished ({self._end_reason()}); there is nothing left to advance")
         self._driving = True
+
+    def _end_reason(self) -> str:
+        return "stopped" if self._stop_requested else f"all {self.epochs} epoch(s) done"
 
     # Each decider picks and fires the one transition out of its state.
 
@@ -313,19 +522,25 @@ class Trainer:
         self.phase = self.phases[self._phase_position]
         self.batch_index = -1
 
-    def _run_phase(self) -> None:
+    def _open_new_phase(self) -> None:
+        if self.phase.grad:
+            self.optimizer.zero_grad(set_to_none=True)
+        self._open_phase(start=0)
+
+    def _open_phase(self, start: int) -> None:
+        """Set train/eval and grad mode and open the phase's batches at batch ``start``."""
         phase = self.phase
         self.model.train(phase.grad)
         if phase.grad:
             grad_context = None if torch.is_grad_enabled() else torch.enable_grad()
-            self.optimizer.zero_grad(set_to_none=True)
         else:
             grad_context = torch.no_grad()
         if grad_context is None and self.autocast is None:
             self._contexts = None
         else:
             self._contexts = (grad_context or _NO_CONTEXT, self.autocast or _NO_CONTEXT)
-        self._cursor = BatchCursor(phase.loader)
+        source = self._sources[self._phase_position]
+        self._cursor = BatchCursor(source.open(self.seed, self.epoch, start), source.length, start)
 
     def _prepare_batch(self) -> None:
         self.batch_index += 1

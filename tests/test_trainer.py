@@ -203,8 +203,10 @@ def test_stop_ends_cleanly_at_the_next_batch_boundary():
     assert recorder.hooks[-5:] == ["exit step", "exit batch", "exit phase", "exit epoch", "enter idle"]
     assert recorder.events[-1].epoch == 1 and trainer.global_step == 6  # 4 + 2 steps, no valid phase in epoch 1
     assert sum(1 for e in recorder.events if e.hook == "enter phase") == 3
-    with pytest.raises(RuntimeError, match="finished .*stopped"):
+    with pytest.warns(UserWarning, match="already finished .*stopped"):
         trainer.fit()
+    with pytest.raises(RuntimeError, match="finished .*stopped"):
+        trainer.advance()
 
 
 def test_advance_after_the_end_is_an_error():

@@ -1,6 +1,7 @@
 """Callbacks: every feature of a run (metrics, schedulers, loggers, checkpoints) is one."""
 
 from .base import HOOK_NAMES, Callback, overridden_hooks
+from .checkpoint import Checkpoint
 from .early_stopping import EarlyStopping
 from .loggers import CSVLogger, StreamLogger, learning_rates
 from .metrics import Accuracy, Metric, SmoothedLoss, running_metrics
@@ -13,6 +14,7 @@ __all__ = [
     "Accuracy",
     "CSVLogger",
     "Callback",
+    "Checkpoint",
     "CosineWarmRestarts",
     "EarlyStopping",
     "Metric",

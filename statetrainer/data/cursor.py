@@ -22,17 +22,22 @@ def loader_length(loader: Iterable[Any]) -> int | None:
 
 
 class BatchCursor:
-    """One pass over a loader that can tell whether the current batch is the last.
+    """One pass over a phase's batches that can tell whether the current batch is the last.
 
-    A loader with a length is trusted to yield that many batches, so nothing is
-    fetched ahead of time. For a loader without one, ``is_last`` looks one batch
+    With a known ``length`` the batches are trusted to number that many, so
+    nothing is fetched ahead of time. Without one, ``is_last`` looks one batch
     ahead, and only when asked.
+
+    Args:
+        batches: The batches of this pass, from batch ``start`` on.
+        length: Batches in a whole pass, or None when unknown.
+        start: How many batches of the pass come before ``batches``.
     """
 
-    def __init__(self, loader: Iterable[Any]) -> None:
-        self.length = loader_length(loader)
-        self.fetched = 0
-        self._iterator = iter(loader)
+    def __init__(self, batches: Iterable[Any], length: int | None = None, start: int = 0) -> None:
+        self.length = length
+        self.fetched = start
+        self._iterator = iter(batches)
         self._ahead = _NOTHING
 
     def next(self) -> Any:

@@ -1,0 +1,137 @@
+"""Periodic checkpoints of the whole run, the best one kept apart, old ones pruned."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..checkpoint import checkpoint_files
+from .base import Callback
+
+if TYPE_CHECKING:
+    from ..trainer import Trainer
+
+__all__ = ["Checkpoint"]
+
+
+class Checkpoint(Callback):
+    """Saves the run into ``folder`` every few steps and/or epochs.
+
+    Each save is a numbered safetensors file written atomically, taken once
+    the machine is between batches (the request made in a hook is carried out
+    at the end of that transition). After a new file is durable, all but the
+    newest ``keep_last`` are deleted. With ``best``, the checkpoint of the
+    epoch with the best value of that metric is also kept as ``best.safetensors``.
+
+    Resuming is ``trainer.load_checkpoint(folder)`` before ``trainer.fit()``.
+
+    In a phase whose loader cannot be resumed mid-phase (see
+    ``statetrainer.data.resumable``), step checkpoints are skipped with a
+    warning, so such a run resumes from an epoch boundary.
+
+    Args:
+        folder: Where the checkpoints go.
+        every_steps: Save after every this many optimizer steps; None: never.
+        every_epochs: Save after every this many epochs; None: never.
+        keep_last: How many numbered checkpoints to keep (None keeps all).
+        best: A ``trainer.metrics`` name to keep the best checkpoint of.
+        best_mode: ``"min"`` or ``"max"``; ``"auto"`` means min for names with
+            ``loss`` or ``error`` in them, else max.
+        name: The callback's unique name (defaults to the class name).
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike[str] = "checkpoints",
+        every_steps: int | None = None,
+        every_epochs: int | None = 1,
+        keep_last: int | None = 3,
+        best: str | None = None,
+        best_mode: str = "auto",
+        name: str | None = None,
+    ) -> None:
+        for label, value in (("every_steps", every_steps), ("every_epochs", every_epochs), ("keep_last", keep_last)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"Checkpoint: {label} must be a positive integer or None, got {value!r}")
+        if best_mode not in ("auto", "min", "max"):
+            raise ValueError(f"Checkpoint: best_mode must be 'auto', 'min' or 'max', got {best_mode!r}")
+        if best_mode == "auto" and best is not None:
+            best_mode = "min" if ("loss" in best or "error" in best) else "max"
+        self.folder = Path(folder)
+        self.every_steps, self.every_epochs, self.keep_last = every_steps, every_epochs, keep_last
+        self.best, self.best_mode, self.name = best, best_mode, name
+        self.best_value = math.inf if best_mode == "min" else -math.inf
+        self._due = False
+        self._best_due = False
+        self._warned = False
+
+    @property
+    def best_path(self) -> Path:
+        return self.folder / "best.safetensors"
+
+    def on_exit_step(self, trainer: Trainer) -> None:
+        if self.every_steps is not None and trainer.global_step % self.every_steps == 0:
+            self._request(trainer)
+
+    def on_exit_epoch(self, trainer: Trainer) -> None:
+        if self.best is not None:
+            if self.best not in trainer.metrics:
+                raise KeyError(
+                    f"Checkpoint(best={self.best!r}): no such metric; trainer.metrics has "
+                    f"{', '.join(trainer.metrics) or 'nothing'}"
+                )
+            value = trainer.metrics[self.best]
+            if value < self.best_value if self.best_mode == "min" else value > self.best_value:
+                self.best_value = value
+                self._best_due = True
+                self._request(trainer)
+        if self.every_epochs is not None and (trainer.epoch + 1) % self.every_epochs == 0:
+            self._request(trainer)
+
+    def _request(self, trainer: Trainer) -> None:
+        if not self._due:
+            self._due = True
+            trainer.defer(self._save)
+
+    def _save(self, trainer: Trainer) -> None:
+        self._due = False
+        if trainer.state == "phase" and not trainer.can_checkpoint_here():
+            if not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"Checkpoint: phase {trainer.phase.name!r} cannot be resumed mid-phase; "
+                    "its step checkpoints are skipped, so this run resumes from an epoch boundary",
+                    stacklevel=2,
+                )
+            return
+        best_due, self._best_due = self._best_due, False
+        path = trainer.save_checkpoint(self.folder)
+        if best_due:
+            _publish(path, self.best_path)
+        if self.keep_last is not None:  # only now that the new file is durable
+            for old in checkpoint_files(self.folder)[: -self.keep_last]:
+                old.unlink(missing_ok=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_value": self.best_value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_value = float(state["best_value"])
+
+
+def _publish(source: Path, target: Path) -> None:
+    """Make ``target`` a copy of ``source`` atomically (a hard link where the filesystem allows)."""
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    temporary.unlink(missing_ok=True)
+    try:
+        os.link(source, temporary)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(source, temporary)
+        with open(temporary, "rb") as file:
+            os.fsync(file.fileno())
+    os.replace(temporary, target)

@@ -1,0 +1,183 @@
+"""A state tree (nested dicts, lists and tensors) as one safetensors file, and back.
+
+Tensors go into the file's tensor section under path-like keys
+(``model/fc.weight``); everything else (numbers, strings, tuples, dicts with
+integer keys such as an optimizer's ``state``) goes into a JSON document in the
+file's metadata, with each tensor replaced by a reference to its key. Nothing
+is pickled, so loading a checkpoint never runs code.
+
+A CRC-32 over every tensor's bytes and the JSON document is stored beside them
+and checked on load, so a corrupted file is refused instead of silently loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+__all__ = ["FORMAT_VERSION", "CheckpointError", "read_tree", "write_tree"]
+
+FORMAT_VERSION = 1
+_METADATA_KEY = "statetrainer"
+_TENSOR, _TUPLE, _ITEMS = "__tensor__", "__tuple__", "__items__"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file cannot be used; the message says why."""
+
+
+class _Flattener:
+    """Splits a tree into a JSON-able document and a flat dict of tensors."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._views: dict[tuple[Any, ...], str] = {}
+        self._storages: set[int] = set()
+
+    def __call__(self, tree: Any, path: str) -> Any:
+        if isinstance(tree, torch.Tensor):
+            return {_TENSOR: self._tensor(tree.detach(), path)}
+        if isinstance(tree, dict):
+            if all(isinstance(key, str) for key in tree) and not ({_TENSOR, _TUPLE, _ITEMS} & set(tree)):
+                return {key: self(value, _join(path, key)) for key, value in tree.items()}
+            return {_ITEMS: [[_check_key(key, path), self(value, _join(path, str(key)))] for key, value in tree.items()]}
+        if isinstance(tree, tuple):
+            return {_TUPLE: [self(value, _join(path, str(index))) for index, value in enumerate(tree)]}
+        if isinstance(tree, list):
+            return [self(value, _join(path, str(index))) for index, value in enumerate(tree)]
+        if tree is None or isinstance(tree, (bool, int, float, str)):
+            return tree
+        raise TypeError(
+            f"cannot save a {type(tree).__name__} at {path!r}: checkpoint state must be tensors, numbers, "
+            "strings, None, and lists, tuples or dicts of them"
+        )
+
+    def _tensor(self, tensor: torch.Tensor, path: str) -> str:
+        if not tensor.numel():
+            self.tensors[path] = tensor.to("cpu").contiguous()
+            return path
+        storage = tensor.untyped_storage().data_ptr()
+        view = (storage, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype,
+                tensor.device)  # fmt: skip
+        if view in self._views:  # the same tensor again (tied weights): stored once
+            return self._views[view]
+        stored = tensor.to("cpu").contiguous()
+        if storage in self._storages:  # another view of a stored tensor: safetensors wants its own memory
+            stored = stored.clone()
+        self._views[view] = path
+        self._storages.add(storage)
+        self.tensors[path] = stored
+        return path
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}/{key}" if path else key
+
+
+def _check_key(key: Any, path: str) -> Any:
+    if key is None or isinstance(key, (bool, int, float, str)):
+        return key
+    raise TypeError(f"cannot save a dict key of type {type(key).__name__} at {path!r}")
+
+
+def _unflatten(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(tree, dict):
+        if _TENSOR in tree:
+            return tensors[tree[_TENSOR]]
+        if _TUPLE in tree:
+            return tuple(_unflatten(value, tensors) for value in tree[_TUPLE])
+        if _ITEMS in tree:
+            return {key: _unflatten(value, tensors) for key, value in tree[_ITEMS]}
+        return {key: _unflatten(value, tensors) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [_unflatten(value, tensors) for value in tree]
+    return tree
+
+
+def _checksum(tensors: dict[str, torch.Tensor], document: str) -> str:
+    crc = zlib.crc32(document.encode())
+    for key in sorted(tensors):
+        crc = zlib.crc32(key.encode(), crc)
+        tensor = tensors[key]
+        if tensor.numel():
+            crc = zlib.crc32(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), crc)
+    return f"{crc:08x}"
+
+
+def write_tree(path: str | os.PathLike[str], tree: dict[str, Any], library_version: str) -> Path:
+    """Write ``tree`` to ``path`` atomically: a temporary file, fsync, rename, fsync the folder.
+
+    A crash at any instant leaves either the previous file at ``path`` (or none)
+    or the complete new one, never a partial file under that name.
+    """
+    path = Path(path)
+    flatten = _Flattener()
+    document = json.dumps(flatten(tree, ""), separators=(",", ":"))
+    tensors = flatten.tensors
+    header = {"format": FORMAT_VERSION, "library": library_version, "checksum": _checksum(tensors, document)}
+    metadata = {_METADATA_KEY: json.dumps(header), "tree": document}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, temporary, metadata=metadata)
+        descriptor = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)
+    return path
+
+
+def _fsync_folder(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def read_tree(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and verify a file written by ``write_tree``.
+
+    Raises:
+        CheckpointError: The file is missing, truncated, corrupted, not a
+            statetrainer checkpoint, or from a newer format.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint file at {path}")
+    try:
+        with safe_open(path, framework="pt") as file:
+            metadata = file.metadata() or {}
+            tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupted?): {error}") from error
+    if _METADATA_KEY not in metadata or "tree" not in metadata:
+        raise CheckpointError(f"{path} is a safetensors file but not a statetrainer checkpoint")
+    try:
+        header = json.loads(metadata[_METADATA_KEY])
+        document = metadata["tree"]
+        tree = json.loads(document)
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}: its checkpoint metadata is corrupted: {error}") from error
+    if not isinstance(header.get("format"), int) or header["format"] > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {header.get('format')!r} (statetrainer {header.get('library')}); "
+            f"this statetrainer reads formats up to {FORMAT_VERSION}: upgrade statetrainer to load it"
+        )
+    if _checksum(tensors, document) != header.get("checksum"):
+        raise CheckpointError(f"{path} is corrupted: its checksum does not match its contents")
+    return _unflatten(tree, tensors)

@@ -1,0 +1,178 @@
+"""Loaders the trainer can start at any batch of any epoch, without loading what came before.
+
+A phase's loader becomes a *batch source* with ``open(seed, epoch, start)``:
+
+- A plain ``DataLoader`` over a map-style dataset (shuffled or not, any
+  ``num_workers``) is rebuilt once with the same settings but a sampler the
+  trainer controls: the order of epoch ``e`` is a permutation seeded by
+  ``(seed, phase, e)``, and starting at batch ``k`` drops the first ``k *
+  batch_size`` indices before any sample is loaded. Every sample is loaded with
+  the torch, ``random`` and NumPy generators seeded from ``(seed, phase, epoch,
+  index)``, so random augmentation gives the same result in any worker, with any
+  ``num_workers``, before or after a restart.
+- A list or tuple of batches starts at index ``k``.
+- Anything else (a custom sampler, an ``IterableDataset``, a generator-backed
+  iterable) is used as it is and can only be started at batch 0: checkpoints
+  inside such a phase are refused, and ``Checkpoint`` saves at epoch boundaries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import struct
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import islice
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, Sampler
+from torch.utils.data import SequentialSampler, get_worker_info
+
+from .cursor import loader_length
+
+__all__ = ["BatchSource", "SeededOrder", "SeededSamples", "mix_seed"]
+
+
+def mix_seed(*values: int) -> int:
+    """A 63-bit seed that depends on every value (stable across processes and runs)."""
+    packed = struct.pack(f"<{len(values)}q", *(value & 0x7FFF_FFFF_FFFF_FFFF for value in values))
+    return int.from_bytes(hashlib.blake2b(packed, digest_size=8).digest(), "little") >> 1
+
+
+class SeededOrder(Sampler):
+    """Yields ``(stream, index)`` keys for one pass: shuffled or in order, from any start.
+
+    ``stream`` is the seed of this pass; ``SeededSamples`` turns each key into
+    the sample ``index`` loaded under a seed derived from both.
+    """
+
+    def __init__(self, size: int, shuffle: bool) -> None:
+        self.size, self.shuffle = size, shuffle
+        self.stream, self.start = 0, 0
+
+    def position(self, stream: int, start: int) -> None:
+        self.stream, self.start = stream, start
+
+    def __len__(self) -> int:
+        return max(self.size - self.start, 0)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.stream)
+            order = torch.randperm(self.size, generator=generator)[self.start :].tolist()
+        else:
+            order = range(self.start, self.size)
+        stream = self.stream
+        return ((stream, index) for index in order)
+
+
+class SeededSamples(Dataset):
+    """Loads ``dataset[index]`` for a key ``(stream, index)`` with every generator seeded by both.
+
+    In the main process (``num_workers=0``) the generators' states are put back
+    afterwards, so loading never disturbs the training run's own random stream.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        stream, index = key
+        seed = mix_seed(stream, index)
+        if get_worker_info() is not None:  # a worker's generators are its own
+            _seed_all(seed)
+            return self.dataset[index]
+        saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
+        try:
+            _seed_all(seed)
+            return self.dataset[index]
+        finally:
+            torch.set_rng_state(saved[0])
+            random.setstate(saved[1])
+            np.random.set_state(saved[2])
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+class BatchSource:
+    """One phase's batches: ``open`` gives an iterator from batch ``start`` of an epoch.
+
+    Attributes:
+        length: Batches per epoch, or None when unknown.
+        resumable: Whether ``open`` can start past batch 0.
+        reason: Why not, when it cannot.
+    """
+
+    def __init__(self, loader: Iterable[Any], phase_index: int) -> None:
+        self.loader = loader
+        self.phase_index = phase_index
+        self.length = loader_length(loader)
+        self.resumable, self.reason = False, _why_not_resumable(loader)
+        self._order: SeededOrder | None = None
+        self._iterable: Iterable[Any] = loader
+        if self.reason is None:
+            self.resumable = True
+            if isinstance(loader, DataLoader):
+                self._iterable, self._order = _rebuild(loader)
+
+    def open(self, seed: int, epoch: int, start: int = 0) -> Iterator[Any]:
+        if start and not self.resumable:
+            raise RuntimeError(f"this loader cannot start at batch {start}: {self.reason}")
+        if self._order is not None:
+            batch_size = getattr(self._iterable, "batch_size", None) or 1
+            self._order.position(mix_seed(seed, self.phase_index, epoch), start * batch_size)
+            return iter(self._iterable)
+        if start:
+            return islice(self._iterable, start, None)  # a list: skipping is index arithmetic
+        return iter(self._iterable)
+
+
+def _why_not_resumable(loader: Iterable[Any]) -> str | None:
+    """None when the trainer can control this loader's order, else the reason it cannot."""
+    if isinstance(loader, Sequence):
+        return None
+    if not isinstance(loader, DataLoader):
+        return f"a {type(loader).__name__} is neither a DataLoader nor a list, so its order is its own"
+    if isinstance(loader.dataset, IterableDataset):
+        return "its dataset is an IterableDataset, which has no random access"
+    sampler = loader.sampler
+    if type(sampler) not in (SequentialSampler, RandomSampler):
+        return f"it uses a custom sampler ({type(sampler).__name__})"
+    if isinstance(sampler, RandomSampler) and (sampler.replacement or sampler.num_samples != len(loader.dataset)):
+        return "its RandomSampler draws with replacement or a custom number of samples"
+    if loader.batch_sampler is not None and type(loader.batch_sampler) is not BatchSampler:
+        return f"it uses a custom batch sampler ({type(loader.batch_sampler).__name__})"
+    return None
+
+
+def _rebuild(loader: DataLoader) -> tuple[DataLoader, SeededOrder]:
+    """The same DataLoader, drawing its order from a ``SeededOrder`` and seeding every sample."""
+    order = SeededOrder(len(loader.dataset), shuffle=isinstance(loader.sampler, RandomSampler))
+    options: dict[str, Any] = {
+        "batch_size": loader.batch_size,
+        "drop_last": loader.drop_last,
+        "num_workers": loader.num_workers,
+        "collate_fn": loader.collate_fn,
+        "pin_memory": loader.pin_memory,
+        "timeout": loader.timeout,
+        "worker_init_fn": loader.worker_init_fn,
+        "multiprocessing_context": loader.multiprocessing_context,
+        "persistent_workers": loader.persistent_workers,
+        "pin_memory_device": loader.pin_memory_device,
+        # Its own generator: opening an iterator must not draw from the global stream.
+        "generator": torch.Generator().manual_seed(0),
+    }
+    if loader.num_workers > 0:
+        options["prefetch_factor"] = loader.prefetch_factor
+    if loader.batch_size is None:  # no automatic batching: the collate_fn sees single samples
+        options.pop("drop_last")
+    return DataLoader(SeededSamples(loader.dataset), sampler=order, **options), order

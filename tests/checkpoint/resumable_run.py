@@ -1,0 +1,116 @@
+"""A training script that resumes itself: the subject of the kill-and-restart tests.
+
+    python resumable_run.py FOLDER OUT [--kill-at EPOCH:PHASE:BATCH] [--accumulate N] [--pad-mb M]
+
+It trains with everything that makes exact resume hard: a shuffled DataLoader
+with two workers, random augmentation drawing from torch, NumPy and Python,
+dropout, Adam with the one-cycle schedule cycling its betas, SmoothedLoss,
+Accuracy, a CSV log, and checkpoints every 3 steps. Started again with the same
+FOLDER, it continues from the newest checkpoint; at the end it writes the final
+model, optimizer and metrics to OUT. ``--kill-at`` makes it SIGKILL itself after
+that batch; ``--pad-mb`` adds a constant buffer so each checkpoint write takes
+long enough to be caught mid-write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+
+import statetrainer as st
+from statetrainer import callbacks as cb
+from statetrainer.checkpoint import write_tree
+
+
+class NoisyShapes(Dataset):
+    """Class k is a bright square at one of 4 places; augmentation adds noise, flips and shifts."""
+
+    def __init__(self, size: int, augment: bool) -> None:
+        generator = torch.Generator().manual_seed(123)
+        self.labels = torch.randint(4, (size,), generator=generator)
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        label = int(self.labels[index])
+        image = torch.zeros(1, 12, 12)
+        row, col = divmod(label, 2)
+        image[:, row * 6 + 1 : row * 6 + 5, col * 6 + 1 : col * 6 + 5] = 1.0
+        if self.augment:
+            image = image + 0.3 * torch.randn_like(image)  # torch
+            image = image * float(np.random.uniform(0.8, 1.2))  # NumPy
+            image = image.roll(random.choice([-1, 0, 1]), dims=-1)  # Python
+        return image, label
+
+
+def build(folder: str, accumulate: int, pad_mb: int, extra: list[st.Callback]) -> st.Trainer:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Dropout(0.3), nn.Linear(8 * 6 * 6, 4),
+    )  # fmt: skip
+    if pad_mb:
+        model.register_buffer("pad", torch.zeros(pad_mb * 2**18))
+    train = DataLoader(NoisyShapes(480, augment=True), batch_size=16, shuffle=True, num_workers=2)
+    valid = DataLoader(NoisyShapes(96, augment=False), batch_size=32, num_workers=2)
+    epochs = 3
+    steps = epochs * -(-len(train) // accumulate)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    return st.Trainer(
+        model, optimizer, F.cross_entropy,
+        phases=[st.Phase("train", train), st.Phase("valid", valid, grad=False)],
+        callbacks=[
+            cb.OneCycle(1e-2, total_steps=steps, cycle_momentum=True),
+            cb.SmoothedLoss(), cb.Accuracy(),
+            cb.CSVLogger(os.path.join(folder, "log.csv"), every_batches=5),
+            cb.Checkpoint(folder, every_steps=3, every_epochs=1, keep_last=2),
+            *extra,
+        ],
+        epochs=epochs, accumulate=accumulate, seed=7, device="cpu",
+    )  # fmt: skip
+
+
+class KillAt(st.Callback):
+    def __init__(self, epoch: int, phase: str, batch_index: int) -> None:
+        self.where = (epoch, phase, batch_index)
+
+    def on_exit_batch(self, trainer: st.Trainer) -> None:
+        if (trainer.epoch, trainer.phase.name, trainer.batch_index) == self.where:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("folder")
+    parser.add_argument("out")
+    parser.add_argument("--kill-at", default=None)
+    parser.add_argument("--accumulate", type=int, default=1)
+    parser.add_argument("--pad-mb", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    extra: list[st.Callback] = []
+    if args.kill_at:
+        epoch, phase, batch = args.kill_at.split(":")
+        extra.append(KillAt(int(epoch), phase, int(batch)))
+    trainer = build(args.folder, args.accumulate, args.pad_mb, extra)
+    resumed = trainer.load_checkpoint(args.folder)
+    print(f"resumed from {resumed}" if resumed else "fresh start", flush=True)
+    trainer.fit()
+    model = {key: value for key, value in trainer.model.state_dict().items() if key != "pad"}
+    write_tree(args.out, {"model": model, "optimizer": trainer.optimizer.state_dict(), "metrics": trainer.metrics},
+               st.__version__)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

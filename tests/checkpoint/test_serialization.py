@@ -1,0 +1,101 @@
+"""State trees to safetensors and back: round trips, atomicity and every bad file."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from statetrainer.checkpoint import FORMAT_VERSION, CheckpointError, read_tree, write_tree
+from statetrainer.checkpoint import serialization
+
+
+def sample_tree():
+    shared = torch.arange(6.0)
+    return {
+        "model": {"weight": torch.randn(3, 4), "tied": shared, "tied_again": shared, "bf16": torch.ones(2, dtype=torch.bfloat16)},
+        "optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(3)}},
+                      "param_groups": [{"lr": 0.1, "betas": (0.9, 0.999), "params": [0], "nesterov": False}]},
+        "misc": {"nan": math.nan, "inf": -math.inf, "none": None, "text": "é", "empty": torch.zeros(0)},
+        "view": shared[2:4],
+    }  # fmt: skip
+
+
+def test_round_trip_keeps_types_values_and_tuples(tmp_path):
+    tree = sample_tree()
+    loaded = read_tree(write_tree(tmp_path / "a.safetensors", tree, "test"))
+    assert torch.equal(loaded["model"]["weight"], tree["model"]["weight"])
+    assert loaded["model"]["bf16"].dtype == torch.bfloat16
+    assert loaded["model"]["tied"] is loaded["model"]["tied_again"]  # stored once
+    assert torch.equal(loaded["view"], torch.tensor([2.0, 3.0]))
+    assert list(loaded["optimizer"]["state"]) == [0]  # integer keys stay integers
+    assert loaded["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert math.isnan(loaded["misc"]["nan"]) and loaded["misc"]["inf"] == -math.inf
+    assert loaded["misc"]["none"] is None and loaded["misc"]["text"] == "é"
+    assert loaded["misc"]["empty"].shape == (0,)
+
+
+def test_unsupported_values_are_named(tmp_path):
+    with pytest.raises(TypeError, match="cannot save a set at 'callbacks/x'"):
+        write_tree(tmp_path / "a.safetensors", {"callbacks": {"x": {1, 2}}}, "test")
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_truncated_file_is_refused(tmp_path):
+    path = write_tree(tmp_path / "a.safetensors", sample_tree(), "test")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+        read_tree(path)
+
+
+def test_a_flipped_byte_fails_the_checksum(tmp_path):
+    path = write_tree(tmp_path / "a.safetensors", sample_tree(), "test")
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF  # inside the tensor data
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum"):
+        read_tree(path)
+
+
+def test_newer_format_and_foreign_files_are_refused(tmp_path):
+    newer = tmp_path / "newer.safetensors"
+    header = {"format": FORMAT_VERSION + 1, "library": "9.9", "checksum": "0"}
+    save_file({"x": torch.zeros(1)}, newer, metadata={"statetrainer": json.dumps(header), "tree": "{}"})
+    with pytest.raises(CheckpointError, match=f"format {FORMAT_VERSION + 1} .*upgrade statetrainer"):
+        read_tree(newer)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"x": torch.zeros(1)}, foreign)
+    with pytest.raises(CheckpointError, match="not a statetrainer checkpoint"):
+        read_tree(foreign)
+    with pytest.raises(CheckpointError, match="no checkpoint file"):
+        read_tree(tmp_path / "missing.safetensors")
+
+
+def test_a_failed_write_leaves_the_previous_file(tmp_path, monkeypatch):
+    path = write_tree(tmp_path / "a.safetensors", {"x": torch.ones(2)}, "test")
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(serialization.os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        write_tree(path, {"x": torch.zeros(2)}, "test")
+    assert torch.equal(read_tree(path)["x"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
+
+
+def test_saving_and_loading_never_pickle(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("pickle was used")
+
+    for name in ("dumps", "dump", "Pickler", "loads", "load", "Unpickler"):
+        monkeypatch.setattr(pickle, name, refuse)
+    monkeypatch.setattr(torch, "save", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    path = write_tree(tmp_path / "a.safetensors", sample_tree(), "test")
+    assert read_tree(path)["model"]["weight"].shape == (3, 4)

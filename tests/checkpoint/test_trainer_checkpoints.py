@@ -1,0 +1,182 @@
+"""Trainer.save_checkpoint / load_checkpoint and the Checkpoint callback, in process."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import statetrainer as st
+from statetrainer.callbacks import Accuracy, Checkpoint, SmoothedLoss
+from statetrainer.checkpoint import CheckpointError, checkpoint_files
+from statetrainer.testing import EventRecorder
+
+from ..data.test_resumable import Augmented
+from ..test_trainer import UnsizedLoader
+
+DATA = TensorDataset(torch.randn(48, 3), torch.randint(2, (48,)))
+
+
+def build(callbacks=(), model=None, loader=None, **options) -> st.Trainer:
+    torch.manual_seed(0)
+    model = model or nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.2), nn.Linear(8, 2))
+    options.setdefault("epochs", 2)
+    train = loader if loader is not None else DataLoader(DATA, batch_size=6, shuffle=True)
+    return st.Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-2), F.cross_entropy,
+                      [st.Phase("train", train), st.Phase("valid", DataLoader(DATA, batch_size=16), grad=False)],
+                      callbacks=[SmoothedLoss(), Accuracy(), *callbacks], seed=3, **options)  # fmt: skip
+
+
+def advance_to(trainer: st.Trainer, epoch: int, phase: str, batch_index: int) -> None:
+    while not (trainer.state == "phase" and (trainer.epoch, trainer.phase.name, trainer.batch_index) == (epoch, phase, batch_index)):
+        trainer.advance()
+
+
+def assert_same_weights(left: st.Trainer, right: st.Trainer) -> None:
+    for (name, a), b in zip(left.model.state_dict().items(), right.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("where", [(0, "train", 0), (0, "train", 4), (1, "valid", 1), (1, "train", 7)])
+def test_resume_in_process_equals_the_uninterrupted_run(tmp_path, where):
+    whole = build(accumulate=3).fit()
+    first = build(accumulate=3)
+    advance_to(first, *where)
+    path = first.save_checkpoint(tmp_path)
+    second = build(accumulate=3)
+    assert second.load_checkpoint(path) == path
+    assert second.state == "phase" and second.batch_index == where[2]
+    second.fit()
+    assert_same_weights(whole, second)
+    assert whole.metrics == second.metrics and whole.global_step == second.global_step
+
+
+def test_resume_mid_phase_does_not_fire_entry_callbacks_again(tmp_path):
+    first = build([EventRecorder()])
+    advance_to(first, 0, "train", 2)
+    path = first.save_checkpoint(tmp_path / "mid.safetensors")
+    recorder = EventRecorder()
+    second = build([recorder])
+    second.load_checkpoint(path)
+    second.advance()
+    assert recorder.hooks == ["enter batch"]
+    assert (recorder.events[0].epoch, recorder.events[0].phase, recorder.events[0].batch_index) == (0, "train", 3)
+    assert second.history[0] == st.Move("restore", "idle", "phase")
+
+
+def test_resume_loads_no_sample_it_already_saw(tmp_path):
+    dataset = Augmented(600)
+    loader = DataLoader(dataset, batch_size=10, shuffle=True)
+
+    def regression():
+        torch.manual_seed(0)
+        net = nn.Linear(2, 1)
+        return st.Trainer(net, torch.optim.SGD(net.parameters(), lr=0.01), lambda out, target: out.mean(),
+                          [st.Phase("train", loader)], unpack=lambda batch: (batch, None), seed=1)  # fmt: skip
+
+    for resume_at in (0, 58):
+        first = regression()
+        advance_to(first, 0, "train", resume_at)
+        path = first.save_checkpoint(tmp_path / f"at{resume_at}.safetensors")
+        second = regression()
+        dataset.loads = 0
+        second.load_checkpoint(path)
+        second.fit()
+        assert dataset.loads == (60 - resume_at - 1) * 10  # only the batches after the checkpoint
+
+
+def test_auto_resume_recipe_with_the_checkpoint_callback(tmp_path):
+    folder = tmp_path / "run"
+    whole = build(epochs=3).fit()
+    assert build([Checkpoint(folder)]).load_checkpoint(folder) is None  # nothing there yet: a fresh start
+    first = build([Checkpoint(folder, every_steps=4, keep_last=2)], epochs=3)
+    advance_to(first, 1, "train", 5)  # "killed" here
+    kept = checkpoint_files(folder)
+    assert len(kept) == 2 and "step000000012" in kept[-1].name  # every 4 steps, 8 per epoch, pruned to 2
+    second = build([Checkpoint(folder, every_steps=4, keep_last=2)], epochs=3)
+    assert second.load_checkpoint(folder) == kept[-1]
+    second.fit()
+    assert_same_weights(whole, second)
+    third = build([Checkpoint(folder, every_steps=4, keep_last=2)], epochs=3)
+    third.load_checkpoint(folder)  # the final checkpoint: the run is over
+    assert third.finished
+    with pytest.warns(UserWarning, match="already finished"):
+        third.fit()
+
+
+def test_best_checkpoint_is_kept_apart(tmp_path):
+    trainer = build([Checkpoint(tmp_path, every_epochs=None, keep_last=1, best="valid_accuracy")], epochs=3).fit()
+    best = build([Checkpoint(tmp_path, every_epochs=None, keep_last=1, best="valid_accuracy")], epochs=3)
+    best.load_checkpoint(tmp_path / "best.safetensors")
+    callback = trainer.callbacks[-1]
+    assert best.metrics["valid_accuracy"] == callback.best_value == max(
+        callback.best_value, trainer.metrics["valid_accuracy"])  # fmt: skip
+    assert len(checkpoint_files(tmp_path)) == 1
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    first = build([Checkpoint(tmp_path, every_steps=2, keep_last=None)])
+    advance_to(first, 0, "train", 5)
+    older, newest = checkpoint_files(tmp_path)[-2:]
+    newest.write_bytes(newest.read_bytes()[:100])
+    second = build([Checkpoint(tmp_path)])
+    with pytest.warns(UserWarning, match=f"skipping checkpoint .*{newest.name}.*falling back"):
+        assert second.load_checkpoint(tmp_path) == older
+    assert second.global_step == 4  # steps 2, 4 and 6 were saved; 6 is broken
+
+
+def test_a_checkpoint_of_another_model_is_refused_with_the_reason(tmp_path):
+    path = build().save_checkpoint(tmp_path / "a.safetensors")
+    cases = {
+        "unexpected keys 2.weight, 2.bias": nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.2)),
+        "missing keys 3.weight": nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.2), nn.Linear(8, 2), nn.Linear(2, 2)),
+        r"0.weight: shape \(8, 3\) in the checkpoint, \(9, 3\)": nn.Sequential(nn.Linear(3, 9), nn.Dropout(0.2), nn.Linear(9, 2)),
+        "dtype torch.float32 in the checkpoint, torch.float64": nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.2), nn.Linear(8, 2)).double(),
+    }  # fmt: skip
+    for message, model in cases.items():
+        with pytest.raises(CheckpointError, match=message):
+            build(model=model).load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="no state for callback"):
+        build([EventRecorder()]).load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="phases"):
+        build(loader=DataLoader(DATA, batch_size=4)).load_checkpoint(path)
+
+
+def test_checkpoints_are_taken_between_batches_only(tmp_path):
+    trainer = build()
+    trainer.run_until("backward")
+    with pytest.raises(RuntimeError, match="between batches .* it is in 'backward'"):
+        trainer.save_checkpoint(tmp_path)
+
+    class SaveInHook(st.Callback):
+        def on_exit_batch(self, trainer):
+            trainer.save_checkpoint(tmp_path)
+
+    with pytest.raises(RuntimeError, match="from a callback, in the middle of a transition"):
+        build([SaveInHook()]).fit()
+    path = build().save_checkpoint(tmp_path / "x.safetensors")
+    started = build()
+    started.advance()
+    with pytest.raises(RuntimeError, match="has not started"):
+        started.load_checkpoint(path)
+
+
+def test_a_loader_the_trainer_cannot_control_checkpoints_at_epoch_boundaries(tmp_path):
+    batches = [(x, y) for x, y in DataLoader(DATA, batch_size=6)]
+    trainer = build([Checkpoint(tmp_path, every_steps=1, keep_last=None)], loader=UnsizedLoader(batches))
+    with pytest.warns(UserWarning, match="cannot be resumed mid-phase; its step checkpoints are skipped"):
+        trainer.fit()
+    names = [path.name for path in checkpoint_files(tmp_path)]
+    assert names == ["ckpt-000000-epoch0001-step000000008.safetensors",
+                     "ckpt-000001-epoch0001-step000000016.safetensors"]  # fmt: skip
+    stepped = build(loader=UnsizedLoader(batches))
+    advance_to(stepped, 0, "train", 1)
+    with pytest.raises(RuntimeError, match="cannot be resumed mid-phase .*UnsizedLoader"):
+        stepped.save_checkpoint(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build(loader=UnsizedLoader(batches)).fit()  # no checkpoints asked for: no warning

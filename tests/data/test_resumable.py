@@ -1,0 +1,120 @@
+"""Resumable batch sources: seeded order, seeded augmentation, starting mid-epoch without loading the past."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, SubsetRandomSampler
+
+from statetrainer.data import BatchSource, mix_seed
+
+
+class Augmented(Dataset):
+    """Sample i is i plus noise from torch, NumPy and Python; counts the samples it loads."""
+
+    def __init__(self, size: int = 40) -> None:
+        self.size, self.loads = size, 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        self.loads += 1
+        noise = torch.rand(()).item() + float(np.random.rand()) + random.random()
+        return torch.tensor([float(index), noise])
+
+
+def batches(source: BatchSource, seed=1, epoch=0, start=0) -> list[torch.Tensor]:
+    return list(source.open(seed, epoch, start))
+
+
+def test_shuffled_order_depends_on_seed_and_epoch_only():
+    source = BatchSource(DataLoader(Augmented(), batch_size=8, shuffle=True), phase_index=0)
+    first, again = batches(source), batches(source)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    order = torch.cat(first)[:, 0]
+    assert sorted(order.tolist()) == list(range(40)) and order.tolist() != list(range(40))
+    assert not torch.equal(torch.cat(batches(source, epoch=1))[:, 0], order)
+    assert not torch.equal(torch.cat(batches(source, seed=2))[:, 0], order)
+
+
+def test_augmentation_is_the_same_with_any_number_of_workers():
+    dataset = Augmented()
+    in_process = batches(BatchSource(DataLoader(dataset, batch_size=8, shuffle=True), 0))
+    with_workers = batches(BatchSource(DataLoader(dataset, batch_size=8, shuffle=True, num_workers=2), 0))
+    assert all(torch.equal(a, b) for a, b in zip(in_process, with_workers))
+
+
+def test_loading_in_process_does_not_disturb_the_global_generators():
+    torch.manual_seed(5)
+    random.seed(5)
+    np.random.seed(5)
+    expected = torch.rand(()), random.random(), np.random.rand()
+    torch.manual_seed(5)
+    random.seed(5)
+    np.random.seed(5)
+    batches(BatchSource(DataLoader(Augmented(), batch_size=8, shuffle=True), 0))
+    assert (torch.rand(()), random.random(), np.random.rand()) == expected
+
+
+def test_starting_at_batch_k_loads_only_what_follows():
+    dataset = Augmented(400)
+    source = BatchSource(DataLoader(dataset, batch_size=10, shuffle=True), 0)
+    whole = batches(source)
+    dataset.loads = 0
+    tail = batches(source, start=37)
+    assert dataset.loads == 30  # the last 3 batches, nothing before them
+    assert all(torch.equal(a, b) for a, b in zip(whole[37:], tail))
+    dataset.loads = 0
+    batches(source, start=1)
+    assert dataset.loads == 390
+
+
+def test_lists_start_at_an_index():
+    source = BatchSource([1, 2, 3, 4], 0)
+    assert source.resumable and batches(source, start=2) == [3, 4]
+
+
+class EveryOther(Sampler):
+    def __init__(self, size):
+        self.size = size
+
+    def __iter__(self):
+        return iter(range(0, self.size, 2))
+
+    def __len__(self):
+        return self.size // 2
+
+
+class Stream(IterableDataset):
+    def __iter__(self):
+        return iter(range(5))
+
+
+@pytest.mark.parametrize(
+    ("loader", "reason"),
+    [
+        (DataLoader(Augmented(), sampler=EveryOther(40)), "custom sampler"),
+        (DataLoader(Augmented(), sampler=SubsetRandomSampler(range(10))), "custom sampler"),
+        (DataLoader(Stream()), "IterableDataset"),
+        (range(3).__class__(3), None),  # a range is a Sequence
+    ],
+)
+def test_what_cannot_be_controlled_says_why(loader, reason):
+    source = BatchSource(loader, 0)
+    if reason is None:
+        assert source.resumable
+        return
+    assert not source.resumable and reason in source.reason
+    assert len(batches(source)) > 0
+    with pytest.raises(RuntimeError, match="cannot start at batch 2"):
+        source.open(0, 0, 2)
+
+
+def test_mix_seed_is_stable_and_spreads():
+    assert mix_seed(1, 2, 3) == mix_seed(1, 2, 3)
+    assert len({mix_seed(1, 0, epoch) for epoch in range(100)}) == 100
+    assert 0 <= mix_seed(-5, 2**70) < 2**63

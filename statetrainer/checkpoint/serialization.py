@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import struct
+import threading
 import zlib
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,6 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 __all__ = ["FORMAT_VERSION", "CheckpointError", "read_tree", "write_tree"]
 
@@ -102,14 +103,88 @@ def _unflatten(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return tree
 
 
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
 def _checksum(tensors: dict[str, torch.Tensor], document: str) -> str:
     crc = zlib.crc32(document.encode())
     for key in sorted(tensors):
         crc = zlib.crc32(key.encode(), crc)
-        tensor = tensors[key]
-        if tensor.numel():
-            crc = zlib.crc32(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), crc)
+        if tensors[key].numel():
+            crc = zlib.crc32(_tensor_bytes(tensors[key]), crc)
     return f"{crc:08x}"
+
+
+# torch dtype -> safetensors dtype name (the format's own spelling)
+_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}  # fmt: skip
+_PLACEHOLDER = "?" * 8
+
+
+def _write_safetensors(file: Any, tensors: dict[str, torch.Tensor], header: dict[str, Any], document: str) -> None:
+    """Write a safetensors file in one pass, the checksum computed while the data is written.
+
+    ``safetensors.torch.save_file`` needs the checksum in its metadata before it
+    starts, which would mean reading every tensor twice, and it cannot write to
+    a file we fsync; so the (simple, documented) format is written here and read
+    back by the ``safetensors`` library itself. The checksum slot is filled in
+    at the end.
+    """
+    layout, offset = {}, 0
+    keys = sorted(tensors)
+    for key in keys:
+        tensor = tensors[key]
+        if tensor.dtype not in _DTYPES:
+            raise TypeError(f"cannot save {key!r}: safetensors has no dtype {tensor.dtype}")
+        size = tensor.numel() * tensor.element_size()
+        layout[key] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    metadata = {_METADATA_KEY: json.dumps({**header, "checksum": _PLACEHOLDER}), "tree": document}
+    encoded = json.dumps({"__metadata__": metadata, **layout}, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    file.write(struct.pack("<Q", len(encoded)))
+    file.write(encoded)
+    pieces = [(key.encode(), _tensor_bytes(tensors[key]) if tensors[key].numel() else b"") for key in keys]
+    checksum = _Checksum(document, pieces, in_background=offset >= _BACKGROUND_CHECKSUM_BYTES)
+    for _, data in pieces:
+        file.write(data)
+    slot = encoded.index(_PLACEHOLDER.encode())
+    file.seek(8 + slot)
+    file.write(checksum.result().encode())
+
+
+_BACKGROUND_CHECKSUM_BYTES = 64 * 2**20
+
+
+class _Checksum:
+    """The CRC-32 of a document and (key, data) pieces, computed in a thread for large data.
+
+    ``zlib.crc32`` and ``file.write`` both release the GIL on large buffers, so
+    on a large checkpoint the checksum costs next to nothing on top of the write.
+    """
+
+    def __init__(self, document: str, pieces: list[tuple[bytes, Any]], in_background: bool) -> None:
+        self._document, self._pieces, self._value = document, pieces, ""
+        self._thread = threading.Thread(target=self._run, daemon=True) if in_background else None
+        if self._thread is not None:
+            self._thread.start()
+        else:
+            self._run()
+
+    def _run(self) -> None:
+        crc = zlib.crc32(self._document.encode())
+        for key, data in self._pieces:
+            crc = zlib.crc32(data, zlib.crc32(key, crc))
+        self._value = f"{crc:08x}"
+
+    def result(self) -> str:
+        if self._thread is not None:
+            self._thread.join()
+        return self._value
 
 
 def write_tree(path: str | os.PathLike[str], tree: dict[str, Any], library_version: str) -> Path:
@@ -121,18 +196,14 @@ def write_tree(path: str | os.PathLike[str], tree: dict[str, Any], library_versi
     path = Path(path)
     flatten = _Flattener()
     document = json.dumps(flatten(tree, ""), separators=(",", ":"))
-    tensors = flatten.tensors
-    header = {"format": FORMAT_VERSION, "library": library_version, "checksum": _checksum(tensors, document)}
-    metadata = {_METADATA_KEY: json.dumps(header), "tree": document}
+    header = {"format": FORMAT_VERSION, "library": library_version}
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file(tensors, temporary, metadata=metadata)
-        descriptor = os.open(temporary, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        with open(temporary, "wb") as file:
+            _write_safetensors(file, flatten.tensors, header, document)
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

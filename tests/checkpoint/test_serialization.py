@@ -99,3 +99,14 @@ def test_saving_and_loading_never_pickle(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", refuse)
     path = write_tree(tmp_path / "a.safetensors", sample_tree(), "test")
     assert read_tree(path)["model"]["weight"].shape == (3, 4)
+
+
+def test_the_background_checksum_of_large_files_matches_the_reader(tmp_path, monkeypatch):
+    monkeypatch.setattr(serialization, "_BACKGROUND_CHECKSUM_BYTES", 0)  # take the threaded path on a small tree
+    path = write_tree(tmp_path / "a.safetensors", sample_tree(), "test")
+    assert torch.equal(read_tree(path)["model"]["weight"], read_tree(path)["model"]["weight"])
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum"):
+        read_tree(path)

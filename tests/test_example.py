@@ -33,6 +33,14 @@ def test_example_runs_end_to_end_offline(tmp_path):
     assert (out / "log.csv").read_text().splitlines()[0].startswith("epoch,step,train_loss,train_accuracy")
     for plot in ("metrics.png", "lr.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
+    assert (out / "best.safetensors").is_file()
+    again = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--offline", "--data-root", str(tmp_path / "data"), "--epochs", "1",
+         "--limit", "256", "--workers", "0", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert "resumed from" in again.stdout and "Epoch:" not in again.stdout  # the run was complete
 
 
 def test_rendered_digits_are_fixed_per_index_and_labelled():

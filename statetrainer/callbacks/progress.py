@@ -45,20 +45,24 @@ class ProgressBar(Callback):
         self.refresh_every, self.stream, self.force, self.name = refresh_every, stream, force, name
         self.tqdm_options = {"leave": False, "dynamic_ncols": True, **tqdm_options}
         self.bar: Any = None
+        self._opened = False  # for this phase (a run resumed mid-phase opens it at its first batch)
 
-    def _open(self, trainer: Trainer) -> None:
+    def _open(self, trainer: Trainer, done: int) -> None:
+        self._opened = True
         stream = self.stream or sys.stderr
         if not (self.force or (hasattr(stream, "isatty") and stream.isatty())):
             return
         self.bar = tqdm(
-            total=loader_length(trainer.phase.loader), initial=trainer.batch_index + 1, file=stream,
+            total=loader_length(trainer.phase.loader), initial=done, file=stream,
             desc=f"epoch {trainer.epoch + 1} {trainer.phase.name}", **self.tqdm_options,
         )  # fmt: skip
 
     def on_enter_phase(self, trainer: Trainer) -> None:
-        self._open(trainer)
+        self._open(trainer, done=0)
 
     def on_exit_batch(self, trainer: Trainer) -> None:
+        if not self._opened:
+            self._open(trainer, done=trainer.batch_index)
         bar = self.bar
         if bar is None:
             return
@@ -67,6 +71,7 @@ class ProgressBar(Callback):
             bar.set_postfix(running_metrics(trainer), refresh=False)
 
     def on_exit_phase(self, trainer: Trainer) -> None:
+        self._opened = False
         if self.bar is not None:
             self.bar.close()
             self.bar = None

@@ -127,3 +127,16 @@ def test_plots_writes_pngs_of_metrics_and_learning_rate(tmp_path):
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plots.learning_rates == [schedule.values(step, 1)[0] for step in range(8)]
     assert [list(epoch) for epoch in plots.epochs] == [["train_loss"], ["train_loss"]]
+
+
+def test_progress_bar_of_a_run_resumed_mid_phase_starts_where_it_left_off(tmp_path):
+    first = classifier_trainer([SmoothedLoss(), ProgressBar(stream=io.StringIO())], epochs=1)
+    while not (first.state == "phase" and first.batch_index == 1):
+        first.advance()
+    path = first.save_checkpoint(tmp_path)
+    terminal = FakeTerminal()
+    second = classifier_trainer([SmoothedLoss(), ProgressBar(stream=terminal, mininterval=0)], epochs=1)
+    second.load_checkpoint(path)
+    second.fit()
+    assert "epoch 1 train" in terminal.getvalue() and "4/4" in terminal.getvalue()
+    assert "0/4" not in terminal.getvalue() and " 2/4" in terminal.getvalue()

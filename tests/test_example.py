@@ -19,13 +19,18 @@ def load_example():
     return module
 
 
-def test_example_runs_end_to_end_offline(tmp_path):
-    out = tmp_path / "out"
-    result = subprocess.run(
+def run_offline(tmp_path: Path, out: Path) -> subprocess.CompletedProcess:
+    """One short epoch of the main job on its offline default."""
+    return subprocess.run(
         [sys.executable, str(EXAMPLE), "--offline", "--data-root", str(tmp_path / "data"), "--epochs", "1",
          "--limit", "256", "--workers", "0", "--out", str(out)],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )  # fmt: skip
+
+
+def test_example_runs_end_to_end_offline(tmp_path):
+    out = tmp_path / "out"
+    result = run_offline(tmp_path, out)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("offline: MNIST is not in") and "rendered with Pillow" in lines[0]
@@ -34,11 +39,7 @@ def test_example_runs_end_to_end_offline(tmp_path):
     for plot in ("metrics.png", "lr.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
     assert (out / "best.safetensors").is_file()
-    again = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--offline", "--data-root", str(tmp_path / "data"), "--epochs", "1",
-         "--limit", "256", "--workers", "0", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )  # fmt: skip
+    again = run_offline(tmp_path, out)  # the same command again: it resumes, and the run is complete
     assert again.returncode == 0, again.stderr
     assert "resumed from" in again.stdout and "Epoch:" not in again.stdout  # the run was complete
 

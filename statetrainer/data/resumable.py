@@ -72,7 +72,7 @@ class SeededSamples(Dataset):
     """Loads ``dataset[index]`` for a key ``(stream, index)`` with every generator seeded by both.
 
     In the main process (``num_workers=0``) the generators' states are put back
-    afterwards, so loading never disturbs the training run's own random stream.
+    after each batch, so loading never disturbs the training run's own stream.
     """
 
     def __init__(self, dataset: Dataset) -> None:
@@ -82,25 +82,26 @@ class SeededSamples(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
-        stream, index = key
-        seed = mix_seed(stream, index)
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[Any]:
         if get_worker_info() is not None:  # a worker's generators are its own
-            _seed_all(seed)
-            return self.dataset[index]
-        saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
+            return [self._load(key) for key in keys]
+        saved = torch.default_generator.get_state(), random.getstate(), np.random.get_state()
         try:
-            _seed_all(seed)
-            return self.dataset[index]
+            return [self._load(key) for key in keys]
         finally:
-            torch.set_rng_state(saved[0])
+            torch.default_generator.set_state(saved[0])
             random.setstate(saved[1])
             np.random.set_state(saved[2])
 
-
-def _seed_all(seed: int) -> None:
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
+    def _load(self, key: tuple[int, int]) -> Any:
+        stream, index = key
+        seed = mix_seed(stream, index)
+        torch.default_generator.manual_seed(seed)  # the CPU generator: what a transform draws from
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        return self.dataset[index]
 
 
 class BatchSource:

@@ -180,3 +180,13 @@ def test_a_loader_the_trainer_cannot_control_checkpoints_at_epoch_boundaries(tmp
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build(loader=UnsizedLoader(batches)).fit()  # no checkpoints asked for: no warning
+
+
+def test_wrapped_models_are_saved_under_their_plain_keys(tmp_path):
+    plain = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.2), nn.Linear(8, 2))
+    compiled = build(model=torch.compile(plain))  # compiled lazily: never run here
+    path = compiled.save_checkpoint(tmp_path / "c.safetensors")
+    from statetrainer.checkpoint import read_tree
+
+    assert sorted(read_tree(path)["model"]) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    build().load_checkpoint(path)  # loads into an unwrapped model of the same shape

@@ -107,15 +107,6 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
-def _checksum(tensors: dict[str, torch.Tensor], document: str) -> str:
-    crc = zlib.crc32(document.encode())
-    for key in sorted(tensors):
-        crc = zlib.crc32(key.encode(), crc)
-        if tensors[key].numel():
-            crc = zlib.crc32(_tensor_bytes(tensors[key]), crc)
-    return f"{crc:08x}"
-
-
 # torch dtype -> safetensors dtype name (the format's own spelling)
 _DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -148,7 +139,7 @@ def _write_safetensors(file: Any, tensors: dict[str, torch.Tensor], header: dict
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
     file.write(struct.pack("<Q", len(encoded)))
     file.write(encoded)
-    pieces = [(key.encode(), _tensor_bytes(tensors[key]) if tensors[key].numel() else b"") for key in keys]
+    pieces = _pieces(tensors)
     checksum = _Checksum(document, pieces, in_background=offset >= _BACKGROUND_CHECKSUM_BYTES)
     for _, data in pieces:
         file.write(data)
@@ -158,6 +149,11 @@ def _write_safetensors(file: Any, tensors: dict[str, torch.Tensor], header: dict
 
 
 _BACKGROUND_CHECKSUM_BYTES = 64 * 2**20
+
+
+def _pieces(tensors: dict[str, torch.Tensor]) -> list[tuple[bytes, Any]]:
+    """(key, raw bytes) of every tensor, in the file's order: what the checksum covers."""
+    return [(key.encode(), _tensor_bytes(tensors[key]) if tensors[key].numel() else b"") for key in sorted(tensors)]
 
 
 class _Checksum:
@@ -249,6 +245,6 @@ def read_tree(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{path} has checkpoint format {header.get('format')!r} (statetrainer {header.get('library')}); "
             f"this statetrainer reads formats up to {FORMAT_VERSION}: upgrade statetrainer to load it"
         )
-    if _checksum(tensors, document) != header.get("checksum"):
+    if _Checksum(document, _pieces(tensors), in_background=False).result() != header.get("checksum"):
         raise CheckpointError(f"{path} is corrupted: its checksum does not match its contents")
     return _unflatten(tree, tensors)

@@ -190,3 +190,20 @@ def test_wrapped_models_are_saved_under_their_plain_keys(tmp_path):
 
     assert sorted(read_tree(path)["model"]) == ["0.bias", "0.weight", "2.bias", "2.weight"]
     build().load_checkpoint(path)  # loads into an unwrapped model of the same shape
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", [None, "fp16", "bf16"])
+def test_resume_on_cuda_is_exact_with_mixed_precision(tmp_path, precision):
+    options = {"device": "cuda", "precision": precision, "accumulate": 2}
+    whole = build(**options).fit()
+    first = build(**options)
+    advance_to(first, 1, "train", 2)  # inside an accumulation window
+    path = first.save_checkpoint(tmp_path)
+    second = build(**options)
+    second.load_checkpoint(path)
+    second.fit()
+    assert_same_weights(whole, second)
+    assert whole.metrics == second.metrics
+    if precision == "fp16":
+        assert second.scaler is not None and second.scaler.get_scale() == whole.scaler.get_scale()

@@ -110,3 +110,31 @@ def test_the_background_checksum_of_large_files_matches_the_reader(tmp_path, mon
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="checksum"):
         read_tree(path)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2),
+        lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10),
+        lambda opt: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=3),
+        lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt),
+        lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.9**step),
+        lambda opt: torch.optim.lr_scheduler.SequentialLR(
+            opt, [torch.optim.lr_scheduler.LinearLR(opt), torch.optim.lr_scheduler.ExponentialLR(opt, 0.9)], [2]),
+    ],
+)
+def test_torch_optimizer_and_scheduler_states_round_trip(tmp_path, make):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = make(optimizer)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    scheduler.step(1.0) if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) else scheduler.step()
+    tree = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    loaded = read_tree(write_tree(tmp_path / "s.safetensors", tree, "test"))
+    assert loaded["scheduler"] == tree["scheduler"]
+    assert loaded["optimizer"]["param_groups"] == tree["optimizer"]["param_groups"]
+    fresh = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=0.1)
+    fresh.load_state_dict(loaded["optimizer"])
+    make(fresh).load_state_dict(loaded["scheduler"])

@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..checkpoint import checkpoint_files
+from ..checkpoint import checkpoint_files, remove_stale_temporaries
 from .base import Callback
 
 if TYPE_CHECKING:
@@ -67,6 +67,7 @@ class Checkpoint(Callback):
         self._due = False
         self._best_due = False
         self._warned = False
+        self._cleaned = False
 
     @property
     def best_path(self) -> Path:
@@ -107,6 +108,9 @@ class Checkpoint(Callback):
                     stacklevel=2,
                 )
             return
+        if not self._cleaned:  # what an earlier, killed run left half-written
+            self._cleaned = True
+            remove_stale_temporaries(self.folder)
         best_due, self._best_due = self._best_due, False
         path = trainer.save_checkpoint(self.folder)
         if best_due:

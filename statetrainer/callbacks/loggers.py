@@ -82,7 +82,7 @@ class _CSVFile:
         writer.writeheader()
         writer.writerows(rows)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_name(f".{self.path.name}.tmp")
+        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         with open(temporary, "w", newline="") as file:
             file.write(buffer.getvalue())
             file.flush()

@@ -1,6 +1,6 @@
 """Checkpoints: all file I/O of the library. What goes in comes from ``Trainer.state_dict``."""
 
-from .folder import checkpoint_files, newest_valid, next_checkpoint_path
+from .folder import checkpoint_files, newest_valid, next_checkpoint_path, remove_stale_temporaries
 from .serialization import FORMAT_VERSION, CheckpointError, read_tree, write_tree
 
 __all__ = [
@@ -10,5 +10,6 @@ __all__ = [
     "newest_valid",
     "next_checkpoint_path",
     "read_tree",
+    "remove_stale_temporaries",
     "write_tree",
 ]

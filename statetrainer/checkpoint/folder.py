@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from collections.abc import Callable
@@ -10,9 +11,33 @@ from typing import Any
 
 from .serialization import CheckpointError, read_tree
 
-__all__ = ["checkpoint_files", "newest_valid", "next_checkpoint_path"]
+__all__ = ["checkpoint_files", "newest_valid", "next_checkpoint_path", "remove_stale_temporaries"]
 
 _NAME = re.compile(r"^ckpt-(?P<sequence>\d{6,})-epoch(?P<epoch>\d+)-step(?P<step>\d+)\.safetensors$")
+_TEMPORARY = re.compile(r"^\..+\.(?P<pid>\d+)\.tmp$")  # as serialization.write_tree names them
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete half-written files left in ``folder`` by writers that no longer run (killed mid-write)."""
+    removed = []
+    for path in folder.iterdir() if folder.is_dir() else ():
+        match = _TEMPORARY.match(path.name)
+        if match and not _running(int(match["pid"])):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def checkpoint_files(folder: Path) -> list[Path]:

@@ -83,29 +83,47 @@ def test_sigkill_at_a_batch_then_restart_ends_bit_identical(baselines, tmp_path,
     assert_same_run(*baselines[accumulate], folder, out)
 
 
-def test_sigkill_during_a_checkpoint_write_leaves_only_whole_checkpoints(baselines, tmp_path):
-    folder, out = tmp_path / "run", tmp_path / "run.out"
+def kill_during_a_write(folder: Path, out: Path, writes_to_skip: int) -> bool:
+    """Start the script (it resumes from ``folder``), SIGKILL it once a checkpoint is being written.
+
+    Returns whether the kill left a temporary file behind, i.e. landed inside
+    the write (rarely, the write finishes between seeing its file and the kill).
+    """
     child = subprocess.Popen([sys.executable, str(SCRIPT), str(folder), str(out), "--pad-mb", "16"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+
+    def writing() -> bool:
+        return folder.is_dir() and any(path.name.endswith(".tmp") for path in folder.iterdir())
+
     writes_seen, deadline = 0, time.monotonic() + 120
-    wanted = random.Random().randrange(2, 6)
     try:
         while time.monotonic() < deadline and child.poll() is None:
-            if folder.is_dir() and any(path.name.endswith(".tmp") for path in folder.iterdir()):
-                writes_seen += 1
-                if writes_seen == wanted:
+            if writing():
+                if writes_seen == writes_to_skip:
                     child.send_signal(signal.SIGKILL)
                     break
-                while folder.is_dir() and any(path.name.endswith(".tmp") for path in folder.iterdir()):
+                writes_seen += 1
+                while writing():
                     time.sleep(0.0005)
             time.sleep(0.0005)
     finally:
         returncode = child.wait(timeout=60)
     assert returncode == -signal.SIGKILL, f"the run ended before a write could be caught: {child.stderr.read()}"
-    leftovers = [path.name for path in folder.iterdir() if path.name.endswith(".tmp")]
-    assert leftovers, "the kill did not land inside a write"
-    for path in checkpoint_files(folder):  # every file under a checkpoint name is whole and verifies
-        read_tree(path)
+    return writing()
+
+
+def test_sigkill_during_a_checkpoint_write_leaves_only_whole_checkpoints(baselines, tmp_path):
+    folder, out = tmp_path / "run", tmp_path / "run.out"
+    caught = False
+    for _ in range(5):
+        caught = kill_during_a_write(folder, out, writes_to_skip=random.Random().randrange(1, 5))
+        for path in checkpoint_files(folder):  # every file under a checkpoint name is whole and verifies
+            read_tree(path)
+        if caught:
+            break
+    assert caught, "no kill landed inside a checkpoint write"
     resumed = run_script(folder, out, "--pad-mb", "16")
     assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.startswith("resumed from"), resumed.stdout
     assert_same_run(*baselines[1], folder, out)
+    assert not [path for path in folder.iterdir() if path.name.endswith(".tmp")]  # the leftovers were cleaned

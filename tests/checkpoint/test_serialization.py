@@ -138,3 +138,17 @@ def test_torch_optimizer_and_scheduler_states_round_trip(tmp_path, make):
     fresh = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=0.1)
     fresh.load_state_dict(loaded["optimizer"])
     make(fresh).load_state_dict(loaded["scheduler"])
+
+
+def test_only_half_written_files_of_dead_writers_are_removed(tmp_path):
+    import os
+
+    from statetrainer.checkpoint import remove_stale_temporaries
+
+    dead = tmp_path / ".ckpt-000001-epoch0000-step000000001.safetensors.999999999.tmp"
+    mine = tmp_path / f".ckpt-000002-epoch0000-step000000002.safetensors.{os.getpid()}.tmp"
+    other = tmp_path / "notes.tmp"
+    for path in (dead, mine, other):
+        path.write_bytes(b"x")
+    assert remove_stale_temporaries(tmp_path) == [dead]
+    assert not dead.exists() and mine.exists() and other.exists()

@@ -37,7 +37,7 @@ def advance_to(trainer: st.Trainer, epoch: int, phase: str, batch_index: int) ->
 
 
 def assert_same_weights(left: st.Trainer, right: st.Trainer) -> None:
-    for (name, a), b in zip(left.model.state_dict().items(), right.model.state_dict().values()):
+    for (name, a), b in zip(left.model.state_dict().items(), right.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
 

@@ -34,7 +34,7 @@ def batches(source: BatchSource, seed=1, epoch=0, start=0) -> list[torch.Tensor]
 def test_shuffled_order_depends_on_seed_and_epoch_only():
     source = BatchSource(DataLoader(Augmented(), batch_size=8, shuffle=True), phase_index=0)
     first, again = batches(source), batches(source)
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     order = torch.cat(first)[:, 0]
     assert sorted(order.tolist()) == list(range(40)) and order.tolist() != list(range(40))
     assert not torch.equal(torch.cat(batches(source, epoch=1))[:, 0], order)
@@ -45,7 +45,7 @@ def test_augmentation_is_the_same_with_any_number_of_workers():
     dataset = Augmented()
     in_process = batches(BatchSource(DataLoader(dataset, batch_size=8, shuffle=True), 0))
     with_workers = batches(BatchSource(DataLoader(dataset, batch_size=8, shuffle=True, num_workers=2), 0))
-    assert all(torch.equal(a, b) for a, b in zip(in_process, with_workers))
+    assert all(torch.equal(a, b) for a, b in zip(in_process, with_workers, strict=True))
 
 
 def test_loading_in_process_does_not_disturb_the_global_generators():
@@ -67,7 +67,7 @@ def test_starting_at_batch_k_loads_only_what_follows():
     dataset.loads = 0
     tail = batches(source, start=37)
     assert dataset.loads == 30  # the last 3 batches, nothing before them
-    assert all(torch.equal(a, b) for a, b in zip(whole[37:], tail))
+    assert all(torch.equal(a, b) for a, b in zip(whole[37:], tail, strict=True))
     dataset.loads = 0
     batches(source, start=1)
     assert dataset.loads == 390

@@ -23,6 +23,9 @@ class Phase:
             records, and every batch runs ``backward`` and (at accumulation
             boundaries) ``step``. False for evaluation: eval mode, no autograd,
             forward and loss only.
+
+    A phase compares equal to its name, so ``trainer.phase == "train"`` reads
+    as it should.
     """
 
     name: str
@@ -43,3 +46,14 @@ class Phase:
             )
         if loader_length(self.loader) == 0:
             raise ValueError(f"phase {self.name!r}: loader is empty (its length is 0)")
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, str):
+            return self.name == other
+        return self is other
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __str__(self) -> str:
+        return self.name

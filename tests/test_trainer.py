@@ -398,3 +398,10 @@ def test_the_transitions_logger_stays_quiet_while_training(caplog):
     with caplog.at_level(logging.DEBUG, logger="transitions"):
         trainer.fit()
     assert [record for record in caplog.records if record.name.startswith("transitions")] == []
+
+
+def test_a_phase_reads_as_its_name():
+    trainer, _ = linear_trainer()
+    trainer.run_until("batch")
+    assert trainer.phase == "train" and trainer.phase != "valid" and str(trainer.phase) == "train"
+    assert trainer.phase == trainer.phases[0] and trainer.phase != trainer.phases[1]

@@ -113,6 +113,8 @@ class Trainer:
             raise ValueError(f"grad_clip must be a positive number or None, got {grad_clip!r}")
 
         self.device = torch.device(device) if device is not None else _default_device()
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {str(self.device)!r} was asked for, but CUDA is not available here")
         self.model = model.to(self.device)
         self.optimizer = optimizer
         self.loss_fn = loss_fn

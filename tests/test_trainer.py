@@ -268,6 +268,9 @@ def test_bad_arguments_get_clear_errors():
                    callbacks=[EventRecorder(), EventRecorder()])  # fmt: skip
     with pytest.raises(ValueError, match="phase name"):
         st.Phase("train loss", batches)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            st.Trainer(model, optimizer, F.mse_loss, [st.Phase("train", batches)], device="cuda")
 
 
 def test_a_batch_that_is_not_a_pair_names_the_unpack_hook():

@@ -197,15 +197,49 @@ def write_tree(path: str | os.PathLike[str], tree: dict[str, Any], library_versi
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(temporary, "wb") as file:
-            _write_safetensors(file, flatten.tensors, header, document)
-            file.flush()
-            os.fsync(file.fileno())
+            durable = _DurableWriter(file)
+            _write_safetensors(durable, flatten.tensors, header, document)
+            durable.finish()
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
     _fsync_folder(path.parent)
     return path
+
+
+class _DurableWriter:
+    """A file whose data goes to disk while it is still being written.
+
+    Every ``flush_every`` bytes a background ``fdatasync`` starts (it releases
+    the GIL), so the disk works while the next tensors are copied; the final
+    fsync in ``finish`` then has little left to do.
+    """
+
+    flush_every = 256 * 2**20
+
+    def __init__(self, file: Any) -> None:
+        self.file = file
+        self._unsynced = 0
+        self._syncing: threading.Thread | None = None
+
+    def write(self, data: Any) -> None:
+        self.file.write(data)
+        self._unsynced += len(data) if not isinstance(data, memoryview) else data.nbytes
+        if self._unsynced >= self.flush_every and (self._syncing is None or not self._syncing.is_alive()):
+            self.file.flush()
+            self._syncing = threading.Thread(target=os.fdatasync, args=(self.file.fileno(),), daemon=True)
+            self._syncing.start()
+            self._unsynced = 0
+
+    def seek(self, offset: int) -> None:
+        self.file.seek(offset)
+
+    def finish(self) -> None:
+        if self._syncing is not None:
+            self._syncing.join()
+        self.file.flush()
+        os.fsync(self.file.fileno())
 
 
 def _fsync_folder(folder: Path) -> None:

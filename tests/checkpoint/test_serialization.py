@@ -152,3 +152,13 @@ def test_only_half_written_files_of_dead_writers_are_removed(tmp_path):
         path.write_bytes(b"x")
     assert remove_stale_temporaries(tmp_path) == [dead]
     assert not dead.exists() and mine.exists() and other.exists()
+
+
+def test_large_files_are_synced_while_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(serialization._DurableWriter, "flush_every", 16)  # a background fdatasync every 16 bytes
+    synced = []
+    real_fdatasync = serialization.os.fdatasync
+    monkeypatch.setattr(serialization.os, "fdatasync", lambda fd: (synced.append(fd), real_fdatasync(fd)))
+    tree = sample_tree()
+    loaded = read_tree(write_tree(tmp_path / "a.safetensors", tree, "test"))
+    assert synced and torch.equal(loaded["model"]["weight"], tree["model"]["weight"])

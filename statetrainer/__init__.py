@@ -3,12 +3,14 @@
     import statetrainer as st
     trainer = st.Trainer(model, optimizer, loss_fn,
                          phases=[st.Phase("train", train_loader), st.Phase("valid", valid_loader, grad=False)],
-                         callbacks=[...], epochs=3)
+                         callbacks=[..., st.callbacks.Checkpoint("checkpoints/run1")], epochs=3, seed=0)
+    trainer.load_checkpoint("checkpoints/run1")   # resume exactly, if a checkpoint is there
     trainer.fit()                    # or step: trainer.advance(), trainer.run_until("backward")
 """
 
 from . import callbacks
 from .callbacks import Callback
+from .checkpoint import CheckpointError
 from .machine import STATES, TRANSITIONS, InvalidMove, Move
 from .phase import Phase
 from .trainer import Trainer, unpack_pair
@@ -19,6 +21,7 @@ __all__ = [
     "STATES",
     "TRANSITIONS",
     "Callback",
+    "CheckpointError",
     "InvalidMove",
     "Move",
     "Phase",

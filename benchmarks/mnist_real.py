@@ -38,14 +38,9 @@ def main() -> None:
                 shutil.copyfileobj(source, target)
         images = read_image_file(str(Path(folder) / names[0]))
         labels = read_label_file(str(Path(folder) / names[1]))
-        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
-        train, valid = order[:8000], order[8000:]
+        train, valid = example.holdout_split(images, labels)  # 8,000 / 2,000
         torch.manual_seed(0)
-        trainer = example.build_trainer(
-            example.ImageTensors(images[train], labels[train], example.train_transform()),
-            example.ImageTensors(images[valid], labels[valid], example.eval_transform()),
-            epochs=3, device="cpu", out=Path(folder) / "out", progress=False,
-        )  # fmt: skip
+        trainer = example.build_trainer(train, valid, epochs=3, device="cpu", out=Path(folder) / "out", progress=False)
         start = time.perf_counter()
         trainer.fit()
         print(f"valid_accuracy={trainer.metrics['valid_accuracy']:.4f} after 3 epochs in "

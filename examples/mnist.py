@@ -78,6 +78,16 @@ class ImageTensors(Dataset):
         return self.transform(self.images[index].unsqueeze(0)), int(self.labels[index])
 
 
+def holdout_split(
+    images: torch.Tensor, labels: torch.Tensor, valid_size: int = 2000, seed: int = 0
+) -> tuple[ImageTensors, ImageTensors]:
+    """A seeded train/valid split of uint8 images, augmented for training."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    train, valid = order[:-valid_size], order[-valid_size:]
+    return (ImageTensors(images[train], labels[train], train_transform()),
+            ImageTensors(images[valid], labels[valid], eval_transform()))  # fmt: skip
+
+
 class RenderedDigits(Dataset):
     """Digits drawn with Pillow's default font, each one shifted, rotated and thickened its own way.
 

@@ -56,14 +56,8 @@ def test_rendered_digits_are_fixed_per_index_and_labelled():
 
 def test_recipe_reaches_97_percent_on_real_mnist_in_3_epochs(mnist_test_set, tmp_path):
     example = load_example()
-    images, labels = mnist_test_set
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
-    train, valid = order[:8000], order[8000:]
+    train, valid = example.holdout_split(*mnist_test_set)  # 8,000 / 2,000
     torch.manual_seed(0)
-    trainer = example.build_trainer(
-        example.ImageTensors(images[train], labels[train], example.train_transform()),
-        example.ImageTensors(images[valid], labels[valid], example.eval_transform()),
-        epochs=3, device="cpu", out=tmp_path, progress=False,
-    )  # fmt: skip
+    trainer = example.build_trainer(train, valid, epochs=3, device="cpu", out=tmp_path, progress=False)
     trainer.fit()
     assert trainer.metrics["valid_accuracy"] >= 0.97, trainer.metrics

@@ -14,8 +14,8 @@ from .checkpoint import CheckpointError
 from .machine import STATES, TRANSITIONS, InvalidMove, Move
 from .phase import Phase
 from .trainer import Trainer, unpack_pair
+from .version import __version__
 
-__version__ = "0.1.0"
 
 __all__ = [
     "STATES",

@@ -29,6 +29,7 @@ from .phase import Phase
 from .precision import make_autocast, make_grad_scaler
 from .rng import capture_rng, restore_rng
 from .state import check_model_state, unwrap_model
+from .version import __version__
 
 __all__ = ["DEFAULT_CHECKPOINT_FOLDER", "Trainer", "unpack_pair"]
 
@@ -355,8 +356,6 @@ class Trainer:
         target = Path(path) if path is not None else DEFAULT_CHECKPOINT_FOLDER
         if target.suffix != ".safetensors":
             target = checkpoint.next_checkpoint_path(target, self.epoch, self.global_step)
-        from . import __version__
-
         return checkpoint.write_tree(target, self.state_dict(), __version__)
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> Path | None:
@@ -432,7 +431,8 @@ class Trainer:
             missing = [callback.key for callback in self.callbacks if callback.key not in state["callbacks"]]
             if missing:
                 raise CheckpointError(f"the checkpoint has no state for callback(s) {', '.join(missing)}")
-            extra = [key for key in state["callbacks"] if key not in {c.key for c in self.callbacks}]
+            ours = {callback.key for callback in self.callbacks}
+            extra = [key for key in state["callbacks"] if key not in ours]
             if extra:
                 warnings.warn(f"the checkpoint holds state for callbacks this trainer lacks: {', '.join(extra)}",
                               stacklevel=4)  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -133,8 +134,6 @@ def _publish(source: Path, target: Path) -> None:
     try:
         os.link(source, temporary)
     except OSError:
-        import shutil
-
         shutil.copyfile(source, temporary)
         with open(temporary, "rb") as file:
             os.fsync(file.fileno())

@@ -70,7 +70,7 @@ class _CSVFile:
             self._widen(self.columns + new_columns)
         buffer = io.StringIO()
         csv.DictWriter(buffer, self.columns, restval="", lineterminator="\n").writerow(row)
-        self._write(buffer.getvalue(), mode="a")
+        self._append_text(buffer.getvalue())
 
     def _widen(self, columns: list[str]) -> None:
         rows = []
@@ -90,8 +90,8 @@ class _CSVFile:
         os.replace(temporary, self.path)
         self.columns, self.size = columns, len(buffer.getvalue().encode())
 
-    def _write(self, text: str, mode: str) -> None:
-        with open(self.path, mode, newline="") as file:
+    def _append_text(self, text: str) -> None:
+        with open(self.path, "a", newline="") as file:
             file.write(text)
         self.size += len(text.encode())
 

@@ -66,24 +66,23 @@ class ParamScheduler(Callback):
         param_groups = trainer.optimizer.param_groups
         indices = range(len(param_groups)) if self.groups is None else self.groups
         for group_index, value in zip(indices, self.values(trainer.global_step, len(indices)), strict=True):
-            self._set(param_groups[group_index], value)
+            _set_param(param_groups[group_index], self._key, self._index, value, type(self).__name__)
 
-    def _set(self, group: dict[str, Any], value: float) -> None:
-        if self._key not in group:
-            raise KeyError(
-                f"{type(self).__name__}: the optimizer's param groups have no {self._key!r} "
-                f"(they have {', '.join(sorted(group))})"
-            )
-        if self._index is None:
-            current = group[self._key]
-            if isinstance(current, torch.Tensor):  # e.g. a capturable Adam's lr
-                current.fill_(value)
-            else:
-                group[self._key] = value
+
+def _set_param(group: dict[str, Any], key: str, index: int | None, value: float, owner: str) -> None:
+    """Set ``group[key]`` (or element ``index`` of a tuple there, as in ``betas[0]``) to ``value``."""
+    if key not in group:
+        raise KeyError(f"{owner}: the optimizer's param groups have no {key!r} (they have {', '.join(sorted(group))})")
+    if index is None:
+        current = group[key]
+        if isinstance(current, torch.Tensor):  # e.g. a capturable Adam's lr
+            current.fill_(value)
         else:
-            items = list(group[self._key])
-            items[self._index] = value
-            group[self._key] = tuple(items)
+            group[key] = value
+    else:
+        items = list(group[key])
+        items[index] = value
+        group[key] = tuple(items)
 
 
 def _per_group(value: float | Sequence[float], count: int, what: str) -> list[float]:
@@ -214,10 +213,10 @@ class OneCycle(ParamScheduler):
             momentum = self.momentum(trainer.global_step)
             for index in range(len(param_groups)) if self.groups is None else self.groups:
                 group = param_groups[index]
-                if "betas" in group:
-                    group["betas"] = (momentum, *group["betas"][1:])
+                if "betas" in group:  # Adam-like: the momentum is betas[0]
+                    _set_param(group, "betas", 0, momentum, "OneCycle")
                 elif "momentum" in group:
-                    group["momentum"] = momentum
+                    _set_param(group, "momentum", None, momentum, "OneCycle")
                 else:
                     raise KeyError("OneCycle(cycle_momentum=True): the optimizer has neither 'betas' nor 'momentum'")
 

@@ -114,16 +114,17 @@ class BatchSource:
     """
 
     def __init__(self, loader: Iterable[Any], phase_index: int) -> None:
-        self.loader = loader
         self.phase_index = phase_index
         self.length = loader_length(loader)
-        self.resumable, self.reason = False, _why_not_resumable(loader)
+        self.reason = _why_not_resumable(loader)
         self._order: SeededOrder | None = None
         self._iterable: Iterable[Any] = loader
-        if self.reason is None:
-            self.resumable = True
-            if isinstance(loader, DataLoader):
-                self._iterable, self._order = _rebuild(loader)
+        if self.reason is None and isinstance(loader, DataLoader):
+            self._iterable, self._order = _rebuild(loader)
+
+    @property
+    def resumable(self) -> bool:
+        return self.reason is None
 
     def open(self, seed: int, epoch: int, start: int = 0) -> Iterator[Any]:
         if start and not self.resumable:

@@ -100,7 +100,7 @@ class Stream(IterableDataset):
         (DataLoader(Augmented(), sampler=EveryOther(40)), "custom sampler"),
         (DataLoader(Augmented(), sampler=SubsetRandomSampler(range(10))), "custom sampler"),
         (DataLoader(Stream()), "IterableDataset"),
-        (range(3).__class__(3), None),  # a range is a Sequence
+        (range(3), None),  # a range is a Sequence
     ],
 )
 def test_what_cannot_be_controlled_says_why(loader, reason):

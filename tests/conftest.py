@@ -10,6 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+]
+
 MNIST_DIR = Path(os.environ.get("STATETRAINER_MNIST", Path(__file__).resolve().parents[2] / "shared/data/mnist"))
 MNIST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -23,6 +28,12 @@ def regression_batches(count: int, size: int = 4, features: int = 3, seed: int =
         inputs = torch.randn(size, features, generator=generator)
         batches.append((inputs, inputs @ weight + 0.1 * torch.randn(size, 1, generator=generator)))
     return batches
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """Each device a trainer can run on here: the CPU, and CUDA when there is one (else that case skips)."""
+    return torch.device(request.param)
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ from .callbacks import Callback
 from .checkpoint import CheckpointError
 from .machine import STATES, TRANSITIONS, InvalidMove, Move
 from .phase import Phase
+from .preemption import Preempted
 from .trainer import Trainer, unpack_pair
 from .version import __version__
 
@@ -25,6 +26,7 @@ __all__ = [
     "InvalidMove",
     "Move",
     "Phase",
+    "Preempted",
     "Trainer",
     "__version__",
     "callbacks",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -12,8 +13,12 @@ import torch
 __all__ = ["capture_rng", "restore_rng"]
 
 
-def capture_rng() -> dict[str, Any]:
-    """Python's, NumPy's, torch's CPU and every CUDA device's generator state."""
+def capture_rng(cuda_devices: Sequence[torch.device] = ()) -> dict[str, Any]:
+    """Python's, NumPy's and torch's CPU generator state, and that of each of ``cuda_devices``.
+
+    Only the devices the run uses are read, so a CPU run never starts CUDA and a
+    process of a multi-GPU run never touches another process's device.
+    """
     version, python_state, gauss = random.getstate()
     kind, keys, position, has_gauss, cached = np.random.get_state()
     return {
@@ -21,25 +26,32 @@ def capture_rng() -> dict[str, Any]:
         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
                   "has_gauss": int(has_gauss), "cached": float(cached)},  # fmt: skip
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state(device) for device in cuda_devices],
     }
 
 
-def restore_rng(state: dict[str, Any]) -> None:
-    """Put back what ``capture_rng`` returned."""
+def restore_rng(state: dict[str, Any], cuda_devices: Sequence[torch.device] = ()) -> None:
+    """Put back what ``capture_rng`` returned; CUDA states go to ``cuda_devices``, in order.
+
+    A checkpoint written on CUDA and loaded by a CPU run has no CUDA generator to
+    restore and skips those states; a CUDA run loading one written on the CPU
+    keeps its CUDA generators as they are, with a warning, since draws on the GPU
+    cannot then repeat.
+    """
     python = state["python"]
     random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
     numpy = state["numpy"]
     np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
                          numpy["has_gauss"], numpy["cached"]))  # fmt: skip
-    torch.set_rng_state(state["torch"])
-    cuda = state["cuda"]
-    if cuda and torch.cuda.is_available():
-        if len(cuda) != torch.cuda.device_count():
-            warnings.warn(
-                f"the checkpoint holds {len(cuda)} CUDA generator states but this machine has "
-                f"{torch.cuda.device_count()} devices; restoring the first ones only",
-                stacklevel=3,
-            )
-        for device, device_state in enumerate(cuda[: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(device_state, device)
+    torch.set_rng_state(state["torch"].cpu())
+    saved = state["cuda"]
+    if not cuda_devices:
+        return
+    if len(saved) != len(cuda_devices):
+        warnings.warn(
+            f"the checkpoint holds {len(saved)} CUDA generator state(s) but this run uses {len(cuda_devices)} "
+            "CUDA device(s); random draws on the GPU (dropout) will not repeat the original run's",
+            stacklevel=3,
+        )
+    for device, device_state in zip(cuda_devices, saved):
+        torch.cuda.set_rng_state(device_state.cpu(), device)

@@ -1,15 +1,16 @@
-"""Helpers for ``Trainer.state_dict``: unwrapping models and checking a saved state fits."""
+"""Helpers for ``Trainer.state_dict``: unwrapping models, checking a saved state fits, placing it."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from .checkpoint import CheckpointError
 
-__all__ = ["check_model_state", "unwrap_model"]
+__all__ = ["check_model_state", "tensors_to", "unwrap_model"]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -21,6 +22,22 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def tensors_to(tree: Any, device: torch.device) -> Any:
+    """A copy of ``tree`` whose tensors are new tensors on ``device``; other values are kept.
+
+    Loaded state goes back where the run keeps it, and never aliases the file it
+    was read from (a memory-mapped checkpoint that is later pruned or replaced).
+    """
+    if isinstance(tree, torch.Tensor):
+        return tree.to(device, copy=True)
+    if isinstance(tree, dict):
+        return {key: tensors_to(value, device) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        moved = [tensors_to(value, device) for value in tree]
+        return moved if isinstance(tree, list) else tuple(moved)
+    return tree
 
 
 def check_model_state(expected: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor]) -> None:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import sys
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +24,16 @@ from torch import nn
 
 from . import checkpoint
 from .callbacks.base import Callback, overridden_hooks
+from .callbacks.checkpoint import Checkpoint
 from .checkpoint import CheckpointError
 from .data import END, BatchCursor, BatchSource, to_device
+from .determinism import deterministic_algorithms, require_cublas_workspace
 from .machine import STATES, Move, TrainingMachine
 from .phase import Phase
 from .precision import make_autocast, make_grad_scaler
+from .preemption import DEFAULT_STOP_SIGNALS, Preempted, SignalCatcher, resolve_signals
 from .rng import capture_rng, restore_rng
-from .state import check_model_state, unwrap_model
+from .state import check_model_state, tensors_to, unwrap_model
 from .version import __version__
 
 __all__ = ["DEFAULT_CHECKPOINT_FOLDER", "Trainer", "unpack_pair"]
@@ -74,6 +79,16 @@ class Trainer:
         seed: Decides the order of shuffled DataLoaders and the random
             augmentation of every sample (see ``statetrainer.data.resumable``);
             None takes ``torch.initial_seed()``. A checkpoint carries its run's seed.
+        deterministic: Run with PyTorch's deterministic algorithms and cuDNN's
+            deterministic mode (benchmarking off) while ``fit()``/``advance()``
+            run, so a CUDA run repeats bit for bit and a resumed one matches the
+            uninterrupted run. On CUDA it sets ``CUBLAS_WORKSPACE_CONFIG`` if
+            CUDA has not started yet, and raises ``RuntimeError`` if it has.
+        stop_signals: Signals (names or numbers) that preempt the run while
+            ``fit()``/``advance()`` run in the main thread: the batch in flight
+            finishes, the first ``Checkpoint`` callback saves there, and
+            ``Preempted`` (a ``SystemExit``, status 128 + the signal) is raised.
+            A second Ctrl-C aborts at once. ``()`` keeps Python's handlers.
 
     Attributes:
         epoch: Index of the current epoch, from 0.
@@ -99,6 +114,8 @@ class Trainer:
         precision: str | None = None,
         unpack: Callable[[Any], tuple[Any, Any]] = unpack_pair,
         seed: int | None = None,
+        deterministic: bool = False,
+        stop_signals: Iterable[str | int | signal.Signals] | None = DEFAULT_STOP_SIGNALS,
     ) -> None:
         self.phases = _check_phases(phases, optimizer)
         self.callbacks = _check_callbacks(callbacks)
@@ -112,10 +129,17 @@ class Trainer:
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         if grad_clip is not None and not grad_clip > 0:
             raise ValueError(f"grad_clip must be a positive number or None, got {grad_clip!r}")
+        if not isinstance(deterministic, bool):
+            raise TypeError(f"deterministic must be True or False, got {deterministic!r}")
+        self.stop_signals = resolve_signals(stop_signals)
 
         self.device = torch.device(device) if device is not None else _default_device()
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {str(self.device)!r} was asked for, but CUDA is not available here")
+        if deterministic and self.device.type == "cuda":
+            require_cublas_workspace()  # before the model goes to the GPU, which starts CUDA
+        self.deterministic = deterministic
+        self._cuda_devices = (self.device,) if self.device.type == "cuda" else ()
         self.model = model.to(self.device)
         self.optimizer = optimizer
         self.loss_fn = loss_fn
@@ -125,7 +149,7 @@ class Trainer:
         self.precision = precision
         self.unpack = unpack
         self.seed = int(seed) if seed is not None else torch.initial_seed() % 2**63
-        self._sources = [BatchSource(phase.loader, index) for index, phase in enumerate(self.phases)]
+        self._sources = [BatchSource(phase.loader, index, self.stop_signals) for index, phase in enumerate(self.phases)]
         self.autocast = make_autocast(precision, self.device)
         self.scaler = make_grad_scaler(precision, self.device)
         self._move_batches = self.device.type != "cpu"
@@ -152,6 +176,7 @@ class Trainer:
         self._error: BaseException | None = None
         self._deferred: list[Callable[[Trainer], None]] = []
         self._at_rest = False
+        self._catcher = SignalCatcher(self.stop_signals, self._on_stop_signal)
         self._machine = self._build_machine()
         fire = self._machine.firer
         self._start_epoch, self._start_phase, self._start_batch = (
@@ -204,32 +229,24 @@ class Trainer:
         if self._finished and self._error is None:
             warnings.warn(f"the run has already finished ({self._end_reason()}); fit() has nothing to do", stacklevel=2)
             return self
-        self._begin_driving()
         deciders, machine = self._deciders, self._machine
-        try:
+        with self._driving_the_machine():
             while not self._finished:
                 deciders[machine.state]()
                 if self._deferred:
                     self._run_deferred()
-        except BaseException as error:
-            self._error = error
-            raise
-        finally:
-            self._driving = False
         return self
 
     def advance(self) -> str:
-        """Make exactly one transition, with its callbacks and work; return the new state."""
-        self._begin_driving()
-        try:
+        """Make exactly one transition, with its callbacks and work; return the new state.
+
+        A stop signal that arrives during a transition that ends inside a batch
+        takes effect at the end of that batch, in a later ``advance()``.
+        """
+        with self._driving_the_machine():
             self._deciders[self._machine.state]()
             if self._deferred:
                 self._run_deferred()
-        except BaseException as error:
-            self._error = error
-            raise
-        finally:
-            self._driving = False
         return self._machine.state
 
     def run_until(self, state: str) -> str:
@@ -260,11 +277,10 @@ class Trainer:
     def _run_deferred(self) -> None:
         if self._machine.state not in _AT_REST:
             return
-        actions, self._deferred = self._deferred, []
         self._at_rest = True
         try:
-            for action in actions:
-                action(self)
+            while self._deferred:  # popped one by one: a signal handler may append meanwhile
+                self._deferred.pop(0)(self)
         finally:
             self._at_rest = False
 
@@ -305,7 +321,7 @@ class Trainer:
             "grads": {str(index): p.grad for index, p in enumerate(parameters) if p.grad is not None},
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "callbacks": {callback.key: callback.state_dict() for callback in self.callbacks},
-            "rng": capture_rng(),
+            "rng": capture_rng(self._cuda_devices),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -326,8 +342,8 @@ class Trainer:
             parameter.grad = grad.to(parameter.device, parameter.dtype)
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
-        for callback in self.callbacks:
-            callback.load_state_dict(state["callbacks"][callback.key])
+        for callback in self.callbacks:  # on the run's device, whatever device wrote them
+            callback.load_state_dict(tensors_to(state["callbacks"][callback.key], self.device))
         position = state["position"]
         self.seed = int(state["seed"])
         self.metrics = dict(state["metrics"])
@@ -337,7 +353,7 @@ class Trainer:
         self._finished, self._stop_requested = position["finished"], position["stop_requested"]
         self.phase = self.phases[self._phase_position] if self._phase_position >= 0 else None
         self._machine.restore(position["state"])
-        restore_rng(state["rng"])
+        restore_rng(state["rng"], self._cuda_devices)
         if position["state"] == "phase":  # mid-phase: reopen its batches after the last one done
             self._open_phase(start=self.batch_index + 1)
 
@@ -448,6 +464,50 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ driving
+
+    @contextlib.contextmanager
+    def _driving_the_machine(self) -> Iterator[None]:
+        """Around ``fit()``/``advance()``: one driver at a time, stop signals caught, determinism on."""
+        self._begin_driving()
+        try:
+            with self._catcher, deterministic_algorithms() if self.deterministic else _NO_CONTEXT:
+                yield
+            if self._deferred:  # a stop signal that came after the last check
+                self._run_deferred()
+        except BaseException as error:
+            self._error = error
+            if self._cursor is not None:  # the run cannot go on: shut the loader's workers down now
+                self._cursor.close()
+                self._cursor = None
+            raise
+        finally:
+            self._driving = False
+
+    def _on_stop_signal(self, received: signal.Signals) -> None:
+        self._deferred.append(type(self)._stop_on_signal)
+
+    def _stop_on_signal(self) -> None:
+        """At the first batch boundary after a stop signal: save exactly here, then raise ``Preempted``."""
+        received = self._catcher.received
+        if self.state == "phase":
+            where = f"epoch {self.epoch}, phase {self.phase.name!r}, after batch {self.batch_index}"
+        else:
+            where = f"epoch {self.epoch}, state {self.state!r}"
+        savers = [callback for callback in self.callbacks if isinstance(callback, Checkpoint)]
+        saved = None
+        if not savers:
+            outcome = ("nothing was saved, because the trainer has no Checkpoint callback; "
+                       "add statetrainer.callbacks.Checkpoint(folder) to resume from a stop")  # fmt: skip
+        elif not self.can_checkpoint_here():
+            source = self._sources[self._phase_position]
+            outcome = (f"nothing was saved, because phase {self.phase.name!r} cannot be resumed mid-phase "
+                       f"({source.reason}); a restart resumes from the newest checkpoint in {savers[0].folder}")  # fmt: skip
+        else:
+            saved = savers[0].save(self)
+            outcome = f"saved {saved}"
+        message = f"stopped by {received.name} at {where} (global step {self.global_step}): {outcome}"
+        print(f"statetrainer: {message}", file=sys.stderr, flush=True)
+        raise Preempted(received, saved, message)
 
     def _begin_driving(self) -> None:
         if self._driving:

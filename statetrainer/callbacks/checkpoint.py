@@ -69,6 +69,7 @@ class Checkpoint(Callback):
         self._best_due = False
         self._warned = False
         self._cleaned = False
+        self._last_saved: tuple[tuple[Any, ...], Path] | None = None
 
     @property
     def best_path(self) -> Path:
@@ -109,16 +110,30 @@ class Checkpoint(Callback):
                     stacklevel=2,
                 )
             return
+        self.save(trainer)
+
+    def save(self, trainer: Trainer) -> Path:
+        """Checkpoint ``trainer`` into the folder now, then prune; return the file.
+
+        The trainer must be between batches (a deferred action, or outside
+        ``fit()``). Asked twice at one position, it writes once and returns
+        that file again.
+        """
+        position = (trainer.state, trainer.epoch, trainer.phase, trainer.batch_index, trainer.global_step)
+        if self._last_saved is not None and self._last_saved[0] == position and self._last_saved[1].exists():
+            return self._last_saved[1]
         if not self._cleaned:  # what an earlier, killed run left half-written
             self._cleaned = True
             remove_stale_temporaries(self.folder)
         best_due, self._best_due = self._best_due, False
         path = trainer.save_checkpoint(self.folder)
+        self._last_saved = position, path
         if best_due:
             _publish(path, self.best_path)
         if self.keep_last is not None:  # only now that the new file is durable
             for old in checkpoint_files(self.folder)[: -self.keep_last]:
                 old.unlink(missing_ok=True)
+        return path
 
     def state_dict(self) -> dict[str, Any]:
         return {"best_value": self.best_value}

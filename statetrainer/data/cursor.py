@@ -52,6 +52,10 @@ class BatchCursor:
             self.fetched += 1
         return batch
 
+    def close(self) -> None:
+        """Let go of the loader's iterator, so a DataLoader shuts its workers down now."""
+        self._iterator, self._ahead = iter(()), _NOTHING
+
     def is_last(self) -> bool:
         """Whether the batch most recently returned by ``next`` is the loader's last."""
         if self.length is not None:

@@ -31,6 +31,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset,
 from torch.utils.data import SequentialSampler, get_worker_info
 
 from .cursor import loader_length
+from .workers import shield_workers, shielded_init
 
 __all__ = ["BatchSource", "SeededOrder", "SeededSamples", "mix_seed"]
 
@@ -111,16 +112,24 @@ class BatchSource:
         length: Batches per epoch, or None when unknown.
         resumable: Whether ``open`` can start past batch 0.
         reason: Why not, when it cannot.
+
+    Args:
+        loader: The phase's loader.
+        phase_index: The phase's position in the epoch (part of every seed).
+        worker_signals: Signals a DataLoader's worker processes ignore, because
+            the trainer handles them (see ``statetrainer.data.workers``).
     """
 
-    def __init__(self, loader: Iterable[Any], phase_index: int) -> None:
+    def __init__(self, loader: Iterable[Any], phase_index: int, worker_signals: Iterable[int] = ()) -> None:
         self.phase_index = phase_index
         self.length = loader_length(loader)
         self.reason = _why_not_resumable(loader)
         self._order: SeededOrder | None = None
         self._iterable: Iterable[Any] = loader
         if self.reason is None and isinstance(loader, DataLoader):
-            self._iterable, self._order = _rebuild(loader)
+            self._iterable, self._order = _rebuild(loader, shielded_init(loader, worker_signals))
+        else:
+            shield_workers(loader, worker_signals)
 
     @property
     def resumable(self) -> bool:
@@ -156,7 +165,7 @@ def _why_not_resumable(loader: Iterable[Any]) -> str | None:
     return None
 
 
-def _rebuild(loader: DataLoader) -> tuple[DataLoader, SeededOrder]:
+def _rebuild(loader: DataLoader, worker_init_fn: Any) -> tuple[DataLoader, SeededOrder]:
     """The same DataLoader, drawing its order from a ``SeededOrder`` and seeding every sample."""
     order = SeededOrder(len(loader.dataset), shuffle=isinstance(loader.sampler, RandomSampler))
     options: dict[str, Any] = {
@@ -166,7 +175,7 @@ def _rebuild(loader: DataLoader) -> tuple[DataLoader, SeededOrder]:
         "collate_fn": loader.collate_fn,
         "pin_memory": loader.pin_memory,
         "timeout": loader.timeout,
-        "worker_init_fn": loader.worker_init_fn,
+        "worker_init_fn": worker_init_fn,
         "multiprocessing_context": loader.multiprocessing_context,
         "persistent_workers": loader.persistent_workers,
         "pin_memory_device": loader.pin_memory_device,

@@ -1,15 +1,19 @@
 """A training script that resumes itself: the subject of the kill-and-restart tests.
 
-    python resumable_run.py FOLDER OUT [--kill-at EPOCH:PHASE:BATCH] [--accumulate N] [--pad-mb M]
+    python resumable_run.py FOLDER OUT [--kill-at EPOCH:PHASE:BATCH] [--signal-at EPOCH:PHASE:BATCH:SIGNAL]
+                            [--accumulate N] [--pad-mb M] [--device D] [--precision P] [--deterministic]
 
 It trains with everything that makes exact resume hard: a shuffled DataLoader
 with two workers, random augmentation drawing from torch, NumPy and Python,
 dropout, Adam with the one-cycle schedule cycling its betas, SmoothedLoss,
-Accuracy, a CSV log, and checkpoints every 3 steps. Started again with the same
-FOLDER, it continues from the newest checkpoint; at the end it writes the final
-model, optimizer and metrics to OUT. ``--kill-at`` makes it SIGKILL itself after
-that batch; ``--pad-mb`` adds a constant buffer so each checkpoint write takes
-long enough to be caught mid-write.
+Accuracy, a user's own Metric with a tensor accumulator, a CSV log, and
+checkpoints every 3 steps. Started again with the same FOLDER, it continues
+from the newest checkpoint; at the end it writes the final model, optimizer and
+metrics to OUT. ``--kill-at`` makes it SIGKILL itself after that batch;
+``--signal-at`` sends SIGNAL to its whole process group (itself and its
+DataLoader workers, as a scheduler or Ctrl-C does) as that batch starts;
+``--pad-mb`` adds a constant buffer so each checkpoint write takes long enough
+to be caught mid-write.
 """
 
 from __future__ import annotations
@@ -28,6 +32,33 @@ from torch.utils.data import DataLoader, Dataset
 import statetrainer as st
 from statetrainer import callbacks as cb
 from statetrainer.checkpoint import write_tree
+
+
+class MeanConfidence(st.callbacks.Metric):
+    """A metric written as the README teaches: the mean top softmax probability, accumulated on the device."""
+
+    metric_name = "confidence"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total, self.count = torch.zeros(()), 0
+
+    def reset(self, trainer: st.Trainer) -> None:
+        self.total, self.count = torch.zeros((), device=trainer.device), 0
+
+    def update(self, trainer: st.Trainer) -> None:
+        self.total += trainer.output.detach().float().softmax(dim=1).amax(dim=1).sum()
+        self.count += len(trainer.output)
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.count
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "total": self.total, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.total, self.count = state["total"], state["count"]
 
 
 class NoisyShapes(Dataset):
@@ -53,7 +84,7 @@ class NoisyShapes(Dataset):
         return image, label
 
 
-def build(folder: str, accumulate: int, pad_mb: int, extra: list[st.Callback]) -> st.Trainer:
+def build(folder: str, accumulate: int, pad_mb: int, extra: list[st.Callback], **options) -> st.Trainer:
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
@@ -71,12 +102,12 @@ def build(folder: str, accumulate: int, pad_mb: int, extra: list[st.Callback]) -
         phases=[st.Phase("train", train), st.Phase("valid", valid, grad=False)],
         callbacks=[
             cb.OneCycle(1e-2, total_steps=steps, cycle_momentum=True),
-            cb.SmoothedLoss(), cb.Accuracy(),
+            cb.SmoothedLoss(), cb.Accuracy(), MeanConfidence(),
             cb.CSVLogger(os.path.join(folder, "log.csv"), every_batches=5),
             cb.Checkpoint(folder, every_steps=3, every_epochs=1, keep_last=2),
             *extra,
         ],
-        epochs=epochs, accumulate=accumulate, seed=7, device="cpu",
+        epochs=epochs, accumulate=accumulate, seed=7, **options,
     )  # fmt: skip
 
 
@@ -89,6 +120,20 @@ class KillAt(st.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class SignalAt(st.Callback):
+    """Sends a signal to the whole process group as a batch starts: the batch is in flight when it lands."""
+
+    def __init__(self, epoch: int, phase: str, batch_index: int, name: str) -> None:
+        self.where = (epoch, phase, batch_index)
+        self.signal = signal.Signals[name]
+        self.sent = False
+
+    def on_enter_batch(self, trainer: st.Trainer) -> None:
+        if not self.sent and (trainer.epoch, trainer.phase.name, trainer.batch_index) == self.where:
+            self.sent = True
+            os.killpg(os.getpgrp(), self.signal)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("folder")
@@ -96,6 +141,10 @@ def main() -> None:
     parser.add_argument("--kill-at", default=None)
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--pad-mb", type=int, default=0)
+    parser.add_argument("--signal-at", default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default=None)
+    parser.add_argument("--deterministic", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -103,7 +152,11 @@ def main() -> None:
     if args.kill_at:
         epoch, phase, batch = args.kill_at.split(":")
         extra.append(KillAt(int(epoch), phase, int(batch)))
-    trainer = build(args.folder, args.accumulate, args.pad_mb, extra)
+    if args.signal_at:
+        epoch, phase, batch, name = args.signal_at.split(":")
+        extra.append(SignalAt(int(epoch), phase, int(batch), name))
+    options = {"device": args.device, "precision": args.precision, "deterministic": args.deterministic}
+    trainer = build(args.folder, args.accumulate, args.pad_mb, extra, **options)
     resumed = trainer.load_checkpoint(args.folder)
     print(f"resumed from {resumed}" if resumed else "fresh start", flush=True)
     trainer.fit()

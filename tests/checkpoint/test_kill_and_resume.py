@@ -1,12 +1,15 @@
-"""Must show: a run SIGKILLed at any batch, or during a checkpoint write, resumes bit-identical."""
+"""Must show: a run SIGKILLed or preempted (SIGTERM, SIGINT) at any batch, or during a checkpoint write,
+resumes bit-identical. On CUDA the runs use ``deterministic=True`` and each precision."""
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,8 +21,17 @@ SCRIPT = Path(__file__).with_name("resumable_run.py")
 
 
 def run_script(folder: Path, out: Path, *options: str) -> subprocess.CompletedProcess:
+    """Run the script in a process group of its own, as a job under a scheduler runs."""
     return subprocess.run([sys.executable, str(SCRIPT), str(folder), str(out), *options],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+                          capture_output=True, text=True, timeout=300, start_new_session=True)  # fmt: skip
+
+
+def device_options(device: torch.device, precision: str | None = None) -> tuple[str, ...]:
+    """The script's options for ``device``: CUDA runs are deterministic, so they can repeat bit for bit."""
+    options = ("--device", str(device))
+    if device.type == "cuda":
+        options += ("--deterministic",)
+    return options + (("--precision", precision) if precision else ())
 
 
 def assert_same_run(expected_folder: Path, expected_out: Path, folder: Path, out: Path) -> None:
@@ -49,58 +61,101 @@ def assert_trees_equal(expected, actual, path="") -> None:
 
 
 @pytest.fixture(scope="module")
-def baselines(tmp_path_factory) -> dict[int, tuple[Path, Path]]:
-    """Uninterrupted runs, with and without gradient accumulation."""
-    runs = {}
-    for accumulate in (1, 2):
-        folder = tmp_path_factory.mktemp(f"baseline{accumulate}")
-        out = folder.with_suffix(".out")
-        result = run_script(folder, out, "--accumulate", str(accumulate))
-        assert result.returncode == 0, result.stderr
-        runs[accumulate] = folder, out
-    return runs
+def baseline(tmp_path_factory) -> Callable[..., tuple[Path, Path]]:
+    """``baseline(*options)``: the folder and output of an uninterrupted run with those options, run once."""
+    runs: dict[tuple[str, ...], tuple[Path, Path]] = {}
+
+    def run(*options: str) -> tuple[Path, Path]:
+        if options not in runs:
+            folder = tmp_path_factory.mktemp("baseline")
+            out = folder.with_suffix(".out")
+            result = run_script(folder, out, *options)
+            assert result.returncode == 0, result.stderr
+            runs[options] = folder, out
+        return runs[options]
+
+    return run
 
 
+_CHOOSE = random.Random(20261127)  # a fixed seed: the same "random" batches in every collection
 KILL_POINTS = [
     # (accumulate, epoch:phase:batch) -- 30 train batches and 3 valid batches per epoch
     (1, "0:train:7"),  # mid-epoch, between checkpoints
     (1, "1:valid:1"),  # inside the validation phase
-    (1, f"{random.Random().randrange(3)}:train:{random.Random().randrange(30)}"),  # a random batch
+    (1, f"{_CHOOSE.randrange(3)}:train:{_CHOOSE.randrange(30)}"),  # an arbitrary batch
     (2, "1:train:12"),  # first batch of an accumulation window: gradients pending
     (2, "2:train:29"),  # the last (ragged-free) window's end, just before the epoch checkpoint
 ]
 
 
 @pytest.mark.parametrize(("accumulate", "kill_at"), KILL_POINTS)
-def test_sigkill_at_a_batch_then_restart_ends_bit_identical(baselines, tmp_path, accumulate, kill_at):
+def test_sigkill_at_a_batch_then_restart_ends_bit_identical(baseline, tmp_path, device, accumulate, kill_at):
+    options = ("--accumulate", str(accumulate), *device_options(device))
     folder, out = tmp_path / "run", tmp_path / "run.out"
-    killed = run_script(folder, out, "--accumulate", str(accumulate), "--kill-at", kill_at)
+    killed = run_script(folder, out, *options, "--kill-at", kill_at)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not out.exists()
-    resumed = run_script(folder, out, "--accumulate", str(accumulate))
+    resumed = run_script(folder, out, *options)
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout.startswith("resumed from"), resumed.stdout
-    assert_same_run(*baselines[accumulate], folder, out)
+    assert_same_run(*baseline(*options), folder, out)
 
 
-def kill_during_a_write(folder: Path, out: Path, writes_to_skip: int) -> bool:
-    """Start the script (it resumes from ``folder``), SIGKILL it once a checkpoint is being written.
+SIGNAL_POINTS = [
+    # (accumulate, epoch:phase:batch, signal) -- checkpoints come every 3 steps and at each epoch's end
+    (1, "0:train:7", "SIGTERM"),  # between two step checkpoints
+    (2, "1:train:12", "SIGTERM"),  # first batch of an accumulation window: its gradients are saved
+    (1, "1:valid:1", "SIGTERM"),  # inside the validation phase
+    (1, f"{_CHOOSE.randrange(3)}:train:{_CHOOSE.randrange(30)}", "SIGTERM"),  # an arbitrary batch
+    (1, "2:train:16", "SIGINT"),  # Ctrl-C: reaches the DataLoader workers too
+    (2, "0:train:3", "SIGINT"),
+]
 
-    Returns whether the kill left a temporary file behind, i.e. landed inside
-    the write (rarely, the write finishes between seeing its file and the kill).
+
+def newest_position(folder: Path) -> tuple[str, int, str, int]:
+    position = read_tree(checkpoint_files(folder)[-1])["position"]
+    phase = ("train", "valid")[position["phase_position"]]
+    return position["state"], position["epoch"], phase, position["batch_index"]
+
+
+@pytest.mark.parametrize(("accumulate", "signal_at", "name"), SIGNAL_POINTS)
+def test_a_stop_signal_checkpoints_the_batch_in_flight_and_the_restart_ends_bit_identical(
+    baseline, tmp_path, device, accumulate, signal_at, name
+):
+    options = ("--accumulate", str(accumulate), *device_options(device))
+    folder, out = tmp_path / "run", tmp_path / "run.out"
+    stopped = run_script(folder, out, *options, "--signal-at", f"{signal_at}:{name}")
+    assert stopped.returncode == 128 + signal.Signals[name], stopped.stderr
+    assert f"stopped by {name}" in stopped.stderr and "saved" in stopped.stderr, stopped.stderr
+    assert not out.exists()
+    epoch, phase, batch = signal_at.split(":")
+    assert newest_position(folder) == ("phase", int(epoch), phase, int(batch))  # that batch, not an older one
+    resumed = run_script(folder, out, *options)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.startswith("resumed from"), resumed.stdout
+    assert_same_run(*baseline(*options), folder, out)
+
+
+def signal_during_a_write(folder: Path, out: Path, options: tuple[str, ...], writes_to_skip: int,
+                          number: signal.Signals) -> tuple[int, bool]:  # fmt: skip
+    """Start the script (it resumes from ``folder``), send ``number`` to its process group during a checkpoint write.
+
+    Returns its exit status and whether the signal landed inside the write
+    (rarely, the write finishes between seeing its file and the signal).
     """
-    child = subprocess.Popen([sys.executable, str(SCRIPT), str(folder), str(out), "--pad-mb", "16"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    child = subprocess.Popen([sys.executable, str(SCRIPT), str(folder), str(out), *options, "--pad-mb", "16"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
 
     def writing() -> bool:
         return folder.is_dir() and any(path.name.endswith(".tmp") for path in folder.iterdir())
 
-    writes_seen, deadline = 0, time.monotonic() + 120
+    writes_seen, deadline, caught = 0, time.monotonic() + 120, False
     try:
         while time.monotonic() < deadline and child.poll() is None:
             if writing():
                 if writes_seen == writes_to_skip:
-                    child.send_signal(signal.SIGKILL)
+                    os.killpg(child.pid, number)
+                    caught = writing()
                     break
                 writes_seen += 1
                 while writing():
@@ -108,22 +163,37 @@ def kill_during_a_write(folder: Path, out: Path, writes_to_skip: int) -> bool:
             time.sleep(0.0005)
     finally:
         returncode = child.wait(timeout=60)
-    assert returncode == -signal.SIGKILL, f"the run ended before a write could be caught: {child.stderr.read()}"
-    return writing()
+    expected = -number if number == signal.SIGKILL else 128 + number
+    assert returncode == expected, f"the run ended before a write could be caught, or not by the signal: {child.stderr.read()}"
+    return returncode, caught and (number != signal.SIGKILL or writing())
 
 
-def test_sigkill_during_a_checkpoint_write_leaves_only_whole_checkpoints(baselines, tmp_path):
+@pytest.mark.parametrize("number", [signal.SIGKILL, signal.SIGTERM])
+def test_a_signal_during_a_checkpoint_write_leaves_only_whole_checkpoints(baseline, tmp_path, device, number):
+    options = ("--accumulate", "1", *device_options(device))
     folder, out = tmp_path / "run", tmp_path / "run.out"
-    caught = False
+    choose, caught = random.Random(int(number)), False
     for _ in range(5):
-        caught = kill_during_a_write(folder, out, writes_to_skip=random.Random().randrange(1, 5))
+        _, caught = signal_during_a_write(folder, out, options, choose.randrange(1, 5), number)
         for path in checkpoint_files(folder):  # every file under a checkpoint name is whole and verifies
             read_tree(path)
         if caught:
             break
-    assert caught, "no kill landed inside a checkpoint write"
-    resumed = run_script(folder, out, "--pad-mb", "16")
+    assert caught, "no signal landed inside a checkpoint write"
+    resumed = run_script(folder, out, *options, "--pad-mb", "16")
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout.startswith("resumed from"), resumed.stdout
-    assert_same_run(*baselines[1], folder, out)
+    assert_same_run(*baseline(*options), folder, out)  # the padding buffer is left out of the output
     assert not [path for path in folder.iterdir() if path.name.endswith(".tmp")]  # the leftovers were cleaned
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", [None, "bf16", "fp16"])
+def test_cuda_deterministic_runs_resume_bit_identical_in_every_precision(baseline, tmp_path, precision):
+    options = ("--accumulate", "2", *device_options(torch.device("cuda"), precision))
+    for stop in (("--kill-at", "1:train:13"), ("--signal-at", "0:train:20:SIGTERM")):
+        folder, out = tmp_path / stop[0].strip("-"), tmp_path / f"{stop[0].strip('-')}.out"
+        assert run_script(folder, out, *options, *stop).returncode in (-signal.SIGKILL, 128 + signal.SIGTERM)
+        resumed = run_script(folder, out, *options)
+        assert resumed.returncode == 0 and resumed.stdout.startswith("resumed from"), resumed.stderr
+        assert_same_run(*baseline(*options), folder, out)

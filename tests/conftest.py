@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# Tests build deterministic CUDA trainers after CUDA has started in this process, which
+# needs cuBLAS's deterministic workspace chosen before it starts (see statetrainer.determinism).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 DEVICES = [
     "cpu",
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),

@@ -25,6 +25,9 @@ class Callback:
     ``state_dict`` (tensors, numbers, strings, lists and dicts of them) and takes
     it back in ``load_state_dict``. It is stored under ``name``, which must be
     unique among a trainer's callbacks: the class name unless you set one.
+    ``load_state_dict`` receives the same structure with every tensor already
+    on ``trainer.device`` (the run's device, whichever device wrote the
+    checkpoint) and owned by the callback, so it can keep them as they are.
 
     A callback may read and change the trainer's attributes and call
     ``trainer.stop()``, but never drives the machine (``advance``, ``fit``).
@@ -42,7 +45,7 @@ class Callback:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what ``state_dict`` returned."""
+        """Restore what ``state_dict`` returned; its tensors are on the trainer's device."""
 
     def on_enter_idle(self, trainer: Trainer) -> None:
         """The run has ended (after the last epoch, or after ``stop()``)."""

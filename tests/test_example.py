@@ -19,18 +19,18 @@ def load_example():
     return module
 
 
-def run_offline(tmp_path: Path, out: Path) -> subprocess.CompletedProcess:
-    """One short epoch of the main job on its offline default."""
+def run_offline(tmp_path: Path, out: Path, device: torch.device) -> subprocess.CompletedProcess:
+    """One short epoch of the main job on its offline default, on ``device``."""
     return subprocess.run(
         [sys.executable, str(EXAMPLE), "--offline", "--data-root", str(tmp_path / "data"), "--epochs", "1",
-         "--limit", "256", "--workers", "0", "--out", str(out)],
+         "--limit", "256", "--workers", "0", "--out", str(out), "--device", str(device)],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )  # fmt: skip
 
 
-def test_example_runs_end_to_end_offline(tmp_path):
+def test_example_runs_end_to_end_offline(device: torch.device, tmp_path: Path):
     out = tmp_path / "out"
-    result = run_offline(tmp_path, out)
+    result = run_offline(tmp_path, out, device)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("offline: MNIST is not in") and "rendered with Pillow" in lines[0]
@@ -39,7 +39,7 @@ def test_example_runs_end_to_end_offline(tmp_path):
     for plot in ("metrics.png", "lr.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
     assert (out / "best.safetensors").is_file()
-    again = run_offline(tmp_path, out)  # the same command again: it resumes, and the run is complete
+    again = run_offline(tmp_path, out, device)  # the same command again: it resumes, and the run is complete
     assert again.returncode == 0, again.stderr
     assert "resumed from" in again.stdout and "Epoch:" not in again.stdout  # the run was complete
 
@@ -54,10 +54,12 @@ def test_rendered_digits_are_fixed_per_index_and_labelled():
     assert len({digits[i][1] for i in range(20)}) > 5
 
 
-def test_recipe_reaches_97_percent_on_real_mnist_in_3_epochs(mnist_test_set, tmp_path):
+def test_recipe_reaches_97_percent_on_real_mnist_in_3_epochs(
+    device: torch.device, mnist_test_set: tuple[torch.Tensor, torch.Tensor], tmp_path: Path
+):
     example = load_example()
     train, valid = example.holdout_split(*mnist_test_set)  # 8,000 / 2,000
     torch.manual_seed(0)
-    trainer = example.build_trainer(train, valid, epochs=3, device="cpu", out=tmp_path, progress=False)
+    trainer = example.build_trainer(train, valid, epochs=3, device=str(device), out=tmp_path, progress=False)
     trainer.fit()
     assert trainer.metrics["valid_accuracy"] >= 0.97, trainer.metrics

@@ -25,43 +25,43 @@ class Scripted(st.Callback):
             trainer.metrics["valid_loss"] = self.values[trainer.epoch]
 
 
-def run(values, **options):
+def run(values, device: torch.device, **options):
     stopper = EarlyStopping(**options)
     recorder = EventRecorder()
     model = nn.Linear(3, 1)
     trainer = st.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), F.mse_loss,
                          [st.Phase("train", regression_batches(2)), st.Phase("valid", regression_batches(1), grad=False)],
-                         callbacks=[Scripted(values), stopper, recorder], epochs=len(values))  # fmt: skip
+                         callbacks=[Scripted(values), stopper, recorder], epochs=len(values), device=device)  # fmt: skip
     trainer.fit()
     return trainer, stopper, recorder
 
 
-def test_stops_after_patience_checks_without_improvement():
-    trainer, stopper, recorder = run([1.0, 0.8, 0.85, 0.9, 0.7, 0.6], patience=2)
+def test_stops_after_patience_checks_without_improvement(device: torch.device):
+    trainer, stopper, recorder = run([1.0, 0.8, 0.85, 0.9, 0.7, 0.6], device, patience=2)
     assert stopper.stopped_epoch == 3 and stopper.best == 0.8  # epochs 2 and 3 (from 0) did not improve
     assert [e.epoch for e in recorder.events if e.hook == "enter epoch"] == [0, 1, 2, 3]  # no extra epoch
     assert recorder.hooks[-3:] == ["exit phase", "exit epoch", "enter idle"]
 
 
-def test_min_delta_and_max_mode():
-    _, stopper, _ = run([1.0, 0.99, 0.98, 0.5], patience=2, min_delta=0.05)
+def test_min_delta_and_max_mode(device: torch.device):
+    _, stopper, _ = run([1.0, 0.99, 0.98, 0.5], device, patience=2, min_delta=0.05)
     assert stopper.stopped_epoch == 2
-    _, stopper, _ = run([0.1, 0.2, 0.2, 0.3], mode="max", patience=1, monitor="valid_loss")
+    _, stopper, _ = run([0.1, 0.2, 0.2, 0.3], device, mode="max", patience=1, monitor="valid_loss")
     assert stopper.stopped_epoch == 2
 
 
-def test_runs_to_the_end_while_improving():
-    trainer, stopper, _ = run([3.0, 2.0, 1.0], patience=1)
+def test_runs_to_the_end_while_improving(device: torch.device):
+    trainer, stopper, _ = run([3.0, 2.0, 1.0], device, patience=1)
     assert stopper.stopped_epoch is None and trainer.epoch == 2
 
 
-def test_a_missing_metric_or_a_wrong_order_is_a_clear_error():
+def test_a_missing_metric_or_a_wrong_order_is_a_clear_error(device: torch.device):
     with pytest.raises(KeyError, match="monitors 'valid_accuracy'"):
-        run([1.0], monitor="valid_accuracy")
+        run([1.0], device, monitor="valid_accuracy")
     model = nn.Linear(3, 1)
     trainer = st.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), F.mse_loss,
                          [st.Phase("train", regression_batches(2))],
-                         callbacks=[EarlyStopping(monitor="train_loss"), SmoothedLoss()])  # fmt: skip
+                         callbacks=[EarlyStopping(monitor="train_loss"), SmoothedLoss()], device=device)  # fmt: skip
     with pytest.raises(ValueError, match="list EarlyStopping after its metric"):
         trainer.fit()
     with pytest.raises(ValueError, match="mode"):

@@ -21,17 +21,17 @@ def classifier_batches(count: int, seed: int) -> list[tuple[torch.Tensor, torch.
     return [(torch.randn(6, 4, generator=generator), torch.randint(3, (6,), generator=generator)) for _ in range(count)]
 
 
-def classifier_trainer(callbacks, epochs=2, **options) -> st.Trainer:
+def classifier_trainer(callbacks, device: torch.device, epochs=2, **options) -> st.Trainer:
     torch.manual_seed(0)
     model = nn.Linear(4, 3)
     phases = [st.Phase("train", classifier_batches(4, 0)), st.Phase("valid", classifier_batches(2, 1), grad=False)]
     return st.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), F.cross_entropy, phases,
-                      callbacks=callbacks, epochs=epochs, device="cpu", **options)  # fmt: skip
+                      callbacks=callbacks, epochs=epochs, device=device, **options)  # fmt: skip
 
 
-def test_stream_logger_prints_the_seed_format():
+def test_stream_logger_prints_the_seed_format(device: torch.device):
     stream = io.StringIO()
-    trainer = classifier_trainer([SmoothedLoss(), Accuracy(), StreamLogger(stream)]).fit()
+    trainer = classifier_trainer([SmoothedLoss(), Accuracy(), StreamLogger(stream)], device).fit()
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2
     m = trainer.metrics
@@ -49,9 +49,9 @@ def read_rows(path):
         return list(csv.DictReader(file))
 
 
-def test_csv_logger_writes_one_row_per_epoch_with_metrics_and_lr(tmp_path):
+def test_csv_logger_writes_one_row_per_epoch_with_metrics_and_lr(device: torch.device, tmp_path):
     path = tmp_path / "run" / "log.csv"
-    trainer = classifier_trainer([SmoothedLoss(), Accuracy(), CSVLogger(path, every_batches=2)], epochs=3).fit()
+    trainer = classifier_trainer([SmoothedLoss(), Accuracy(), CSVLogger(path, every_batches=2)], device, epochs=3).fit()
     rows = read_rows(path)
     assert [row["epoch"] for row in rows] == ["1", "2", "3"]
     assert [row["step"] for row in rows] == ["4", "8", "12"]
@@ -65,22 +65,22 @@ def test_csv_logger_writes_one_row_per_epoch_with_metrics_and_lr(tmp_path):
     assert len(batch_rows) == 9 and batch_rows[0]["train_loss"] != ""
 
 
-def test_csv_logger_widens_its_header_instead_of_dropping_a_new_metric(tmp_path):
+def test_csv_logger_widens_its_header_instead_of_dropping_a_new_metric(device: torch.device, tmp_path):
     class LateMetric(st.Callback):
         def on_exit_epoch(self, trainer):
             if trainer.epoch == 1:
                 trainer.metrics["late"] = 7.0
 
     path = tmp_path / "log.csv"
-    classifier_trainer([SmoothedLoss(), LateMetric(), CSVLogger(path)]).fit()
+    classifier_trainer([SmoothedLoss(), LateMetric(), CSVLogger(path)], device).fit()
     rows = read_rows(path)
     assert rows[0]["late"] == "" and rows[1]["late"] == "7.0"
 
 
-def test_csv_logger_resume_cuts_back_to_the_checkpoint_and_never_duplicates(tmp_path):
+def test_csv_logger_resume_cuts_back_to_the_checkpoint_and_never_duplicates(device: torch.device, tmp_path):
     path = tmp_path / "log.csv"
     logger = CSVLogger(path)
-    classifier_trainer([SmoothedLoss(), logger], epochs=1).fit()
+    classifier_trainer([SmoothedLoss(), logger], device, epochs=1).fit()
     saved = logger.state_dict()
     complete = path.read_text()
     with open(path, "a") as file:  # a row written after the checkpoint, before a crash
@@ -88,17 +88,17 @@ def test_csv_logger_resume_cuts_back_to_the_checkpoint_and_never_duplicates(tmp_
     restored = CSVLogger(path)
     restored.load_state_dict(saved)
     assert path.read_text() == complete
-    restored.on_exit_epoch(classifier_trainer([], epochs=1))
+    restored.on_exit_epoch(classifier_trainer([], device, epochs=1))
     assert len(read_rows(path)) == 2
     path.write_text("")
     with pytest.raises(RuntimeError, match="holds 0 bytes but the checkpoint expects"):
         CSVLogger(path).load_state_dict(saved)
 
 
-def test_a_fresh_run_starts_a_fresh_log(tmp_path):
+def test_a_fresh_run_starts_a_fresh_log(device: torch.device, tmp_path):
     path = tmp_path / "log.csv"
     path.write_text("old,log\n1,2\n")
-    classifier_trainer([SmoothedLoss(), CSVLogger(path)], epochs=1).fit()
+    classifier_trainer([SmoothedLoss(), CSVLogger(path)], device, epochs=1).fit()
     assert [row["epoch"] for row in read_rows(path)] == ["1"]
 
 
@@ -107,35 +107,35 @@ class FakeTerminal(io.StringIO):
         return True
 
 
-def test_progress_bar_draws_on_a_terminal_and_stays_quiet_otherwise():
+def test_progress_bar_draws_on_a_terminal_and_stays_quiet_otherwise(device: torch.device):
     terminal, pipe = FakeTerminal(), io.StringIO()
-    classifier_trainer([SmoothedLoss(), ProgressBar(refresh_every=2, stream=terminal, mininterval=0)], epochs=1).fit()
-    classifier_trainer([SmoothedLoss(), ProgressBar(stream=pipe)], epochs=1).fit()
+    classifier_trainer([SmoothedLoss(), ProgressBar(refresh_every=2, stream=terminal, mininterval=0)], device, epochs=1).fit()
+    classifier_trainer([SmoothedLoss(), ProgressBar(stream=pipe)], device, epochs=1).fit()
     drawn = terminal.getvalue()
     assert "epoch 1 train" in drawn and "4/4" in drawn and "train_loss=" in drawn and "epoch 1 valid" in drawn
     assert pipe.getvalue() == ""
 
 
-def test_plots_writes_pngs_of_metrics_and_learning_rate(tmp_path):
+def test_plots_writes_pngs_of_metrics_and_learning_rate(device: torch.device, tmp_path):
     plots = Plots(tmp_path / "plots")
     model = nn.Linear(3, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     schedule = st.callbacks.OneCycle(0.1, total_steps=8)
     st.Trainer(model, optimizer, F.mse_loss, [st.Phase("train", regression_batches(4))],
-               callbacks=[SmoothedLoss(), schedule, plots], epochs=2).fit()  # fmt: skip
+               callbacks=[SmoothedLoss(), schedule, plots], epochs=2, device=device).fit()  # fmt: skip
     for name in ("metrics.png", "lr.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plots.learning_rates == [schedule.values(step, 1)[0] for step in range(8)]
     assert [list(epoch) for epoch in plots.epochs] == [["train_loss"], ["train_loss"]]
 
 
-def test_progress_bar_of_a_run_resumed_mid_phase_starts_where_it_left_off(tmp_path):
-    first = classifier_trainer([SmoothedLoss(), ProgressBar(stream=io.StringIO())], epochs=1)
+def test_progress_bar_of_a_run_resumed_mid_phase_starts_where_it_left_off(device: torch.device, tmp_path):
+    first = classifier_trainer([SmoothedLoss(), ProgressBar(stream=io.StringIO())], device, epochs=1)
     while not (first.state == "phase" and first.batch_index == 1):
         first.advance()
     path = first.save_checkpoint(tmp_path)
     terminal = FakeTerminal()
-    second = classifier_trainer([SmoothedLoss(), ProgressBar(stream=terminal, mininterval=0)], epochs=1)
+    second = classifier_trainer([SmoothedLoss(), ProgressBar(stream=terminal, mininterval=0)], device, epochs=1)
     second.load_checkpoint(path)
     second.fit()
     assert "epoch 1 train" in terminal.getvalue() and "4/4" in terminal.getvalue()

@@ -15,7 +15,9 @@ from statetrainer.callbacks import CosineWarmRestarts, OneCycle, ParamScheduler,
 from ..conftest import regression_batches
 
 
-def schedule_seen(scheduler: st.Callback, steps: int, optimizer_cls=torch.optim.SGD, groups=1, **options):
+def schedule_seen(
+    scheduler: st.Callback, steps: int, device: torch.device, optimizer_cls=torch.optim.SGD, groups=1, **options
+):
     """Run ``steps`` optimizer steps and return each step's param groups as the optimizer used them."""
     model = nn.Linear(3, 1)
     params = [{"params": [model.weight]}, {"params": [model.bias]}][:groups] if groups > 1 else model.parameters()
@@ -27,7 +29,7 @@ def schedule_seen(scheduler: st.Callback, steps: int, optimizer_cls=torch.optim.
             used.append([dict(group, params=None) for group in trainer.optimizer.param_groups])
 
     trainer = st.Trainer(model, optimizer, F.mse_loss, [st.Phase("train", regression_batches(steps))],
-                         callbacks=[scheduler, Recorder()], device="cpu")  # fmt: skip
+                         callbacks=[scheduler, Recorder()], device=device)  # fmt: skip
     trainer.fit()
     return used
 
@@ -44,9 +46,9 @@ def torch_values(make_scheduler, steps: int, key="lr", optimizer_cls=torch.optim
     return values
 
 
-def test_cosine_warm_restarts_matches_torch():
+def test_cosine_warm_restarts_matches_torch(device: torch.device):
     steps = 70
-    ours = [s[0]["lr"] for s in schedule_seen(CosineWarmRestarts(0.1, period=10, min_value=0.001, t_mult=2), steps)]
+    ours = [s[0]["lr"] for s in schedule_seen(CosineWarmRestarts(0.1, period=10, min_value=0.001, t_mult=2), steps, device)]
     theirs = torch_values(
         lambda opt: [g.update(lr=0.1) for g in opt.param_groups]
         and torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=10, T_mult=2, eta_min=0.001),
@@ -65,10 +67,10 @@ def test_cosine_warm_restarts_by_hand_at_restarts_with_decay():
     assert scheduler.cycle_position(11) == (1, 7, 8)
 
 
-def test_one_cycle_matches_torch_with_cosine_warmup_and_momentum():
+def test_one_cycle_matches_torch_with_cosine_warmup_and_momentum(device: torch.device):
     steps = 40
     ours = schedule_seen(OneCycle(0.1, total_steps=steps, pct_start=0.3, warmup="cos", cycle_momentum=True),
-                         steps, momentum=0.9)  # fmt: skip
+                         steps, device, momentum=0.9)  # fmt: skip
     make = lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=steps, pct_start=0.3)  # noqa: E731
     assert [s[0]["lr"] for s in ours] == pytest.approx(torch_values(make, steps, momentum=0.9), rel=1e-9)
     assert [s[0]["momentum"] for s in ours] == pytest.approx(
@@ -76,10 +78,10 @@ def test_one_cycle_matches_torch_with_cosine_warmup_and_momentum():
     )
 
 
-def test_one_cycle_linear_matches_torch_linear_and_cycles_adam_betas():
+def test_one_cycle_linear_matches_torch_linear_and_cycles_adam_betas(device: torch.device):
     steps = 25
     ours = schedule_seen(OneCycle(0.01, total_steps=steps, warmup="linear", anneal="linear", cycle_momentum=True),
-                         steps, optimizer_cls=torch.optim.Adam)  # fmt: skip
+                         steps, device, optimizer_cls=torch.optim.Adam)  # fmt: skip
     make = lambda opt: torch.optim.lr_scheduler.OneCycleLR(  # noqa: E731
         opt, max_lr=0.01, total_steps=steps, pct_start=0.25, anneal_strategy="linear")
     assert [s[0]["lr"] for s in ours] == pytest.approx(torch_values(make, steps, optimizer_cls=torch.optim.Adam), rel=1e-9)
@@ -98,28 +100,28 @@ def test_one_cycle_seed_variant_by_hand():
     assert values[10] == pytest.approx(0.001) and values[13] == pytest.approx(0.001)  # the floor, then held
 
 
-def test_any_hyper_parameter_per_group():
+def test_any_hyper_parameter_per_group(device: torch.device):
     used = schedule_seen(
-        CosineWarmRestarts([0.2, 0.02], period=5, param="weight_decay"), 3, groups=2, weight_decay=0.0
+        CosineWarmRestarts([0.2, 0.02], period=5, param="weight_decay"), 3, device, groups=2, weight_decay=0.0
     )
     assert [s[0]["weight_decay"] for s in used][0] == 0.2 and used[0][1]["weight_decay"] == 0.02
     assert used[0][0]["lr"] == 1.0  # untouched
-    used = schedule_seen(CosineWarmRestarts(0.5, period=5, groups=[1]), 2, groups=2)
+    used = schedule_seen(CosineWarmRestarts(0.5, period=5, groups=[1]), 2, device, groups=2)
     assert used[0][0]["lr"] == 1.0 and used[0][1]["lr"] == 0.5
 
 
-def test_torch_scheduler_wrapper_steps_and_saves_its_state():
+def test_torch_scheduler_wrapper_steps_and_saves_its_state(device: torch.device):
     model = nn.Linear(3, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     callback = TorchScheduler(torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5))
     trainer = st.Trainer(model, optimizer, F.mse_loss, [st.Phase("train", regression_batches(5))],
-                         callbacks=[callback], device="cpu")  # fmt: skip
+                         callbacks=[callback], device=device)  # fmt: skip
     trainer.fit()
     assert optimizer.param_groups[0]["lr"] == 0.25  # 5 steps: halved after steps 2 and 4
     assert callback.state_dict()["scheduler"]["last_epoch"] == 5
 
 
-def test_reduce_on_plateau_reads_a_metric():
+def test_reduce_on_plateau_reads_a_metric(device: torch.device):
     model = nn.Linear(3, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0, factor=0.1)
@@ -129,12 +131,12 @@ def test_reduce_on_plateau_reads_a_metric():
             trainer.metrics["train_loss"] = 1.0
 
     trainer = st.Trainer(model, optimizer, F.mse_loss, [st.Phase("train", regression_batches(1))],
-                         callbacks=[Flat(), TorchScheduler(plateau, monitor="train_loss")], epochs=3)  # fmt: skip
+                         callbacks=[Flat(), TorchScheduler(plateau, monitor="train_loss")], epochs=3, device=device)  # fmt: skip
     trainer.fit()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)  # no improvement after epochs 2 and 3
 
 
-def test_bad_scheduler_arguments():
+def test_bad_scheduler_arguments(device: torch.device):
     with pytest.raises(ValueError, match="cannot schedule 'lr\\[x\\]'"):
         ParamScheduler("lr[x]")
     with pytest.raises(ValueError, match="period"):
@@ -142,9 +144,9 @@ def test_bad_scheduler_arguments():
     with pytest.raises(ValueError, match="annealing 'cubic'"):
         OneCycle(0.1, total_steps=10, anneal="cubic")
     with pytest.raises(ValueError, match="2 values for 1 param groups"):
-        schedule_seen(CosineWarmRestarts([0.1, 0.2], period=3), 1)
+        schedule_seen(CosineWarmRestarts([0.1, 0.2], period=3), 1, device)
     with pytest.raises(KeyError, match="no 'momentum'"):
-        schedule_seen(CosineWarmRestarts(0.1, period=3, param="momentum"), 1, optimizer_cls=torch.optim.Adam)
+        schedule_seen(CosineWarmRestarts(0.1, period=3, param="momentum"), 1, device, optimizer_cls=torch.optim.Adam)
     with pytest.raises(ValueError, match="monitor"):
         TorchScheduler(torch.optim.lr_scheduler.ReduceLROnPlateau(torch.optim.SGD(nn.Linear(1, 1).parameters())))
 

@@ -18,17 +18,19 @@ from statetrainer.testing import EventRecorder
 from ..data.test_resumable import Augmented
 from ..test_trainer import UnsizedLoader
 
-DATA = TensorDataset(torch.randn(48, 3), torch.randint(2, (48,)))
+_GENERATOR = torch.Generator().manual_seed(0)
+DATA = TensorDataset(torch.randn(48, 3, generator=_GENERATOR), torch.randint(2, (48,), generator=_GENERATOR))
 
 
-def build(callbacks=(), model=None, loader=None, **options) -> st.Trainer:
+def build(callbacks=(), model=None, loader=None, *, device: torch.device | str, **options) -> st.Trainer:
+    """A small classifier trainer on ``device``: Adam, dropout, a shuffled train phase and a valid phase."""
     torch.manual_seed(0)
     model = model or nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.2), nn.Linear(8, 2))
     options.setdefault("epochs", 2)
     train = loader if loader is not None else DataLoader(DATA, batch_size=6, shuffle=True)
     return st.Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-2), F.cross_entropy,
                       [st.Phase("train", train), st.Phase("valid", DataLoader(DATA, batch_size=16), grad=False)],
-                      callbacks=[SmoothedLoss(), Accuracy(), *callbacks], seed=3, **options)  # fmt: skip
+                      callbacks=[SmoothedLoss(), Accuracy(), *callbacks], seed=3, device=device, **options)  # fmt: skip
 
 
 def advance_to(trainer: st.Trainer, epoch: int, phase: str, batch_index: int) -> None:
@@ -42,12 +44,12 @@ def assert_same_weights(left: st.Trainer, right: st.Trainer) -> None:
 
 
 @pytest.mark.parametrize("where", [(0, "train", 0), (0, "train", 4), (1, "valid", 1), (1, "train", 7)])
-def test_resume_in_process_equals_the_uninterrupted_run(tmp_path, where):
-    whole = build(accumulate=3).fit()
-    first = build(accumulate=3)
+def test_resume_in_process_equals_the_uninterrupted_run(device: torch.device, tmp_path, where):
+    whole = build(accumulate=3, device=device).fit()
+    first = build(accumulate=3, device=device)
     advance_to(first, *where)
     path = first.save_checkpoint(tmp_path)
-    second = build(accumulate=3)
+    second = build(accumulate=3, device=device)
     assert second.load_checkpoint(path) == path
     assert second.state == "phase" and second.batch_index == where[2]
     second.fit()
@@ -55,12 +57,12 @@ def test_resume_in_process_equals_the_uninterrupted_run(tmp_path, where):
     assert whole.metrics == second.metrics and whole.global_step == second.global_step
 
 
-def test_resume_mid_phase_does_not_fire_entry_callbacks_again(tmp_path):
-    first = build([EventRecorder()])
+def test_resume_mid_phase_does_not_fire_entry_callbacks_again(device: torch.device, tmp_path):
+    first = build([EventRecorder()], device=device)
     advance_to(first, 0, "train", 2)
     path = first.save_checkpoint(tmp_path / "mid.safetensors")
     recorder = EventRecorder()
-    second = build([recorder])
+    second = build([recorder], device=device)
     second.load_checkpoint(path)
     second.advance()
     assert recorder.hooks == ["enter batch"]
@@ -68,7 +70,7 @@ def test_resume_mid_phase_does_not_fire_entry_callbacks_again(tmp_path):
     assert second.history[0] == st.Move("restore", "idle", "phase")
 
 
-def test_resume_loads_no_sample_it_already_saw(tmp_path):
+def test_resume_loads_no_sample_it_already_saw(device: torch.device, tmp_path):
     dataset = Augmented(600)
     loader = DataLoader(dataset, batch_size=10, shuffle=True)
 
@@ -76,7 +78,7 @@ def test_resume_loads_no_sample_it_already_saw(tmp_path):
         torch.manual_seed(0)
         net = nn.Linear(2, 1)
         return st.Trainer(net, torch.optim.SGD(net.parameters(), lr=0.01), lambda out, target: out.mean(),
-                          [st.Phase("train", loader)], unpack=lambda batch: (batch, None), seed=1)  # fmt: skip
+                          [st.Phase("train", loader)], unpack=lambda batch: (batch, None), seed=1, device=device)  # fmt: skip
 
     for resume_at in (0, 58):
         first = regression()
@@ -89,28 +91,28 @@ def test_resume_loads_no_sample_it_already_saw(tmp_path):
         assert dataset.loads == (60 - resume_at - 1) * 10  # only the batches after the checkpoint
 
 
-def test_auto_resume_recipe_with_the_checkpoint_callback(tmp_path):
+def test_auto_resume_recipe_with_the_checkpoint_callback(device: torch.device, tmp_path):
     folder = tmp_path / "run"
-    whole = build(epochs=3).fit()
-    assert build([Checkpoint(folder)]).load_checkpoint(folder) is None  # nothing there yet: a fresh start
-    first = build([Checkpoint(folder, every_steps=4, keep_last=2)], epochs=3)
+    whole = build(epochs=3, device=device).fit()
+    assert build([Checkpoint(folder)], device=device).load_checkpoint(folder) is None  # nothing there yet: a fresh start
+    first = build([Checkpoint(folder, every_steps=4, keep_last=2)], epochs=3, device=device)
     advance_to(first, 1, "train", 5)  # "killed" here
     kept = checkpoint_files(folder)
     assert len(kept) == 2 and "step000000012" in kept[-1].name  # every 4 steps, 8 per epoch, pruned to 2
-    second = build([Checkpoint(folder, every_steps=4, keep_last=2)], epochs=3)
+    second = build([Checkpoint(folder, every_steps=4, keep_last=2)], epochs=3, device=device)
     assert second.load_checkpoint(folder) == kept[-1]
     second.fit()
     assert_same_weights(whole, second)
-    third = build([Checkpoint(folder, every_steps=4, keep_last=2)], epochs=3)
+    third = build([Checkpoint(folder, every_steps=4, keep_last=2)], epochs=3, device=device)
     third.load_checkpoint(folder)  # the final checkpoint: the run is over
     assert third.finished
     with pytest.warns(UserWarning, match="already finished"):
         third.fit()
 
 
-def test_best_checkpoint_is_kept_apart(tmp_path):
-    trainer = build([Checkpoint(tmp_path, every_epochs=None, keep_last=1, best="valid_accuracy")], epochs=3).fit()
-    best = build([Checkpoint(tmp_path, every_epochs=None, keep_last=1, best="valid_accuracy")], epochs=3)
+def test_best_checkpoint_is_kept_apart(device: torch.device, tmp_path):
+    trainer = build([Checkpoint(tmp_path, every_epochs=None, keep_last=1, best="valid_accuracy")], epochs=3, device=device).fit()
+    best = build([Checkpoint(tmp_path, every_epochs=None, keep_last=1, best="valid_accuracy")], epochs=3, device=device)
     best.load_checkpoint(tmp_path / "best.safetensors")
     callback = trainer.callbacks[-1]
     assert best.metrics["valid_accuracy"] == callback.best_value == max(
@@ -118,19 +120,19 @@ def test_best_checkpoint_is_kept_apart(tmp_path):
     assert len(checkpoint_files(tmp_path)) == 1
 
 
-def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
-    first = build([Checkpoint(tmp_path, every_steps=2, keep_last=None)])
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(device: torch.device, tmp_path):
+    first = build([Checkpoint(tmp_path, every_steps=2, keep_last=None)], device=device)
     advance_to(first, 0, "train", 5)
     older, newest = checkpoint_files(tmp_path)[-2:]
     newest.write_bytes(newest.read_bytes()[:100])
-    second = build([Checkpoint(tmp_path)])
+    second = build([Checkpoint(tmp_path)], device=device)
     with pytest.warns(UserWarning, match=f"skipping checkpoint .*{newest.name}.*falling back"):
         assert second.load_checkpoint(tmp_path) == older
     assert second.global_step == 4  # steps 2, 4 and 6 were saved; 6 is broken
 
 
-def test_a_checkpoint_of_another_model_is_refused_with_the_reason(tmp_path):
-    path = build().save_checkpoint(tmp_path / "a.safetensors")
+def test_a_checkpoint_of_another_model_is_refused_with_the_reason(device: torch.device, tmp_path):
+    path = build(device=device).save_checkpoint(tmp_path / "a.safetensors")
     cases = {
         "unexpected keys 2.weight, 2.bias": nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.2)),
         "missing keys 3.weight": nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.2), nn.Linear(8, 2), nn.Linear(2, 2)),
@@ -139,15 +141,15 @@ def test_a_checkpoint_of_another_model_is_refused_with_the_reason(tmp_path):
     }  # fmt: skip
     for message, model in cases.items():
         with pytest.raises(CheckpointError, match=message):
-            build(model=model).load_checkpoint(path)
+            build(model=model, device=device).load_checkpoint(path)
     with pytest.raises(CheckpointError, match="no state for callback"):
-        build([EventRecorder()]).load_checkpoint(path)
+        build([EventRecorder()], device=device).load_checkpoint(path)
     with pytest.raises(CheckpointError, match="phases"):
-        build(loader=DataLoader(DATA, batch_size=4)).load_checkpoint(path)
+        build(loader=DataLoader(DATA, batch_size=4), device=device).load_checkpoint(path)
 
 
-def test_checkpoints_are_taken_between_batches_only(tmp_path):
-    trainer = build()
+def test_checkpoints_are_taken_between_batches_only(device: torch.device, tmp_path):
+    trainer = build(device=device)
     trainer.run_until("backward")
     with pytest.raises(RuntimeError, match="between batches .* it is in 'backward'"):
         trainer.save_checkpoint(tmp_path)
@@ -157,39 +159,39 @@ def test_checkpoints_are_taken_between_batches_only(tmp_path):
             trainer.save_checkpoint(tmp_path)
 
     with pytest.raises(RuntimeError, match="from a callback, in the middle of a transition"):
-        build([SaveInHook()]).fit()
-    path = build().save_checkpoint(tmp_path / "x.safetensors")
-    started = build()
+        build([SaveInHook()], device=device).fit()
+    path = build(device=device).save_checkpoint(tmp_path / "x.safetensors")
+    started = build(device=device)
     started.advance()
     with pytest.raises(RuntimeError, match="has not started"):
         started.load_checkpoint(path)
 
 
-def test_a_loader_the_trainer_cannot_control_checkpoints_at_epoch_boundaries(tmp_path):
+def test_a_loader_the_trainer_cannot_control_checkpoints_at_epoch_boundaries(device: torch.device, tmp_path):
     batches = [(x, y) for x, y in DataLoader(DATA, batch_size=6)]
-    trainer = build([Checkpoint(tmp_path, every_steps=1, keep_last=None)], loader=UnsizedLoader(batches))
+    trainer = build([Checkpoint(tmp_path, every_steps=1, keep_last=None)], loader=UnsizedLoader(batches), device=device)
     with pytest.warns(UserWarning, match="cannot be resumed mid-phase; its step checkpoints are skipped"):
         trainer.fit()
     names = [path.name for path in checkpoint_files(tmp_path)]
     assert names == ["ckpt-000000-epoch0001-step000000008.safetensors",
                      "ckpt-000001-epoch0001-step000000016.safetensors"]  # fmt: skip
-    stepped = build(loader=UnsizedLoader(batches))
+    stepped = build(loader=UnsizedLoader(batches), device=device)
     advance_to(stepped, 0, "train", 1)
     with pytest.raises(RuntimeError, match="cannot be resumed mid-phase .*UnsizedLoader"):
         stepped.save_checkpoint(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        build(loader=UnsizedLoader(batches)).fit()  # no checkpoints asked for: no warning
+        build(loader=UnsizedLoader(batches), device=device).fit()  # no checkpoints asked for: no warning
 
 
-def test_wrapped_models_are_saved_under_their_plain_keys(tmp_path):
+def test_wrapped_models_are_saved_under_their_plain_keys(device: torch.device, tmp_path):
     plain = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.2), nn.Linear(8, 2))
-    compiled = build(model=torch.compile(plain))  # compiled lazily: never run here
+    compiled = build(model=torch.compile(plain), device=device)  # compiled lazily: never run here
     path = compiled.save_checkpoint(tmp_path / "c.safetensors")
     from statetrainer.checkpoint import read_tree
 
     assert sorted(read_tree(path)["model"]) == ["0.bias", "0.weight", "2.bias", "2.weight"]
-    build().load_checkpoint(path)  # loads into an unwrapped model of the same shape
+    build(device=device).load_checkpoint(path)  # loads into an unwrapped model of the same shape
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -197,7 +197,7 @@ def test_wrapped_models_are_saved_under_their_plain_keys(device: torch.device, t
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("precision", [None, "fp16", "bf16"])
 def test_resume_on_cuda_is_exact_with_mixed_precision(tmp_path, precision):
-    options = {"device": "cuda", "precision": precision, "accumulate": 2}
+    options = {"device": "cuda", "precision": precision, "accumulate": 2, "deterministic": True}
     whole = build(**options).fit()
     first = build(**options)
     advance_to(first, 1, "train", 2)  # inside an accumulation window

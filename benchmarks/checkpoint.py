@@ -33,15 +33,15 @@ from torch import nn
 import statetrainer as st
 
 
-def make_trainer(width: int, layers: int) -> st.Trainer:
+def make_trainer(width: int, layers: int, device: torch.device) -> st.Trainer:
     torch.manual_seed(0)
-    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
+    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)]).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model(torch.randn(2, width)).sum().backward()
+    model(torch.randn(2, width, device=device)).sum().backward()
     optimizer.step()  # creates Adam's state
     optimizer.zero_grad(set_to_none=True)
     batches = [(torch.randn(2, width), torch.randn(2, width))]
-    return st.Trainer(model, optimizer, nn.functional.mse_loss, [st.Phase("train", batches)], device="cpu")
+    return st.Trainer(model, optimizer, nn.functional.mse_loss, [st.Phase("train", batches)], device=device)
 
 
 def interleaved(actions: dict[str, tuple[Callable[[], object], Path | None]], repeats: int) -> dict[str, float]:
@@ -70,9 +70,9 @@ def torch_save(state: dict, path: Path, fsync: bool) -> None:
             os.fsync(file.fileno())
 
 
-def measure(label: str, width: int, layers: int, folder: Path, repeats: int) -> None:
-    trainer = make_trainer(width, layers)
-    fresh = make_trainer(width, layers)
+def measure(label: str, width: int, layers: int, folder: Path, repeats: int, device: torch.device) -> None:
+    trainer = make_trainer(width, layers, device)
+    fresh = make_trainer(width, layers, device)
     parameters = sum(p.numel() for p in trainer.model.parameters())
     ours, theirs = folder / f"{label}.safetensors", folder / f"{label}.pt"
 
@@ -82,7 +82,7 @@ def measure(label: str, width: int, layers: int, folder: Path, repeats: int) -> 
         fresh.load_checkpoint(ours)
 
     def torch_load() -> None:
-        state = torch.load(theirs, weights_only=True)
+        state = torch.load(theirs, weights_only=True, map_location=device)
         fresh.model.load_state_dict(state["model"])
         fresh.optimizer.load_state_dict(state["optimizer"])
 
@@ -112,12 +112,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--folder", type=Path, default=None)
     parser.add_argument("--skip-large", action="store_true")
+    parser.add_argument("--device", default="cpu", help="where the model and optimizer state live: cpu or cuda")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, statetrainer {st.__version__}, {os.cpu_count()} CPUs")
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, statetrainer {st.__version__}, {os.cpu_count()} CPUs, state on {device}")
     with tempfile.TemporaryDirectory(dir=args.folder) as folder:
-        measure("small (MLP 4 x 256)", 256, 4, Path(folder), args.repeats * 5)
+        measure("small (MLP 4 x 256)", 256, 4, Path(folder), args.repeats * 5, device)
         if not args.skip_large:
-            measure("large (MLP 8 x 4000, Adam)", 4000, 8, Path(folder), args.repeats)
+            measure("large (MLP 8 x 4000, Adam)", 4000, 8, Path(folder), args.repeats, device)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ the median round is reported.
 
     uv run python benchmarks/overhead.py                      # hand loop vs statetrainer
     uv run --group bench python benchmarks/overhead.py        # + PyTorch Ignite's Engine
+    python benchmarks/overhead.py --device cuda               # on a GPU (batches pre-built there)
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ from torch import nn
 import statetrainer as st
 
 
+DEVICE = torch.device("cpu")  # set from --device
+
+
 def make_model() -> tuple[nn.Module, torch.optim.Optimizer]:
-    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 1))
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 1)).to(DEVICE)
     return model, torch.optim.SGD(model.parameters(), lr=1e-3)
 
 
@@ -49,7 +53,7 @@ def hand_loop(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], 
 
 def statetrainer_loop(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], None]:
     model, optimizer = make_model()
-    trainer = st.Trainer(model, optimizer, nn.MSELoss(), [st.Phase("train", batches)], device="cpu")
+    trainer = st.Trainer(model, optimizer, nn.MSELoss(), [st.Phase("train", batches)], device=DEVICE)
     return trainer.fit
 
 
@@ -57,7 +61,7 @@ def ignite_loop(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[]
     from ignite.engine import create_supervised_trainer
 
     model, optimizer = make_model()
-    engine = create_supervised_trainer(model, optimizer, nn.MSELoss())
+    engine = create_supervised_trainer(model, optimizer, nn.MSELoss(), device=DEVICE)
     return lambda: engine.run(batches, max_epochs=1)
 
 
@@ -82,11 +86,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, default=2000, help="batches per timed run")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
 
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    batches = [(torch.randn(64, 32), torch.randn(64, 1)) for _ in range(args.batches)]
+    batches = [(torch.randn(64, 32, device=DEVICE), torch.randn(64, 1, device=DEVICE)) for _ in range(args.batches)]
+    synchronize = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)
     loops: dict[str, Factory] = {"hand-written": hand_loop, "statetrainer": statetrainer_loop}
     if importlib.util.find_spec("ignite") is not None:
         loops["ignite"] = ignite_loop
@@ -97,12 +105,14 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, factory in loops.items():
             run = factory(batches)
+            synchronize()
             start = time.perf_counter()
             run()
+            synchronize()
             timings[name].append((time.perf_counter() - start) / args.batches * 1e6)
 
     base = statistics.median(timings["hand-written"])
-    print(f"torch {torch.__version__}, {args.batches} batches x {args.rounds} rounds, 1 thread, median us/batch")
+    print(f"torch {torch.__version__} on {DEVICE}, {args.batches} batches x {args.rounds} rounds, 1 thread, median us/batch")
     for name, values in timings.items():
         median = statistics.median(values)
         print(f"{name:>13}: {median:7.2f} us/batch   overhead {median - base:+6.2f} us   ratio {median / base:.3f}")

@@ -6,31 +6,65 @@ it makes PyTorch raise in the main process, at whatever line it is running,
 which can be the middle of the emergency checkpoint. Workers therefore ignore
 the trainer's stop signals; the trainer, which handles them, shuts its
 workers down itself when it stops.
+
+One exception: when the main process exits, Python's ``multiprocessing``
+terminates the workers that are still running (an iterator left open by a
+stepped run) with SIGTERM and waits for them. So the main process raises a
+shared flag as it starts to exit, and from then on the workers obey.
 """
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
+import os
 import signal
 from collections.abc import Callable, Iterable
+from types import FrameType
 from typing import Any
 
 from torch.utils.data import DataLoader
 
 __all__ = ["IgnoreSignalsInWorker", "shield_workers", "shielded_init"]
 
+_main_exiting: Any = None  # a byte in shared memory: 1 once this (main) process has begun to exit
+
+
+def _exit_flag() -> Any:
+    """The shared flag, made on first use; set by an exit hook that runs before multiprocessing's."""
+    global _main_exiting
+    if _main_exiting is None:
+        _main_exiting = multiprocessing.RawValue("b", 0)
+        # Exit hooks run last-registered first; multiprocessing registered its own on import.
+        atexit.register(_raise_exit_flag)
+    return _main_exiting
+
+
+def _raise_exit_flag() -> None:
+    _main_exiting.value = 1
+
 
 class IgnoreSignalsInWorker:
-    """A DataLoader ``worker_init_fn``: ignore ``signals`` in the worker, then run the loader's own."""
+    """A DataLoader ``worker_init_fn``: ignore ``signals`` in the worker, then run the loader's own.
+
+    The signals are obeyed again once the main process has begun to exit.
+    """
 
     def __init__(self, signals: Iterable[int], then: Callable[[int], Any] | None = None) -> None:
         self.signals = tuple(int(number) for number in signals)
         self.then = then
+        self.main_exiting = _exit_flag()
 
     def __call__(self, worker_id: int) -> None:
         for number in self.signals:
-            signal.signal(number, signal.SIG_IGN)
+            signal.signal(number, self._handle)
         if self.then is not None:
             self.then(worker_id)
+
+    def _handle(self, number: int, frame: FrameType | None) -> None:
+        if self.main_exiting.value:  # the main process is terminating its workers: die as asked
+            signal.signal(number, signal.SIG_DFL)
+            os.kill(os.getpid(), number)
 
 
 def shielded_init(loader: DataLoader, signals: Iterable[int]) -> Callable[[int], Any] | None:

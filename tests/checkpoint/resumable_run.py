@@ -22,6 +22,9 @@ import argparse
 import os
 import random
 import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import torch
@@ -121,7 +124,14 @@ class KillAt(st.Callback):
 
 
 class SignalAt(st.Callback):
-    """Sends a signal to the whole process group as a batch starts: the batch is in flight when it lands."""
+    """Has the whole process group signalled as a batch starts: the batch is in flight when it lands.
+
+    The signal comes from another process, as a scheduler's or a terminal's
+    does (PyTorch's workers treat a SIGTERM from their own parent as a
+    request to shut down quietly), and has been delivered when this returns.
+    Unshielded DataLoader workers would die of it, and PyTorch would raise in
+    this process: this test's run would then end with status 1, not 128 + N.
+    """
 
     def __init__(self, epoch: int, phase: str, batch_index: int, name: str) -> None:
         self.where = (epoch, phase, batch_index)
@@ -131,7 +141,9 @@ class SignalAt(st.Callback):
     def on_enter_batch(self, trainer: st.Trainer) -> None:
         if not self.sent and (trainer.epoch, trainer.phase.name, trainer.batch_index) == self.where:
             self.sent = True
-            os.killpg(os.getpgrp(), self.signal)
+            sender = f"import os; os.killpg({os.getpgrp()}, {int(self.signal)})"
+            subprocess.run([sys.executable, "-c", sender], check=True, start_new_session=True)
+            time.sleep(0.5)  # a long batch: a worker the signal killed would make PyTorch raise here
 
 
 def main() -> None:

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Every CUDA check in one command, for a machine with a GPU (CI has none).
+#
+#   bash benchmarks/gpu_check.sh --prepare   # here, with the package registry: fills .gpu/ (ignored by git)
+#   bash benchmarks/gpu_check.sh             # there: the checks; status 0 only if every step passed
+#
+# The checks, in about 5 minutes on one H100:
+#   1. the whole test suite with CUDA present: every trainer test on the CPU and on CUDA,
+#      including the SIGKILL / SIGTERM / SIGINT kill-and-resume tests on CUDA with
+#      deterministic=True in full precision, bf16 and fp16 (listed one by one after the summary);
+#   2. the per-batch overhead benchmark on CUDA;
+#   3. the checkpoint save/load benchmark with the state on CUDA;
+#   4. the preemption benchmark (SIGTERM to exit) on CUDA, small and 1.5 GB.
+#
+# Python: the machine's python3 (or $PYTHON). Packages it lacks (statetrainer needs
+# `transitions`) are installed from the wheels in .gpu/wheels; the real MNIST test set
+# in .gpu/mnist, when there, lets the real-data tests run. --prepare puts both there.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+
+if [[ "${1:-}" == "--prepare" ]]; then
+  set -e
+  rm -rf .gpu && mkdir -p .gpu/wheels .gpu/mnist
+  version=$(uv run python -c "import importlib.metadata as m; print(m.version('transitions'))")
+  python3 -m pip download --quiet --no-deps --only-binary=:all: -d .gpu/wheels "transitions==$version"
+  mnist="${STATETRAINER_MNIST:-$root/../shared/data/mnist}"
+  if [[ -d "$mnist" ]]; then cp "$mnist"/t10k-*.gz .gpu/mnist/; fi
+  ls -la .gpu/wheels .gpu/mnist
+  exit 0
+fi
+
+python=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=:4096:8
+if ! "$python" -c "import transitions" 2>/dev/null; then
+  if compgen -G ".gpu/wheels/*.whl" >/dev/null; then
+    "$python" -m pip install --quiet --no-index --no-deps --no-compile --target /tmp/statetrainer-site .gpu/wheels/*.whl
+    export PYTHONPATH=/tmp/statetrainer-site
+  else
+    echo "transitions is not installed and .gpu/wheels is empty: run 'bash benchmarks/gpu_check.sh --prepare' where pip works" >&2
+    exit 2
+  fi
+fi
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".gpu/mnist/*.gz" >/dev/null; then export STATETRAINER_MNIST="$root/.gpu/mnist"; fi
+log=${OUT:-/tmp}/gpu_check.log
+: >"$log"
+
+failed=()
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log everything, show the tail
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS
+  echo "== $name"
+  timeout "$limit" "$@" >>"$log" 2>&1
+  local status=$?
+  [[ $status -eq 0 ]] || failed+=("$name (status $status)")
+  echo "   status $status, $((SECONDS - start)) s"
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+"$python" -c "import torch, transitions; print('python', __import__('sys').version.split()[0], 'torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(), 'transitions', transitions.__version__)"
+
+workers=()
+if "$python" -c "import xdist" 2>/dev/null; then workers=(-n 8); fi
+step "test suite" 330 "$python" -m pytest -v -p no:cacheprovider "${workers[@]}" tests
+grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$log" | tail -40
+echo "-- CUDA kill-and-resume tests:"
+grep -E "test_kill_and_resume.py::.*cuda.* (PASSED|FAILED|ERROR|SKIPPED)" "$log" | sed -E 's/^\[gw[0-9]+\] \[ *[0-9]+%\] //' | sort | head -30
+
+step "overhead benchmark (cuda)" 120 "$python" benchmarks/overhead.py --device cuda --rounds 7 --batches 1000
+step "checkpoint benchmark (cuda)" 150 "$python" benchmarks/checkpoint.py --device cuda --repeats 3
+step "preemption benchmark (cuda)" 150 "$python" benchmarks/preemption.py --device cuda --repeats 1
+sed -n '/^torch .* on cuda/,$p' "$log" | grep -vE "^(\[gw|tests/)" | tail -30
+
+if ((${#failed[@]})); then
+  printf 'FAILED: %s\n' "${failed[@]}"
+  exit 1
+fi
+echo "all GPU checks passed"

@@ -50,7 +50,7 @@ def build(device: torch.device, callbacks=(), loader=None, **options) -> st.Trai
     return st.Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-2), F.cross_entropy,
                       [st.Phase("train", train), st.Phase("valid", DataLoader(DATA, batch_size=16), grad=False)],
                       callbacks=[SmoothedLoss(), Accuracy(), *callbacks], seed=3, epochs=2, device=device,
-                      **options)  # fmt: skip
+                      deterministic=device.type == "cuda", **options)  # fmt: skip
 
 
 def assert_same_run(expected: st.Trainer, actual: st.Trainer) -> None:

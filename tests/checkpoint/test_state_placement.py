@@ -9,38 +9,13 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import statetrainer as st
-from statetrainer.callbacks import Accuracy, Metric, SmoothedLoss
+from statetrainer.callbacks import Accuracy, SmoothedLoss
 from statetrainer.checkpoint import read_tree, write_tree
+
+from .resumable_run import MeanConfidence  # a user's metric, written as the README teaches
 
 DATA = TensorDataset(torch.randn(48, 3, generator=torch.Generator().manual_seed(0)),
                      torch.randint(2, (48,), generator=torch.Generator().manual_seed(1)))  # fmt: skip
-
-
-class MeanConfidence(Metric):
-    """A user's metric, written as the README teaches: a tensor accumulator on the device."""
-
-    metric_name = "confidence"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.total, self.count = torch.zeros(()), 0
-
-    def reset(self, trainer: st.Trainer) -> None:
-        self.total, self.count = torch.zeros((), device=trainer.device), 0
-
-    def update(self, trainer: st.Trainer) -> None:
-        self.total += trainer.output.detach().softmax(dim=1).amax(dim=1).sum()
-        self.count += len(trainer.output)
-
-    def compute(self) -> torch.Tensor:
-        return self.total / self.count
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "total": self.total, "count": self.count}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.total, self.count = state["total"], state["count"]
 
 
 def build(device: torch.device | str) -> st.Trainer:
@@ -50,7 +25,7 @@ def build(device: torch.device | str) -> st.Trainer:
                       [st.Phase("train", DataLoader(DATA, batch_size=6, shuffle=True)),
                        st.Phase("valid", DataLoader(DATA, batch_size=16), grad=False)],
                       callbacks=[SmoothedLoss(), Accuracy(), MeanConfidence()], seed=3, epochs=2, device=device,
-                      accumulate=2)  # fmt: skip
+                      accumulate=2, deterministic=torch.device(device).type == "cuda")  # fmt: skip
 
 
 def advance_to_mid_phase(trainer: st.Trainer, batch_index: int = 4) -> None:

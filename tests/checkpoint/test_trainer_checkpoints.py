@@ -27,6 +27,7 @@ def build(callbacks=(), model=None, loader=None, *, device: torch.device | str, 
     torch.manual_seed(0)
     model = model or nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.2), nn.Linear(8, 2))
     options.setdefault("epochs", 2)
+    options.setdefault("deterministic", torch.device(device).type == "cuda")  # bit-exact comparisons on CUDA
     train = loader if loader is not None else DataLoader(DATA, batch_size=6, shuffle=True)
     return st.Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-2), F.cross_entropy,
                       [st.Phase("train", train), st.Phase("valid", DataLoader(DATA, batch_size=16), grad=False)],

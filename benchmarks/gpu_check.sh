@@ -12,6 +12,9 @@
 #   3. the checkpoint save/load benchmark with the state on CUDA;
 #   4. the preemption benchmark (SIGTERM to exit) on CUDA, small and 1.5 GB.
 #
+# GPU_CHECK_DEVICE=cpu GPU_CHECK_TESTS=tests/test_preemption.py bash benchmarks/gpu_check.sh
+# rehearses the script on a machine without a GPU.
+#
 # Python: the machine's python3 (or $PYTHON). Packages it lacks (statetrainer needs
 # `transitions`) are installed from the wheels in .gpu/wheels; the real MNIST test set
 # in .gpu/mnist, when there, lets the real-data tests run. --prepare puts both there.
@@ -31,6 +34,8 @@ if [[ "${1:-}" == "--prepare" ]]; then
 fi
 
 python=${PYTHON:-python3}
+device=${GPU_CHECK_DEVICE:-cuda}
+read -r -a tests <<<"${GPU_CHECK_TESTS:-tests}"
 export PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=:4096:8
 if ! "$python" -c "import transitions" 2>/dev/null; then
   if compgen -G ".gpu/wheels/*.whl" >/dev/null; then
@@ -57,20 +62,25 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log everything,
   echo "   status $status, $((SECONDS - start)) s"
 }
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-"$python" -c "import torch, transitions; print('python', __import__('sys').version.split()[0], 'torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(), 'transitions', transitions.__version__)"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "no nvidia-smi"
+"$python" - <<'PYTHON'
+import sys, torch, transitions
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+print("python", sys.version.split()[0], "torch", torch.__version__, "CUDA", torch.version.cuda, gpu, "transitions", transitions.__version__)
+PYTHON
 
 workers=()
 if "$python" -c "import xdist" 2>/dev/null; then workers=(-n 8); fi
-step "test suite" 330 "$python" -m pytest -v -p no:cacheprovider "${workers[@]}" tests
+step "test suite" 330 "$python" -m pytest -v -p no:cacheprovider "${workers[@]}" "${tests[@]}"
 grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$log" | tail -40
 echo "-- CUDA kill-and-resume tests:"
-grep -E "test_kill_and_resume.py::.*cuda.* (PASSED|FAILED|ERROR|SKIPPED)" "$log" | sed -E 's/^\[gw[0-9]+\] \[ *[0-9]+%\] //' | sort | head -30
+grep -E "test_kill_and_resume\.py::[^ ]*cuda" "$log" | grep -E "PASSED|FAILED|ERROR|SKIPPED" | sed -E 's/\[gw[0-9]+\] //; s/ *\[ *[0-9]+%\]//' | sort | head -30
 
-step "overhead benchmark (cuda)" 120 "$python" benchmarks/overhead.py --device cuda --rounds 7 --batches 1000
-step "checkpoint benchmark (cuda)" 150 "$python" benchmarks/checkpoint.py --device cuda --repeats 3
-step "preemption benchmark (cuda)" 150 "$python" benchmarks/preemption.py --device cuda --repeats 1
-sed -n '/^torch .* on cuda/,$p' "$log" | grep -vE "^(\[gw|tests/)" | tail -30
+benchmarks_start=$(wc -l <"$log")
+step "overhead benchmark ($device)" 120 "$python" benchmarks/overhead.py --device "$device" --rounds 7 --batches 1000
+step "checkpoint benchmark ($device)" 150 "$python" benchmarks/checkpoint.py --device "$device" --repeats 3
+step "preemption benchmark ($device)" 150 "$python" benchmarks/preemption.py --device "$device" --repeats 1
+tail -n +"$((benchmarks_start + 1))" "$log"
 
 if ((${#failed[@]})); then
   printf 'FAILED: %s\n' "${failed[@]}"

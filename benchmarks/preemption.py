@@ -8,7 +8,7 @@ shuts its workers down and exits with status 143. The figure is the wall time
 from the signal to the process's exit, measured by the parent, for:
 
 - a small model (MLP 32-64-1);
-- a large one: MLP 8 x 4000 (128 M parameters), whose parameters plus Adam's
+- a large one: MLP 9 x 4000 (128 M parameters), whose parameters plus Adam's
   two moments make about 1.5 GB of state.
 
 Each line also gives the child's own median batch time, so the expected cost
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 GRACE_SECONDS = 30.0
-SIZES = {"small": (32, 64, 2), "large": (4000, 4000, 8)}  # (inputs, width, layers)
+SIZES = {"small": (32, 64, 2), "large": (4000, 4000, 9)}  # (inputs, width, layers)
 
 
 def child(size: str, folder: str, device: str) -> None:

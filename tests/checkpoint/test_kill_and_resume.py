@@ -168,7 +168,7 @@ def signal_during_a_write(folder: Path, out: Path, options: tuple[str, ...], wri
     return returncode, caught and (number != signal.SIGKILL or writing())
 
 
-@pytest.mark.parametrize("number", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize("number", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_a_signal_during_a_checkpoint_write_leaves_only_whole_checkpoints(baseline, tmp_path, device, number):
     options = ("--accumulate", "1", *device_options(device))
     folder, out = tmp_path / "run", tmp_path / "run.out"

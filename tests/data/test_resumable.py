@@ -118,3 +118,40 @@ def test_mix_seed_is_stable_and_spreads():
     assert mix_seed(1, 2, 3) == mix_seed(1, 2, 3)
     assert len({mix_seed(1, 0, epoch) for epoch in range(100)}) == 100
     assert 0 <= mix_seed(-5, 2**70) < 2**63
+
+
+class GaussAugmented(Augmented):
+    """Draws from NumPy's cached-pair normal generator too, whose hidden state a restore could miss."""
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        self.loads += 1
+        return torch.tensor([float(index), float(np.random.randn()), float(np.random.randn()), float(np.random.randn())])
+
+
+def test_gaussian_numpy_augmentation_is_the_same_in_process_and_in_workers():
+    dataset = GaussAugmented()
+    in_process = batches(BatchSource(DataLoader(dataset, batch_size=7, shuffle=True), 0))
+    with_workers = batches(BatchSource(DataLoader(dataset, batch_size=7, shuffle=True, num_workers=2), 0))
+    assert all(torch.equal(a, b) for a, b in zip(in_process, with_workers, strict=True))
+
+
+class BatchedReads(Augmented):
+    """A dataset that reads a whole batch at once, and counts how often it does."""
+
+    def __init__(self, size: int = 40) -> None:
+        super().__init__(size)
+        self.batched_reads = 0
+
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        self.batched_reads += 1
+        return [self[index] for index in indices]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_datasets_batched_getitems_is_used_and_its_batches_are_seeded_as_a_whole(workers):
+    dataset = BatchedReads()
+    loaded = batches(BatchSource(DataLoader(dataset, batch_size=8, shuffle=True, num_workers=workers), 0))
+    if workers == 0:
+        assert dataset.batched_reads == 5  # in workers, the copies count
+    reference = batches(BatchSource(DataLoader(Augmented(), batch_size=8, shuffle=True), 0))
+    assert all(torch.equal(a, b) for a, b in zip(loaded, reference, strict=True))

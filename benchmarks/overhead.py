@@ -1,9 +1,12 @@
 """Per-batch overhead of statetrainer against a hand-written loop (and Ignite, if installed).
 
-A tiny MLP (32-64-1), batch 64, pre-built batches, one thread: the model's own
-work is a few tens of microseconds, so what a trainer adds on top shows. The
-loops run interleaved in one process, each round timing every loop once, and
-the median round is reported.
+A tiny MLP (32-64-1), batch 64, one thread: the model's own work is a few tens
+of microseconds, so what a trainer adds on top shows. Each loop is timed on
+pre-built batches (the loop alone) and on a shuffled in-process DataLoader over
+a ``TensorDataset`` of the same data (the loop and the data path: statetrainer
+rebuilds that loader into its resumable, seeded one). The loops run
+interleaved in one process, each round timing every loop once, and the median
+round is reported.
 
     uv run python benchmarks/overhead.py                      # hand loop vs statetrainer
     uv run --group bench python benchmarks/overhead.py        # + PyTorch Ignite's Engine
@@ -16,10 +19,11 @@ import argparse
 import importlib.util
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import statetrainer as st
 
@@ -33,10 +37,10 @@ def make_model() -> tuple[nn.Module, torch.optim.Optimizer]:
 
 
 # Each factory builds a fresh model and loop outside the timing and returns the call to time.
-Factory = Callable[[list[tuple[torch.Tensor, torch.Tensor]]], Callable[[], None]]
+Factory = Callable[[Iterable[tuple[torch.Tensor, torch.Tensor]]], Callable[[], None]]
 
 
-def hand_loop(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], None]:
+def hand_loop(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], None]:
     model, optimizer = make_model()
     loss_fn = nn.MSELoss()
 
@@ -51,13 +55,13 @@ def hand_loop(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], 
     return run
 
 
-def statetrainer_loop(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], None]:
+def statetrainer_loop(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], None]:
     model, optimizer = make_model()
     trainer = st.Trainer(model, optimizer, nn.MSELoss(), [st.Phase("train", batches)], device=DEVICE)
     return trainer.fit
 
 
-def ignite_loop(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], None]:
+def ignite_loop(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], None]:
     from ignite.engine import create_supervised_trainer
 
     model, optimizer = make_model()
@@ -94,30 +98,38 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     batches = [(torch.randn(64, 32, device=DEVICE), torch.randn(64, 1, device=DEVICE)) for _ in range(args.batches)]
+    dataset = TensorDataset(*(torch.cat(parts).cpu() for parts in zip(*batches, strict=True)))
     synchronize = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)
     loops: dict[str, Factory] = {"hand-written": hand_loop, "statetrainer": statetrainer_loop}
     if importlib.util.find_spec("ignite") is not None:
         loops["ignite"] = ignite_loop
+    print(f"torch {torch.__version__} on {DEVICE}, {args.batches} batches x {args.rounds} rounds, 1 thread, median us/batch")
+    for label, make_data in (("pre-built batches", lambda: batches),
+                             ("shuffled DataLoader", lambda: DataLoader(dataset, batch_size=64, shuffle=True))):  # fmt: skip
+        print(f"{label}:")
+        compare(loops, make_data, args.batches, args.rounds, synchronize)
+    machine = statistics.median(machine_only(args.batches * 10) for _ in range(5))
+    print(f"the bare machine: {machine:.2f} us for a batch's four transitions")
 
+
+def compare(loops: dict[str, Factory], make_data: Callable[[], Iterable], batches: int, rounds: int,
+            synchronize: Callable[[], None]) -> None:  # fmt: skip
+    """Time every loop on fresh data from ``make_data``, interleaved, and print the medians."""
     timings: dict[str, list[float]] = {name: [] for name in loops}
     for factory in loops.values():  # warm-up
-        factory(batches)()
-    for _ in range(args.rounds):
+        factory(make_data())()
+    for _ in range(rounds):
         for name, factory in loops.items():
-            run = factory(batches)
+            run = factory(make_data())
             synchronize()
             start = time.perf_counter()
             run()
             synchronize()
-            timings[name].append((time.perf_counter() - start) / args.batches * 1e6)
-
+            timings[name].append((time.perf_counter() - start) / batches * 1e6)
     base = statistics.median(timings["hand-written"])
-    print(f"torch {torch.__version__} on {DEVICE}, {args.batches} batches x {args.rounds} rounds, 1 thread, median us/batch")
     for name, values in timings.items():
         median = statistics.median(values)
-        print(f"{name:>13}: {median:7.2f} us/batch   overhead {median - base:+6.2f} us   ratio {median / base:.3f}")
-    machine = statistics.median(machine_only(args.batches * 10) for _ in range(5))
-    print(f"the bare machine: {machine:.2f} us for a batch's four transitions")
+        print(f"  {name:>13}: {median:7.2f} us/batch   overhead {median - base:+6.2f} us   ratio {median / base:.3f}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from .precision import make_autocast, make_grad_scaler
 from .preemption import DEFAULT_STOP_SIGNALS, Preempted, SignalCatcher, resolve_signals
 from .rng import capture_rng, restore_rng
 from .state import check_model_state, tensors_to, unwrap_model
+from .validation import check_count, check_number
 from .version import __version__
 
 __all__ = ["DEFAULT_CHECKPOINT_FOLDER", "Trainer", "unpack_pair"]
@@ -119,16 +120,15 @@ class Trainer:
     ) -> None:
         self.phases = _check_phases(phases, optimizer)
         self.callbacks = _check_callbacks(callbacks)
-        _check_positive_int("epochs", epochs)
-        _check_positive_int("accumulate", accumulate)
+        check_count("epochs", epochs)
+        check_count("accumulate", accumulate)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-        if grad_clip is not None and not grad_clip > 0:
-            raise ValueError(f"grad_clip must be a positive number or None, got {grad_clip!r}")
+        check_number("grad_clip", grad_clip, 0, low_open=True, optional=True)
         if not isinstance(deterministic, bool):
             raise TypeError(f"deterministic must be True or False, got {deterministic!r}")
         self.stop_signals = resolve_signals(stop_signals)
@@ -653,11 +653,6 @@ class Trainer:
 
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _check_phases(phases: Sequence[Phase], optimizer: torch.optim.Optimizer | None) -> list[Phase]:

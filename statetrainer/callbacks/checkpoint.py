@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..checkpoint import checkpoint_files, remove_stale_temporaries
+from ..validation import check_count
 from .base import Callback
 
 if TYPE_CHECKING:
@@ -55,8 +56,7 @@ class Checkpoint(Callback):
         name: str | None = None,
     ) -> None:
         for label, value in (("every_steps", every_steps), ("every_epochs", every_epochs), ("keep_last", keep_last)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"Checkpoint: {label} must be a positive integer or None, got {value!r}")
+            check_count(f"Checkpoint: {label}", value, optional=True)
         if best_mode not in ("auto", "min", "max"):
             raise ValueError(f"Checkpoint: best_mode must be 'auto', 'min' or 'max', got {best_mode!r}")
         if best_mode == "auto" and best is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from ..validation import check_count
 from .base import Callback
 from .metrics import Metric
 
@@ -35,8 +36,7 @@ class EarlyStopping(Callback):
     ) -> None:  # fmt: skip
         if mode not in ("min", "max"):
             raise ValueError(f"EarlyStopping: mode must be 'min' or 'max', got {mode!r}")
-        if not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"EarlyStopping: patience must be a positive integer, got {patience!r}")
+        check_count("EarlyStopping: patience", patience)
         if min_delta < 0:
             raise ValueError(f"EarlyStopping: min_delta must be >= 0, got {min_delta!r}")
         self.monitor, self.mode, self.patience, self.min_delta, self.name = monitor, mode, patience, min_delta, name

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from ..validation import check_count
 from .base import Callback
 from .metrics import running_metrics
 
@@ -130,8 +131,7 @@ class CSVLogger(Callback):
     """
 
     def __init__(self, path: str | os.PathLike[str], every_batches: int | None = None, name: str | None = None) -> None:
-        if every_batches is not None and (not isinstance(every_batches, int) or every_batches < 1):
-            raise ValueError(f"CSVLogger: every_batches must be a positive integer or None, got {every_batches!r}")
+        check_count("CSVLogger: every_batches", every_batches, optional=True)
         self.path = Path(path)
         self.every_batches = every_batches
         self.name = name

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..validation import check_count, check_number
 from .base import Callback
 
 if TYPE_CHECKING:
@@ -89,8 +90,7 @@ class SmoothedLoss(Metric):
     metric_name = "loss"
 
     def __init__(self, beta: float = 0.98, phases: Iterable[str] | None = None, name: str | None = None) -> None:
-        if not 0 <= beta < 1:
-            raise ValueError(f"SmoothedLoss: beta must be in [0, 1), got {beta!r}")
+        check_number("SmoothedLoss: beta", beta, 0, 1, high_open=True)
         super().__init__(phases, name)
         self.beta = beta
         self.average = torch.zeros(())
@@ -121,8 +121,7 @@ class Accuracy(Metric):
     """
 
     def __init__(self, top_k: int = 1, phases: Iterable[str] | None = None, name: str | None = None) -> None:
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"Accuracy: top_k must be a positive integer, got {top_k!r}")
+        check_count("Accuracy: top_k", top_k)
         super().__init__(phases, name)
         self.top_k = top_k
         self.metric_name = "accuracy" if top_k == 1 else f"top{top_k}_accuracy"

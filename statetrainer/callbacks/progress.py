@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from tqdm.auto import tqdm
 
 from ..data import loader_length
+from ..validation import check_count
 from .base import Callback
 from .metrics import running_metrics
 
@@ -40,8 +41,7 @@ class ProgressBar(Callback):
         name: str | None = None,
         **tqdm_options: Any,
     ) -> None:
-        if not isinstance(refresh_every, int) or refresh_every < 1:
-            raise ValueError(f"ProgressBar: refresh_every must be a positive integer, got {refresh_every!r}")
+        check_count("ProgressBar: refresh_every", refresh_every)
         self.refresh_every, self.stream, self.force, self.name = refresh_every, stream, force, name
         self.tqdm_options = {"leave": False, "dynamic_ncols": True, **tqdm_options}
         self.bar: Any = None

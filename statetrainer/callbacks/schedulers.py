@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..validation import check_count, check_number
 from .base import Callback
 
 if TYPE_CHECKING:
@@ -123,12 +124,9 @@ class CosineWarmRestarts(ParamScheduler):
         name: str | None = None,
     ) -> None:
         super().__init__(param, groups, name)
-        if isinstance(period, bool) or not isinstance(period, int) or period < 1:
-            raise ValueError(f"CosineWarmRestarts: period must be a positive integer, got {period!r}")
-        if t_mult < 1:
-            raise ValueError(f"CosineWarmRestarts: t_mult must be >= 1, got {t_mult!r}")
-        if not 0 < decay <= 1:
-            raise ValueError(f"CosineWarmRestarts: decay must be in (0, 1], got {decay!r}")
+        check_count("CosineWarmRestarts: period", period)
+        check_number("CosineWarmRestarts: t_mult", t_mult, 1)
+        check_number("CosineWarmRestarts: decay", decay, 0, 1, low_open=True)
         self.max_value, self.min_value = max_value, min_value
         self.period, self.t_mult, self.decay = period, t_mult, decay
 
@@ -178,10 +176,8 @@ class OneCycle(ParamScheduler):
         name: str | None = None,
     ) -> None:
         super().__init__(param, groups, name)
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 2:
-            raise ValueError(f"OneCycle: total_steps must be an integer >= 2, got {total_steps!r}")
-        if not 0 < pct_start < 1:
-            raise ValueError(f"OneCycle: pct_start must be in (0, 1), got {pct_start!r}")
+        check_count("OneCycle: total_steps", total_steps, minimum=2)
+        check_number("OneCycle: pct_start", pct_start, 0, 1, low_open=True, high_open=True)
         self.max_value, self.total_steps, self.pct_start = max_value, total_steps, pct_start
         self.div_factor, self.final_div_factor = div_factor, final_div_factor
         self.warmup, self.anneal = _check_anneal(warmup), _check_anneal(anneal)

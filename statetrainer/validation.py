@@ -1,0 +1,46 @@
+"""Argument checks shared by the trainer and the callbacks, so every bad value gets the same clear error.
+
+``True`` is an ``int`` to Python; a count given as a bool is almost always a
+mistake (``every_batches=True``), so counts refuse bools.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Any
+
+__all__ = ["check_count", "check_number"]
+
+
+def check_count(name: str, value: Any, *, minimum: int = 1, optional: bool = False) -> None:
+    """Raise ``ValueError`` unless ``value`` is an integer (not a bool) of at least ``minimum``, or None if ``optional``."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        wanted = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {wanted}{' or None' if optional else ''}, got {value!r}")
+
+
+def check_number(
+    name: str,
+    value: Any,
+    low: float = -math.inf,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    optional: bool = False,
+) -> None:
+    """Raise ``ValueError`` unless ``value`` is a real number (not a bool) in the interval, or None if ``optional``."""
+    if optional and value is None:
+        return
+    fits = isinstance(value, Real) and not isinstance(value, bool) and not math.isnan(value)
+    if fits:
+        fits = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+    if not fits:
+        if high == math.inf:
+            wanted = f"{'>' if low_open else '>='} {low:g}"
+        else:
+            wanted = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be a number {wanted}{' or None' if optional else ''}, got {value!r}")

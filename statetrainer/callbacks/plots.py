@@ -38,17 +38,18 @@ class Plots(Callback):
         self.write()
 
     def write(self) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from matplotlib import pyplot as plt
+        # Figures of their own on the Agg canvas: pyplot's global backend (a notebook's) is left alone.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
 
         self.folder.mkdir(parents=True, exist_ok=True)
         names = list(dict.fromkeys(key for epoch in self.epochs for key in epoch))
         groups = [[n for n in names if n.endswith("loss")], [n for n in names if not n.endswith("loss")]]
         groups = [group for group in groups if group]
-        figure, axes = plt.subplots(1, max(len(groups), 1), figsize=(5.5 * max(len(groups), 1), 4), squeeze=False)
+        figure = Figure(figsize=(5.5 * max(len(groups), 1), 4))
+        FigureCanvasAgg(figure)
+        axes = figure.subplots(1, max(len(groups), 1), squeeze=False)
         epochs = range(1, len(self.epochs) + 1)
         for axis, group in zip(axes[0], groups):
             for metric in group:
@@ -60,9 +61,10 @@ class Plots(Callback):
             axis.legend()
         figure.tight_layout()
         figure.savefig(self.folder / "metrics.png", dpi=100)
-        plt.close(figure)
 
-        figure, axis = plt.subplots(figsize=(6, 3.5))
+        figure = Figure(figsize=(6, 3.5))
+        FigureCanvasAgg(figure)
+        axis = figure.subplots()
         axis.plot(range(len(self.learning_rates)), self.learning_rates)
         axis.set_xlabel("step")
         axis.set_ylabel("learning rate")
@@ -70,7 +72,6 @@ class Plots(Callback):
         axis.grid(alpha=0.3)
         figure.tight_layout()
         figure.savefig(self.folder / "lr.png", dpi=100)
-        plt.close(figure)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epochs": [dict(epoch) for epoch in self.epochs],

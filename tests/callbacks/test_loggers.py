@@ -129,6 +129,21 @@ def test_plots_writes_pngs_of_metrics_and_learning_rate(device: torch.device, tm
     assert [list(epoch) for epoch in plots.epochs] == [["train_loss"], ["train_loss"]]
 
 
+def test_plots_leave_the_global_matplotlib_backend_alone(tmp_path):
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    matplotlib.use("pdf")  # a user's (or a notebook's) choice
+    try:
+        plots = Plots(tmp_path)
+        plots.epochs, plots.learning_rates = [{"train_loss": 1.0}], [0.1, 0.2]
+        plots.write()
+        assert matplotlib.get_backend() == "pdf"
+        assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        matplotlib.use(before)
+
+
 def test_progress_bar_of_a_run_resumed_mid_phase_starts_where_it_left_off(device: torch.device, tmp_path):
     first = classifier_trainer([SmoothedLoss(), ProgressBar(stream=io.StringIO())], device, epochs=1)
     while not (first.state == "phase" and first.batch_index == 1):

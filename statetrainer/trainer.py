@@ -367,9 +367,15 @@ class Trainer:
         Raises:
             RuntimeError: The machine is not between batches, or it is inside a
                 phase whose loader cannot be resumed mid-phase.
+            ValueError: ``path`` names a file of another kind (``model.pt``).
         """
         self._check_at_rest("save_checkpoint()")
         target = Path(path) if path is not None else DEFAULT_CHECKPOINT_FOLDER
+        if target.suffix not in ("", ".safetensors") and not target.is_dir():
+            raise ValueError(
+                f"save_checkpoint({str(target)!r}): checkpoints are safetensors files; name a file ending in "
+                "'.safetensors' or a folder (a new folder whose name has a dot must exist first)"
+            )
         if target.suffix != ".safetensors":
             target = checkpoint.next_checkpoint_path(target, self.epoch, self.global_step)
         return checkpoint.write_tree(target, self.state_dict(), __version__)

@@ -210,3 +210,12 @@ def test_resume_on_cuda_is_exact_with_mixed_precision(tmp_path, precision):
     assert whole.metrics == second.metrics
     if precision == "fp16":
         assert second.scaler is not None and second.scaler.get_scale() == whole.scaler.get_scale()
+
+
+def test_a_checkpoint_path_of_another_kind_is_refused_not_made_a_folder(tmp_path, device):
+    trainer = build(device=device)
+    with pytest.raises(ValueError, match=r"model\.pt.*'\.safetensors'"):
+        trainer.save_checkpoint(tmp_path / "model.pt")
+    assert not (tmp_path / "model.pt").exists()
+    (tmp_path / "run.v2").mkdir()  # an existing folder with a dot in its name is still a folder
+    assert trainer.save_checkpoint(tmp_path / "run.v2").parent == tmp_path / "run.v2"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from ..validation import check_count
+from ..validation import check_count, check_number
 from .base import Callback
 from .metrics import Metric
 
@@ -20,7 +20,11 @@ class EarlyStopping(Callback):
 
     The check runs when the phase that produces ``monitor`` ends (``valid_loss``
     is checked at the end of the ``valid`` phase), so the run stops right there,
-    without starting another epoch. List it after the metric it monitors.
+    without starting another epoch. That phase is the one in which a ``Metric``
+    callback publishes ``monitor``; for a value published by other means, the
+    phase whose name prefixes it (the longest such name); for any other value,
+    the end of the epoch. A monitor that nothing produced by the end of an
+    epoch is an error. List EarlyStopping after the metric it monitors.
 
     Args:
         monitor: A ``trainer.metrics`` name such as ``valid_loss``.
@@ -37,11 +41,11 @@ class EarlyStopping(Callback):
         if mode not in ("min", "max"):
             raise ValueError(f"EarlyStopping: mode must be 'min' or 'max', got {mode!r}")
         check_count("EarlyStopping: patience", patience)
-        if min_delta < 0:
-            raise ValueError(f"EarlyStopping: min_delta must be >= 0, got {min_delta!r}")
+        check_number("EarlyStopping: min_delta", min_delta, 0)
         self.monitor, self.mode, self.patience, self.min_delta, self.name = monitor, mode, patience, min_delta, name
         self.best = math.inf if mode == "min" else -math.inf
         self.bad_checks = 0
+        self.checked_this_epoch = False
         self.stopped_epoch: int | None = None
 
     def improved(self, value: float) -> bool:
@@ -49,15 +53,36 @@ class EarlyStopping(Callback):
             return value < self.best - self.min_delta
         return value > self.best + self.min_delta
 
+    def on_enter_epoch(self, trainer: Trainer) -> None:
+        self.checked_this_epoch = False
+
     def on_exit_phase(self, trainer: Trainer) -> None:
-        if not self.monitor.startswith(f"{trainer.phase.name}_"):
-            return
-        self._check_order(trainer)
+        if self._produced_in(trainer) == trainer.phase.name:
+            self._check_order(trainer)
+            self._check(trainer, f"which phase {trainer.phase.name!r} did not produce")
+
+    def on_exit_epoch(self, trainer: Trainer) -> None:
+        if not self.checked_this_epoch:
+            self._check(trainer, "which nothing produced during the epoch")
+
+    def _produced_in(self, trainer: Trainer) -> str | None:
+        """The phase whose end publishes ``monitor``, or None when only the epoch's end can tell."""
+        metrics = [callback for callback in trainer.callbacks if isinstance(callback, Metric)]
+        if any(metric.active and metric.key_for(trainer) == self.monitor for metric in metrics):
+            return trainer.phase.name
+        if any(metric.key_for_phase(phase.name) == self.monitor for metric in metrics for phase in trainer.phases
+               if metric.measures(phase.name)):  # fmt: skip
+            return None  # a metric publishes it, in another phase
+        prefixes = [phase.name for phase in trainer.phases if self.monitor.startswith(f"{phase.name}_")]
+        return max(prefixes, key=len) if prefixes else None
+
+    def _check(self, trainer: Trainer, missing: str) -> None:
         if self.monitor not in trainer.metrics:
             raise KeyError(
-                f"EarlyStopping monitors {self.monitor!r}, which phase {trainer.phase.name!r} did not produce; "
+                f"EarlyStopping monitors {self.monitor!r}, {missing}; "
                 f"trainer.metrics has {', '.join(trainer.metrics) or 'nothing'}"
             )
+        self.checked_this_epoch = True
         value = trainer.metrics[self.monitor]
         if self.improved(value):
             self.best, self.bad_checks = value, 0
@@ -65,6 +90,8 @@ class EarlyStopping(Callback):
         self.bad_checks += 1
         if self.bad_checks >= self.patience:
             self.stopped_epoch = trainer.epoch
+            print(f"EarlyStopping: {self.monitor} has not improved on {self.best:.6g} for {self.patience} "
+                  f"check(s); stopping after epoch {trainer.epoch + 1}", flush=True)  # fmt: skip
             trainer.stop()
 
     def _check_order(self, trainer: Trainer) -> None:
@@ -77,7 +104,8 @@ class EarlyStopping(Callback):
                 )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "bad_checks": self.bad_checks}
+        return {"best": self.best, "bad_checks": self.bad_checks, "checked_this_epoch": self.checked_this_epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.bad_checks = float(state["best"]), int(state["bad_checks"])
+        self.checked_this_epoch = bool(state["checked_this_epoch"])

@@ -42,7 +42,16 @@ class Metric(Callback):
         self.batches = 0  # batches seen in the current phase
 
     def key_for(self, trainer: Trainer) -> str:
-        return f"{trainer.phase.name}_{self.metric_name}"
+        """The ``trainer.metrics`` name this metric publishes in the current phase."""
+        return self.key_for_phase(trainer.phase.name)
+
+    def key_for_phase(self, phase: str) -> str:
+        """The ``trainer.metrics`` name this metric publishes in ``phase``."""
+        return f"{phase}_{self.metric_name}"
+
+    def measures(self, phase: str) -> bool:
+        """Whether this metric is measured in ``phase``."""
+        return self.phases is None or phase in self.phases
 
     def reset(self, trainer: Trainer) -> None:
         raise NotImplementedError
@@ -58,7 +67,7 @@ class Metric(Callback):
         return float(self.compute()) if self.batches else float("nan")
 
     def on_enter_phase(self, trainer: Trainer) -> None:
-        self.active = self.phases is None or trainer.phase.name in self.phases
+        self.active = self.measures(trainer.phase.name)
         self.batches = 0
         if self.active:
             self.reset(trainer)

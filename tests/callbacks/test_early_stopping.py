@@ -66,3 +66,47 @@ def test_a_missing_metric_or_a_wrong_order_is_a_clear_error(device: torch.device
         trainer.fit()
     with pytest.raises(ValueError, match="mode"):
         EarlyStopping(mode="lowest")
+
+
+class RecordEpochs(st.Callback):
+    def __init__(self) -> None:
+        self.metrics: list[dict[str, float]] = []
+
+    def on_exit_epoch(self, trainer: st.Trainer) -> None:
+        self.metrics.append(dict(trainer.metrics))
+
+
+def two_valid_phases(device: torch.device, stopper: EarlyStopping, epochs: int = 3, extra=()) -> st.Trainer:
+    model = nn.Linear(3, 1)
+    phases = [st.Phase("train", regression_batches(2)), st.Phase("valid", regression_batches(1), grad=False),
+              st.Phase("valid_hard", regression_batches(1, seed=5), grad=False)]  # fmt: skip
+    return st.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), F.mse_loss, phases,
+                      callbacks=[SmoothedLoss(), stopper, *extra], epochs=epochs, device=device)  # fmt: skip
+
+
+def test_a_phase_whose_name_prefixes_another_is_told_apart(device: torch.device):
+    stopper, record = EarlyStopping(monitor="valid_hard_loss", patience=5), RecordEpochs()
+    two_valid_phases(device, stopper, extra=[record]).fit()
+    hard = [epoch["valid_hard_loss"] for epoch in record.metrics]
+    assert len(hard) == 3 and stopper.best == min(hard)
+    assert stopper.best not in [epoch["valid_loss"] for epoch in record.metrics]
+
+
+def test_a_monitor_nothing_produces_is_an_error_at_the_end_of_the_first_epoch(device: torch.device):
+    trainer = two_valid_phases(device, EarlyStopping(monitor="val_loss"))
+    with pytest.raises(KeyError, match="monitors 'val_loss', which nothing produced.*valid_loss"):
+        trainer.fit()
+    assert trainer.epoch == 0
+
+
+def test_a_check_is_not_repeated_after_a_resume_between_the_phase_and_the_epochs_end(tmp_path, device: torch.device):
+    first = two_valid_phases(device, EarlyStopping(monitor="valid_loss", patience=5))
+    while not (first.state == "epoch" and first.phase is not None and first.phase.name == "valid_hard"):
+        first.advance()
+    path = first.save_checkpoint(tmp_path)
+    stopper = EarlyStopping(monitor="valid_loss", patience=5)
+    second = two_valid_phases(device, stopper)
+    second.load_checkpoint(path)
+    assert stopper.checked_this_epoch
+    second.advance()  # exit epoch: the check of this epoch already happened
+    assert stopper.bad_checks == 0

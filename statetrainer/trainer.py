@@ -177,6 +177,8 @@ class Trainer:
         self._deferred: list[Callable[[Trainer], None]] = []
         self._at_rest = False
         self._catcher = SignalCatcher(self.stop_signals, self._on_stop_signal)
+        self._exception_hooks = [callback.on_exception for callback in self.callbacks
+                                 if type(callback).on_exception is not Callback.on_exception]  # fmt: skip
         self._machine = self._build_machine()
         fire = self._machine.firer
         self._start_epoch, self._start_phase, self._start_batch = (
@@ -485,6 +487,11 @@ class Trainer:
             if self._cursor is not None:  # the run cannot go on: shut the loader's workers down now
                 self._cursor.close()
                 self._cursor = None
+            for hook in self._exception_hooks:
+                try:
+                    hook(self, error)
+                except Exception as hook_error:  # noqa: BLE001 -- the run's own error must propagate
+                    warnings.warn(f"{hook.__qualname__} raised {hook_error!r} while handling {error!r}", stacklevel=3)
             raise
         finally:
             self._driving = False

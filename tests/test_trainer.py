@@ -401,3 +401,32 @@ def test_a_phase_reads_as_its_name(device: torch.device):
     trainer.run_until("batch")
     assert trainer.phase == "train" and trainer.phase != "valid" and str(trainer.phase) == "train"
     assert trainer.phase == trainer.phases[0] and trainer.phase != trainer.phases[1]
+
+
+class Fails(st.Callback):
+    def on_exit_backward(self, trainer: st.Trainer) -> None:
+        if trainer.batch_index == 1:
+            raise RuntimeError("a callback fails")
+
+
+class Watches(st.Callback):
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, BaseException]] = []
+
+    def on_exception(self, trainer: st.Trainer, error: BaseException) -> None:
+        self.seen.append((trainer.state, error))
+
+
+class FailsToClean(st.Callback):
+    def on_exception(self, trainer: st.Trainer, error: BaseException) -> None:
+        raise ValueError("cleaning up failed too")
+
+
+def test_callbacks_hear_of_the_exception_that_ends_the_run_and_it_still_propagates(device: torch.device):
+    watches = Watches()
+    trainer, _ = linear_trainer(device, callbacks=[Fails(), FailsToClean(), watches])
+    with pytest.warns(UserWarning, match="FailsToClean.on_exception raised ValueError"):
+        with pytest.raises(RuntimeError, match="a callback fails"):
+            trainer.fit()
+    assert len(watches.seen) == 1 and watches.seen[0][0] == "backward"
+    assert str(watches.seen[0][1]) == "a callback fails"

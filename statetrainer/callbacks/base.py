@@ -19,7 +19,8 @@ class Callback:
 
     Override any of ``on_enter_<state>`` / ``on_exit_<state>`` for the states
     ``idle, epoch, phase, batch, backward, step``; each receives the trainer.
-    Hooks you do not override are never called, so they cost nothing.
+    ``on_exception`` runs when driving the machine ends with an error. Hooks
+    you do not override are never called, so they cost nothing.
 
     A callback whose state must survive a restart returns it from
     ``state_dict`` (tensors, numbers, strings, lists and dicts of them) and takes
@@ -46,6 +47,13 @@ class Callback:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned; its tensors are on the trainer's device."""
+
+    def on_exception(self, trainer: Trainer, error: BaseException) -> None:
+        """``fit()`` or ``advance()`` is ending with ``error`` (a crash, Ctrl-C, ``Preempted``): release what you hold.
+
+        The run cannot continue. An exception raised here is reported as a
+        warning, so the original error is the one that propagates.
+        """
 
     def on_enter_idle(self, trainer: Trainer) -> None:
         """The run has ended (after the last epoch, or after ``stop()``)."""

@@ -71,6 +71,12 @@ class ProgressBar(Callback):
             bar.set_postfix(running_metrics(trainer), refresh=False)
 
     def on_exit_phase(self, trainer: Trainer) -> None:
+        self._close()
+
+    def on_exception(self, trainer: Trainer, error: BaseException) -> None:
+        self._close()  # the bar's line would otherwise stay on the terminal under the traceback
+
+    def _close(self) -> None:
         self._opened = False
         if self.bar is not None:
             self.bar.close()

@@ -116,6 +116,20 @@ def test_progress_bar_draws_on_a_terminal_and_stays_quiet_otherwise(device: torc
     assert pipe.getvalue() == ""
 
 
+class FailsMidPhase(st.Callback):
+    def on_exit_batch(self, trainer: st.Trainer) -> None:
+        if trainer.batch_index == 2:
+            raise RuntimeError("the run crashes mid-phase")
+
+
+def test_a_crash_closes_the_progress_bar(device: torch.device):
+    bar = ProgressBar(stream=FakeTerminal(), mininterval=0)
+    trainer = classifier_trainer([bar, FailsMidPhase()], device, epochs=1)
+    with pytest.raises(RuntimeError, match="crashes mid-phase"):
+        trainer.fit()
+    assert bar.bar is None
+
+
 def test_plots_writes_pngs_of_metrics_and_learning_rate(device: torch.device, tmp_path):
     plots = Plots(tmp_path / "plots")
     model = nn.Linear(3, 1)

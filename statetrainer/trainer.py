@@ -386,13 +386,15 @@ class Trainer:
         """Continue from a checkpoint file, or from the newest good checkpoint in a folder.
 
         Returns the file loaded, or None for a folder that holds no checkpoint
-        (a first run), so ``trainer.load_checkpoint(folder); trainer.fit()``
-        is the whole auto-resume recipe. A folder whose newest file is corrupt
-        falls back to the one before, with a warning.
+        yet, or for the folder of one of the trainer's ``Checkpoint`` callbacks
+        before it exists (a first run), so ``trainer.load_checkpoint(folder);
+        trainer.fit()`` is the whole auto-resume recipe. A folder whose newest
+        file is corrupt falls back to the one before, with a warning.
 
         Raises:
             CheckpointError: The file is missing, truncated, corrupted, from a
-                newer format, or does not fit this trainer.
+                newer format, or does not fit this trainer; or ``path`` does
+                not exist and is no ``Checkpoint`` callback's folder (a typo).
         """
         path = Path(path)
         if path.is_dir():
@@ -403,7 +405,12 @@ class Trainer:
         elif path.exists() or path.suffix == ".safetensors":
             state = checkpoint.read_tree(path)
         else:
-            return None
+            folders = [callback.folder for callback in self.callbacks if isinstance(callback, Checkpoint)]
+            if any(path.resolve() == folder.resolve() for folder in folders):
+                return None  # the run's own checkpoint folder, not made yet: a first run
+            saving_to = f"this trainer's Checkpoint callback saves to {', '.join(map(str, folders))}" if folders else \
+                "this trainer has no Checkpoint callback"  # fmt: skip
+            raise CheckpointError(f"no checkpoint file or folder at {path}; {saving_to}. Check the path")
         self.load_state_dict(state)
         return path
 

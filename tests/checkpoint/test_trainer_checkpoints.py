@@ -219,3 +219,10 @@ def test_a_checkpoint_path_of_another_kind_is_refused_not_made_a_folder(tmp_path
     assert not (tmp_path / "model.pt").exists()
     (tmp_path / "run.v2").mkdir()  # an existing folder with a dot in its name is still a folder
     assert trainer.save_checkpoint(tmp_path / "run.v2").parent == tmp_path / "run.v2"
+
+
+def test_a_mistyped_checkpoint_path_is_an_error_not_a_fresh_start(tmp_path, device):
+    trainer = build([Checkpoint(tmp_path / "checkpoints" / "run1")], device=device)
+    with pytest.raises(CheckpointError, match=r"no checkpoint file or folder at .*chekpoints.*saves to .*checkpoints"):
+        trainer.load_checkpoint(tmp_path / "chekpoints" / "run1")
+    assert trainer.load_checkpoint(tmp_path / "checkpoints" / "run1") is None  # its own folder, not made yet

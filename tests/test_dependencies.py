@@ -1,4 +1,5 @@
-"""The library needs only its declared dependencies; torchvision is for the example and the tests."""
+"""The library needs torch, transitions, safetensors and numpy; tqdm and matplotlib are extras; torchvision is
+for the example and the tests."""
 
 from __future__ import annotations
 
@@ -22,3 +23,31 @@ def test_every_module_imports_without_torchvision():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_without_the_optional_packages_the_library_imports_and_their_callbacks_name_the_extra():
+    script = (
+        "import sys, pkgutil, importlib\n"
+        "sys.modules['tqdm'] = sys.modules['matplotlib'] = None\n"
+        "import statetrainer\n"
+        "for module in pkgutil.walk_packages(statetrainer.__path__, 'statetrainer.'):\n"
+        "    importlib.import_module(module.name)\n"
+        "from statetrainer.callbacks import Plots, ProgressBar\n"
+        "for make in (ProgressBar, lambda: Plots('plots')):\n"
+        "    try:\n"
+        "        make()\n"
+        "    except ImportError as error:\n"
+        "        print(error)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "ProgressBar needs tqdm" in result.stdout and "statetrainer[progress]" in result.stdout
+    assert "Plots needs matplotlib" in result.stdout and "statetrainer[plots]" in result.stdout
+
+
+def test_the_extras_are_declared():
+    required = [requirement.replace('"', "'") for requirement in importlib.metadata.requires("statetrainer") or []]
+    assert any(requirement.startswith("tqdm") and "extra == 'progress'" in requirement for requirement in required)
+    assert any(requirement.startswith("matplotlib") and "extra == 'plots'" in requirement for requirement in required)
+    assert not [requirement for requirement in required if "extra" not in requirement
+                and requirement.startswith(("tqdm", "matplotlib"))]  # fmt: skip

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..optional import require
 from .base import Callback
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ class Plots(Callback):
     """
 
     def __init__(self, folder: str | os.PathLike[str], name: str | None = None) -> None:
+        require("matplotlib", "plots", "Plots")  # now, rather than after the first epoch
         self.folder, self.name = Path(folder), name
         self.epochs: list[dict[str, float]] = []
         self.learning_rates: list[float] = []

@@ -5,9 +5,8 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Any, TextIO
 
-from tqdm.auto import tqdm
-
 from ..data import loader_length
+from ..optional import require
 from ..validation import check_count
 from .base import Callback
 from .metrics import running_metrics
@@ -42,6 +41,7 @@ class ProgressBar(Callback):
         **tqdm_options: Any,
     ) -> None:
         check_count("ProgressBar: refresh_every", refresh_every)
+        self._tqdm = require("tqdm.auto", "progress", "ProgressBar").tqdm
         self.refresh_every, self.stream, self.force, self.name = refresh_every, stream, force, name
         self.tqdm_options = {"leave": False, "dynamic_ncols": True, **tqdm_options}
         self.bar: Any = None
@@ -52,7 +52,7 @@ class ProgressBar(Callback):
         stream = self.stream or sys.stderr
         if not (self.force or (hasattr(stream, "isatty") and stream.isatty())):
             return
-        self.bar = tqdm(
+        self.bar = self._tqdm(
             total=loader_length(trainer.phase.loader), initial=done, file=stream,
             desc=f"epoch {trainer.epoch + 1} {trainer.phase.name}", **self.tqdm_options,
         )  # fmt: skip

@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..checkpoint import checkpoint_files, remove_stale_temporaries
+from ..checkpoint import checkpoint_files, fsync_folder, remove_stale_temporaries
 from ..validation import check_count
 from .base import Callback
 
@@ -153,3 +153,4 @@ def _publish(source: Path, target: Path) -> None:
         with open(temporary, "rb") as file:
             os.fsync(file.fileno())
     os.replace(temporary, target)
+    fsync_folder(target.parent)

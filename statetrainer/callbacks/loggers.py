@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from ..validation import check_count
+from ..checkpoint import fsync_folder
 from .base import Callback
 from .metrics import running_metrics
 
@@ -64,6 +65,7 @@ class _CSVFile:
         self.path = path
         self.columns: list[str] = []
         self.size = 0
+        self._unsynced = False  # rows appended since the file was last made durable
 
     def append(self, row: dict[str, Any]) -> None:
         new_columns = [key for key in row if key not in self.columns]
@@ -89,14 +91,29 @@ class _CSVFile:
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, self.path)
+        fsync_folder(self.path.parent)
         self.columns, self.size = columns, len(buffer.getvalue().encode())
 
     def _append_text(self, text: str) -> None:
         with open(self.path, "a", newline="") as file:
             file.write(text)
         self.size += len(text.encode())
+        self._unsynced = True
 
     def state_dict(self) -> dict[str, Any]:
+        """The columns and the byte size, after making those bytes durable.
+
+        A checkpoint records the size and refuses a shorter file, so the rows
+        must reach the disk before the checkpoint does.
+        """
+        if self._unsynced and self.path.exists():
+            descriptor = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+            fsync_folder(self.path.parent)  # the file's own name may be new
+            self._unsynced = False
         return {"columns": list(self.columns), "size": self.size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

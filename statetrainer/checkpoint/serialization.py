@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors import safe_open
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "read_tree", "write_tree"]
+__all__ = ["FORMAT_VERSION", "CheckpointError", "fsync_folder", "read_tree", "write_tree"]
 
 FORMAT_VERSION = 1
 _METADATA_KEY = "statetrainer"
@@ -204,7 +204,7 @@ def write_tree(path: str | os.PathLike[str], tree: dict[str, Any], library_versi
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    _fsync_folder(path.parent)
+    fsync_folder(path.parent)
     return path
 
 
@@ -222,27 +222,38 @@ class _DurableWriter:
         self.file = file
         self._unsynced = 0
         self._syncing: threading.Thread | None = None
+        self._sync_error: OSError | None = None
 
     def write(self, data: Any) -> None:
         self.file.write(data)
         self._unsynced += len(data) if not isinstance(data, memoryview) else data.nbytes
         if self._unsynced >= self.flush_every and (self._syncing is None or not self._syncing.is_alive()):
             self.file.flush()
-            self._syncing = threading.Thread(target=os.fdatasync, args=(self.file.fileno(),), daemon=True)
+            self._syncing = threading.Thread(target=self._sync_in_background, args=(self.file.fileno(),), daemon=True)
             self._syncing.start()
             self._unsynced = 0
 
     def seek(self, offset: int) -> None:
         self.file.seek(offset)
 
+    def _sync_in_background(self, descriptor: int) -> None:
+        try:
+            os.fdatasync(descriptor)
+        except OSError as error:  # kept for finish(): a thread's exception would otherwise be lost
+            self._sync_error = error
+
     def finish(self) -> None:
+        """Wait for the background sync, fsync the rest; raise ``OSError`` if either failed."""
         if self._syncing is not None:
             self._syncing.join()
+        if self._sync_error is not None:
+            raise OSError(f"syncing the file to disk failed while it was written: {self._sync_error}") from self._sync_error
         self.file.flush()
         os.fsync(self.file.fileno())
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
+    """Make a rename or a new file in ``folder`` durable."""
     descriptor = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(descriptor)

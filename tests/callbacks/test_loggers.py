@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 
 import pytest
 import torch
@@ -169,3 +170,24 @@ def test_progress_bar_of_a_run_resumed_mid_phase_starts_where_it_left_off(device
     second.fit()
     assert "epoch 1 train" in terminal.getvalue() and "4/4" in terminal.getvalue()
     assert "0/4" not in terminal.getvalue() and " 2/4" in terminal.getvalue()
+
+
+def test_csv_logs_reach_the_disk_before_a_checkpoint_records_their_size(tmp_path, device: torch.device, monkeypatch):
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def recording_fsync(descriptor: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        fsync(descriptor)
+
+    logger = CSVLogger(tmp_path / "log.csv", every_batches=1)
+    trainer = classifier_trainer([SmoothedLoss(), logger], device)
+    while not (trainer.state == "phase" and trainer.batch_index == 2):
+        trainer.advance()
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    path = trainer.save_checkpoint(tmp_path / "ckpt.safetensors")
+    log = str((tmp_path / "log_batches.csv").resolve())
+    assert log in synced and synced.index(log) < synced.index(str(path.with_name(f".{path.name}.{os.getpid()}.tmp")))
+    synced.clear()
+    trainer.save_checkpoint(tmp_path / "again.safetensors")
+    assert log not in synced  # nothing new appended: no second sync

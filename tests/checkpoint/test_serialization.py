@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 
 import pytest
@@ -163,3 +164,18 @@ def test_large_files_are_synced_while_written(tmp_path, monkeypatch):
     tree = sample_tree()
     loaded = read_tree(write_tree(tmp_path / "a.safetensors", tree, "test"))
     assert synced and torch.equal(loaded["model"]["weight"], tree["model"]["weight"])
+
+
+def test_a_failed_background_sync_fails_the_write():
+    from statetrainer.checkpoint.serialization import _DurableWriter
+
+    read_end, write_end = os.pipe()  # a pipe cannot be synced: fdatasync fails on it
+    try:
+        with os.fdopen(write_end, "wb", buffering=0) as file:
+            writer = _DurableWriter(file)
+            writer.flush_every = 16  # start the background sync after 16 bytes instead of 256 MiB
+            writer.write(b"x" * 32)
+            with pytest.raises(OSError, match="syncing the file to disk failed while it was written"):
+                writer.finish()
+    finally:
+        os.close(read_end)

@@ -107,12 +107,15 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
-# torch dtype -> safetensors dtype name (the format's own spelling)
-_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+# torch dtype -> safetensors dtype name (the format's own spelling), for every dtype both know
+_DTYPE_NAMES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "complex64": "C64",
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
+    "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
+    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "float8_e4m3fnuz": "F8_E4M3FNUZ",
+    "float8_e5m2fnuz": "F8_E5M2FNUZ",
 }  # fmt: skip
+_DTYPES = {getattr(torch, dtype): name for dtype, name in _DTYPE_NAMES.items() if hasattr(torch, dtype)}
 _PLACEHOLDER = "?" * 8
 
 
@@ -130,7 +133,7 @@ def _write_safetensors(file: Any, tensors: dict[str, torch.Tensor], header: dict
     for key in keys:
         tensor = tensors[key]
         if tensor.dtype not in _DTYPES:
-            raise TypeError(f"cannot save {key!r}: safetensors has no dtype {tensor.dtype}")
+            raise TypeError(f"cannot save {key!r}: checkpoints hold the dtypes of safetensors, not {tensor.dtype}")
         size = tensor.numel() * tensor.element_size()
         layout[key] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
         offset += size

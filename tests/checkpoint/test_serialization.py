@@ -179,3 +179,19 @@ def test_a_failed_background_sync_fails_the_write():
                 writer.finish()
     finally:
         os.close(read_end)
+
+
+def _safetensors_dtypes() -> list[torch.dtype]:
+    from safetensors.torch import _TYPES  # the library's own table: the oracle for what the format holds
+
+    return sorted(set(_TYPES.values()), key=str)
+
+
+@pytest.mark.parametrize("dtype", _safetensors_dtypes(), ids=str)
+def test_every_dtype_safetensors_holds_round_trips(tmp_path, dtype):
+    values = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    tensor = values.to(dtype) if dtype != torch.bool else values > 2
+    path = write_tree(tmp_path / "tree.safetensors", {"tensor": tensor}, "test")
+    loaded = read_tree(path)["tensor"]
+    assert loaded.dtype == dtype and loaded.shape == tensor.shape
+    assert torch.equal(loaded.view(torch.uint8), tensor.view(torch.uint8))  # bit for bit, for any dtype

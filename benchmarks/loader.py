@@ -13,7 +13,6 @@ per sample, with the ratio to the user's own loader.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable, Iterator
 
@@ -21,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from statetrainer.data import BatchSource
+from timing import report
 
 SAMPLES, FEATURES, BATCH = 8_000, 32, 128
 
@@ -50,10 +50,8 @@ def main() -> None:
         for epoch in range(args.rounds):
             for name, open_epoch in loops.items():
                 times[name].append(epoch_time(open_epoch, epoch) / SAMPLES * 1e6)
-        base = statistics.median(times["DataLoader"])
-        for name, values in times.items():
-            median = statistics.median(values)
-            print(f"  num_workers={workers}  {name:>12}: {median:6.2f} us/sample   ratio {median / base:.2f}")
+        print(f"  num_workers={workers}:")
+        report(times, "DataLoader", "us/sample", indent="    ")
 
 
 if __name__ == "__main__":

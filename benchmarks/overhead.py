@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import statetrainer as st
+from timing import report
 
 
 DEVICE = torch.device("cpu")  # set from --device
@@ -126,10 +127,7 @@ def compare(loops: dict[str, Factory], make_data: Callable[[], Iterable], batche
             run()
             synchronize()
             timings[name].append((time.perf_counter() - start) / batches * 1e6)
-    base = statistics.median(timings["hand-written"])
-    for name, values in timings.items():
-        median = statistics.median(values)
-        print(f"  {name:>13}: {median:7.2f} us/batch   overhead {median - base:+6.2f} us   ratio {median / base:.3f}")
+    report(timings, "hand-written", "us/batch")
 
 
 if __name__ == "__main__":

@@ -13,34 +13,33 @@ def test_torchvision_is_not_a_dependency_of_the_library():
     assert not [requirement for requirement in required if requirement.startswith("torchvision")]
 
 
-def test_every_module_imports_without_torchvision():
+def import_everything_without(packages: list[str], then: str = "") -> subprocess.CompletedProcess:
+    """In a fresh interpreter where importing any of ``packages`` fails, import every statetrainer module, then run ``then``."""
     script = (
         "import sys, pkgutil, importlib\n"
-        "sys.modules['torchvision'] = None  # any import of it now fails\n"
+        f"sys.modules.update(dict.fromkeys({packages!r}))  # None: any import of them now fails\n"
         "import statetrainer\n"
         "for module in pkgutil.walk_packages(statetrainer.__path__, 'statetrainer.'):\n"
         "    importlib.import_module(module.name)\n"
-    )
+    ) + then
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_every_module_imports_without_torchvision():
+    import_everything_without(["torchvision"])
 
 
 def test_without_the_optional_packages_the_library_imports_and_their_callbacks_name_the_extra():
-    script = (
-        "import sys, pkgutil, importlib\n"
-        "sys.modules['tqdm'] = sys.modules['matplotlib'] = None\n"
-        "import statetrainer\n"
-        "for module in pkgutil.walk_packages(statetrainer.__path__, 'statetrainer.'):\n"
-        "    importlib.import_module(module.name)\n"
+    result = import_everything_without(["tqdm", "matplotlib"], then=(
         "from statetrainer.callbacks import Plots, ProgressBar\n"
         "for make in (ProgressBar, lambda: Plots('plots')):\n"
         "    try:\n"
         "        make()\n"
         "    except ImportError as error:\n"
         "        print(error)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    ))  # fmt: skip
     assert "ProgressBar needs tqdm" in result.stdout and "statetrainer[progress]" in result.stdout
     assert "Plots needs matplotlib" in result.stdout and "statetrainer[plots]" in result.stdout
 

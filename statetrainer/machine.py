@@ -59,7 +59,8 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from transitions import Event, Machine, MachineError, Transition
+from transitions import Machine, MachineError
+from transitions.extensions import GraphMachine
 
 __all__ = [
     "HISTORY_LENGTH",
@@ -140,13 +141,13 @@ class InvalidMove(MachineError):
         return str(self.value)
 
 
-class _CompiledTransition(Transition):
-    """A transition whose callbacks were resolved into one flat tuple of calls."""
+class _CompiledMove:
+    """One transition with its calls resolved into flat tuples: firing it allocates nothing."""
 
-    def __init__(self, source: str, dest: str, *args: Any, **kwargs: Any) -> None:
-        super().__init__(source, dest, *args, **kwargs)
-        self.machine: TrainingMachine | None = None
-        self.record: Move | None = None
+    __slots__ = ("enter_calls", "exit_calls", "dest", "machine", "record")
+
+    def __init__(self, machine: TrainingMachine, event: str, source: str, dest: str) -> None:
+        self.machine, self.dest, self.record = machine, dest, Move(event, source, dest)
         self.exit_calls: tuple[Call, ...] = ()
         self.enter_calls: tuple[Call, ...] = ()
 
@@ -160,37 +161,46 @@ class _CompiledTransition(Transition):
         for call in self.enter_calls:
             call(target)
 
-    def execute(self, event_data: Any) -> bool:  # the generic ``transitions`` path
-        self.apply()
-        return True
 
+class _CompiledEvent:
+    """An event: the one move out of the machine's current state, looked up in a dict."""
 
-class _DirectEvent(Event):
-    """An event that runs its transition directly, without ``EventData`` or a queue."""
+    __slots__ = ("by_source", "machine", "name")
+
+    def __init__(self, machine: TrainingMachine, name: str, by_source: dict[str, _CompiledMove]) -> None:
+        self.machine, self.name, self.by_source = machine, name, by_source
 
     def fire(self) -> None:
         """Run this event's transition from the machine's current state."""
         machine = self.machine
         try:
-            transition = self._by_source[machine.state]
+            move = self.by_source[machine.state]
         except KeyError:
             raise InvalidMove(
                 f"cannot fire {self.name!r} from state {machine.state!r}; "
-                f"from {machine.state!r} the machine can fire: "
-                f"{', '.join(machine.get_triggers(machine.state))}"
+                f"from {machine.state!r} the machine can fire: {', '.join(machine.triggers(machine.state))}"
             ) from None
-        transition.apply()
-
-    def trigger(self, model: Any, *args: Any, **kwargs: Any) -> bool:
-        self.fire()
-        return True
-
-    def compile(self) -> None:
-        self._by_source = {source: moves[0] for source, moves in self.transitions.items()}
+        move.apply()
 
 
-class TrainingMachine(Machine):
+def _table() -> list[dict[str, Any]]:
+    """``TRANSITIONS`` in the form ``transitions``' machines take."""
+    return [
+        {"trigger": trigger, "source": list(source) if isinstance(source, tuple) else source, "dest": dest}
+        for trigger, source, dest in TRANSITIONS
+    ]
+
+
+class TrainingMachine:
     """The six-state training machine with its callbacks compiled in.
+
+    ``definition`` is a plain ``transitions.Machine`` built from ``TRANSITIONS``:
+    it validates the table and parses it into events, from which the compiled
+    moves are built, and ``diagram()`` has ``transitions`` draw the same table.
+    Firing does not go through ``transitions``: its per-event machinery
+    (conditions, ``EventData``, queues) would cost more than the work of a
+    small batch, and this machine has no conditions or before/after callbacks
+    to honour.
 
     Args:
         target: The object every call receives (the trainer).
@@ -200,9 +210,6 @@ class TrainingMachine(Machine):
         exit: Per state, the ``on_exit_<state>`` callables, in order.
         history_length: How many recent moves ``history`` keeps.
     """
-
-    transition_cls = _CompiledTransition
-    event_cls = _DirectEvent
 
     def __init__(
         self,
@@ -215,17 +222,15 @@ class TrainingMachine(Machine):
         history_length: int = HISTORY_LENGTH,
     ) -> None:
         self.target = target
+        self.state = "idle"
         self.history: deque[Move] = deque(maxlen=history_length)
-        super().__init__(
-            states=list(STATES),
-            initial="idle",
-            transitions=[
-                {"trigger": trigger, "source": list(source) if isinstance(source, tuple) else source, "dest": dest}
-                for trigger, source, dest in TRANSITIONS
-            ],
-            auto_transitions=False,
-            send_event=False,
-        )
+        self.definition = Machine(model=None, states=list(STATES), transitions=_table(), initial="idle",
+                                  auto_transitions=False)  # fmt: skip
+        self.events: dict[str, _CompiledEvent] = {}
+        for name, event in self.definition.events.items():
+            moves = {source: _CompiledMove(self, name, source, transitions[0].dest)
+                     for source, transitions in event.transitions.items()}  # fmt: skip
+            self.events[name] = _CompiledEvent(self, name, moves)
         self.compile(prepare or {}, enter or {}, work or {}, exit or {})
 
     def compile(
@@ -248,14 +253,14 @@ class TrainingMachine(Machine):
             return calls
 
         for event in self.events.values():
-            for moves in event.transitions.values():
-                for transition in moves:
-                    exited, entered = entered_and_exited(transition.source, transition.dest)
-                    transition.machine = self
-                    transition.record = Move(event.name, transition.source, transition.dest)
-                    transition.exit_calls = tuple(call for state in exited for call in exit.get(state, ()))
-                    transition.enter_calls = tuple(call for state in entered for call in entry_calls(state))
-            event.compile()
+            for move in event.by_source.values():
+                exited, entered = entered_and_exited(move.record.source, move.dest)
+                move.exit_calls = tuple(call for state in exited for call in exit.get(state, ()))
+                move.enter_calls = tuple(call for state in entered for call in entry_calls(state))
+
+    def triggers(self, state: str) -> list[str]:
+        """The events that can be fired from ``state``."""
+        return self.definition.get_triggers(state)
 
     def restore(self, state: str) -> None:
         """Put the machine in ``state`` without running any call (resuming from a checkpoint)."""
@@ -267,10 +272,21 @@ class TrainingMachine(Machine):
     def fire(self, event: str) -> None:
         """Fire the named event from the current state; raises ``InvalidMove`` if it cannot."""
         try:
-            self.events[event].fire()
+            compiled = self.events[event]
         except KeyError:
             raise InvalidMove(f"unknown event {event!r}; events are {', '.join(self.events)}") from None
+        compiled.fire()
 
     def firer(self, event: str) -> Callable[[], None]:
         """The bound, allocation-free call that fires ``event`` (for the driver's hot loop)."""
         return self.events[event].fire
+
+    def diagram(self) -> str:
+        """The state diagram, drawn by ``transitions`` from the table this machine runs (Mermaid source).
+
+        The current state is highlighted; paste the text into any Mermaid
+        renderer (GitHub, GitLab and most documentation tools draw it).
+        """
+        graph = GraphMachine(states=list(STATES), transitions=_table(), initial=self.state, auto_transitions=False,
+                             graph_engine="mermaid", title="statetrainer")  # fmt: skip
+        return graph.get_graph().draw(None)

@@ -217,6 +217,11 @@ class Trainer:
         """The most recent transitions, newest last."""
         return list(self._machine.history)
 
+    def diagram(self) -> str:
+        """The state diagram (Mermaid source) drawn by ``transitions`` from the table the machine runs,
+        with the current state marked."""
+        return self._machine.diagram()
+
     @property
     def finished(self) -> bool:
         """Whether the run has ended (all epochs done, or stopped)."""

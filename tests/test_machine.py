@@ -74,11 +74,25 @@ def test_entering_runs_prepare_callbacks_then_work_and_records_history():
     assert str(machine.history[-2]) == "step: backward -> step"
 
 
-def test_the_generic_transitions_trigger_takes_the_same_path():
-    machine, log = recording_machine()
-    machine.trigger("start_epoch")
-    assert machine.state == "epoch"
-    assert log == ["exit idle", "prepare epoch", "enter epoch", "work epoch"]
+def test_the_compiled_moves_are_the_transitions_definition_of_the_table():
+    machine, _ = recording_machine()
+    for state in STATES:
+        compiled = sorted(name for name, event in machine.events.items() if state in event.by_source)
+        assert compiled == sorted(machine.triggers(state)) == sorted(machine.definition.get_triggers(state))
+        for name in compiled:
+            assert machine.events[name].by_source[state].dest == machine.definition.events[name].transitions[state][0].dest
+
+
+def test_the_diagram_is_drawn_by_transitions_from_the_same_table_with_the_current_state_marked():
+    machine, _ = recording_machine()
+    machine.fire("start_epoch")
+    machine.fire("start_phase")
+    text = machine.diagram()
+    assert text.count("-->") == sum(1 if isinstance(source, str) else len(source) for _, source, _ in TRANSITIONS) + 1
+    for trigger, source, dest in TRANSITIONS:
+        for start in (source,) if isinstance(source, str) else source:
+            assert f"{start} --> {dest}: {trigger}" in text
+    assert "Class phase s_active" in text  # where the machine is now
 
 
 def test_an_invalid_move_names_the_state_and_the_possible_events():

@@ -318,11 +318,10 @@ def test_hooks_nobody_overrides_are_not_dispatched(device: torch.device):
 
     trainer, _ = linear_trainer(device, callbacks=[OnlyBatches()])
     for event in trainer._machine.events.values():
-        for moves in event.transitions.values():
-            for transition in moves:
-                names = [getattr(call, "__name__", "") for call in transition.exit_calls + transition.enter_calls]
-                assert names.count("on_enter_batch") == (transition.dest == "batch")
-                assert not [name for name in names if name.startswith("on_") and name != "on_enter_batch"]
+        for move in event.by_source.values():
+            names = [getattr(call, "__name__", "") for call in move.exit_calls + move.enter_calls]
+            assert names.count("on_enter_batch") == (move.dest == "batch")
+            assert not [name for name in names if name.startswith("on_") and name != "on_enter_batch"]
     trainer.fit()
     assert OnlyBatches.calls == 3
 
@@ -430,3 +429,9 @@ def test_callbacks_hear_of_the_exception_that_ends_the_run_and_it_still_propagat
             trainer.fit()
     assert len(watches.seen) == 1 and watches.seen[0][0] == "backward"
     assert str(watches.seen[0][1]) == "a callback fails"
+
+
+def test_the_diagram_marks_where_a_stepped_run_is(device: torch.device):
+    trainer, _ = linear_trainer(device)
+    trainer.run_until("backward")
+    assert "Class backward s_active" in trainer.diagram() and "batch --> backward: backward" in trainer.diagram()

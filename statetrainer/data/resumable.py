@@ -2,10 +2,11 @@
 
 A phase's loader becomes a *batch source* with ``open(seed, epoch, start)``:
 
-- A plain ``DataLoader`` over a map-style dataset (shuffled or not, any
-  ``num_workers``) is rebuilt once with the same settings but a sampler the
-  trainer controls: the order of epoch ``e`` is a permutation seeded by
-  ``(seed, phase, e)``, and starting at batch ``k`` drops the first ``k *
+- A ``DataLoader`` (or a subclass that takes DataLoader's arguments) over a
+  map-style dataset (shuffled or not, any ``num_workers``) is rebuilt once,
+  as its own class with the same settings, but with a sampler the trainer
+  controls: the order of epoch ``e`` is a permutation seeded by ``(seed,
+  phase, e)`` (and the loader's own ``generator``'s seed, when it has one), and starting at batch ``k`` drops the first ``k *
   batch_size`` indices before any sample is loaded. Every batch is loaded with
   the torch, ``random`` and NumPy generators seeded from ``(seed, phase, epoch,
   its first sample)``: a batch always goes whole to one worker, so random
@@ -146,9 +147,16 @@ class BatchSource:
         self.reason = _why_not_resumable(loader)
         self._order: SeededOrder | None = None
         self._iterable: Iterable[Any] = loader
+        # A generator given to the loader keeps a say in its order: its seed is mixed into every epoch's.
+        generator = getattr(loader, "generator", None)
+        self._generator_seed = generator.initial_seed() if isinstance(generator, torch.Generator) else None
         if self.reason is None and isinstance(loader, DataLoader):
-            self._iterable, self._order = _rebuild(loader, shielded_init(loader, worker_signals))
-        else:
+            try:
+                self._iterable, self._order = _rebuild(loader, shielded_init(loader, worker_signals))
+            except TypeError as error:  # a subclass whose constructor takes other arguments
+                self.reason = (f"its class {type(loader).__name__} cannot be rebuilt with the trainer's sampler "
+                               f"({error}); accept DataLoader's arguments to make it resumable")  # fmt: skip
+        if self._order is None:
             shield_workers(loader, worker_signals)
 
     @property
@@ -160,7 +168,9 @@ class BatchSource:
             raise RuntimeError(f"this loader cannot start at batch {start}: {self.reason}")
         if self._order is not None:
             batch_size = getattr(self._iterable, "batch_size", None) or 1
-            self._order.position(mix_seed(seed, self.phase_index, epoch), start * batch_size)
+            keys = (seed, self.phase_index, epoch) if self._generator_seed is None else \
+                (seed, self.phase_index, epoch, self._generator_seed)  # fmt: skip
+            self._order.position(mix_seed(*keys), start * batch_size)
             return iter(self._iterable)
         if start:
             return islice(self._iterable, start, None)  # a list: skipping is index arithmetic
@@ -186,7 +196,11 @@ def _why_not_resumable(loader: Iterable[Any]) -> str | None:
 
 
 def _rebuild(loader: DataLoader, worker_init_fn: Any) -> tuple[DataLoader, SeededOrder]:
-    """The same DataLoader, drawing its order from a ``SeededOrder`` and seeding every sample."""
+    """The same DataLoader, of the same class, drawing its order from a ``SeededOrder`` and seeding every batch.
+
+    Raises:
+        TypeError: The loader's class does not take DataLoader's arguments.
+    """
     order = SeededOrder(len(loader.dataset), shuffle=isinstance(loader.sampler, RandomSampler))
     options: dict[str, Any] = {
         "batch_size": loader.batch_size,
@@ -204,6 +218,8 @@ def _rebuild(loader: DataLoader, worker_init_fn: Any) -> tuple[DataLoader, Seede
     }
     if loader.num_workers > 0:
         options["prefetch_factor"] = loader.prefetch_factor
+    if hasattr(loader, "in_order"):  # torch >= 2.6
+        options["in_order"] = loader.in_order
     if loader.batch_size is None:  # no automatic batching: the collate_fn sees single samples
         options.pop("drop_last")
-    return DataLoader(SeededSamples(loader.dataset), sampler=order, **options), order
+    return type(loader)(SeededSamples(loader.dataset), sampler=order, **options), order

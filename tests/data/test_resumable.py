@@ -155,3 +155,42 @@ def test_a_datasets_batched_getitems_is_used_and_its_batches_are_seeded_as_a_who
         assert dataset.batched_reads == 5  # in workers, the copies count
     reference = batches(BatchSource(DataLoader(Augmented(), batch_size=8, shuffle=True), 0))
     assert all(torch.equal(a, b) for a, b in zip(loaded, reference, strict=True))
+
+
+class Doubling(DataLoader):
+    """A DataLoader subclass with behaviour of its own: every batch comes out doubled."""
+
+    def __iter__(self):
+        return (batch * 2 for batch in super().__iter__())
+
+
+class NeedsAName(DataLoader):
+    def __init__(self, name: str, dataset, **options) -> None:
+        super().__init__(dataset, **options)
+        self.name = name
+
+
+def test_a_dataloader_subclass_is_rebuilt_as_itself():
+    plain = batches(BatchSource(DataLoader(Augmented(), batch_size=8, shuffle=True), 0))
+    source = BatchSource(Doubling(Augmented(), batch_size=8, shuffle=True), 0)
+    assert source.resumable
+    doubled = batches(source)
+    assert all(torch.equal(a * 2, b) for a, b in zip(plain, doubled, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(doubled[3:], batches(source, start=3), strict=True))
+
+
+def test_a_subclass_that_cannot_be_rebuilt_is_used_as_given_and_says_why():
+    source = BatchSource(NeedsAName("mine", Augmented(), batch_size=8, shuffle=True), 0)
+    assert not source.resumable and "NeedsAName cannot be rebuilt" in source.reason
+    assert len(batches(source)) == 5
+
+
+def test_the_loaders_own_generator_keeps_a_say_in_the_order():
+    def order(generator_seed: int | None) -> list[float]:
+        generator = None if generator_seed is None else torch.Generator().manual_seed(generator_seed)
+        source = BatchSource(DataLoader(Augmented(), batch_size=8, shuffle=True, generator=generator), 0)
+        assert source.resumable
+        return torch.cat(batches(source))[:, 0].tolist()
+
+    assert order(1) == order(1)
+    assert order(1) != order(2) and order(1) != order(None)

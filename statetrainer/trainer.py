@@ -329,6 +329,8 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "callbacks": {callback.key: callback.state_dict() for callback in self.callbacks},
             "rng": capture_rng(self._cuda_devices),
+            # The position of every loader that keeps its own (None for the others: theirs is computed).
+            "data": [source.state_dict() for source in self._sources],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -361,6 +363,8 @@ class Trainer:
         self.phase = self.phases[self._phase_position] if self._phase_position >= 0 else None
         self._machine.restore(position["state"])
         restore_rng(state["rng"], self._cuda_devices)
+        for source, saved in zip(self._sources, state.get("data") or [None] * len(self._sources), strict=True):
+            source.load_state_dict(saved)  # applied when the source next opens
         if position["state"] == "phase":  # mid-phase: reopen its batches after the last one done
             self._open_phase(start=self.batch_index + 1)
 
@@ -425,9 +429,19 @@ class Trainer:
         False inside a batch, and inside a phase whose loader cannot start past
         its first batch (``statetrainer.data.resumable`` says which).
         """
-        if self.state not in _AT_REST:
-            return False
-        return self.state != "phase" or self._sources[self._phase_position].resumable
+        return self.state in _AT_REST and self._why_not_mid_phase() is None
+
+    def _why_not_mid_phase(self) -> str | None:
+        """Why the run cannot be resumed from here, inside its current phase; None when it can."""
+        if self.state != "phase":
+            return None
+        source = self._sources[self._phase_position]
+        if not source.resumable:
+            return source.reason
+        if source.keeps_own_state and self._cursor is not None and self._cursor.looked_ahead:
+            return ("the trainer has read its next batch already, to see whether the phase ends, "
+                    "so the loader's saved position would skip that batch")
+        return None
 
     def _check_at_rest(self, what: str) -> None:
         if self._driving and not self._at_rest:
@@ -441,9 +455,8 @@ class Trainer:
                 "advance to the end of the batch first"
             )
         if not self.can_checkpoint_here():
-            source = self._sources[self._phase_position]
             raise RuntimeError(
-                f"phase {self.phase.name!r} cannot be resumed mid-phase ({source.reason}); "
+                f"phase {self.phase.name!r} cannot be resumed mid-phase here ({self._why_not_mid_phase()}); "
                 "checkpoint it at an epoch boundary instead"
             )
 
@@ -464,6 +477,9 @@ class Trainer:
                     raise CheckpointError(
                         f"the checkpoint's optimizer has param groups of sizes {saved_groups}, this one {our_groups}"
                     )
+            saved_data = state.get("data") or [None] * len(self._sources)
+            if [saved is None for saved in saved_data] != [not source.keeps_own_state for source in self._sources]:
+                raise CheckpointError("the checkpoint's loaders and this trainer's disagree on which keep their own state")
             missing = [callback.key for callback in self.callbacks if callback.key not in state["callbacks"]]
             if missing:
                 raise CheckpointError(f"the checkpoint has no state for callback(s) {', '.join(missing)}")
@@ -524,9 +540,9 @@ class Trainer:
             outcome = ("nothing was saved, because the trainer has no Checkpoint callback; "
                        "add statetrainer.callbacks.Checkpoint(folder) to resume from a stop")  # fmt: skip
         elif not self.can_checkpoint_here():
-            source = self._sources[self._phase_position]
-            outcome = (f"nothing was saved, because phase {self.phase.name!r} cannot be resumed mid-phase "
-                       f"({source.reason}); a restart resumes from the newest checkpoint in {savers[0].folder}")  # fmt: skip
+            outcome = (f"nothing was saved, because phase {self.phase.name!r} cannot be resumed mid-phase here "
+                       f"({self._why_not_mid_phase()}); a restart resumes from the newest checkpoint in "
+                       f"{savers[0].folder}")  # fmt: skip
         else:
             saved = savers[0].save(self)
             outcome = f"saved {saved}"

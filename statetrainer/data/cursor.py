@@ -52,6 +52,11 @@ class BatchCursor:
             self.fetched += 1
         return batch
 
+    @property
+    def looked_ahead(self) -> bool:
+        """Whether a batch was read ahead of the current one (by ``is_last``)."""
+        return self._ahead is not _NOTHING
+
     def close(self) -> None:
         """Let go of the loader's iterator, so a DataLoader shuts its workers down now."""
         self._iterator, self._ahead = iter(()), _NOTHING

@@ -13,6 +13,11 @@ A phase's loader becomes a *batch source* with ``open(seed, epoch, start)``:
   augmentation gives the same result in any worker, with any ``num_workers``,
   before or after a restart, for the price of one seeding per batch.
 - A list or tuple of batches starts at index ``k``.
+- A loader with ``state_dict``/``load_state_dict`` of its own (torchdata's
+  ``StatefulDataLoader``), or an in-process ``DataLoader`` over an
+  ``IterableDataset`` that has them, resumes through that state: the trainer
+  saves it with a checkpoint taken inside its phase and loads it back before
+  the phase reopens.
 - Anything else (a custom sampler, an ``IterableDataset``, a generator-backed
   iterable) is used as it is and can only be started at batch 0: checkpoints
   inside such a phase are refused, and ``Checkpoint`` saves at epoch boundaries.
@@ -156,6 +161,11 @@ class BatchSource:
             except TypeError as error:  # a subclass whose constructor takes other arguments
                 self.reason = (f"its class {type(loader).__name__} cannot be rebuilt with the trainer's sampler "
                                f"({error}); accept DataLoader's arguments to make it resumable")  # fmt: skip
+        self._stateful: Any = None  # what holds the position of a loader that keeps its own state
+        self._pending_state: Any = None
+        if self._order is None and not isinstance(loader, Sequence):
+            self._stateful, why_not = _state_holder(loader)
+            self.reason = None if self._stateful is not None else why_not or self.reason
         if self._order is None:
             shield_workers(loader, worker_signals)
 
@@ -163,9 +173,37 @@ class BatchSource:
     def resumable(self) -> bool:
         return self.reason is None
 
+    @property
+    def keeps_own_state(self) -> bool:
+        """Whether the loader's position is its own state (not an index the trainer can compute)."""
+        return self._stateful is not None
+
+    def state_dict(self) -> Any:
+        """The position of a loader that keeps its own state (taken inside its phase); None for the others."""
+        return None if self._stateful is None else self._stateful.state_dict()
+
+    def load_state_dict(self, state: Any) -> None:
+        """Hold ``state`` for the next ``open``, which starts the loader from there."""
+        if (state is None) != (self._stateful is None):
+            raise ValueError("the saved data position does not fit this loader (one keeps its own state, the other not)")
+        self._pending_state = state
+
     def open(self, seed: int, epoch: int, start: int = 0) -> Iterator[Any]:
         if start and not self.resumable:
             raise RuntimeError(f"this loader cannot start at batch {start}: {self.reason}")
+        if self._stateful is not None:
+            if self._pending_state is not None:
+                state, self._pending_state = self._pending_state, None
+                self._stateful.load_state_dict(state)
+            elif start:
+                raise RuntimeError(f"this loader starts at batch {start} only from its saved state")
+            # A DataLoader draws a base seed from the global generator as it opens; a resumed run opens
+            # it at another point of the run's stream than the original did, so opening must not draw.
+            saved = torch.get_rng_state()
+            try:
+                return iter(self._iterable)
+            finally:
+                torch.set_rng_state(saved)
         if self._order is not None:
             batch_size = getattr(self._iterable, "batch_size", None) or 1
             keys = (seed, self.phase_index, epoch) if self._generator_seed is None else \
@@ -175,6 +213,23 @@ class BatchSource:
         if start:
             return islice(self._iterable, start, None)  # a list: skipping is index arithmetic
         return iter(self._iterable)
+
+
+def _has_state(candidate: Any) -> bool:
+    return callable(getattr(candidate, "state_dict", None)) and callable(getattr(candidate, "load_state_dict", None))
+
+
+def _state_holder(loader: Iterable[Any]) -> tuple[Any, str | None]:
+    """What holds the position of a loader that keeps its own state, or None and why not."""
+    if _has_state(loader):
+        return loader, None
+    dataset = getattr(loader, "dataset", None)
+    if isinstance(loader, DataLoader) and isinstance(dataset, IterableDataset) and _has_state(dataset):
+        if loader.num_workers == 0:
+            return dataset, None
+        return None, (f"its {type(dataset).__name__} has state_dict/load_state_dict, but with num_workers > 0 the "
+                      "position lives in the workers' copies; use num_workers=0 or torchdata's StatefulDataLoader")  # fmt: skip
+    return None, None
 
 
 def _why_not_resumable(loader: Iterable[Any]) -> str | None:

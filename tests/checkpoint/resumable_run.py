@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 import statetrainer as st
 from statetrainer import callbacks as cb
@@ -64,6 +64,32 @@ class MeanConfidence(st.callbacks.Metric):
         self.total, self.count = state["total"], state["count"]
 
 
+class NoisyShapeStream(IterableDataset):
+    """The training shapes as a stream that keeps its own position (``state_dict``/``load_state_dict``).
+
+    Sample i of an epoch is shape ``(epoch * 7 + i) % size`` of ``NoisyShapes``, its noise drawn from
+    a generator seeded by both, so a resumed stream repeats the original exactly.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.shapes = NoisyShapes(size, augment=False)
+        self.epoch, self.position = 0, 0
+
+    def __iter__(self):
+        while self.position < len(self.shapes):
+            index, self.position = self.position, self.position + 1
+            image, label = self.shapes[(self.epoch * 7 + index) % len(self.shapes)]
+            generator = torch.Generator().manual_seed(self.epoch * 100_003 + index)
+            yield image + 0.3 * torch.randn(image.shape, generator=generator), label
+        self.epoch, self.position = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
 class NoisyShapes(Dataset):
     """Class k is a bright square at one of 4 places; augmentation adds noise, flips and shifts."""
 
@@ -87,7 +113,8 @@ class NoisyShapes(Dataset):
         return image, label
 
 
-def build(folder: str, accumulate: int, pad_mb: int, extra: list[st.Callback], **options) -> st.Trainer:
+def build(folder: str, accumulate: int, pad_mb: int, extra: list[st.Callback], stream: bool = False,
+          **options) -> st.Trainer:  # fmt: skip
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
@@ -95,10 +122,13 @@ def build(folder: str, accumulate: int, pad_mb: int, extra: list[st.Callback], *
     )  # fmt: skip
     if pad_mb:
         model.register_buffer("pad", torch.zeros(pad_mb * 2**18))
-    train = DataLoader(NoisyShapes(480, augment=True), batch_size=16, shuffle=True, num_workers=2)
+    if stream:  # an unsized stream, in the main process: it resumes through its own state
+        train = DataLoader(NoisyShapeStream(480), batch_size=16)
+    else:
+        train = DataLoader(NoisyShapes(480, augment=True), batch_size=16, shuffle=True, num_workers=2)
     valid = DataLoader(NoisyShapes(96, augment=False), batch_size=32, num_workers=2)
     epochs = 3
-    steps = epochs * -(-len(train) // accumulate)
+    steps = epochs * -(-30 // accumulate)  # 480 samples in batches of 16
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     return st.Trainer(
         model, optimizer, F.cross_entropy,
@@ -157,6 +187,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default=None)
     parser.add_argument("--deterministic", action="store_true")
+    parser.add_argument("--stream", action="store_true", help="train on a stream that keeps its own position")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -168,7 +199,7 @@ def main() -> None:
         epoch, phase, batch, name = args.signal_at.split(":")
         extra.append(SignalAt(int(epoch), phase, int(batch), name))
     options = {"device": args.device, "precision": args.precision, "deterministic": args.deterministic}
-    trainer = build(args.folder, args.accumulate, args.pad_mb, extra, **options)
+    trainer = build(args.folder, args.accumulate, args.pad_mb, extra, stream=args.stream, **options)
     resumed = trainer.load_checkpoint(args.folder)
     print(f"resumed from {resumed}" if resumed else "fresh start", flush=True)
     trainer.fit()

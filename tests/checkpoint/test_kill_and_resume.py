@@ -101,6 +101,21 @@ def test_sigkill_at_a_batch_then_restart_ends_bit_identical(baseline, tmp_path, 
     assert_same_run(*baseline(*options), folder, out)
 
 
+@pytest.mark.parametrize(("accumulate", "kill_at"), [(1, "0:train:7"), (2, "1:train:20"), (2, "2:train:13")])
+def test_a_stream_that_keeps_its_own_position_resumes_mid_epoch_bit_identical(baseline, tmp_path, device, accumulate,
+                                                                                kill_at):  # fmt: skip
+    options = ("--accumulate", str(accumulate), "--stream", *device_options(device))
+    folder, out = tmp_path / "run", tmp_path / "run.out"
+    killed = run_script(folder, out, *options, "--kill-at", kill_at)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    state, epoch, phase, batch = newest_position(folder)
+    assert state == "phase" and phase == "train" and (epoch, batch) > (0, 0)  # a mid-epoch checkpoint of the stream
+    resumed = run_script(folder, out, *options)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.startswith("resumed from"), resumed.stdout
+    assert_same_run(*baseline(*options), folder, out)
+
+
 SIGNAL_POINTS = [
     # (accumulate, epoch:phase:batch, signal) -- checkpoints come every 3 steps and at each epoch's end
     (1, "0:train:7", "SIGTERM"),  # between two step checkpoints

@@ -194,3 +194,45 @@ def test_the_loaders_own_generator_keeps_a_say_in_the_order():
 
     assert order(1) == order(1)
     assert order(1) != order(2) and order(1) != order(None)
+
+
+class CountingStream(IterableDataset):
+    """A stream that keeps its own position: sample i is i plus noise drawn from a generator seeded by i."""
+
+    def __init__(self, size: int = 30) -> None:
+        self.size, self.position = size, 0
+
+    def __iter__(self):
+        while self.position < self.size:
+            index, self.position = self.position, self.position + 1
+            noise = torch.rand((), generator=torch.Generator().manual_seed(index))
+            yield torch.tensor([float(index), float(noise)])
+        self.position = 0  # the next pass starts over
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+
+def test_a_stream_with_its_own_state_resumes_from_it():
+    whole = batches(BatchSource(DataLoader(CountingStream(), batch_size=4), 0))
+    stream = CountingStream()
+    source = BatchSource(DataLoader(stream, batch_size=4), 0)
+    assert source.resumable
+    iterator = source.open(1, 0)
+    first = [next(iterator) for _ in range(3)]
+    saved = source.state_dict()
+    assert saved == {"position": 12}
+    restarted = BatchSource(DataLoader(CountingStream(), batch_size=4), 0)
+    restarted.load_state_dict(saved)
+    rest = list(restarted.open(1, 0, start=3))
+    assert all(torch.equal(a, b) for a, b in zip(whole, first + rest, strict=True))
+    with pytest.raises(RuntimeError, match="only from its saved state"):
+        restarted.open(1, 1, start=2)
+
+
+def test_a_stream_with_state_in_worker_processes_says_why_it_cannot_resume():
+    source = BatchSource(DataLoader(CountingStream(), batch_size=4, num_workers=2), 0)
+    assert not source.resumable and "num_workers=0 or torchdata's StatefulDataLoader" in source.reason

@@ -9,8 +9,9 @@ workers down itself when it stops.
 
 One exception: when the main process exits, Python's ``multiprocessing``
 terminates the workers that are still running (an iterator left open by a
-stepped run) with SIGTERM and waits for them. So the main process raises a
-shared flag as it starts to exit, and from then on the workers obey.
+stepped run, or persistent workers) with SIGTERM and waits for them. So the
+main process raises a shared flag as it starts to exit, and from then on a
+worker given one of those signals ends at once, with status 0.
 """
 
 from __future__ import annotations
@@ -62,9 +63,10 @@ class IgnoreSignalsInWorker:
             self.then(worker_id)
 
     def _handle(self, number: int, frame: FrameType | None) -> None:
-        if self.main_exiting.value:  # the main process is terminating its workers: die as asked
-            signal.signal(number, signal.SIG_DFL)
-            os.kill(os.getpid(), number)
+        if self.main_exiting.value:
+            # The main process is terminating its workers: end quietly, as PyTorch's own workers do on
+            # their parent's SIGTERM (dying of the signal would make the parent report a killed worker).
+            os._exit(0)
 
 
 def shielded_init(loader: DataLoader, signals: Iterable[int]) -> Callable[[int], Any] | None:

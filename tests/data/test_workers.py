@@ -23,6 +23,8 @@ LEFT_OPEN = textwrap.dedent("""
     data = TensorDataset(torch.randn(400, 3), torch.randn(400, 1))
     if sys.argv[2] == "shuffled":  # rebuilt by the trainer
         loader = DataLoader(data, batch_size=4, num_workers=2, shuffle=True)
+    elif sys.argv[2] == "persistent":  # its workers outlive every pass
+        loader = DataLoader(data, batch_size=4, num_workers=2, shuffle=True, persistent_workers=True)
     else:  # a custom sampler: used as given
         loader = DataLoader(data, batch_size=4, num_workers=2, sampler=list(range(400)))
     trainer = st.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.functional.mse_loss,
@@ -34,11 +36,12 @@ LEFT_OPEN = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("ending", ["exit", "raise"])
-@pytest.mark.parametrize("order", ["shuffled", "custom-sampler"])
+@pytest.mark.parametrize("order", ["shuffled", "persistent", "custom-sampler"])
 def test_a_script_ending_with_its_loader_open_exits_instead_of_waiting_on_its_workers(device, ending, order):
     result = subprocess.run([sys.executable, "-c", LEFT_OPEN, ending, order, str(device)],
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == (0 if ending == "exit" else 1), result.stderr
+    assert "killed by signal" not in result.stderr, result.stderr  # the workers ended quietly
 
 
 def test_shielding_wraps_the_loaders_own_worker_init_once():

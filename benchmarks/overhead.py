@@ -48,6 +48,7 @@ def hand_loop(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Callable[
     def run() -> None:
         model.train()
         for inputs, target in batches:
+            inputs, target = inputs.to(DEVICE, non_blocking=True), target.to(DEVICE, non_blocking=True)
             loss = loss_fn(model(inputs), target)
             loss.backward()
             optimizer.step()

@@ -3,14 +3,17 @@ for the example and the tests."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
+
+# The project's own declaration (read from the file, so this holds wherever the tests run, installed or not).
+PROJECT = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
 
 
 def test_torchvision_is_not_a_dependency_of_the_library():
-    required = [requirement.split(";")[0] for requirement in importlib.metadata.requires("statetrainer") or []]
-    assert not [requirement for requirement in required if requirement.startswith("torchvision")]
+    assert not [requirement for requirement in PROJECT["dependencies"] if requirement.startswith("torchvision")]
 
 
 def import_everything_without(packages: list[str], then: str = "") -> subprocess.CompletedProcess:
@@ -45,8 +48,7 @@ def test_without_the_optional_packages_the_library_imports_and_their_callbacks_n
 
 
 def test_the_extras_are_declared():
-    required = [requirement.replace('"', "'") for requirement in importlib.metadata.requires("statetrainer") or []]
-    assert any(requirement.startswith("tqdm") and "extra == 'progress'" in requirement for requirement in required)
-    assert any(requirement.startswith("matplotlib") and "extra == 'plots'" in requirement for requirement in required)
-    assert not [requirement for requirement in required if "extra" not in requirement
-                and requirement.startswith(("tqdm", "matplotlib"))]  # fmt: skip
+    extras = PROJECT["optional-dependencies"]
+    assert any(requirement.startswith("tqdm") for requirement in extras["progress"])
+    assert any(requirement.startswith("matplotlib") for requirement in extras["plots"])
+    assert not [requirement for requirement in PROJECT["dependencies"] if requirement.startswith(("tqdm", "matplotlib"))]

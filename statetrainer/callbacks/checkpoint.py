@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..checkpoint import checkpoint_files, fsync_folder, remove_stale_temporaries
+from ..checkpoint import checkpoint_files, fsync_path, remove_stale_temporaries
 from ..validation import check_count
 from .base import Callback
 
@@ -150,7 +150,6 @@ def _publish(source: Path, target: Path) -> None:
         os.link(source, temporary)
     except OSError:
         shutil.copyfile(source, temporary)
-        with open(temporary, "rb") as file:
-            os.fsync(file.fileno())
+        fsync_path(temporary)
     os.replace(temporary, target)
-    fsync_folder(target.parent)
+    fsync_path(target.parent)

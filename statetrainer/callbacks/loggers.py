@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from ..validation import check_count
-from ..checkpoint import fsync_folder
+from ..checkpoint import fsync_path
 from .base import Callback
 from .metrics import running_metrics
 
@@ -91,7 +91,7 @@ class _CSVFile:
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, self.path)
-        fsync_folder(self.path.parent)
+        fsync_path(self.path.parent)
         self.columns, self.size = columns, len(buffer.getvalue().encode())
 
     def _append_text(self, text: str) -> None:
@@ -107,12 +107,8 @@ class _CSVFile:
         must reach the disk before the checkpoint does.
         """
         if self._unsynced and self.path.exists():
-            descriptor = os.open(self.path, os.O_RDONLY)
-            try:
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
-            fsync_folder(self.path.parent)  # the file's own name may be new
+            fsync_path(self.path)
+            fsync_path(self.path.parent)  # the file's own name may be new
             self._unsynced = False
         return {"columns": list(self.columns), "size": self.size}
 

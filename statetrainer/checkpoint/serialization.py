@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors import safe_open
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "fsync_folder", "read_tree", "write_tree"]
+__all__ = ["FORMAT_VERSION", "CheckpointError", "fsync_path", "read_tree", "write_tree"]
 
 FORMAT_VERSION = 1
 _METADATA_KEY = "statetrainer"
@@ -207,7 +207,7 @@ def write_tree(path: str | os.PathLike[str], tree: dict[str, Any], library_versi
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    fsync_folder(path.parent)
+    fsync_path(path.parent)
     return path
 
 
@@ -255,9 +255,9 @@ class _DurableWriter:
         os.fsync(self.file.fileno())
 
 
-def fsync_folder(folder: Path) -> None:
-    """Make a rename or a new file in ``folder`` durable."""
-    descriptor = os.open(folder, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (a rename or a new file in it), to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
     finally:

@@ -6,20 +6,21 @@ A phase's loader becomes a *batch source* with ``open(seed, epoch, start)``:
   map-style dataset (shuffled or not, any ``num_workers``) is rebuilt once,
   as its own class with the same settings, but with a sampler the trainer
   controls: the order of epoch ``e`` is a permutation seeded by ``(seed,
-  phase, e)`` (and the loader's own ``generator``'s seed, when it has one), and starting at batch ``k`` drops the first ``k *
-  batch_size`` indices before any sample is loaded. Every batch is loaded with
+  phase, e)`` (and the loader's own ``generator``'s seed, when it has one),
+  and starting at batch ``k`` drops the first ``k * batch_size`` indices
+  before any sample is loaded. Every batch is loaded with
   the torch, ``random`` and NumPy generators seeded from ``(seed, phase, epoch,
   its first sample)``: a batch always goes whole to one worker, so random
   augmentation gives the same result in any worker, with any ``num_workers``,
   before or after a restart, for the price of one seeding per batch.
 - A list or tuple of batches starts at index ``k``.
-- A loader with ``state_dict``/``load_state_dict`` of its own (torchdata's
-  ``StatefulDataLoader``), or an in-process ``DataLoader`` over an
-  ``IterableDataset`` that has them, resumes through that state: the trainer
-  saves it with a checkpoint taken inside its phase and loads it back before
-  the phase reopens.
-- Anything else (a custom sampler, an ``IterableDataset``, a generator-backed
-  iterable) is used as it is and can only be started at batch 0: checkpoints
+- A loader with ``state_dict``/``load_state_dict`` of its own (the protocol
+  of torchdata's ``StatefulDataLoader``), or an in-process ``DataLoader``
+  over an ``IterableDataset`` that has them, resumes through that state:
+  every checkpoint carries it, and it is loaded back before the loader next
+  opens.
+- Anything else (a custom sampler, a stateless ``IterableDataset``, a
+  generator-backed iterable) is used as it is and can only be started at batch 0: checkpoints
   inside such a phase are refused, and ``Checkpoint`` saves at epoch boundaries.
 """
 
@@ -154,7 +155,7 @@ class BatchSource:
         self._iterable: Iterable[Any] = loader
         # A generator given to the loader keeps a say in its order: its seed is mixed into every epoch's.
         generator = getattr(loader, "generator", None)
-        self._generator_seed = generator.initial_seed() if isinstance(generator, torch.Generator) else None
+        self._order_salt = (generator.initial_seed(),) if isinstance(generator, torch.Generator) else ()
         if self.reason is None and isinstance(loader, DataLoader):
             try:
                 self._iterable, self._order = _rebuild(loader, shielded_init(loader, worker_signals))
@@ -179,7 +180,7 @@ class BatchSource:
         return self._stateful is not None
 
     def state_dict(self) -> Any:
-        """The position of a loader that keeps its own state (taken inside its phase); None for the others."""
+        """The position of a loader that keeps its own state; None for the others (theirs is computed)."""
         return None if self._stateful is None else self._stateful.state_dict()
 
     def load_state_dict(self, state: Any) -> None:
@@ -206,9 +207,7 @@ class BatchSource:
                 torch.set_rng_state(saved)
         if self._order is not None:
             batch_size = getattr(self._iterable, "batch_size", None) or 1
-            keys = (seed, self.phase_index, epoch) if self._generator_seed is None else \
-                (seed, self.phase_index, epoch, self._generator_seed)  # fmt: skip
-            self._order.position(mix_seed(*keys), start * batch_size)
+            self._order.position(mix_seed(seed, self.phase_index, epoch, *self._order_salt), start * batch_size)
             return iter(self._iterable)
         if start:
             return islice(self._iterable, start, None)  # a list: skipping is index arithmetic

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 import statetrainer as st
+from statetrainer.stateful import Position
 
 
 def make_trainer(width: int, layers: int, device: torch.device) -> st.Trainer:
@@ -77,7 +78,7 @@ def measure(label: str, width: int, layers: int, folder: Path, repeats: int, dev
     ours, theirs = folder / f"{label}.safetensors", folder / f"{label}.pt"
 
     def our_load() -> None:
-        fresh._finished = False  # reuse one fresh trainer: reset what a load marks
+        fresh.position.load_state_dict(Position().state_dict())  # reuse one fresh trainer: reset what a load set
         fresh._machine.restore("idle")
         fresh.load_checkpoint(ours)
 

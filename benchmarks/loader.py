@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from statetrainer.data import BatchSource
+from statetrainer.data import batch_source
 from timing import report
 
 SAMPLES, FEATURES, BATCH = 8_000, 32, 128
@@ -42,7 +42,7 @@ def main() -> None:
     for workers in (0, 2):
         options = {"persistent_workers": True} if workers else {}
         loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers, **options)
-        source = BatchSource(DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers, **options), 0)
+        source = batch_source(DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers, **options), 0)
         loops = {"DataLoader": lambda epoch: iter(loader), "statetrainer": lambda epoch: source.open(0, epoch)}
         times: dict[str, list[float]] = {name: [] for name in loops}
         for name, open_epoch in loops.items():  # warm-up (starts persistent workers)

@@ -269,6 +269,17 @@ class TrainingMachine:
         self.history.append(Move("restore", self.state, state))
         self.state = state
 
+    def state_dict(self) -> dict[str, str]:
+        """The current state: a part of the run's state."""
+        return {"state": self.state}
+
+    def check_fits(self, state: dict[str, str]) -> None:
+        if state["state"] not in STATES:
+            raise ValueError(f"unknown state {state['state']!r}; states are {', '.join(STATES)}")
+
+    def load_state_dict(self, state: dict[str, str]) -> None:
+        self.restore(state["state"])
+
     def fire(self, event: str) -> None:
         """Fire the named event from the current state; raises ``InvalidMove`` if it cannot."""
         try:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["capture_rng", "restore_rng"]
+__all__ = ["Generators", "capture_rng", "restore_rng"]
 
 
 def capture_rng(cuda_devices: Sequence[torch.device] = ()) -> dict[str, Any]:
@@ -55,3 +55,35 @@ def restore_rng(state: dict[str, Any], cuda_devices: Sequence[torch.device] = ()
         )
     for device, device_state in zip(cuda_devices, saved):
         torch.cuda.set_rng_state(device_state.cpu(), device)
+
+
+class Generators:
+    """The run's seed and every random generator's state: a part of the run's state.
+
+    Args:
+        seed: The run's seed (it decides the data order; see ``statetrainer.data``).
+        cuda_devices: The CUDA devices whose generators the run draws from.
+    """
+
+    def __init__(self, seed: int, cuda_devices: Sequence[torch.device] = ()) -> None:
+        self.seed, self.cuda_devices = seed, tuple(cuda_devices)
+
+    @classmethod
+    def for_run(cls, seed: int | None, device: torch.device) -> Generators:
+        """The generators of a run on ``device``; a None seed takes ``torch.initial_seed()``."""
+        seed = int(seed) if seed is not None else torch.initial_seed() % 2**63
+        return cls(seed, (device,) if device.type == "cuda" else ())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, **capture_rng(self.cuda_devices)}
+
+    def check_fits(self, state: dict[str, Any]) -> None:
+        if isinstance(state["seed"], bool) or not isinstance(state["seed"], int):
+            raise ValueError(f"the seed is {state['seed']!r}, not an integer")
+        if not isinstance(state["torch"], torch.Tensor) or not isinstance(state["cuda"], list):
+            raise TypeError("the torch and CUDA generator states are not tensors")
+        state["python"]["state"], state["numpy"]["keys"]  # noqa: B018 -- present, or a KeyError
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seed = int(state["seed"])
+        restore_rng(state, self.cuda_devices)

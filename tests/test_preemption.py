@@ -79,8 +79,9 @@ def test_a_stop_signal_saves_after_the_batch_in_flight_and_resumes_exactly(tmp_p
     preempted = raised.value
     assert preempted.code == 128 + number and preempted.signal == number
     assert preempted.checkpoint == checkpoint_files(folder)[-1]
-    position = read_tree(preempted.checkpoint)["position"]
-    assert (position["state"], position["epoch"], position["batch_index"]) == ("phase", where[0], where[2])
+    saved = read_tree(preempted.checkpoint)
+    position = saved["position"]
+    assert (saved["machine"]["state"], position["epoch"], position["batch_index"]) == ("phase", where[0], where[2])
     assert stopped.phases[position["phase_position"]].name == where[1]
     assert f"stopped by {signal.Signals(number).name}" in str(preempted)
 

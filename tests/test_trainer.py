@@ -370,7 +370,7 @@ def test_mixed_precision_runs_forward_under_autocast(device: torch.device, preci
     trainer.fit()
     expected = torch.bfloat16 if precision == "bf16" else torch.float16
     assert dtypes == [expected, expected]
-    assert (trainer.scaler is not None) == (precision == "fp16" and device.type == "cuda")  # fp16 on CUDA only
+    assert (trainer.step_runner.scaler is not None) == (precision == "fp16" and device.type == "cuda")  # fp16 on CUDA only
     assert model.weight.dtype == torch.float32 and torch.isfinite(model.weight).all()
 
 
@@ -384,7 +384,7 @@ def test_cuda_fp16_uses_a_grad_scaler():
     trainer = st.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), F.mse_loss,
                          [st.Phase("train", regression_batches(4))], device="cuda", precision="fp16", grad_clip=1.0)  # fmt: skip
     trainer.fit()
-    assert trainer.scaler is not None and trainer.global_step == 4
+    assert trainer.step_runner.scaler is not None and trainer.global_step == 4
     assert torch.isfinite(model.weight).all()
 
 

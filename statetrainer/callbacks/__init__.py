@@ -1,6 +1,6 @@
 """Callbacks: every feature of a run (metrics, schedulers, loggers, checkpoints) is one."""
 
-from .base import HOOK_NAMES, Callback, overridden_hooks
+from .base import HOOK_NAMES, Callback, TrainerView, overridden_hooks
 from .checkpoint import Checkpoint
 from .early_stopping import EarlyStopping
 from .loggers import CSVLogger, StreamLogger, learning_rates
@@ -14,6 +14,7 @@ __all__ = [
     "Accuracy",
     "CSVLogger",
     "Callback",
+    "TrainerView",
     "Checkpoint",
     "CosineWarmRestarts",
     "EarlyStopping",

@@ -2,16 +2,58 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
 
 from ..machine import STATES
+from ..phase import Phase
 
-if TYPE_CHECKING:
-    from ..trainer import Trainer
-
-__all__ = ["HOOK_NAMES", "Callback", "overridden_hooks"]
+__all__ = ["HOOK_NAMES", "Callback", "TrainerView", "hooks_by_state", "overridden_hooks"]
 
 HOOK_NAMES: tuple[str, ...] = tuple(f"on_{kind}_{state}" for state in STATES for kind in ("enter", "exit"))
+
+
+class TrainerView(Protocol):
+    """What a callback may read and call on the trainer it observes.
+
+    Callbacks may also change ``model``'s and ``optimizer``'s settings (a
+    scheduler sets learning rates) and write ``metrics``; they never drive the
+    machine (``fit``, ``advance``).
+    """
+
+    @property
+    def state(self) -> str: ...
+    @property
+    def epoch(self) -> int: ...
+    @property
+    def batch_index(self) -> int: ...
+    @property
+    def global_step(self) -> int: ...
+
+    epochs: int
+    phase: Phase | None
+    phases: Sequence[Phase]
+    callbacks: Sequence[Callback]
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    device: torch.device
+    batch: Any
+    target: Any
+    output: Any
+    loss: torch.Tensor | None
+
+    @property
+    def metrics(self) -> dict[str, Any]: ...
+
+    def stop(self) -> None: ...
+    def defer(self, action: Callable[[Any], None]) -> None: ...
+    def can_checkpoint_here(self) -> bool: ...
+    def save_checkpoint(self, path: str | os.PathLike[str] | None = None) -> Path: ...
 
 
 class Callback:
@@ -30,8 +72,8 @@ class Callback:
     on ``trainer.device`` (the run's device, whichever device wrote the
     checkpoint) and owned by the callback, so it can keep them as they are.
 
-    A callback may read and change the trainer's attributes and call
-    ``trainer.stop()``, but never drives the machine (``advance``, ``fit``).
+    Hooks receive the trainer as a ``TrainerView``: what a callback may read
+    and call. A callback never drives the machine (``advance``, ``fit``).
     """
 
     name: str | None = None
@@ -48,47 +90,47 @@ class Callback:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned; its tensors are on the trainer's device."""
 
-    def on_exception(self, trainer: Trainer, error: BaseException) -> None:
+    def on_exception(self, trainer: TrainerView, error: BaseException) -> None:
         """``fit()`` or ``advance()`` is ending with ``error`` (a crash, Ctrl-C, ``Preempted``): release what you hold.
 
         The run cannot continue. An exception raised here is reported as a
         warning, so the original error is the one that propagates.
         """
 
-    def on_enter_idle(self, trainer: Trainer) -> None:
+    def on_enter_idle(self, trainer: TrainerView) -> None:
         """The run has ended (after the last epoch, or after ``stop()``)."""
 
-    def on_exit_idle(self, trainer: Trainer) -> None:
+    def on_exit_idle(self, trainer: TrainerView) -> None:
         """The run is starting."""
 
-    def on_enter_epoch(self, trainer: Trainer) -> None:
+    def on_enter_epoch(self, trainer: TrainerView) -> None:
         """An epoch starts; ``trainer.epoch`` is its index."""
 
-    def on_exit_epoch(self, trainer: Trainer) -> None:
+    def on_exit_epoch(self, trainer: TrainerView) -> None:
         """An epoch has run all its phases."""
 
-    def on_enter_phase(self, trainer: Trainer) -> None:
+    def on_enter_phase(self, trainer: TrainerView) -> None:
         """A phase starts; ``trainer.phase`` is it. Its loader is not open yet."""
 
-    def on_exit_phase(self, trainer: Trainer) -> None:
+    def on_exit_phase(self, trainer: TrainerView) -> None:
         """A phase has run all its batches."""
 
-    def on_enter_batch(self, trainer: Trainer) -> None:
+    def on_enter_batch(self, trainer: TrainerView) -> None:
         """``trainer.batch`` holds the batch as the loader gave it; forward has not run."""
 
-    def on_exit_batch(self, trainer: Trainer) -> None:
+    def on_exit_batch(self, trainer: TrainerView) -> None:
         """``trainer.output`` and ``trainer.loss`` hold the batch's results (and its step is done)."""
 
-    def on_enter_backward(self, trainer: Trainer) -> None:
+    def on_enter_backward(self, trainer: TrainerView) -> None:
         """The backward pass is about to run on ``trainer.loss``."""
 
-    def on_exit_backward(self, trainer: Trainer) -> None:
+    def on_exit_backward(self, trainer: TrainerView) -> None:
         """Gradients of this batch have been accumulated into ``.grad``."""
 
-    def on_enter_step(self, trainer: Trainer) -> None:
+    def on_enter_step(self, trainer: TrainerView) -> None:
         """The optimizer is about to step (the place to set hyper-parameters)."""
 
-    def on_exit_step(self, trainer: Trainer) -> None:
+    def on_exit_step(self, trainer: TrainerView) -> None:
         """The optimizer has stepped and the gradients are zeroed."""
 
 
@@ -98,3 +140,14 @@ def overridden_hooks(callback: Callback) -> dict[str, Any]:
     return {
         hook: getattr(callback, hook) for hook in HOOK_NAMES if getattr(cls, hook, None) is not getattr(Callback, hook)
     }
+
+
+def hooks_by_state(callbacks: Sequence[Callback]) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
+    """The overridden ``on_enter_<state>`` and ``on_exit_<state>`` hooks of ``callbacks``, by state, in order."""
+    enter: dict[str, list[Any]] = {state: [] for state in STATES}
+    exit: dict[str, list[Any]] = {state: [] for state in STATES}
+    for callback in callbacks:
+        for hook, method in overridden_hooks(callback).items():
+            _, kind, state = hook.split("_", 2)
+            (enter if kind == "enter" else exit)[state].append(method)
+    return enter, exit

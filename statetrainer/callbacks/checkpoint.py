@@ -7,14 +7,11 @@ import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..checkpoint import checkpoint_files, fsync_path, remove_stale_temporaries
 from ..validation import check_count
-from .base import Callback
-
-if TYPE_CHECKING:
-    from ..trainer import Trainer
+from .base import Callback, TrainerView
 
 __all__ = ["Checkpoint"]
 
@@ -75,11 +72,11 @@ class Checkpoint(Callback):
     def best_path(self) -> Path:
         return self.folder / "best.safetensors"
 
-    def on_exit_step(self, trainer: Trainer) -> None:
+    def on_exit_step(self, trainer: TrainerView) -> None:
         if self.every_steps is not None and trainer.global_step % self.every_steps == 0:
             self._request(trainer)
 
-    def on_exit_epoch(self, trainer: Trainer) -> None:
+    def on_exit_epoch(self, trainer: TrainerView) -> None:
         if self.best is not None:
             if self.best not in trainer.metrics:
                 raise KeyError(
@@ -94,12 +91,12 @@ class Checkpoint(Callback):
         if self.every_epochs is not None and (trainer.epoch + 1) % self.every_epochs == 0:
             self._request(trainer)
 
-    def _request(self, trainer: Trainer) -> None:
+    def _request(self, trainer: TrainerView) -> None:
         if not self._due:
             self._due = True
             trainer.defer(self._save)
 
-    def _save(self, trainer: Trainer) -> None:
+    def _save(self, trainer: TrainerView) -> None:
         self._due = False
         if trainer.state == "phase" and not trainer.can_checkpoint_here():
             if not self._warned:
@@ -112,7 +109,7 @@ class Checkpoint(Callback):
             return
         self.save(trainer)
 
-    def save(self, trainer: Trainer) -> Path:
+    def save(self, trainer: TrainerView) -> Path:
         """Checkpoint ``trainer`` into the folder now, then prune; return the file.
 
         The trainer must be between batches (a deferred action, or outside

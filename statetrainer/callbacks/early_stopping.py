@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..validation import check_count, check_number
-from .base import Callback
+from .base import Callback, TrainerView
 from .metrics import Metric
-
-if TYPE_CHECKING:
-    from ..trainer import Trainer
 
 __all__ = ["EarlyStopping"]
 
@@ -53,19 +50,19 @@ class EarlyStopping(Callback):
             return value < self.best - self.min_delta
         return value > self.best + self.min_delta
 
-    def on_enter_epoch(self, trainer: Trainer) -> None:
+    def on_enter_epoch(self, trainer: TrainerView) -> None:
         self.checked_this_epoch = False
 
-    def on_exit_phase(self, trainer: Trainer) -> None:
+    def on_exit_phase(self, trainer: TrainerView) -> None:
         if self._produced_in(trainer) == trainer.phase.name:
             self._check_order(trainer)
             self._check(trainer, f"which phase {trainer.phase.name!r} did not produce")
 
-    def on_exit_epoch(self, trainer: Trainer) -> None:
+    def on_exit_epoch(self, trainer: TrainerView) -> None:
         if not self.checked_this_epoch:
             self._check(trainer, "which nothing produced during the epoch")
 
-    def _produced_in(self, trainer: Trainer) -> str | None:
+    def _produced_in(self, trainer: TrainerView) -> str | None:
         """The phase whose end publishes ``monitor``, or None when only the epoch's end can tell."""
         metrics = [callback for callback in trainer.callbacks if isinstance(callback, Metric)]
         if any(metric.active and metric.key_for(trainer) == self.monitor for metric in metrics):
@@ -76,7 +73,7 @@ class EarlyStopping(Callback):
         prefixes = [phase.name for phase in trainer.phases if self.monitor.startswith(f"{phase.name}_")]
         return max(prefixes, key=len) if prefixes else None
 
-    def _check(self, trainer: Trainer, missing: str) -> None:
+    def _check(self, trainer: TrainerView, missing: str) -> None:
         if self.monitor not in trainer.metrics:
             raise KeyError(
                 f"EarlyStopping monitors {self.monitor!r}, {missing}; "
@@ -94,7 +91,7 @@ class EarlyStopping(Callback):
                   f"check(s); stopping after epoch {trainer.epoch + 1}", flush=True)  # fmt: skip
             trainer.stop()
 
-    def _check_order(self, trainer: Trainer) -> None:
+    def _check_order(self, trainer: TrainerView) -> None:
         position = trainer.callbacks.index(self)
         for index, callback in enumerate(trainer.callbacks[position + 1 :], start=position + 1):
             if isinstance(callback, Metric) and callback.active and callback.key_for(trainer) == self.monitor:

@@ -7,20 +7,17 @@ import io
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 from ..validation import check_count
 from ..checkpoint import fsync_path
-from .base import Callback
+from .base import Callback, TrainerView
 from .metrics import running_metrics
-
-if TYPE_CHECKING:
-    from ..trainer import Trainer
 
 __all__ = ["CSVLogger", "StreamLogger", "learning_rates"]
 
 
-def learning_rates(trainer: Trainer) -> dict[str, float]:
+def learning_rates(trainer: TrainerView) -> dict[str, float]:
     """``{"lr": ...}`` for one param group, ``{"lr_0": ..., "lr_1": ...}`` for several."""
     if trainer.optimizer is None:
         return {}
@@ -49,7 +46,7 @@ class StreamLogger(Callback):
         values = ", ".join(f"{key}={value:.4f}" for key, value in metrics.items())
         return f"Epoch: {epoch:4d} | {values}"
 
-    def on_exit_epoch(self, trainer: Trainer) -> None:
+    def on_exit_epoch(self, trainer: TrainerView) -> None:
         stream = self.stream or sys.stdout
         print(self.format(trainer.epoch + 1, trainer.metrics), file=stream, flush=True)
 
@@ -152,19 +149,19 @@ class CSVLogger(Callback):
         self.batches = _CSVFile(self.path.with_name(f"{self.path.stem}_batches{self.path.suffix or '.csv'}"))
         self._started = False
 
-    def on_exit_idle(self, trainer: Trainer) -> None:
+    def on_exit_idle(self, trainer: TrainerView) -> None:
         if not self._started:  # a fresh run starts a fresh log
             self._started = True
             for log in (self.epochs, self.batches):
                 log.path.unlink(missing_ok=True)
 
-    def on_exit_batch(self, trainer: Trainer) -> None:
+    def on_exit_batch(self, trainer: TrainerView) -> None:
         if self.every_batches is not None and (trainer.batch_index + 1) % self.every_batches == 0:
             row = {"epoch": trainer.epoch + 1, "phase": trainer.phase.name, "batch": trainer.batch_index + 1,
                    "step": trainer.global_step, **running_metrics(trainer), **learning_rates(trainer)}  # fmt: skip
             self.batches.append(row)
 
-    def on_exit_epoch(self, trainer: Trainer) -> None:
+    def on_exit_epoch(self, trainer: TrainerView) -> None:
         self.epochs.append(
             {"epoch": trainer.epoch + 1, "step": trainer.global_step, **trainer.metrics, **learning_rates(trainer)}
         )

@@ -8,15 +8,12 @@ never force a GPU sync per batch.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..validation import check_count, check_number
-from .base import Callback
-
-if TYPE_CHECKING:
-    from ..trainer import Trainer
+from .base import Callback, TrainerView
 
 __all__ = ["Accuracy", "Metric", "SmoothedLoss", "running_metrics"]
 
@@ -41,7 +38,7 @@ class Metric(Callback):
         self.active = False  # measuring the current phase
         self.batches = 0  # batches seen in the current phase
 
-    def key_for(self, trainer: Trainer) -> str:
+    def key_for(self, trainer: TrainerView) -> str:
         """The ``trainer.metrics`` name this metric publishes in the current phase."""
         return self.key_for_phase(trainer.phase.name)
 
@@ -53,10 +50,10 @@ class Metric(Callback):
         """Whether this metric is measured in ``phase``."""
         return self.phases is None or phase in self.phases
 
-    def reset(self, trainer: Trainer) -> None:
+    def reset(self, trainer: TrainerView) -> None:
         raise NotImplementedError
 
-    def update(self, trainer: Trainer) -> None:
+    def update(self, trainer: TrainerView) -> None:
         raise NotImplementedError
 
     def compute(self) -> torch.Tensor:
@@ -66,18 +63,18 @@ class Metric(Callback):
         """The current value, read back to the host; NaN before the first batch."""
         return float(self.compute()) if self.batches else float("nan")
 
-    def on_enter_phase(self, trainer: Trainer) -> None:
+    def on_enter_phase(self, trainer: TrainerView) -> None:
         self.active = self.measures(trainer.phase.name)
         self.batches = 0
         if self.active:
             self.reset(trainer)
 
-    def on_exit_batch(self, trainer: Trainer) -> None:
+    def on_exit_batch(self, trainer: TrainerView) -> None:
         if self.active:
             self.batches += 1
             self.update(trainer)
 
-    def on_exit_phase(self, trainer: Trainer) -> None:
+    def on_exit_phase(self, trainer: TrainerView) -> None:
         if self.active:
             trainer.metrics[self.key_for(trainer)] = self.value()
 
@@ -104,10 +101,10 @@ class SmoothedLoss(Metric):
         self.beta = beta
         self.average = torch.zeros(())
 
-    def reset(self, trainer: Trainer) -> None:
+    def reset(self, trainer: TrainerView) -> None:
         self.average = torch.zeros((), device=trainer.device)
 
-    def update(self, trainer: Trainer) -> None:
+    def update(self, trainer: TrainerView) -> None:
         self.average.mul_(self.beta).add_(trainer.loss.detach(), alpha=1 - self.beta)
 
     def compute(self) -> torch.Tensor:
@@ -137,11 +134,11 @@ class Accuracy(Metric):
         self.correct = torch.zeros((), dtype=torch.long)
         self.total = 0
 
-    def reset(self, trainer: Trainer) -> None:
+    def reset(self, trainer: TrainerView) -> None:
         self.correct = torch.zeros((), dtype=torch.long, device=trainer.device)
         self.total = 0
 
-    def update(self, trainer: Trainer) -> None:
+    def update(self, trainer: TrainerView) -> None:
         output, target = trainer.output.detach(), trainer.target
         if self.top_k == 1:
             hits = output.argmax(dim=1) == target
@@ -161,7 +158,7 @@ class Accuracy(Metric):
         self.correct, self.total = state["correct"], int(state["total"])
 
 
-def running_metrics(trainer: Trainer) -> dict[str, float]:
+def running_metrics(trainer: TrainerView) -> dict[str, float]:
     """The current phase's metrics as they stand now (reads them back to the host)."""
     return {
         metric.key_for(trainer): metric.value()

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..optional import require
-from .base import Callback
-
-if TYPE_CHECKING:
-    from ..trainer import Trainer
+from .base import Callback, TrainerView
 
 __all__ = ["Plots"]
 
@@ -32,10 +29,10 @@ class Plots(Callback):
         self.epochs: list[dict[str, float]] = []
         self.learning_rates: list[float] = []
 
-    def on_exit_step(self, trainer: Trainer) -> None:
+    def on_exit_step(self, trainer: TrainerView) -> None:
         self.learning_rates.append(trainer.optimizer.param_groups[0]["lr"])
 
-    def on_exit_epoch(self, trainer: Trainer) -> None:
+    def on_exit_epoch(self, trainer: TrainerView) -> None:
         self.epochs.append(dict(trainer.metrics))
         self.write()
 

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 from ..data import loader_length
 from ..optional import require
 from ..validation import check_count
-from .base import Callback
+from .base import Callback, TrainerView
 from .metrics import running_metrics
-
-if TYPE_CHECKING:
-    from ..trainer import Trainer
 
 __all__ = ["ProgressBar"]
 
@@ -47,7 +44,7 @@ class ProgressBar(Callback):
         self.bar: Any = None
         self._opened = False  # for this phase (a run resumed mid-phase opens it at its first batch)
 
-    def _open(self, trainer: Trainer, done: int) -> None:
+    def _open(self, trainer: TrainerView, done: int) -> None:
         self._opened = True
         stream = self.stream or sys.stderr
         if not (self.force or (hasattr(stream, "isatty") and stream.isatty())):
@@ -57,10 +54,10 @@ class ProgressBar(Callback):
             desc=f"epoch {trainer.epoch + 1} {trainer.phase.name}", **self.tqdm_options,
         )  # fmt: skip
 
-    def on_enter_phase(self, trainer: Trainer) -> None:
+    def on_enter_phase(self, trainer: TrainerView) -> None:
         self._open(trainer, done=0)
 
-    def on_exit_batch(self, trainer: Trainer) -> None:
+    def on_exit_batch(self, trainer: TrainerView) -> None:
         if not self._opened:
             self._open(trainer, done=trainer.batch_index)
         bar = self.bar
@@ -70,10 +67,10 @@ class ProgressBar(Callback):
         if (trainer.batch_index + 1) % self.refresh_every == 0:
             bar.set_postfix(running_metrics(trainer), refresh=False)
 
-    def on_exit_phase(self, trainer: Trainer) -> None:
+    def on_exit_phase(self, trainer: TrainerView) -> None:
         self._close()
 
-    def on_exception(self, trainer: Trainer, error: BaseException) -> None:
+    def on_exception(self, trainer: TrainerView, error: BaseException) -> None:
         self._close()  # the bar's line would otherwise stay on the terminal under the traceback
 
     def _close(self) -> None:

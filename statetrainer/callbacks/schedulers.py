@@ -12,15 +12,12 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..validation import check_count, check_number
-from .base import Callback
-
-if TYPE_CHECKING:
-    from ..trainer import Trainer
+from .base import Callback, TrainerView
 
 __all__ = ["CosineWarmRestarts", "OneCycle", "ParamScheduler", "TorchScheduler", "anneal"]
 
@@ -63,7 +60,7 @@ class ParamScheduler(Callback):
         """The value for each scheduled group at ``step``."""
         raise NotImplementedError
 
-    def on_enter_step(self, trainer: Trainer) -> None:
+    def on_enter_step(self, trainer: TrainerView) -> None:
         param_groups = trainer.optimizer.param_groups
         indices = range(len(param_groups)) if self.groups is None else self.groups
         for group_index, value in zip(indices, self.values(trainer.global_step, len(indices)), strict=True):
@@ -202,7 +199,7 @@ class OneCycle(ParamScheduler):
     def momentum(self, step: int) -> float:
         return self._shape(step, self.max_momentum, self.base_momentum, self.max_momentum)
 
-    def on_enter_step(self, trainer: Trainer) -> None:
+    def on_enter_step(self, trainer: TrainerView) -> None:
         super().on_enter_step(trainer)
         if self.cycle_momentum:
             param_groups = trainer.optimizer.param_groups
@@ -240,11 +237,11 @@ class TorchScheduler(Callback):
         self.scheduler, self.monitor, self.name = scheduler, monitor, name
         self.interval = "epoch" if plateau else interval
 
-    def on_exit_step(self, trainer: Trainer) -> None:
+    def on_exit_step(self, trainer: TrainerView) -> None:
         if self.interval == "step":
             self.scheduler.step()
 
-    def on_exit_epoch(self, trainer: Trainer) -> None:
+    def on_exit_epoch(self, trainer: TrainerView) -> None:
         if self.interval != "epoch":
             return
         if self.monitor is None:

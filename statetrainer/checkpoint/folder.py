@@ -1,17 +1,20 @@
-"""A folder of numbered checkpoints: naming the next one, finding the newest good one."""
+"""Where checkpoints go and come from: a file or a folder of numbered ones, the newest good one found."""
 
 from __future__ import annotations
 
 import os
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from .serialization import CheckpointError, read_tree
 
-__all__ = ["checkpoint_files", "newest_valid", "next_checkpoint_path", "remove_stale_temporaries"]
+__all__ = ["DEFAULT_CHECKPOINT_FOLDER", "checkpoint_files", "find_checkpoint", "newest_valid", "next_checkpoint_path",
+           "remove_stale_temporaries", "save_target"]  # fmt: skip
+
+DEFAULT_CHECKPOINT_FOLDER = Path("checkpoints")
 
 _NAME = re.compile(r"^ckpt-(?P<sequence>\d{6,})-epoch(?P<epoch>\d+)-step(?P<step>\d+)\.safetensors$")
 _TEMPORARY = re.compile(r"^\..+\.(?P<pid>\d+)\.tmp$")  # as serialization.write_tree names them
@@ -74,3 +77,46 @@ def newest_valid(folder: Path, check: Callable[[dict[str, Any]], None] | None = 
     if failures:
         raise CheckpointError(f"no usable checkpoint in {folder}: " + "; ".join(failures))
     return None
+
+
+def save_target(path: str | os.PathLike[str] | None, epoch: int, step: int) -> Path:
+    """The file a save to ``path`` writes: ``path`` itself for a ``.safetensors`` name, else the folder's next.
+
+    Raises:
+        ValueError: ``path`` names a file of another kind (``model.pt``).
+    """
+    target = Path(path) if path is not None else DEFAULT_CHECKPOINT_FOLDER
+    if target.suffix == ".safetensors":
+        return target
+    if target.suffix and not target.is_dir():
+        raise ValueError(
+            f"save_checkpoint({str(target)!r}): checkpoints are safetensors files; name a file ending in "
+            "'.safetensors' or a folder (a new folder whose name has a dot must exist first)"
+        )
+    return next_checkpoint_path(target, epoch, step)
+
+
+def find_checkpoint(
+    path: str | os.PathLike[str],
+    own_folders: Sequence[Path],
+    check: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint to resume from: the file ``path``, or the newest good one in the folder ``path``.
+
+    None for a folder that holds no checkpoint yet, and for one of
+    ``own_folders`` (where the run saves) before it exists: a first run.
+
+    Raises:
+        CheckpointError: The file is unusable, or ``path`` does not exist and
+            is none of ``own_folders`` (a typo).
+    """
+    path = Path(path)
+    if path.is_dir():
+        return newest_valid(path, check)
+    if path.exists() or path.suffix == ".safetensors":
+        return path, read_tree(path)
+    if any(path.resolve() == folder.resolve() for folder in own_folders):
+        return None
+    saving_to = (f"this trainer's Checkpoint callback saves to {', '.join(map(str, own_folders))}" if own_folders
+                 else "this trainer has no Checkpoint callback")  # fmt: skip
+    raise CheckpointError(f"no checkpoint file or folder at {path}; {saving_to}. Check the path")

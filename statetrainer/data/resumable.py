@@ -1,27 +1,15 @@
-"""Loaders the trainer can start at any batch of any epoch, without loading what came before.
+"""How a DataLoader is made resumable: a seeded order it can start anywhere, batches loaded under seeds.
 
-A phase's loader becomes a *batch source* with ``open(seed, epoch, start)``:
-
-- A ``DataLoader`` (or a subclass that takes DataLoader's arguments) over a
-  map-style dataset (shuffled or not, any ``num_workers``) is rebuilt once,
-  as its own class with the same settings, but with a sampler the trainer
-  controls: the order of epoch ``e`` is a permutation seeded by ``(seed,
-  phase, e)`` (and the loader's own ``generator``'s seed, when it has one),
-  and starting at batch ``k`` drops the first ``k * batch_size`` indices
-  before any sample is loaded. Every batch is loaded with
-  the torch, ``random`` and NumPy generators seeded from ``(seed, phase, epoch,
-  its first sample)``: a batch always goes whole to one worker, so random
-  augmentation gives the same result in any worker, with any ``num_workers``,
-  before or after a restart, for the price of one seeding per batch.
-- A list or tuple of batches starts at index ``k``.
-- A loader with ``state_dict``/``load_state_dict`` of its own (the protocol
-  of torchdata's ``StatefulDataLoader``), or an in-process ``DataLoader``
-  over an ``IterableDataset`` that has them, resumes through that state:
-  every checkpoint carries it, and it is loaded back before the loader next
-  opens.
-- Anything else (a custom sampler, a stateless ``IterableDataset``, a
-  generator-backed iterable) is used as it is and can only be started at batch 0: checkpoints
-  inside such a phase are refused, and ``Checkpoint`` saves at epoch boundaries.
+``rebuild`` gives a DataLoader of the user's class and settings whose sampler
+is a ``SeededOrder``: the order of epoch ``e`` is a permutation seeded by
+``(seed, phase, e)`` (and the loader's own ``generator``'s seed, when it has
+one), and starting at batch ``k`` drops the first ``k * batch_size`` indices
+before any sample is loaded. Its dataset is wrapped in ``SeededSamples``:
+every batch is loaded with the torch, ``random`` and NumPy generators seeded
+from ``(seed, phase, epoch, its first sample)``. A batch always goes whole to
+one worker, so random augmentation gives the same result in any worker, with
+any ``num_workers``, before or after a restart, for the price of one seeding
+per batch.
 """
 
 from __future__ import annotations
@@ -29,8 +17,7 @@ from __future__ import annotations
 import hashlib
 import random
 import struct
-from collections.abc import Iterable, Iterator, Sequence
-from itertools import islice
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -38,10 +25,8 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, Sampler
 from torch.utils.data import SequentialSampler, get_worker_info
 
-from .cursor import loader_length
-from .workers import shield_workers, shielded_init
 
-__all__ = ["BatchSource", "SeededOrder", "SeededSamples", "mix_seed"]
+__all__ = ["SeededOrder", "SeededSamples", "mix_seed", "rebuild", "state_holder", "why_not_seeded"]
 
 
 def mix_seed(*values: int) -> int:
@@ -132,98 +117,16 @@ class SeededSamples(Dataset):
         return [dataset[index] for index in indices]
 
 
-class BatchSource:
-    """One phase's batches: ``open`` gives an iterator from batch ``start`` of an epoch.
-
-    Attributes:
-        length: Batches per epoch, or None when unknown.
-        resumable: Whether ``open`` can start past batch 0.
-        reason: Why not, when it cannot.
-
-    Args:
-        loader: The phase's loader.
-        phase_index: The phase's position in the epoch (part of every seed).
-        worker_signals: Signals a DataLoader's worker processes ignore, because
-            the trainer handles them (see ``statetrainer.data.workers``).
-    """
-
-    def __init__(self, loader: Iterable[Any], phase_index: int, worker_signals: Iterable[int] = ()) -> None:
-        self.phase_index = phase_index
-        self.length = loader_length(loader)
-        self.reason = _why_not_resumable(loader)
-        self._order: SeededOrder | None = None
-        self._iterable: Iterable[Any] = loader
-        # A generator given to the loader keeps a say in its order: its seed is mixed into every epoch's.
-        generator = getattr(loader, "generator", None)
-        self._order_salt = (generator.initial_seed(),) if isinstance(generator, torch.Generator) else ()
-        if self.reason is None and isinstance(loader, DataLoader):
-            try:
-                self._iterable, self._order = _rebuild(loader, shielded_init(loader, worker_signals))
-            except TypeError as error:  # a subclass whose constructor takes other arguments
-                self.reason = (f"its class {type(loader).__name__} cannot be rebuilt with the trainer's sampler "
-                               f"({error}); accept DataLoader's arguments to make it resumable")  # fmt: skip
-        self._stateful: Any = None  # what holds the position of a loader that keeps its own state
-        self._pending_state: Any = None
-        if self._order is None and not isinstance(loader, Sequence):
-            self._stateful, why_not = _state_holder(loader)
-            self.reason = None if self._stateful is not None else why_not or self.reason
-        if self._order is None:
-            shield_workers(loader, worker_signals)
-
-    @property
-    def resumable(self) -> bool:
-        return self.reason is None
-
-    @property
-    def keeps_own_state(self) -> bool:
-        """Whether the loader's position is its own state (not an index the trainer can compute)."""
-        return self._stateful is not None
-
-    def state_dict(self) -> Any:
-        """The position of a loader that keeps its own state; None for the others (theirs is computed)."""
-        return None if self._stateful is None else self._stateful.state_dict()
-
-    def load_state_dict(self, state: Any) -> None:
-        """Hold ``state`` for the next ``open``, which starts the loader from there."""
-        if (state is None) != (self._stateful is None):
-            raise ValueError("the saved data position does not fit this loader (one keeps its own state, the other not)")
-        self._pending_state = state
-
-    def open(self, seed: int, epoch: int, start: int = 0) -> Iterator[Any]:
-        if start and not self.resumable:
-            raise RuntimeError(f"this loader cannot start at batch {start}: {self.reason}")
-        if self._stateful is not None:
-            if self._pending_state is not None:
-                state, self._pending_state = self._pending_state, None
-                self._stateful.load_state_dict(state)
-            elif start:
-                raise RuntimeError(f"this loader starts at batch {start} only from its saved state")
-            # A DataLoader draws a base seed from the global generator as it opens; a resumed run opens
-            # it at another point of the run's stream than the original did, so opening must not draw.
-            saved = torch.get_rng_state()
-            try:
-                return iter(self._iterable)
-            finally:
-                torch.set_rng_state(saved)
-        if self._order is not None:
-            batch_size = getattr(self._iterable, "batch_size", None) or 1
-            self._order.position(mix_seed(seed, self.phase_index, epoch, *self._order_salt), start * batch_size)
-            return iter(self._iterable)
-        if start:
-            return islice(self._iterable, start, None)  # a list: skipping is index arithmetic
-        return iter(self._iterable)
-
-
-def _has_state(candidate: Any) -> bool:
+def has_state(candidate: Any) -> bool:
     return callable(getattr(candidate, "state_dict", None)) and callable(getattr(candidate, "load_state_dict", None))
 
 
-def _state_holder(loader: Iterable[Any]) -> tuple[Any, str | None]:
+def state_holder(loader: Iterable[Any]) -> tuple[Any, str | None]:
     """What holds the position of a loader that keeps its own state, or None and why not."""
-    if _has_state(loader):
+    if has_state(loader):
         return loader, None
     dataset = getattr(loader, "dataset", None)
-    if isinstance(loader, DataLoader) and isinstance(dataset, IterableDataset) and _has_state(dataset):
+    if isinstance(loader, DataLoader) and isinstance(dataset, IterableDataset) and has_state(dataset):
         if loader.num_workers == 0:
             return dataset, None
         return None, (f"its {type(dataset).__name__} has state_dict/load_state_dict, but with num_workers > 0 the "
@@ -231,10 +134,8 @@ def _state_holder(loader: Iterable[Any]) -> tuple[Any, str | None]:
     return None, None
 
 
-def _why_not_resumable(loader: Iterable[Any]) -> str | None:
-    """None when the trainer can control this loader's order, else the reason it cannot."""
-    if isinstance(loader, Sequence):
-        return None
+def why_not_seeded(loader: Iterable[Any]) -> str | None:
+    """None when the trainer can rebuild this loader with a seeded order, else the reason it cannot."""
     if not isinstance(loader, DataLoader):
         return f"a {type(loader).__name__} is neither a DataLoader nor a list, so its order is its own"
     if isinstance(loader.dataset, IterableDataset):
@@ -249,7 +150,7 @@ def _why_not_resumable(loader: Iterable[Any]) -> str | None:
     return None
 
 
-def _rebuild(loader: DataLoader, worker_init_fn: Any) -> tuple[DataLoader, SeededOrder]:
+def rebuild(loader: DataLoader, worker_init_fn: Any) -> tuple[DataLoader, SeededOrder]:
     """The same DataLoader, of the same class, drawing its order from a ``SeededOrder`` and seeding every batch.
 
     Raises:

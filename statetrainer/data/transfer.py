@@ -1,4 +1,4 @@
-"""Moving a batch to the device."""
+"""A batch on its way to the model: moved to the device, split into input and target."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["to_device"]
+__all__ = ["to_device", "unpack_pair"]
 
 
 def to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:
@@ -24,3 +24,20 @@ def to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> A
     if isinstance(batch, Mapping):
         return {key: to_device(value, device, non_blocking) for key, value in batch.items()}
     return batch
+
+
+def unpack_pair(batch: Any) -> tuple[Any, Any]:
+    """The default ``unpack``: a batch is an ``(input, target)`` pair."""
+    if isinstance(batch, Mapping):  # unpacking a dict would give its keys
+        raise TypeError(
+            f"a batch is a {type(batch).__name__} with keys {', '.join(map(repr, batch))}, not an (input, target) "
+            "pair; pass unpack=lambda batch: (batch['input'], batch['target']) to the Trainer, with your keys"
+        )
+    try:
+        inputs, target = batch
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"by default a batch is an (input, target) pair, got {type(batch).__name__}; "
+            "pass unpack=lambda batch: (input, target) to the Trainer for other shapes"
+        ) from None
+    return inputs, target

@@ -36,8 +36,8 @@ def device_options(device: torch.device, precision: str | None = None) -> tuple[
 
 def assert_same_run(expected_folder: Path, expected_out: Path, folder: Path, out: Path) -> None:
     expected, actual = read_tree(expected_out), read_tree(out)
-    assert_trees_equal(expected["model"], actual["model"], "model")
-    assert_trees_equal(expected["optimizer"], actual["optimizer"], "optimizer")
+    assert_trees_equal(expected["step"]["model"], actual["step"]["model"], "model")
+    assert_trees_equal(expected["step"]["optimizer"], actual["step"]["optimizer"], "optimizer")
     assert expected["metrics"] == actual["metrics"]
     for log in ("log.csv", "log_batches.csv"):
         assert (expected_folder / log).read_text() == (folder / log).read_text(), log
@@ -128,9 +128,10 @@ SIGNAL_POINTS = [
 
 
 def newest_position(folder: Path) -> tuple[str, int, str, int]:
-    position = read_tree(checkpoint_files(folder)[-1])["position"]
+    saved = read_tree(checkpoint_files(folder)[-1])
+    position = saved["position"]
     phase = ("train", "valid")[position["phase_position"]]
-    return position["state"], position["epoch"], phase, position["batch_index"]
+    return saved["machine"]["state"], position["epoch"], phase, position["batch_index"]
 
 
 @pytest.mark.parametrize(("accumulate", "signal_at", "name"), SIGNAL_POINTS)

@@ -191,7 +191,7 @@ def test_wrapped_models_are_saved_under_their_plain_keys(device: torch.device, t
     path = compiled.save_checkpoint(tmp_path / "c.safetensors")
     from statetrainer.checkpoint import read_tree
 
-    assert sorted(read_tree(path)["model"]) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    assert sorted(read_tree(path)["step"]["model"]) == ["0.bias", "0.weight", "2.bias", "2.weight"]
     build(device=device).load_checkpoint(path)  # loads into an unwrapped model of the same shape
 
 
@@ -209,7 +209,7 @@ def test_resume_on_cuda_is_exact_with_mixed_precision(tmp_path, precision):
     assert_same_weights(whole, second)
     assert whole.metrics == second.metrics
     if precision == "fp16":
-        assert second.scaler is not None and second.scaler.get_scale() == whole.scaler.get_scale()
+        assert second.step_runner.scaler is not None and second.step_runner.scaler.get_scale() == whole.step_runner.scaler.get_scale()
 
 
 def test_a_checkpoint_path_of_another_kind_is_refused_not_made_a_folder(tmp_path, device):

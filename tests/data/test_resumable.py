@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, SubsetRandomSampler
 
-from statetrainer.data import BatchSource, mix_seed
+from statetrainer.data import BatchSource, EpochSource, SeededLoader, SequenceSource, StatefulSource, batch_source, mix_seed
 
 
 class Augmented(Dataset):
@@ -32,7 +32,7 @@ def batches(source: BatchSource, seed=1, epoch=0, start=0) -> list[torch.Tensor]
 
 
 def test_shuffled_order_depends_on_seed_and_epoch_only():
-    source = BatchSource(DataLoader(Augmented(), batch_size=8, shuffle=True), phase_index=0)
+    source = batch_source(DataLoader(Augmented(), batch_size=8, shuffle=True), phase_index=0)
     first, again = batches(source), batches(source)
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     order = torch.cat(first)[:, 0]
@@ -43,8 +43,8 @@ def test_shuffled_order_depends_on_seed_and_epoch_only():
 
 def test_augmentation_is_the_same_with_any_number_of_workers():
     dataset = Augmented()
-    in_process = batches(BatchSource(DataLoader(dataset, batch_size=8, shuffle=True), 0))
-    with_workers = batches(BatchSource(DataLoader(dataset, batch_size=8, shuffle=True, num_workers=2), 0))
+    in_process = batches(batch_source(DataLoader(dataset, batch_size=8, shuffle=True), 0))
+    with_workers = batches(batch_source(DataLoader(dataset, batch_size=8, shuffle=True, num_workers=2), 0))
     assert all(torch.equal(a, b) for a, b in zip(in_process, with_workers, strict=True))
 
 
@@ -56,13 +56,13 @@ def test_loading_in_process_does_not_disturb_the_global_generators():
     torch.manual_seed(5)
     random.seed(5)
     np.random.seed(5)
-    batches(BatchSource(DataLoader(Augmented(), batch_size=8, shuffle=True), 0))
+    batches(batch_source(DataLoader(Augmented(), batch_size=8, shuffle=True), 0))
     assert (torch.rand(()), random.random(), np.random.rand()) == expected
 
 
 def test_starting_at_batch_k_loads_only_what_follows():
     dataset = Augmented(400)
-    source = BatchSource(DataLoader(dataset, batch_size=10, shuffle=True), 0)
+    source = batch_source(DataLoader(dataset, batch_size=10, shuffle=True), 0)
     whole = batches(source)
     dataset.loads = 0
     tail = batches(source, start=37)
@@ -74,8 +74,8 @@ def test_starting_at_batch_k_loads_only_what_follows():
 
 
 def test_lists_start_at_an_index():
-    source = BatchSource([1, 2, 3, 4], 0)
-    assert source.resumable and batches(source, start=2) == [3, 4]
+    source = batch_source([1, 2, 3, 4], 0)
+    assert isinstance(source, SequenceSource) and source.resumable and batches(source, start=2) == [3, 4]
 
 
 class EveryOther(Sampler):
@@ -104,11 +104,11 @@ class Stream(IterableDataset):
     ],
 )
 def test_what_cannot_be_controlled_says_why(loader, reason):
-    source = BatchSource(loader, 0)
+    source = batch_source(loader, 0)
     if reason is None:
         assert source.resumable
         return
-    assert not source.resumable and reason in source.reason
+    assert isinstance(source, EpochSource) and not source.resumable and reason in source.reason
     assert len(batches(source)) > 0
     with pytest.raises(RuntimeError, match="cannot start at batch 2"):
         source.open(0, 0, 2)
@@ -130,8 +130,8 @@ class GaussAugmented(Augmented):
 
 def test_gaussian_numpy_augmentation_is_the_same_in_process_and_in_workers():
     dataset = GaussAugmented()
-    in_process = batches(BatchSource(DataLoader(dataset, batch_size=7, shuffle=True), 0))
-    with_workers = batches(BatchSource(DataLoader(dataset, batch_size=7, shuffle=True, num_workers=2), 0))
+    in_process = batches(batch_source(DataLoader(dataset, batch_size=7, shuffle=True), 0))
+    with_workers = batches(batch_source(DataLoader(dataset, batch_size=7, shuffle=True, num_workers=2), 0))
     assert all(torch.equal(a, b) for a, b in zip(in_process, with_workers, strict=True))
 
 
@@ -150,10 +150,10 @@ class BatchedReads(Augmented):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_datasets_batched_getitems_is_used_and_its_batches_are_seeded_as_a_whole(workers):
     dataset = BatchedReads()
-    loaded = batches(BatchSource(DataLoader(dataset, batch_size=8, shuffle=True, num_workers=workers), 0))
+    loaded = batches(batch_source(DataLoader(dataset, batch_size=8, shuffle=True, num_workers=workers), 0))
     if workers == 0:
         assert dataset.batched_reads == 5  # in workers, the copies count
-    reference = batches(BatchSource(DataLoader(Augmented(), batch_size=8, shuffle=True), 0))
+    reference = batches(batch_source(DataLoader(Augmented(), batch_size=8, shuffle=True), 0))
     assert all(torch.equal(a, b) for a, b in zip(loaded, reference, strict=True))
 
 
@@ -171,24 +171,24 @@ class NeedsAName(DataLoader):
 
 
 def test_a_dataloader_subclass_is_rebuilt_as_itself():
-    plain = batches(BatchSource(DataLoader(Augmented(), batch_size=8, shuffle=True), 0))
-    source = BatchSource(Doubling(Augmented(), batch_size=8, shuffle=True), 0)
-    assert source.resumable
+    plain = batches(batch_source(DataLoader(Augmented(), batch_size=8, shuffle=True), 0))
+    source = batch_source(Doubling(Augmented(), batch_size=8, shuffle=True), 0)
+    assert isinstance(source, SeededLoader) and source.resumable
     doubled = batches(source)
     assert all(torch.equal(a * 2, b) for a, b in zip(plain, doubled, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(doubled[3:], batches(source, start=3), strict=True))
 
 
 def test_a_subclass_that_cannot_be_rebuilt_is_used_as_given_and_says_why():
-    source = BatchSource(NeedsAName("mine", Augmented(), batch_size=8, shuffle=True), 0)
-    assert not source.resumable and "NeedsAName cannot be rebuilt" in source.reason
+    source = batch_source(NeedsAName("mine", Augmented(), batch_size=8, shuffle=True), 0)
+    assert isinstance(source, EpochSource) and not source.resumable and "NeedsAName cannot be rebuilt" in source.reason
     assert len(batches(source)) == 5
 
 
 def test_the_loaders_own_generator_keeps_a_say_in_the_order():
     def order(generator_seed: int | None) -> list[float]:
         generator = None if generator_seed is None else torch.Generator().manual_seed(generator_seed)
-        source = BatchSource(DataLoader(Augmented(), batch_size=8, shuffle=True, generator=generator), 0)
+        source = batch_source(DataLoader(Augmented(), batch_size=8, shuffle=True, generator=generator), 0)
         assert source.resumable
         return torch.cat(batches(source))[:, 0].tolist()
 
@@ -217,15 +217,15 @@ class CountingStream(IterableDataset):
 
 
 def test_a_stream_with_its_own_state_resumes_from_it():
-    whole = batches(BatchSource(DataLoader(CountingStream(), batch_size=4), 0))
+    whole = batches(batch_source(DataLoader(CountingStream(), batch_size=4), 0))
     stream = CountingStream()
-    source = BatchSource(DataLoader(stream, batch_size=4), 0)
-    assert source.resumable
+    source = batch_source(DataLoader(stream, batch_size=4), 0)
+    assert isinstance(source, StatefulSource) and source.resumable
     iterator = source.open(1, 0)
     first = [next(iterator) for _ in range(3)]
     saved = source.state_dict()
     assert saved == {"position": 12}
-    restarted = BatchSource(DataLoader(CountingStream(), batch_size=4), 0)
+    restarted = batch_source(DataLoader(CountingStream(), batch_size=4), 0)
     restarted.load_state_dict(saved)
     rest = list(restarted.open(1, 0, start=3))
     assert all(torch.equal(a, b) for a, b in zip(whole, first + rest, strict=True))
@@ -234,5 +234,5 @@ def test_a_stream_with_its_own_state_resumes_from_it():
 
 
 def test_a_stream_with_state_in_worker_processes_says_why_it_cannot_resume():
-    source = BatchSource(DataLoader(CountingStream(), batch_size=4, num_workers=2), 0)
-    assert not source.resumable and "num_workers=0 or torchdata's StatefulDataLoader" in source.reason
+    source = batch_source(DataLoader(CountingStream(), batch_size=4, num_workers=2), 0)
+    assert isinstance(source, EpochSource) and not source.resumable and "num_workers=0 or torchdata's StatefulDataLoader" in source.reason

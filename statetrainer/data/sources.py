@@ -1,0 +1,199 @@
+"""Batch sources: one phase's loader, opened at any batch of any epoch, one implementation per kind.
+
+``batch_source(loader, ...)`` picks the kind:
+
+- ``SequenceSource``: a list or tuple of batches starts at index ``k``.
+- ``StatefulSource``: a loader with ``state_dict``/``load_state_dict`` of its
+  own (the protocol of torchdata's ``StatefulDataLoader``), or an in-process
+  ``DataLoader`` over an ``IterableDataset`` that has them, resumes through
+  that state: every checkpoint carries it, and it is loaded back before the
+  loader next opens.
+- ``SeededLoader``: a ``DataLoader`` (or a subclass that takes DataLoader's
+  arguments) over a map-style dataset, shuffled or not, any ``num_workers``,
+  is rebuilt once as its own class with the same settings and a seeded order
+  it can start anywhere (``statetrainer.data.resumable``).
+- ``EpochSource``: anything else (a custom sampler, a stateless
+  ``IterableDataset``, a generator-backed iterable) is used as it is and
+  starts at batch 0 only: checkpoints inside such a phase are refused, and
+  ``Checkpoint`` saves at epoch boundaries. Its ``reason`` says why.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import islice
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..checkpoint import CheckpointError
+from .cursor import loader_length
+from .resumable import mix_seed, rebuild, state_holder, why_not_seeded
+from .workers import shield_workers, shielded_init
+
+__all__ = ["BatchSource", "EpochSource", "PhaseSources", "SeededLoader", "SequenceSource", "StatefulSource",
+           "batch_source"]  # fmt: skip
+
+
+class BatchSource(ABC):
+    """One phase's batches: ``open`` gives an iterator from batch ``start`` of an epoch.
+
+    Attributes:
+        length: Batches per epoch, or None when unknown.
+        reason: Why ``open`` cannot start past batch 0; None when it can.
+        keeps_own_state: Whether the position is the loader's own state, which
+            checkpoints carry, rather than a batch index the trainer computes.
+    """
+
+    keeps_own_state = False
+
+    def __init__(self, loader: Iterable[Any], reason: str | None = None) -> None:
+        self.loader, self.length, self.reason = loader, loader_length(loader), reason
+
+    @property
+    def resumable(self) -> bool:
+        return self.reason is None
+
+    @abstractmethod
+    def open(self, seed: int, epoch: int, start: int = 0) -> Iterator[Any]:
+        """The batches of epoch ``epoch`` of a run seeded ``seed``, from batch ``start``."""
+
+    def state_dict(self) -> Any:
+        """The loader's own position; None for sources whose position the trainer computes."""
+        return None
+
+    def load_state_dict(self, state: Any) -> None:
+        """Hold a saved position for the next ``open``."""
+        if state is not None:
+            raise ValueError("the saved data position is a loader's own state, but this loader keeps none")
+
+
+class SequenceSource(BatchSource):
+    """A list or tuple of batches: starting at batch ``k`` is index arithmetic."""
+
+    def open(self, seed: int, epoch: int, start: int = 0) -> Iterator[Any]:
+        return islice(self.loader, start, None)
+
+
+class SeededLoader(BatchSource):
+    """A DataLoader rebuilt as its own class with a seeded order and per-batch seeding.
+
+    Raises:
+        TypeError: The loader's class does not take DataLoader's arguments.
+    """
+
+    def __init__(self, loader: DataLoader, phase_index: int, worker_signals: Iterable[int] = ()) -> None:
+        super().__init__(loader)
+        self.phase_index = phase_index
+        # A generator given to the loader keeps a say in its order: its seed is mixed into every epoch's.
+        generator = loader.generator
+        self._order_salt = (generator.initial_seed(),) if isinstance(generator, torch.Generator) else ()
+        self._rebuilt, self._order = rebuild(loader, shielded_init(loader, worker_signals))
+        self._batch_size = loader.batch_size or 1
+
+    def open(self, seed: int, epoch: int, start: int = 0) -> Iterator[Any]:
+        self._order.position(mix_seed(seed, self.phase_index, epoch, *self._order_salt), start * self._batch_size)
+        return iter(self._rebuilt)
+
+
+class StatefulSource(BatchSource):
+    """A loader that keeps its own position (``state_dict``/``load_state_dict``), or whose dataset does."""
+
+    keeps_own_state = True
+
+    def __init__(self, loader: Iterable[Any], holder: Any) -> None:
+        super().__init__(loader)
+        self.holder = holder
+        self._pending: Any = None
+
+    def state_dict(self) -> Any:
+        return self.holder.state_dict()
+
+    def load_state_dict(self, state: Any) -> None:
+        if state is None:
+            raise ValueError("this loader keeps its own position, but the checkpoint holds none for it")
+        self._pending = state
+
+    def open(self, seed: int, epoch: int, start: int = 0) -> Iterator[Any]:
+        if self._pending is not None:
+            state, self._pending = self._pending, None
+            self.holder.load_state_dict(state)
+        elif start:
+            raise RuntimeError(f"this loader starts at batch {start} only from its saved state")
+        # A DataLoader draws a base seed from the global generator as it opens; a resumed run opens
+        # it at another point of the run's stream than the original did, so opening must not draw.
+        saved = torch.get_rng_state()
+        try:
+            return iter(self.loader)
+        finally:
+            torch.set_rng_state(saved)
+
+
+class EpochSource(BatchSource):
+    """A loader whose order is its own: it starts at batch 0 only."""
+
+    def open(self, seed: int, epoch: int, start: int = 0) -> Iterator[Any]:
+        if start:
+            raise RuntimeError(f"this loader cannot start at batch {start}: {self.reason}")
+        return iter(self.loader)
+
+
+def batch_source(loader: Iterable[Any], phase_index: int, worker_signals: Iterable[int] = ()) -> BatchSource:
+    """The batch source for ``loader``, the ``phase_index``-th phase of an epoch.
+
+    ``worker_signals`` are ignored by a DataLoader's worker processes, because
+    the trainer handles them (see ``statetrainer.data.workers``).
+    """
+    if isinstance(loader, Sequence):
+        return SequenceSource(loader)
+    holder, why_not_stateful = state_holder(loader)
+    reason = why_not_seeded(loader)
+    if holder is None and reason is None:
+        try:
+            return SeededLoader(loader, phase_index, worker_signals)  # type: ignore[arg-type]
+        except TypeError as error:  # a subclass whose constructor takes other arguments
+            reason = (f"its class {type(loader).__name__} cannot be rebuilt with the trainer's sampler "
+                      f"({error}); accept DataLoader's arguments to make it resumable")  # fmt: skip
+    shield_workers(loader, worker_signals)
+    if holder is not None:
+        return StatefulSource(loader, holder)
+    return EpochSource(loader, why_not_stateful or reason)
+
+
+class PhaseSources:
+    """Every phase's batch source: a part of the run's state (the phases' layout and loaders' own positions).
+
+    Args:
+        names: The phases' names, in order.
+        sources: Their batch sources.
+    """
+
+    def __init__(self, names: Sequence[str], sources: Sequence[BatchSource]) -> None:
+        self.names, self.sources = list(names), list(sources)
+
+    @classmethod
+    def for_phases(cls, phases: Sequence[Any], worker_signals: Iterable[int] = ()) -> PhaseSources:
+        """The batch sources of ``phases`` (``Phase`` objects), in order."""
+        return cls([phase.name for phase in phases],
+                   [batch_source(phase.loader, index, worker_signals) for index, phase in enumerate(phases)])  # fmt: skip
+
+    def __getitem__(self, position: int) -> BatchSource:
+        return self.sources[position]
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        return [{"phase": name, "batches": source.length, "position": source.state_dict()}
+                for name, source in zip(self.names, self.sources)]  # fmt: skip
+
+    def check_fits(self, state: list[dict[str, Any]]) -> None:
+        saved = [(phase["phase"], phase["batches"]) for phase in state]
+        ours = [(name, source.length) for name, source in zip(self.names, self.sources)]
+        if saved != ours:
+            raise CheckpointError(f"the checkpoint's phases (name, batches) are {saved}, this trainer's {ours}")
+        if [phase["position"] is None for phase in state] != [not source.keeps_own_state for source in self.sources]:
+            raise CheckpointError("the checkpoint's loaders and this trainer's disagree on which keep their own state")
+
+    def load_state_dict(self, state: list[dict[str, Any]]) -> None:
+        for source, saved in zip(self.sources, state, strict=True):
+            source.load_state_dict(saved["position"])  # applied when the source next opens

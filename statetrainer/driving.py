@@ -1,0 +1,143 @@
+"""What surrounds every ``fit()``/``advance()``: one driver at a time, stop signals, determinism, errors.
+
+``RunGuard.driving()`` wraps each call that advances the machine: it refuses
+re-entry (a callback calling ``fit()``) and a run an earlier error left half
+done, catches the stop signals, turns on deterministic algorithms when asked,
+and on an error shuts the loader down and gives every callback's
+``on_exception`` its turn before the error propagates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .callbacks.base import Callback
+from .callbacks.checkpoint import Checkpoint
+from .determinism import deterministic_algorithms
+from .preemption import Preempted, SignalCatcher
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+__all__ = ["AT_REST", "RunGuard", "stop_on_signal"]
+
+AT_REST = ("idle", "epoch", "phase")  # the states a run can be saved in: between batches
+
+
+class RunGuard:
+    """The context every machine-advancing call runs in.
+
+    Args:
+        callbacks: Their ``on_exception`` overrides run when a call ends in an error.
+        stop_signals: The signals that preempt the run.
+        deterministic: Turn on deterministic algorithms while driving.
+        on_error: Called first when a call ends in an error (to release the loader).
+
+    Attributes:
+        deferred: Actions waiting for the machine to be between batches.
+        at_rest: True while they run: the one time a callback may save.
+    """
+
+    def __init__(
+        self,
+        callbacks: Sequence[Callback],
+        stop_signals: Sequence[signal.Signals],
+        deterministic: bool,
+        on_error: Callable[[], None],
+    ) -> None:
+        self.active = False
+        self.error: BaseException | None = None
+        self.catcher = SignalCatcher(stop_signals, self._on_signal)
+        self._deterministic, self._on_error = deterministic, on_error
+        self.deferred: list[Callable[[Any], None]] = []
+        self.at_rest = False
+        self._exception_hooks = [callback.on_exception for callback in callbacks
+                                 if type(callback).on_exception is not Callback.on_exception]  # fmt: skip
+
+    @contextlib.contextmanager
+    def driving(self, trainer: Any, finished: bool, end_reason: Callable[[], str]) -> Iterator[None]:
+        """Drive ``trainer`` for the ``with`` block; ``finished`` refuses a run that has ended."""
+        if self.active:
+            raise RuntimeError(
+                "the trainer is already advancing: callbacks must not call fit(), advance() or run_until(); "
+                "use trainer.stop() to end the run"
+            )
+        if self.error is not None:
+            raise RuntimeError(
+                f"the trainer cannot continue: an earlier transition raised {self.error!r} in state "
+                f"{trainer.state!r}, so its work may be half done; build a new Trainer"
+            ) from self.error
+        if finished:
+            raise RuntimeError(f"the run has finished ({end_reason()}); there is nothing left to advance")
+        self.active = True
+        try:
+            with self.catcher, deterministic_algorithms() if self._deterministic else contextlib.nullcontext():
+                yield
+            self.run_deferred(trainer)  # a stop signal that came after the last check
+        except BaseException as error:
+            self.error = error
+            self._on_error()
+            for hook in self._exception_hooks:
+                try:
+                    hook(trainer, error)
+                except Exception as hook_error:  # noqa: BLE001 -- the run's own error must propagate
+                    warnings.warn(f"{hook.__qualname__} raised {hook_error!r} while handling {error!r}", stacklevel=3)
+            raise
+        finally:
+            self.active = False
+
+
+    def _on_signal(self, received: signal.Signals) -> None:
+        self.deferred.append(lambda trainer: stop_on_signal(trainer, received))
+
+    def check_at_rest(self, trainer: Any, what: str) -> None:
+        """Raise ``RuntimeError`` unless ``trainer`` can be saved now (``what`` names the call, for the message)."""
+        if self.active and not self.at_rest:
+            raise RuntimeError(f"{what} was called from a callback, in the middle of a transition; "
+                               "use trainer.defer(lambda trainer: ...) or the Checkpoint callback")  # fmt: skip
+        if trainer.state not in AT_REST:
+            raise RuntimeError(f"{what} needs the machine between batches (idle, epoch or phase), but it is in "
+                               f"{trainer.state!r}; advance to the end of the batch first")  # fmt: skip
+        why_not = trainer.why_not_checkpoint_here()
+        if why_not is not None:
+            raise RuntimeError(f"phase {trainer.phase.name!r} cannot be resumed mid-phase here ({why_not}); "
+                               "checkpoint it at an epoch boundary instead")  # fmt: skip
+
+    def run_deferred(self, trainer: Any) -> None:
+        """Run the deferred actions now, if the machine is between batches."""
+        if not self.deferred or trainer.state not in AT_REST:
+            return
+        self.at_rest = True
+        try:
+            while self.deferred:  # popped one by one: a signal handler may append meanwhile
+                self.deferred.pop(0)(trainer)
+        finally:
+            self.at_rest = False
+
+
+def stop_on_signal(trainer: Trainer, received: signal.Signals) -> None:
+    """At the first batch boundary after a stop signal: save exactly here, then raise ``Preempted``."""
+    if trainer.state == "phase":
+        where = f"epoch {trainer.epoch}, phase {trainer.phase.name!r}, after batch {trainer.batch_index}"
+    else:
+        where = f"epoch {trainer.epoch}, state {trainer.state!r}"
+    savers = [callback for callback in trainer.callbacks if isinstance(callback, Checkpoint)]
+    saved = None
+    why_not = trainer.why_not_checkpoint_here()
+    if not savers:
+        outcome = ("nothing was saved, because the trainer has no Checkpoint callback; "
+                   "add statetrainer.callbacks.Checkpoint(folder) to resume from a stop")  # fmt: skip
+    elif why_not is not None:
+        outcome = (f"nothing was saved, because phase {trainer.phase.name!r} cannot be resumed mid-phase here "
+                   f"({why_not}); a restart resumes from the newest checkpoint in {savers[0].folder}")  # fmt: skip
+    else:
+        saved = savers[0].save(trainer)
+        outcome = f"saved {saved}"
+    message = f"stopped by {received.name} at {where} (global step {trainer.global_step}): {outcome}"
+    print(f"statetrainer: {message}", file=sys.stderr, flush=True)
+    raise Preempted(received, saved, message)

@@ -1,0 +1,175 @@
+"""Everything a run needs after a restart, as named parts that save, check and load themselves.
+
+A *part* is any object with ``state_dict()`` and ``load_state_dict(state)``;
+it may also have ``check_fits(state)``, which raises (``CheckpointError``,
+``KeyError``, ``TypeError`` or ``ValueError``) when a saved state cannot be
+loaded into it. The trainer registers its parts in one ``StateRegistry``:
+its ``state_dict()`` is the registry's, and a load checks every part before
+it changes any, so adding a part to a run touches one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import torch
+
+from .checkpoint import CheckpointError
+from .state import tensors_to
+
+if TYPE_CHECKING:
+    from .callbacks.base import Callback
+
+__all__ = ["CallbackStates", "Metrics", "Position", "StateRegistry", "Stateful"]
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """What survives a restart: the protocol of ``torch.nn.Module``, optimizers and torchdata's loaders."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+class StateRegistry:
+    """The parts of a run that survive a restart, by name, loaded in the order they were registered."""
+
+    def __init__(self, **parts: Stateful) -> None:
+        self._parts: dict[str, Stateful] = {}
+        for name, part in parts.items():
+            self.register(name, part)
+
+    def register(self, name: str, part: Stateful) -> None:
+        """Add ``part`` under ``name``; its state is saved and loaded with the run's from now on."""
+        if not isinstance(part, Stateful):
+            raise TypeError(f"state part {name!r}: a {type(part).__name__} has no state_dict()/load_state_dict()")
+        if name in self._parts:
+            raise ValueError(f"a state part named {name!r} is registered already")
+        self._parts[name] = part
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._parts
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._parts)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every part's state, by name."""
+        return {name: part.state_dict() for name, part in self._parts.items()}
+
+    def check_fits(self, state: Any) -> None:
+        """Raise ``CheckpointError`` naming the first part whose saved state is missing or does not fit."""
+        if not isinstance(state, dict):
+            raise CheckpointError(f"a saved run is a dict of parts, got a {type(state).__name__}")
+        missing = [name for name in self._parts if name not in state]
+        if missing:
+            raise CheckpointError(f"the checkpoint has no state for part(s) {', '.join(missing)} of this run")
+        for name, part in self._parts.items():
+            check = getattr(part, "check_fits", None)
+            if check is None:
+                continue
+            try:
+                check(state[name])
+            except CheckpointError as error:
+                raise CheckpointError(f"{name}: {error}") from error
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
+                raise CheckpointError(f"{name}: the saved state does not fit this run: {error!r}") from error
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Check every part's saved state, then load each: nothing is loaded unless all of it fits."""
+        self.check_fits(state)
+        for name, part in self._parts.items():
+            part.load_state_dict(state[name])
+
+
+@dataclass
+class Position:
+    """Where a run is: which epoch, which phase, which batch, how many optimizer steps.
+
+    Attributes:
+        epoch: The current epoch, from 0.
+        epochs_done: Epochs finished.
+        phase_position: Index of the current phase in the epoch; -1 before the first.
+        batch_index: Index of the current batch in its phase; -1 before the first.
+        global_step: Optimizer steps taken.
+        finished: Whether the run has ended.
+        stop_requested: Whether ``stop()`` was called.
+    """
+
+    epoch: int = 0
+    epochs_done: int = 0
+    phase_position: int = -1
+    batch_index: int = -1
+    global_step: int = 0
+    finished: bool = False
+    stop_requested: bool = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def check_fits(self, state: dict[str, Any]) -> None:
+        for field in dataclasses.fields(self):
+            value, minimum = state[field.name], -1 if field.name in ("phase_position", "batch_index") else 0
+            if field.type == "bool":
+                if not isinstance(value, bool):
+                    raise CheckpointError(f"{field.name} is {value!r}, not True or False")
+            elif isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise CheckpointError(f"{field.name} is {value!r}, not an integer >= {minimum}")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, state[field.name])
+
+
+class PositionField:
+    """A read-only attribute that shows a field of its owner's ``position``."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        return self if instance is None else getattr(instance.position, self.name)
+
+
+class Metrics(dict):  # type: ignore[type-arg]
+    """The latest value of every metric, by name (``train_loss``...): a dict that saves itself."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self)
+
+    def check_fits(self, state: Any) -> None:
+        if not isinstance(state, dict) or not all(isinstance(key, str) for key in state):
+            raise CheckpointError(f"metrics are a dict of names to values, got {type(state).__name__}")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.clear()
+        self.update(state)
+
+
+class CallbackStates:
+    """The callbacks' states, by callback key, each loaded with its tensors on the run's device.
+
+    Args:
+        callbacks: The trainer's callbacks.
+        device: Where every tensor of a loaded callback state goes (a new copy,
+            whatever device wrote it).
+    """
+
+    def __init__(self, callbacks: Sequence[Callback], device: torch.device) -> None:
+        self.callbacks, self.device = callbacks, device
+
+    def state_dict(self) -> dict[str, Any]:
+        return {callback.key: callback.state_dict() for callback in self.callbacks}
+
+    def check_fits(self, state: dict[str, Any]) -> None:
+        missing = [callback.key for callback in self.callbacks if callback.key not in state]
+        if missing:
+            raise CheckpointError(f"the checkpoint has no state for callback(s) {', '.join(missing)}")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for callback in self.callbacks:
+            callback.load_state_dict(tensors_to(state[callback.key], self.device))

@@ -1,0 +1,109 @@
+"""The optimizer's side of a batch: backward, the accumulation window, clipping, mixed precision, the step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError
+from .precision import make_autocast, make_grad_scaler
+from .state import check_model_state, unwrap_model
+
+__all__ = ["StepRunner"]
+
+
+class StepRunner:
+    """Turns batch losses into optimizer steps; a part of the run's state (model, optimizer, scaler, open window).
+
+    Args:
+        model: The model, already on the run's device.
+        optimizer: Steps the model's parameters; None for a run that only evaluates.
+        device: The run's device (autocast and the GradScaler depend on it).
+        accumulate: Batches per optimizer step. The step follows the mean of the
+            window's batch gradients; a shorter last window uses its own mean.
+        grad_clip: Clip the gradients' total 2-norm to this before each step.
+        precision: None, ``"bf16"`` or ``"fp16"`` (with a GradScaler on CUDA).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        device: torch.device,
+        accumulate: int = 1,
+        grad_clip: float | None = None,
+        precision: str | None = None,
+    ) -> None:
+        self.model, self.optimizer = model, optimizer
+        self.accumulate, self.grad_clip = accumulate, grad_clip
+        self.autocast = make_autocast(precision, device)
+        self.scaler = make_grad_scaler(precision, device)
+        self.parameters = [p for group in optimizer.param_groups for p in group["params"]] if optimizer else []
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Add this batch's share of the window's mean gradient to ``.grad``."""
+        if self.accumulate > 1:
+            loss = loss / self.accumulate
+        if self.scaler is not None:
+            loss = self.scaler.scale(loss)
+        loss.backward()
+
+    def close_window(self, batches: int) -> None:
+        """Before a step after ``batches`` batches: make a ragged last window the mean of its own batches."""
+        if batches != self.accumulate:
+            gradients = [p.grad for p in self.parameters if p.grad is not None]
+            torch._foreach_mul_(gradients, self.accumulate / batches)
+
+    def step(self) -> None:
+        """Clip, step (through the GradScaler under fp16) and zero the gradients."""
+        optimizer, scaler = self.optimizer, self.scaler
+        if self.grad_clip is not None:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(self.parameters, self.grad_clip)
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
+            scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": unwrap_model(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            # Inside an accumulation window the gradients so far are part of the state.
+            "grads": {str(index): p.grad for index, p in enumerate(self.parameters) if p.grad is not None},
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+
+    def check_fits(self, state: dict[str, Any]) -> None:
+        check_model_state(unwrap_model(self.model).state_dict(), state["model"])
+        if (state["optimizer"] is None) != (self.optimizer is None):
+            raise CheckpointError("the checkpoint and this trainer disagree on having an optimizer")
+        if self.optimizer is not None:
+            saved_groups = [len(group["params"]) for group in state["optimizer"]["param_groups"]]
+            our_groups = [len(group["params"]) for group in self.optimizer.param_groups]
+            if saved_groups != our_groups:
+                raise CheckpointError(f"the checkpoint's optimizer has param groups of sizes {saved_groups}, "
+                                      f"this one {our_groups}")  # fmt: skip
+        for index, grad in state["grads"].items():
+            parameter = self.parameters[int(index)]
+            if not isinstance(grad, torch.Tensor) or grad.shape != parameter.shape:
+                raise CheckpointError(f"the saved gradient of parameter {index} does not fit its shape "
+                                      f"{tuple(parameter.shape)}")  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        unwrap_model(self.model).load_state_dict(state["model"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        for index, grad in state["grads"].items():
+            parameter = self.parameters[int(index)]
+            parameter.grad = grad.to(parameter.device, parameter.dtype, copy=True)
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])

@@ -16,7 +16,7 @@
 # rehearses the script on a machine without a GPU.
 #
 # Python: the machine's python3 (or $PYTHON). Packages it lacks (statetrainer needs
-# `transitions`) are installed from the wheels in .gpu/wheels; the real MNIST test set
+# `transitions`, the resume tests `torchdata`) are installed from the wheels in .gpu/wheels; the real MNIST test set
 # in .gpu/mnist, when there, lets the real-data tests run. --prepare puts both there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,8 +25,10 @@ root=$PWD
 if [[ "${1:-}" == "--prepare" ]]; then
   set -e
   rm -rf .gpu && mkdir -p .gpu/wheels .gpu/mnist
-  version=$(uv run python -c "import importlib.metadata as m; print(m.version('transitions'))")
-  python3 -m pip download --quiet --no-deps --only-binary=:all: -d .gpu/wheels "transitions==$version"
+  for package in transitions torchdata; do  # what the library and the resume tests need beyond the machine's own
+    version=$(uv run python -c "import importlib.metadata as m; print(m.version('$package'))")
+    python3 -m pip download --quiet --no-deps --only-binary=:all: -d .gpu/wheels "$package==$version"
+  done
   mnist="${STATETRAINER_MNIST:-$root/../shared/data/mnist}"
   if [[ -d "$mnist" ]]; then cp "$mnist"/t10k-*.gz .gpu/mnist/; fi
   ls -la .gpu/wheels .gpu/mnist

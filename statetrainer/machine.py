@@ -124,7 +124,13 @@ def _lineage(state: str) -> list[str]:
 
 
 def entered_and_exited(source: str, dest: str) -> tuple[list[str], list[str]]:
-    """The states a transition exits (innermost first) and enters (outermost first)."""
+    """The states a transition exits (innermost first) and enters (outermost first).
+
+    Moves are *local*: moving up to an ancestor exits the states below it and
+    does not re-enter it. ``transitions``' ``HierarchicalMachine`` makes such a
+    move external (it exits and re-enters the ancestor), which would run
+    ``on_enter_phase`` after every batch; so the nesting is computed here.
+    """
     if source == dest:
         return [source], [dest]
     source_chain, dest_chain = _lineage(source), _lineage(dest)

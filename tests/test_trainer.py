@@ -287,6 +287,13 @@ def test_a_batch_that_is_not_a_pair_names_the_unpack_hook(device: torch.device):
         trainer.fit()
 
 
+def test_a_dict_batch_without_unpack_names_its_keys_before_the_model_runs(device: torch.device):
+    batches = [{"x": x, "y": y} for x, y in regression_batches(2)]
+    trainer = st.Trainer(nn.Linear(3, 1), None, F.mse_loss, [st.Phase("valid", batches, grad=False)], device=device)
+    with pytest.raises(TypeError, match="keys 'x', 'y'.*unpack=lambda batch"):
+        trainer.fit()
+
+
 def test_unpack_supports_other_batch_shapes(device: torch.device):
     batches = [{"x": x, "y": y} for x, y in regression_batches(3)]
     model = nn.Linear(3, 1)

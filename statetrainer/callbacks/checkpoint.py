@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import checkpoint_files, fsync_path, remove_stale_temporaries
+from ..checkpoint import atomic_copy, checkpoint_files, remove_stale_temporaries
 from ..validation import check_count
 from .base import Callback, TrainerView
 
@@ -126,7 +125,7 @@ class Checkpoint(Callback):
         path = trainer.save_checkpoint(self.folder)
         self._last_saved = position, path
         if best_due:
-            _publish(path, self.best_path)
+            atomic_copy(path, self.best_path)
         if self.keep_last is not None:  # only now that the new file is durable
             for old in checkpoint_files(self.folder)[: -self.keep_last]:
                 old.unlink(missing_ok=True)
@@ -138,15 +137,3 @@ class Checkpoint(Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best_value = float(state["best_value"])
 
-
-def _publish(source: Path, target: Path) -> None:
-    """Make ``target`` a copy of ``source`` atomically (a hard link where the filesystem allows)."""
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    temporary.unlink(missing_ok=True)
-    try:
-        os.link(source, temporary)
-    except OSError:
-        shutil.copyfile(source, temporary)
-        fsync_path(temporary)
-    os.replace(temporary, target)
-    fsync_path(target.parent)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..validation import check_count
-from ..checkpoint import fsync_path
+from ..checkpoint import atomic_write, fsync_path
 from .base import Callback, TrainerView
 from .metrics import running_metrics
 
@@ -81,14 +81,8 @@ class _CSVFile:
         writer = csv.DictWriter(buffer, columns, restval="", lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(temporary, "w", newline="") as file:
-            file.write(buffer.getvalue())
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, self.path)
-        fsync_path(self.path.parent)
+        with atomic_write(self.path) as temporary:
+            temporary.write_text(buffer.getvalue(), newline="")
         self.columns, self.size = columns, len(buffer.getvalue().encode())
 
     def _append_text(self, text: str) -> None:

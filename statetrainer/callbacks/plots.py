@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import atomic_write
 from ..optional import require
 from .base import Callback, TrainerView
 
@@ -59,7 +60,7 @@ class Plots(Callback):
             axis.grid(alpha=0.3)
             axis.legend()
         figure.tight_layout()
-        figure.savefig(self.folder / "metrics.png", dpi=100)
+        _save(figure, self.folder / "metrics.png")
 
         figure = Figure(figsize=(6, 3.5))
         FigureCanvasAgg(figure)
@@ -70,7 +71,7 @@ class Plots(Callback):
         axis.set_title("learning-rate schedule")
         axis.grid(alpha=0.3)
         figure.tight_layout()
-        figure.savefig(self.folder / "lr.png", dpi=100)
+        _save(figure, self.folder / "lr.png")
 
     def state_dict(self) -> dict[str, Any]:
         return {"epochs": [dict(epoch) for epoch in self.epochs],
@@ -79,3 +80,9 @@ class Plots(Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epochs = [dict(epoch) for epoch in state["epochs"]]
         self.learning_rates = state["learning_rates"].tolist()
+
+
+def _save(figure: Any, path: Path) -> None:
+    """Write ``figure`` as a PNG, atomically: a reader never sees a half-drawn image."""
+    with atomic_write(path) as temporary:
+        figure.savefig(temporary, dpi=100, format="png")

@@ -9,12 +9,15 @@ from .folder import (
     remove_stale_temporaries,
     save_target,
 )
-from .serialization import FORMAT_VERSION, CheckpointError, fsync_path, read_tree, write_tree
+from .atomic import atomic_copy, atomic_write, fsync_path, temporary_path
+from .serialization import FORMAT_VERSION, CheckpointError, read_tree, write_tree
 
 __all__ = [
     "DEFAULT_CHECKPOINT_FOLDER",
     "FORMAT_VERSION",
     "CheckpointError",
+    "atomic_copy",
+    "atomic_write",
     "checkpoint_files",
     "find_checkpoint",
     "fsync_path",
@@ -23,5 +26,6 @@ __all__ = [
     "read_tree",
     "remove_stale_temporaries",
     "save_target",
+    "temporary_path",
     "write_tree",
 ]

@@ -17,7 +17,7 @@ __all__ = ["DEFAULT_CHECKPOINT_FOLDER", "checkpoint_files", "find_checkpoint", "
 DEFAULT_CHECKPOINT_FOLDER = Path("checkpoints")
 
 _NAME = re.compile(r"^ckpt-(?P<sequence>\d{6,})-epoch(?P<epoch>\d+)-step(?P<step>\d+)\.safetensors$")
-_TEMPORARY = re.compile(r"^\..+\.(?P<pid>\d+)\.tmp$")  # as serialization.write_tree names them
+_TEMPORARY = re.compile(r"^\..+\.(?P<pid>\d+)\.tmp$")  # as atomic.temporary_path names them
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:

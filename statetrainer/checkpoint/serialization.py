@@ -6,27 +6,30 @@ integer keys such as an optimizer's ``state``) goes into a JSON document in the
 file's metadata, with each tensor replaced by a reference to its key. Nothing
 is pickled, so loading a checkpoint never runs code.
 
-A CRC-32 over every tensor's bytes and the JSON document is stored beside them
-and checked on load, so a corrupted file is refused instead of silently loaded.
+The tensors are written by safetensors' own writer. A CRC-32 over the JSON
+document and every tensor's name, dtype, shape and bytes is stored in the
+metadata and checked on load, so a corrupted file is refused instead of
+silently loaded.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import struct
-import threading
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "fsync_path", "read_tree", "write_tree"]
+from .atomic import atomic_write
 
-FORMAT_VERSION = 1
+__all__ = ["FORMAT_VERSION", "CheckpointError", "read_tree", "write_tree"]
+
+FORMAT_VERSION = 2  # 2: the run's state as registry parts, the checksum covering dtypes and shapes
 _METADATA_KEY = "statetrainer"
 _TENSOR, _TUPLE, _ITEMS = "__tensor__", "__tuple__", "__items__"
 
@@ -116,152 +119,48 @@ _DTYPE_NAMES = {
     "float8_e5m2fnuz": "F8_E5M2FNUZ",
 }  # fmt: skip
 _DTYPES = {getattr(torch, dtype): name for dtype, name in _DTYPE_NAMES.items() if hasattr(torch, dtype)}
-_PLACEHOLDER = "?" * 8
+_PARALLEL_CHECKSUM_BYTES = 16 * 2**20
 
 
-def _write_safetensors(file: Any, tensors: dict[str, torch.Tensor], header: dict[str, Any], document: str) -> None:
-    """Write a safetensors file in one pass, the checksum computed while the data is written.
+def _checksum(document: str, tensors: dict[str, torch.Tensor]) -> str:
+    """The CRC-32 of the document and of every tensor's key, dtype, shape and bytes, as 8 hex digits.
 
-    ``safetensors.torch.save_file`` needs the checksum in its metadata before it
-    starts, which would mean reading every tensor twice, and it cannot write to
-    a file we fsync; so the (simple, documented) format is written here and read
-    back by the ``safetensors`` library itself. The checksum slot is filled in
-    at the end.
+    Each tensor's bytes get a CRC of their own, computed in threads for large
+    states (``zlib.crc32`` releases the GIL); the result covers those CRCs.
     """
-    layout, offset = {}, 0
     keys = sorted(tensors)
-    for key in keys:
+
+    def data_crc(key: str) -> int:
         tensor = tensors[key]
-        if tensor.dtype not in _DTYPES:
-            raise TypeError(f"cannot save {key!r}: checkpoints hold the dtypes of safetensors, not {tensor.dtype}")
-        size = tensor.numel() * tensor.element_size()
-        layout[key] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    metadata = {_METADATA_KEY: json.dumps({**header, "checksum": _PLACEHOLDER}), "tree": document}
-    encoded = json.dumps({"__metadata__": metadata, **layout}, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
-    file.write(struct.pack("<Q", len(encoded)))
-    file.write(encoded)
-    pieces = _pieces(tensors)
-    checksum = _Checksum(document, pieces, in_background=offset >= _BACKGROUND_CHECKSUM_BYTES)
-    for _, data in pieces:
-        file.write(data)
-    slot = encoded.index(_PLACEHOLDER.encode())
-    file.seek(8 + slot)
-    file.write(checksum.result().encode())
+        return zlib.crc32(_tensor_bytes(tensor)) if tensor.numel() else 0
 
-
-_BACKGROUND_CHECKSUM_BYTES = 64 * 2**20
-
-
-def _pieces(tensors: dict[str, torch.Tensor]) -> list[tuple[bytes, Any]]:
-    """(key, raw bytes) of every tensor, in the file's order: what the checksum covers."""
-    return [(key.encode(), _tensor_bytes(tensors[key]) if tensors[key].numel() else b"") for key in sorted(tensors)]
-
-
-class _Checksum:
-    """The CRC-32 of a document and (key, data) pieces, computed in a thread for large data.
-
-    ``zlib.crc32`` and ``file.write`` both release the GIL on large buffers, so
-    on a large checkpoint the checksum costs next to nothing on top of the write.
-    """
-
-    def __init__(self, document: str, pieces: list[tuple[bytes, Any]], in_background: bool) -> None:
-        self._document, self._pieces, self._value = document, pieces, ""
-        self._thread = threading.Thread(target=self._run, daemon=True) if in_background else None
-        if self._thread is not None:
-            self._thread.start()
-        else:
-            self._run()
-
-    def _run(self) -> None:
-        crc = zlib.crc32(self._document.encode())
-        for key, data in self._pieces:
-            crc = zlib.crc32(data, zlib.crc32(key, crc))
-        self._value = f"{crc:08x}"
-
-    def result(self) -> str:
-        if self._thread is not None:
-            self._thread.join()
-        return self._value
+    total = sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
+    if total >= _PARALLEL_CHECKSUM_BYTES:
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+            crcs = list(pool.map(data_crc, keys))
+    else:
+        crcs = [data_crc(key) for key in keys]
+    crc = zlib.crc32(document.encode())
+    for key, data in zip(keys, crcs):
+        tensor = tensors[key]
+        described = f"{key}\0{_DTYPES.get(tensor.dtype, tensor.dtype)}\0{list(tensor.shape)}\0{data:08x}\0"
+        crc = zlib.crc32(described.encode(), crc)
+    return f"{crc:08x}"
 
 
 def write_tree(path: str | os.PathLike[str], tree: dict[str, Any], library_version: str) -> Path:
-    """Write ``tree`` to ``path`` atomically: a temporary file, fsync, rename, fsync the folder.
-
-    A crash at any instant leaves either the previous file at ``path`` (or none)
-    or the complete new one, never a partial file under that name.
-    """
+    """Write ``tree`` to ``path`` with safetensors' writer, atomically and durably (see ``atomic_write``)."""
     path = Path(path)
     flatten = _Flattener()
     document = json.dumps(flatten(tree, ""), separators=(",", ":"))
-    header = {"format": FORMAT_VERSION, "library": library_version}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as file:
-            durable = _DurableWriter(file)
-            _write_safetensors(durable, flatten.tensors, header, document)
-            durable.finish()
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    fsync_path(path.parent)
+    tensors = flatten.tensors
+    for key, tensor in tensors.items():
+        if tensor.dtype not in _DTYPES:
+            raise TypeError(f"cannot save {key!r}: checkpoints hold the dtypes of safetensors, not {tensor.dtype}")
+    header = {"format": FORMAT_VERSION, "library": library_version, "checksum": _checksum(document, tensors)}
+    with atomic_write(path) as temporary:
+        save_file(tensors, temporary, metadata={_METADATA_KEY: json.dumps(header), "tree": document})
     return path
-
-
-class _DurableWriter:
-    """A file whose data goes to disk while it is still being written.
-
-    Every ``flush_every`` bytes a background ``fdatasync`` starts (it releases
-    the GIL), so the disk works while the next tensors are copied; the final
-    fsync in ``finish`` then has little left to do.
-    """
-
-    flush_every = 256 * 2**20
-
-    def __init__(self, file: Any) -> None:
-        self.file = file
-        self._unsynced = 0
-        self._syncing: threading.Thread | None = None
-        self._sync_error: OSError | None = None
-
-    def write(self, data: Any) -> None:
-        self.file.write(data)
-        self._unsynced += len(data) if not isinstance(data, memoryview) else data.nbytes
-        if self._unsynced >= self.flush_every and (self._syncing is None or not self._syncing.is_alive()):
-            self.file.flush()
-            self._syncing = threading.Thread(target=self._sync_in_background, args=(self.file.fileno(),), daemon=True)
-            self._syncing.start()
-            self._unsynced = 0
-
-    def seek(self, offset: int) -> None:
-        self.file.seek(offset)
-
-    def _sync_in_background(self, descriptor: int) -> None:
-        try:
-            os.fdatasync(descriptor)
-        except OSError as error:  # kept for finish(): a thread's exception would otherwise be lost
-            self._sync_error = error
-
-    def finish(self) -> None:
-        """Wait for the background sync, fsync the rest; raise ``OSError`` if either failed."""
-        if self._syncing is not None:
-            self._syncing.join()
-        if self._sync_error is not None:
-            raise OSError(f"syncing the file to disk failed while it was written: {self._sync_error}") from self._sync_error
-        self.file.flush()
-        os.fsync(self.file.fileno())
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file's data, or a folder's entries (a rename or a new file in it), to disk."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def read_tree(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -293,6 +192,12 @@ def read_tree(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{path} has checkpoint format {header.get('format')!r} (statetrainer {header.get('library')}); "
             f"this statetrainer reads formats up to {FORMAT_VERSION}: upgrade statetrainer to load it"
         )
-    if _Checksum(document, _pieces(tensors), in_background=False).result() != header.get("checksum"):
+    if header["format"] < FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {header['format']} (statetrainer {header.get('library')}), which this "
+            f"statetrainer no longer reads (it reads format {FORMAT_VERSION}); finish that run with the version that "
+            "wrote it, or start afresh"
+        )
+    if _checksum(document, tensors) != header.get("checksum"):
         raise CheckpointError(f"{path} is corrupted: its checksum does not match its contents")
     return _unflatten(tree, tensors)

@@ -113,18 +113,28 @@ class NoisyShapes(Dataset):
         return image, label
 
 
-def build(folder: str, accumulate: int, pad_mb: int, extra: list[st.Callback], stream: bool = False,
+def build(folder: str, accumulate: int, pad_mb: int, extra: list[st.Callback], loader: str = "seeded",
           **options) -> st.Trainer:  # fmt: skip
     torch.manual_seed(0)
+    np.random.seed(0)  # a loader that augments in this process draws from NumPy's and Python's global generators
+    random.seed(0)
     model = nn.Sequential(
         nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
         nn.Dropout(0.3), nn.Linear(8 * 6 * 6, 4),
     )  # fmt: skip
     if pad_mb:
         model.register_buffer("pad", torch.zeros(pad_mb * 2**18))
-    if stream:  # an unsized stream, in the main process: it resumes through its own state
+    if loader == "stream":  # an unsized stream, in the main process: it resumes through its own state
         train = DataLoader(NoisyShapeStream(480), batch_size=16)
-    else:
+    elif loader.startswith("torchdata"):  # torchdata's StatefulDataLoader: it resumes through its own state
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        # In the main process its augmentation draws from the run's generators, which checkpoints carry; in
+        # workers it would draw from the workers' generators, which its state does not hold, so none there.
+        workers = 2 if loader == "torchdata" else 0
+        train = StatefulDataLoader(NoisyShapes(480, augment=workers == 0), batch_size=16, shuffle=True,
+                                   num_workers=workers)  # fmt: skip
+    else:  # rebuilt by the trainer with a seeded order
         train = DataLoader(NoisyShapes(480, augment=True), batch_size=16, shuffle=True, num_workers=2)
     valid = DataLoader(NoisyShapes(96, augment=False), batch_size=32, num_workers=2)
     epochs = 3
@@ -187,7 +197,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default=None)
     parser.add_argument("--deterministic", action="store_true")
-    parser.add_argument("--stream", action="store_true", help="train on a stream that keeps its own position")
+    parser.add_argument("--loader", choices=("seeded", "stream", "torchdata", "torchdata-main"), default="seeded",
+                        help="the training loader: a DataLoader, a stream, a StatefulDataLoader with or without workers")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -199,7 +210,7 @@ def main() -> None:
         epoch, phase, batch, name = args.signal_at.split(":")
         extra.append(SignalAt(int(epoch), phase, int(batch), name))
     options = {"device": args.device, "precision": args.precision, "deterministic": args.deterministic}
-    trainer = build(args.folder, args.accumulate, args.pad_mb, extra, stream=args.stream, **options)
+    trainer = build(args.folder, args.accumulate, args.pad_mb, extra, loader=args.loader, **options)
     resumed = trainer.load_checkpoint(args.folder)
     print(f"resumed from {resumed}" if resumed else "fresh start", flush=True)
     trainer.fit()

@@ -6,13 +6,14 @@ import json
 import math
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from statetrainer.checkpoint import FORMAT_VERSION, CheckpointError, read_tree, write_tree
-from statetrainer.checkpoint import serialization
+from statetrainer.checkpoint import atomic, serialization
 
 
 def sample_tree():
@@ -83,7 +84,7 @@ def test_a_failed_write_leaves_the_previous_file(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(serialization.os, "replace", crash)
+    monkeypatch.setattr(atomic.os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):
         write_tree(path, {"x": torch.zeros(2)}, "test")
     assert torch.equal(read_tree(path)["x"], torch.ones(2))
@@ -102,8 +103,8 @@ def test_saving_and_loading_never_pickle(tmp_path, monkeypatch):
     assert read_tree(path)["model"]["weight"].shape == (3, 4)
 
 
-def test_the_background_checksum_of_large_files_matches_the_reader(tmp_path, monkeypatch):
-    monkeypatch.setattr(serialization, "_BACKGROUND_CHECKSUM_BYTES", 0)  # take the threaded path on a small tree
+def test_the_threaded_checksum_of_large_files_matches_the_reader(tmp_path, monkeypatch):
+    monkeypatch.setattr(serialization, "_PARALLEL_CHECKSUM_BYTES", 0)  # take the threaded path on a small tree
     tree = sample_tree()
     path = write_tree(tmp_path / "a.safetensors", tree, "test")
     assert torch.equal(read_tree(path)["model"]["weight"], tree["model"]["weight"])
@@ -156,29 +157,37 @@ def test_only_half_written_files_of_dead_writers_are_removed(tmp_path):
     assert not dead.exists() and mine.exists() and other.exists()
 
 
-def test_large_files_are_synced_while_written(tmp_path, monkeypatch):
-    monkeypatch.setattr(serialization._DurableWriter, "flush_every", 16)  # a background fdatasync every 16 bytes
-    synced = []
-    real_fdatasync = serialization.os.fdatasync
-    monkeypatch.setattr(serialization.os, "fdatasync", lambda fd: (synced.append(fd), real_fdatasync(fd)))
-    tree = sample_tree()
-    loaded = read_tree(write_tree(tmp_path / "a.safetensors", tree, "test"))
-    assert synced and torch.equal(loaded["model"]["weight"], tree["model"]["weight"])
+def test_the_file_is_synced_before_its_rename_and_the_folder_after(tmp_path, monkeypatch):
+    events = []
+    real_fsync_path, real_replace = atomic.fsync_path, atomic.os.replace
+    monkeypatch.setattr(atomic, "fsync_path", lambda path: (events.append(("fsync", Path(path).name)), real_fsync_path(path)))
+    monkeypatch.setattr(atomic.os, "replace", lambda a, b: (events.append(("rename", Path(b).name)), real_replace(a, b)))
+    write_tree(tmp_path / "a.safetensors", sample_tree(), "test")
+    assert events == [("fsync", f".a.safetensors.{os.getpid()}.tmp"), ("rename", "a.safetensors"), ("fsync", tmp_path.name)]
 
 
-def test_a_failed_background_sync_fails_the_write():
-    from statetrainer.checkpoint.serialization import _DurableWriter
+def test_a_failed_fsync_fails_the_save_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = write_tree(tmp_path / "a.safetensors", {"x": torch.ones(2)}, "test")
 
-    read_end, write_end = os.pipe()  # a pipe cannot be synced: fdatasync fails on it
-    try:
-        with os.fdopen(write_end, "wb", buffering=0) as file:
-            writer = _DurableWriter(file)
-            writer.flush_every = 16  # start the background sync after 16 bytes instead of 256 MiB
-            writer.write(b"x" * 32)
-            with pytest.raises(OSError, match="syncing the file to disk failed while it was written"):
-                writer.finish()
-    finally:
-        os.close(read_end)
+    def failing_fsync(descriptor: int) -> None:
+        raise OSError(5, "Input/output error")  # what a dying disk or a full thin volume reports
+
+    monkeypatch.setattr(atomic.os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="Input/output error"):
+        write_tree(path, {"x": torch.zeros(2)}, "test")
+    monkeypatch.undo()
+    assert torch.equal(read_tree(path)["x"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]  # the unsynced temporary file is gone
+
+
+def test_an_edited_dtype_or_shape_in_the_header_fails_the_checksum(tmp_path):
+    path = write_tree(tmp_path / "a.safetensors", {"x": torch.ones(2, 3), "y": torch.ones(3, 2)}, "test")
+    data = path.read_bytes()
+    for old, new in ((b'"F32"', b'"I32"'), (b"[2,3]", b"[3,2]")):  # the same sizes: only the checksum can tell
+        edited = tmp_path / "edited.safetensors"
+        edited.write_bytes(data.replace(old, new, 1))
+        with pytest.raises(CheckpointError, match="checksum"):
+            read_tree(edited)
 
 
 def _safetensors_dtypes() -> list[torch.dtype]:

@@ -236,3 +236,18 @@ def test_a_stream_with_its_own_state_resumes_from_it():
 def test_a_stream_with_state_in_worker_processes_says_why_it_cannot_resume():
     source = batch_source(DataLoader(CountingStream(), batch_size=4, num_workers=2), 0)
     assert isinstance(source, EpochSource) and not source.resumable and "num_workers=0 or torchdata's StatefulDataLoader" in source.reason
+
+
+def test_torchdatas_stateful_dataloader_resumes_through_its_own_state():
+    stateful_dataloader = pytest.importorskip("torchdata.stateful_dataloader")
+    make = lambda: stateful_dataloader.StatefulDataLoader(list(range(40)), batch_size=4, shuffle=True)  # noqa: E731
+    source = batch_source(make(), 0)
+    assert isinstance(source, StatefulSource) and source.resumable and source.keeps_own_state
+    iterator = source.open(seed=1, epoch=0)
+    seen = [next(iterator) for _ in range(3)]
+    saved = source.state_dict()
+    rest = [batch.tolist() for batch in iterator]
+    restarted = batch_source(make(), 0)
+    restarted.load_state_dict(saved)
+    assert [batch.tolist() for batch in restarted.open(seed=1, epoch=0, start=3)] == rest
+    assert sorted(value for batch in seen + [torch.tensor(b) for b in rest] for value in batch.tolist()) == list(range(40))

@@ -1,15 +1,14 @@
 """Checkpoints: all file I/O of the library. What goes in comes from ``Trainer.state_dict``."""
 
+from .atomic import atomic_copy, atomic_write, fsync_path, remove_stale_temporaries, temporary_path
 from .folder import (
     DEFAULT_CHECKPOINT_FOLDER,
     checkpoint_files,
     find_checkpoint,
     newest_valid,
     next_checkpoint_path,
-    remove_stale_temporaries,
     save_target,
 )
-from .atomic import atomic_copy, atomic_write, fsync_path, temporary_path
 from .serialization import FORMAT_VERSION, CheckpointError, read_tree, write_tree
 
 __all__ = [

@@ -9,38 +9,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .atomic import remove_stale_temporaries
 from .serialization import CheckpointError, read_tree
 
 __all__ = ["DEFAULT_CHECKPOINT_FOLDER", "checkpoint_files", "find_checkpoint", "newest_valid", "next_checkpoint_path",
-           "remove_stale_temporaries", "save_target"]  # fmt: skip
+           "save_target"]  # fmt: skip
 
 DEFAULT_CHECKPOINT_FOLDER = Path("checkpoints")
 
 _NAME = re.compile(r"^ckpt-(?P<sequence>\d{6,})-epoch(?P<epoch>\d+)-step(?P<step>\d+)\.safetensors$")
-_TEMPORARY = re.compile(r"^\..+\.(?P<pid>\d+)\.tmp$")  # as atomic.temporary_path names them
-
-
-def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete half-written files left in ``folder`` by writers that no longer run (killed mid-write)."""
-    removed = []
-    for path in folder.iterdir() if folder.is_dir() else ():
-        match = _TEMPORARY.match(path.name)
-        if match and not _running(int(match["pid"])):
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
-
-
-def _running(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
 
 
 def checkpoint_files(folder: Path) -> list[Path]:

@@ -187,7 +187,8 @@ def test_csv_logs_reach_the_disk_before_a_checkpoint_records_their_size(tmp_path
     monkeypatch.setattr(os, "fsync", recording_fsync)
     path = trainer.save_checkpoint(tmp_path / "ckpt.safetensors")
     log = str((tmp_path / "log_batches.csv").resolve())
-    assert log in synced and synced.index(log) < synced.index(str(path.with_name(f".{path.name}.{os.getpid()}.tmp")))
+    written = str(path.with_name(f".{path.name}.{os.getpid()}.tmp") / path.name)  # where atomic_write writes it
+    assert log in synced and synced.index(log) < synced.index(written)
     synced.clear()
     trainer.save_checkpoint(tmp_path / "again.safetensors")
     assert log not in synced  # nothing new appended: no second sync

@@ -161,9 +161,11 @@ def test_the_file_is_synced_before_its_rename_and_the_folder_after(tmp_path, mon
     events = []
     real_fsync_path, real_replace = atomic.fsync_path, atomic.os.replace
     monkeypatch.setattr(atomic, "fsync_path", lambda path: (events.append(("fsync", Path(path).name)), real_fsync_path(path)))
+    # the file is fsynced in the writer's private folder, then renamed into place
     monkeypatch.setattr(atomic.os, "replace", lambda a, b: (events.append(("rename", Path(b).name)), real_replace(a, b)))
     write_tree(tmp_path / "a.safetensors", sample_tree(), "test")
-    assert events == [("fsync", f".a.safetensors.{os.getpid()}.tmp"), ("rename", "a.safetensors"), ("fsync", tmp_path.name)]
+    assert events == [("fsync", "a.safetensors"), ("rename", "a.safetensors"), ("fsync", tmp_path.name)]
+    assert [path.name for path in tmp_path.iterdir()] == ["a.safetensors"]  # the private folder is gone
 
 
 def test_a_failed_fsync_fails_the_save_and_keeps_the_previous_file(tmp_path, monkeypatch):
@@ -204,3 +206,43 @@ def test_every_dtype_safetensors_holds_round_trips(tmp_path, dtype):
     loaded = read_tree(path)["tensor"]
     assert loaded.dtype == dtype and loaded.shape == tensor.shape
     assert torch.equal(loaded.view(torch.uint8), tensor.view(torch.uint8))  # bit for bit, for any dtype
+
+
+def test_a_failed_sync_while_a_large_file_is_written_fails_the_write(tmp_path, monkeypatch):
+    import time
+
+    path = write_tree(tmp_path / "a.safetensors", {"x": torch.ones(2)}, "test")
+    monkeypatch.setattr(atomic._SyncWhileWriting, "interval", 0.001)
+
+    def failing_fdatasync(descriptor: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(atomic.os, "fdatasync", failing_fdatasync)
+    with pytest.raises(OSError, match="failed while it was written.*Input/output error"):
+        with atomic.atomic_write(path, sync_while_writing=True) as temporary:
+            temporary.write_bytes(b"new contents")
+            time.sleep(0.2)  # a long write: the syncing thread gets its turns meanwhile
+    monkeypatch.undo()
+    assert torch.equal(read_tree(path)["x"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
+
+
+def test_a_killed_writers_private_folder_is_removed_with_what_is_in_it(tmp_path):
+    from statetrainer.checkpoint import remove_stale_temporaries
+
+    leftover = tmp_path / ".ckpt-000003-epoch0000-step000000003.safetensors.999999999.tmp"
+    leftover.mkdir()
+    (leftover / ".tmpAb12Cd").write_bytes(b"half a safetensors file")  # safetensors' own temporary name
+    assert remove_stale_temporaries(tmp_path) == [leftover] and not leftover.exists()
+
+
+def test_writing_a_name_again_removes_what_a_killed_writer_of_it_left(tmp_path):
+    dead = tmp_path / ".metrics.png.999999999.tmp"
+    dead.mkdir()
+    (dead / "metrics.png").write_bytes(b"half a PNG")
+    other = tmp_path / ".lr.png.999999999.tmp"  # another name's leftover: not this writer's business
+    other.mkdir()
+    with atomic.atomic_write(tmp_path / "metrics.png") as temporary:
+        temporary.write_bytes(b"a whole PNG")
+    assert (tmp_path / "metrics.png").read_bytes() == b"a whole PNG"
+    assert not dead.exists() and other.exists()

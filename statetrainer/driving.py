@@ -60,8 +60,8 @@ class RunGuard:
                                  if type(callback).on_exception is not Callback.on_exception]  # fmt: skip
 
     @contextlib.contextmanager
-    def driving(self, trainer: Any, finished: bool, end_reason: Callable[[], str]) -> Iterator[None]:
-        """Drive ``trainer`` for the ``with`` block; ``finished`` refuses a run that has ended."""
+    def driving(self, trainer: Any) -> Iterator[None]:
+        """Drive ``trainer`` for the ``with`` block (refused for a run that has ended)."""
         if self.active:
             raise RuntimeError(
                 "the trainer is already advancing: callbacks must not call fit(), advance() or run_until(); "
@@ -72,8 +72,9 @@ class RunGuard:
                 f"the trainer cannot continue: an earlier transition raised {self.error!r} in state "
                 f"{trainer.state!r}, so its work may be half done; build a new Trainer"
             ) from self.error
-        if finished:
-            raise RuntimeError(f"the run has finished ({end_reason()}); there is nothing left to advance")
+        if trainer.position.finished:
+            raise RuntimeError(f"the run has finished ({trainer.position.end_reason(trainer.epochs)}); "
+                               "there is nothing left to advance")
         self.active = True
         try:
             with self.catcher, deterministic_algorithms() if self._deterministic else contextlib.nullcontext():

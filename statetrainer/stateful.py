@@ -108,6 +108,10 @@ class Position:
     finished: bool = False
     stop_requested: bool = False
 
+    def end_reason(self, epochs: int) -> str:
+        """Why a finished run ended, in words."""
+        return "stopped" if self.stop_requested else f"all {epochs} epoch(s) done"
+
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

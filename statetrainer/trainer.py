@@ -147,10 +147,10 @@ class Trainer:
     def fit(self) -> Trainer:
         """Run to the end, or continue a stepped or resumed run to the end (a finished run warns and returns)."""
         if self.position.finished and self._guard.error is None:
-            warnings.warn(f"the run has already finished ({self._end_reason()}); fit() has nothing to do", stacklevel=2)
+            warnings.warn(f"the run has already finished ({self.position.end_reason(self.epochs)}); fit() has nothing to do", stacklevel=2)
             return self
         deciders, machine, position, guard = self._deciders, self._machine, self.position, self._guard
-        with guard.driving(self, position.finished, self._end_reason):
+        with guard.driving(self):
             while not position.finished:
                 deciders[machine.state]()
                 if guard.deferred:
@@ -159,7 +159,7 @@ class Trainer:
 
     def advance(self) -> str:
         """Make exactly one transition, with its callbacks and work; return the new state."""
-        with self._guard.driving(self, self.position.finished, self._end_reason):
+        with self._guard.driving(self):
             self._deciders[self._machine.state]()
             self._guard.run_deferred(self)
         return self._machine.state
@@ -246,9 +246,6 @@ class Trainer:
         loss, phase = None if self.loss is None else float(self.loss.detach()), self.phase and self.phase.name
         return (f"Trainer(state={self.state!r}, epoch={self.epoch}, phase={phase!r}, batch_index={self.batch_index}, "
                 f"global_step={self.global_step}, loss={'None' if loss is None else f'{loss:.4g}'})")  # fmt: skip
-
-    def _end_reason(self) -> str:
-        return "stopped" if self.position.stop_requested else f"all {self.epochs} epoch(s) done"
 
     # Each decider picks and fires the one transition out of its state (idle and step have one each).
 

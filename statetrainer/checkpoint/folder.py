@@ -9,7 +9,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .atomic import remove_stale_temporaries
 from .serialization import CheckpointError, read_tree
 
 __all__ = ["DEFAULT_CHECKPOINT_FOLDER", "checkpoint_files", "find_checkpoint", "newest_valid", "next_checkpoint_path",

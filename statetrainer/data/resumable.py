@@ -26,7 +26,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset,
 from torch.utils.data import SequentialSampler, get_worker_info
 
 
-__all__ = ["SeededOrder", "SeededSamples", "mix_seed", "rebuild", "state_holder", "why_not_seeded"]
+__all__ = ["SeededBatch", "SeededOrder", "SeededSamples", "mix_seed", "rebuild", "state_holder", "why_not_seeded"]
 
 
 def mix_seed(*values: int) -> int:
@@ -35,47 +35,61 @@ def mix_seed(*values: int) -> int:
     return int.from_bytes(hashlib.blake2b(packed, digest_size=8).digest(), "little") >> 1
 
 
-class SeededOrder(Sampler):
-    """Yields ``(stream, index)`` keys for one pass: shuffled or in order, from any start.
+class SeededBatch(list):  # type: ignore[type-arg]
+    """The sample indices of one batch, with the ``stream`` (the pass's seed) they are loaded under."""
 
-    ``stream`` is the seed of this pass; ``SeededSamples`` turns each key into
-    the sample ``index`` loaded under a seed derived from both.
+    def __init__(self, indices: Iterable[int], stream: int) -> None:
+        super().__init__(indices)
+        self.stream = stream
+
+
+class SeededOrder(Sampler):
+    """Yields the ``SeededBatch`` es of one pass, shuffled or in order, from any batch on.
+
+    A DataLoader with automatic batching takes it as its ``batch_sampler``;
+    one without (``batch_size=None``) as its ``sampler``, with ``batch_size=1``,
+    and hands each one-index batch to ``SeededSamples.__getitem__``.
     """
 
-    def __init__(self, size: int, shuffle: bool) -> None:
-        self.size, self.shuffle = size, shuffle
+    def __init__(self, size: int, shuffle: bool, batch_size: int = 1, drop_last: bool = False) -> None:
+        self.size, self.shuffle, self.batch_size, self.drop_last = size, shuffle, batch_size, drop_last
         self.stream, self.start = 0, 0
 
     def position(self, stream: int, start: int) -> None:
+        """Make the next pass the one seeded ``stream``, from its batch ``start``."""
         self.stream, self.start = stream, start
 
     def __len__(self) -> int:
-        return max(self.size - self.start, 0)
+        batches = self.size // self.batch_size if self.drop_last else -(-self.size // self.batch_size)
+        return max(batches - self.start, 0)
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[SeededBatch]:
+        first, size, batch_size, stream = self.start * self.batch_size, self.size, self.batch_size, self.stream
         if self.shuffle:
-            generator = torch.Generator().manual_seed(self.stream)
-            order = torch.randperm(self.size, generator=generator)[self.start :].tolist()
+            order = torch.randperm(size, generator=torch.Generator().manual_seed(stream))[first:].tolist()
         else:
-            order = range(self.start, self.size)
-        stream = self.stream
-        return ((stream, index) for index in order)
+            order = list(range(first, size))
+        end = len(order) - len(order) % batch_size if self.drop_last else len(order)
+        return (SeededBatch(order[index : index + batch_size], stream) for index in range(0, end, batch_size))
 
 
 class SeededSamples(Dataset):
-    """Loads the samples of keys ``(stream, index)`` with every generator seeded by the first key.
+    """Loads each ``SeededBatch`` with every generator seeded from its stream and first index.
 
-    A DataLoader hands a whole batch's keys to ``__getitems__``, so the
-    generators are seeded once per batch, and a dataset's own batched
-    ``__getitems__`` is used when it has one. In the main process
-    (``num_workers=0``) the torch and ``random`` states are put back after
-    each batch, and NumPy's global functions draw from a bit generator of the
-    loader's own while it loads, so loading never disturbs the training run's
-    own stream (swapping NumPy's generator costs far less than copying its
-    state). The one thing the swap drops is the spare value legacy
-    ``np.random.randn`` caches after an odd number of normal draws: a
-    training loop drawing those between in-process batch loads gets a fresh
-    pair, the same way in the uninterrupted and in the resumed run.
+    A DataLoader hands a whole batch to ``__getitems__``, so the generators
+    are seeded once per batch, and a dataset's own batched ``__getitems__`` is
+    used when it has one. In the main process (``num_workers=0``) torch's
+    state is put back after each batch and NumPy's global functions draw from a
+    bit generator of the loader's own while it loads, so loading does not
+    disturb the training run's torch and NumPy streams (dropout's, say).
+    Swapping NumPy's generator costs far less than copying its state; the one
+    thing it drops is the spare value legacy ``np.random.randn`` caches after
+    an odd number of normal draws, which a training loop drawing those between
+    in-process loads gets afresh, the same way in the uninterrupted and the
+    resumed run. Python's ``random`` is left as the last batch's seeding left
+    it: saving and restoring it would cost more than all the rest of a
+    batch's seeding, and its state stays a function of the run's position, so
+    a resumed run still repeats the uninterrupted one exactly.
     """
 
     def __init__(self, dataset: Dataset) -> None:
@@ -86,35 +100,32 @@ class SeededSamples(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        return self.__getitems__([key])[0]
+    def __getitem__(self, batch: SeededBatch) -> Any:
+        """One sample, for a DataLoader without automatic batching: ``batch`` holds its index alone."""
+        return self.__getitems__(batch)[0]
 
-    def __getitems__(self, keys: list[tuple[int, int]]) -> list[Any]:
+    def __getitems__(self, batch: SeededBatch) -> list[Any]:
         if get_worker_info() is not None:  # a worker's generators are its own
-            return self._load(keys)
+            return self._load(batch)
         if self._numpy_for_loading is None:
             self._numpy_for_loading = np.random.MT19937()
-        torch_state, python_state = torch.default_generator.get_state(), random.getstate()
-        training_numpy = np.random.get_bit_generator()
+        torch_state, training_numpy = torch.default_generator.get_state(), np.random.get_bit_generator()
         np.random.set_bit_generator(self._numpy_for_loading)
         try:
-            return self._load(keys)
+            return self._load(batch)
         finally:
             np.random.set_bit_generator(training_numpy)
-            random.setstate(python_state)
             torch.default_generator.set_state(torch_state)
 
-    def _load(self, keys: list[tuple[int, int]]) -> list[Any]:
-        stream, first = keys[0]
-        seed = mix_seed(stream, first)
+    def _load(self, batch: SeededBatch) -> list[Any]:
+        seed = mix_seed(batch.stream, batch[0])
         torch.default_generator.manual_seed(seed)  # the CPU generator: what a transform draws from
         random.seed(seed)
         np.random.seed(seed % 2**32)
-        indices = [index for _, index in keys]
         if self._load_many is not None:
-            return self._load_many(indices)
+            return self._load_many(list(batch))
         dataset = self.dataset
-        return [dataset[index] for index in indices]
+        return [dataset[index] for index in batch]
 
 
 def has_state(candidate: Any) -> bool:
@@ -156,10 +167,10 @@ def rebuild(loader: DataLoader, worker_init_fn: Any) -> tuple[DataLoader, Seeded
     Raises:
         TypeError: The loader's class does not take DataLoader's arguments.
     """
-    order = SeededOrder(len(loader.dataset), shuffle=isinstance(loader.sampler, RandomSampler))
+    batched = loader.batch_size is not None  # else no automatic batching: the collate_fn sees single samples
+    order = SeededOrder(len(loader.dataset), isinstance(loader.sampler, RandomSampler),
+                        loader.batch_size or 1, loader.drop_last)  # fmt: skip
     options: dict[str, Any] = {
-        "batch_size": loader.batch_size,
-        "drop_last": loader.drop_last,
         "num_workers": loader.num_workers,
         "collate_fn": loader.collate_fn,
         "pin_memory": loader.pin_memory,
@@ -170,11 +181,12 @@ def rebuild(loader: DataLoader, worker_init_fn: Any) -> tuple[DataLoader, Seeded
         "pin_memory_device": loader.pin_memory_device,
         # Its own generator: opening an iterator must not draw from the global stream.
         "generator": torch.Generator().manual_seed(0),
+        ("batch_sampler" if batched else "sampler"): order,
     }
+    if not batched:
+        options["batch_size"] = None
     if loader.num_workers > 0:
         options["prefetch_factor"] = loader.prefetch_factor
     if hasattr(loader, "in_order"):  # torch >= 2.6
         options["in_order"] = loader.in_order
-    if loader.batch_size is None:  # no automatic batching: the collate_fn sees single samples
-        options.pop("drop_last")
-    return type(loader)(SeededSamples(loader.dataset), sampler=order, **options), order
+    return type(loader)(SeededSamples(loader.dataset), **options), order

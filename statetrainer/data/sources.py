@@ -91,10 +91,9 @@ class SeededLoader(BatchSource):
         generator = loader.generator
         self._order_salt = (generator.initial_seed(),) if isinstance(generator, torch.Generator) else ()
         self._rebuilt, self._order = rebuild(loader, shielded_init(loader, worker_signals))
-        self._batch_size = loader.batch_size or 1
 
     def open(self, seed: int, epoch: int, start: int = 0) -> Iterator[Any]:
-        self._order.position(mix_seed(seed, self.phase_index, epoch, *self._order_salt), start * self._batch_size)
+        self._order.position(mix_seed(seed, self.phase_index, epoch, *self._order_salt), start)
         return iter(self._rebuilt)
 
 

@@ -144,7 +144,6 @@ def test_torch_optimizer_and_scheduler_states_round_trip(tmp_path, make):
 
 
 def test_only_half_written_files_of_dead_writers_are_removed(tmp_path):
-    import os
 
     from statetrainer.checkpoint import remove_stale_temporaries
 

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, SubsetRandomSampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, SubsetRandomSampler, TensorDataset
 
 from statetrainer.data import BatchSource, EpochSource, SeededLoader, SequenceSource, StatefulSource, batch_source, mix_seed
 
@@ -48,16 +48,19 @@ def test_augmentation_is_the_same_with_any_number_of_workers():
     assert all(torch.equal(a, b) for a, b in zip(in_process, with_workers, strict=True))
 
 
-def test_loading_in_process_does_not_disturb_the_global_generators():
+def test_loading_in_process_leaves_torch_and_numpy_alone_and_python_random_a_function_of_the_position():
     torch.manual_seed(5)
-    random.seed(5)
     np.random.seed(5)
-    expected = torch.rand(()), random.random(), np.random.rand()
-    torch.manual_seed(5)
-    random.seed(5)
-    np.random.seed(5)
-    batches(batch_source(DataLoader(Augmented(), batch_size=8, shuffle=True), 0))
-    assert (torch.rand(()), random.random(), np.random.rand()) == expected
+    expected = torch.rand(()), np.random.rand()
+    after_loading = []
+    for training_seed in (5, 6):  # whatever the run drew before, Python's random ends where the data left it
+        torch.manual_seed(5)
+        np.random.seed(5)
+        random.seed(training_seed)
+        batches(batch_source(DataLoader(Augmented(), batch_size=8, shuffle=True), 0))
+        assert (torch.rand(()), np.random.rand()) == expected
+        after_loading.append(random.random())
+    assert after_loading[0] == after_loading[1]
 
 
 def test_starting_at_batch_k_loads_only_what_follows():
@@ -251,3 +254,18 @@ def test_torchdatas_stateful_dataloader_resumes_through_its_own_state():
     restarted.load_state_dict(saved)
     assert [batch.tolist() for batch in restarted.open(seed=1, epoch=0, start=3)] == rest
     assert sorted(value for batch in seen + [torch.tensor(b) for b in rest] for value in batch.tolist()) == list(range(40))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize(("batch_size", "drop_last"), [(8, False), (6, False), (6, True), (None, False)])
+def test_the_rebuilt_loader_keeps_batching_and_drop_last_and_starts_anywhere(batch_size, drop_last, workers):
+    dataset = TensorDataset(torch.arange(40.0))
+    original = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last)
+    source = batch_source(DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last,
+                                     num_workers=workers), 0)  # fmt: skip
+    assert isinstance(source, SeededLoader) and source.length == len(original)
+    whole = batches(source)
+    assert [tuple(batch[0].shape) for batch in whole] == [tuple(batch[0].shape) for batch in original]
+    seen = [value for batch in whole for value in batch[0].reshape(-1).tolist()]
+    assert len(set(seen)) == len(seen) == (36 if drop_last else 40)  # each sample once; a short last batch dropped
+    assert [batch[0].tolist() for batch in batches(source, start=3)] == [batch[0].tolist() for batch in whole[3:]]

@@ -8,11 +8,6 @@ becomes ``path`` only once it is on disk: the file is fsynced, renamed over
 loss. A crash at any instant leaves the previous file (or none) or the
 complete new one, never a partial file under that name; an error removes the
 private folder, and ``remove_stale_temporaries`` removes one a killed writer left.
-
-For a large file, ``atomic_write(path, sync_while_writing=True)`` has a
-thread flush what the writer has written so far while it goes on writing (a
-writer that releases the GIL, as safetensors' does), so the disk works during
-the write and the final fsync has little left to do.
 """
 
 from __future__ import annotations
@@ -21,7 +16,6 @@ import contextlib
 import os
 import re
 import shutil
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,6 +53,17 @@ def remove_stale_temporaries(folder: Path, name: str | None = None) -> list[Path
     return removed
 
 
+def _new_file_mode() -> int:
+    """The mode ``open()`` gives a new file in this process: 0o666 less the umask."""
+    try:
+        with open("/proc/self/status") as status:  # Linux: read the umask without changing it
+            umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0o022)  # elsewhere: the only way to read it is to set it, and put it back at once
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _running(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -72,12 +77,11 @@ def _running(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike[str], *, sync_while_writing: bool = False) -> Iterator[Path]:
+def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path to write; on a clean exit it becomes ``path``, durably.
 
     Raises:
-        OSError: Writing, syncing or renaming failed (a sync during the write
-            included); ``path`` is as it was.
+        OSError: Writing, syncing or renaming failed; ``path`` is as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,61 +89,14 @@ def atomic_write(path: str | os.PathLike[str], *, sync_while_writing: bool = Fal
     remove_stale_temporaries(path.parent, path.name)  # what a killed writer of this name left
     workspace.mkdir(exist_ok=True)
     temporary = workspace / path.name
-    syncer = _SyncWhileWriting(workspace) if sync_while_writing else None
     try:
-        try:
-            yield temporary
-        finally:  # the thread stops in any case; its error matters only if the write itself went well
-            sync_error = syncer.stop() if syncer is not None else None
-        if sync_error is not None:
-            raise sync_error
+        yield temporary
+        os.chmod(temporary, _new_file_mode())  # a writer's own temporary file (safetensors') is private: 0600
         fsync_path(temporary)
         os.replace(temporary, path)
     finally:
         shutil.rmtree(workspace, ignore_errors=True)
     fsync_path(path.parent)
-
-
-class _SyncWhileWriting:
-    """A thread that keeps fdatasyncing the file a writer is writing in ``workspace``, until stopped.
-
-    The writer may write under a temporary name of its own (safetensors does,
-    with the whole size allocated at once), so the first file to appear is
-    synced every ``interval`` seconds.
-    """
-
-    interval = 0.05
-
-    def __init__(self, workspace: Path) -> None:
-        self._workspace, self._stopping = workspace, threading.Event()
-        self._error: OSError | None = None
-        self._thread = threading.Thread(target=self._run, name="statetrainer-sync", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        descriptor = None
-        try:
-            while not self._stopping.wait(self.interval):
-                if descriptor is None:
-                    names = os.listdir(self._workspace)
-                    if names:
-                        with contextlib.suppress(FileNotFoundError):
-                            descriptor = os.open(self._workspace / names[0], os.O_RDONLY)
-                    continue
-                os.fdatasync(descriptor)
-        except OSError as error:  # kept for stop(): a thread's exception would otherwise be lost
-            self._error = error
-        finally:
-            if descriptor is not None:
-                os.close(descriptor)
-
-    def stop(self) -> OSError | None:
-        """Wait for the thread; return the error of a sync that failed while the file was written."""
-        self._stopping.set()
-        self._thread.join()
-        if self._error is None:
-            return None
-        return OSError(f"syncing a file in {self._workspace} to disk failed while it was written: {self._error}")
 
 
 def atomic_copy(source: Path, target: Path) -> None:

@@ -158,8 +158,7 @@ def write_tree(path: str | os.PathLike[str], tree: dict[str, Any], library_versi
         if tensor.dtype not in _DTYPES:
             raise TypeError(f"cannot save {key!r}: checkpoints hold the dtypes of safetensors, not {tensor.dtype}")
     header = {"format": FORMAT_VERSION, "library": library_version, "checksum": _checksum(document, tensors)}
-    large = sum(tensor.numel() * tensor.element_size() for tensor in tensors.values()) >= _PARALLEL_CHECKSUM_BYTES
-    with atomic_write(path, sync_while_writing=large) as temporary:
+    with atomic_write(path) as temporary:
         save_file(tensors, temporary, metadata={_METADATA_KEY: json.dumps(header), "tree": document})
     return path
 

@@ -207,25 +207,6 @@ def test_every_dtype_safetensors_holds_round_trips(tmp_path, dtype):
     assert torch.equal(loaded.view(torch.uint8), tensor.view(torch.uint8))  # bit for bit, for any dtype
 
 
-def test_a_failed_sync_while_a_large_file_is_written_fails_the_write(tmp_path, monkeypatch):
-    import time
-
-    path = write_tree(tmp_path / "a.safetensors", {"x": torch.ones(2)}, "test")
-    monkeypatch.setattr(atomic._SyncWhileWriting, "interval", 0.001)
-
-    def failing_fdatasync(descriptor: int) -> None:
-        raise OSError(5, "Input/output error")
-
-    monkeypatch.setattr(atomic.os, "fdatasync", failing_fdatasync)
-    with pytest.raises(OSError, match="failed while it was written.*Input/output error"):
-        with atomic.atomic_write(path, sync_while_writing=True) as temporary:
-            temporary.write_bytes(b"new contents")
-            time.sleep(0.2)  # a long write: the syncing thread gets its turns meanwhile
-    monkeypatch.undo()
-    assert torch.equal(read_tree(path)["x"], torch.ones(2))
-    assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
-
-
 def test_a_killed_writers_private_folder_is_removed_with_what_is_in_it(tmp_path):
     from statetrainer.checkpoint import remove_stale_temporaries
 
@@ -245,3 +226,10 @@ def test_writing_a_name_again_removes_what_a_killed_writer_of_it_left(tmp_path):
         temporary.write_bytes(b"a whole PNG")
     assert (tmp_path / "metrics.png").read_bytes() == b"a whole PNG"
     assert not dead.exists() and other.exists()
+
+
+def test_a_checkpoint_gets_the_permissions_of_any_new_file(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")  # what open() makes under this process's umask
+    path = write_tree(tmp_path / "a.safetensors", {"x": torch.ones(2)}, "test")
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777

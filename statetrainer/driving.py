@@ -19,14 +19,13 @@ from typing import TYPE_CHECKING, Any
 from .callbacks.base import Callback
 from .callbacks.checkpoint import Checkpoint
 from .determinism import deterministic_algorithms
+from .machine import AT_REST
 from .preemption import Preempted, SignalCatcher
 
 if TYPE_CHECKING:
     from .trainer import Trainer
 
-__all__ = ["AT_REST", "RunGuard", "stop_on_signal"]
-
-AT_REST = ("idle", "epoch", "phase")  # the states a run can be saved in: between batches
+__all__ = ["RunGuard", "stop_on_signal"]
 
 
 class RunGuard:

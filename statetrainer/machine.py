@@ -63,6 +63,7 @@ from transitions import Machine, MachineError
 from transitions.extensions import GraphMachine
 
 __all__ = [
+    "AT_REST",
     "HISTORY_LENGTH",
     "PARENT",
     "STATES",
@@ -74,6 +75,7 @@ __all__ = [
 ]
 
 STATES: tuple[str, ...] = ("idle", "epoch", "phase", "batch", "backward", "step")
+AT_REST: tuple[str, ...] = ("idle", "epoch", "phase")  # between batches: where a run can be saved and resumed
 
 PARENT: Mapping[str, str | None] = {
     "idle": None,

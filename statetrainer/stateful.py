@@ -11,19 +11,20 @@ it changes any, so adding a part to a run touches one place.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
 from .checkpoint import CheckpointError
+from .machine import AT_REST
 from .state import tensors_to
 
 if TYPE_CHECKING:
     from .callbacks.base import Callback
 
-__all__ = ["CallbackStates", "Metrics", "Position", "StateRegistry", "Stateful"]
+__all__ = ["CallbackStates", "Metrics", "Position", "StateRegistry", "Stateful", "check_position_fits"]
 
 
 @runtime_checkable
@@ -40,8 +41,13 @@ class StateRegistry:
 
     def __init__(self, **parts: Stateful) -> None:
         self._parts: dict[str, Stateful] = {}
+        self._checks: list[Callable[[dict[str, Any]], None]] = []
         for name, part in parts.items():
             self.register(name, part)
+
+    def add_check(self, check: Callable[[dict[str, Any]], None]) -> None:
+        """Also run ``check(state)`` on a whole saved state, after every part's own check (checks across parts)."""
+        self._checks.append(check)
 
     def register(self, name: str, part: Stateful) -> None:
         """Add ``part`` under ``name``; its state is saved and loaded with the run's from now on."""
@@ -78,6 +84,11 @@ class StateRegistry:
                 raise CheckpointError(f"{name}: {error}") from error
             except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
                 raise CheckpointError(f"{name}: the saved state does not fit this run: {error!r}") from error
+        for check in self._checks:
+            try:
+                check(state)
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
+                raise CheckpointError(f"the saved state does not fit this run: {error!r}") from error
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Check every part's saved state, then load each: nothing is loaded unless all of it fits."""
@@ -127,6 +138,26 @@ class Position:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for field in dataclasses.fields(self):
             setattr(self, field.name, state[field.name])
+
+
+def check_position_fits(phase_lengths: Sequence[int | None], state: dict[str, Any]) -> None:
+    """Raise ``CheckpointError`` unless the saved position is one this run can be at, between batches.
+
+    Args:
+        phase_lengths: The batches of each of the run's phases (None: unknown).
+        state: A whole saved state (its ``position`` and ``machine`` parts).
+    """
+    position, where = state["position"], state["machine"]["state"]
+    phase, batch = position["phase_position"], position["batch_index"]
+    if where not in AT_REST:
+        raise CheckpointError(f"the run was saved in state {where!r}, inside a batch; a run is saved between batches")
+    if not -1 <= phase < len(phase_lengths) or (where == "phase" and phase < 0):
+        raise CheckpointError(f"the saved phase index {phase} is not one of this run's {len(phase_lengths)} phase(s)")
+    length = phase_lengths[phase] if where == "phase" else None
+    if length is not None and batch >= length:
+        raise CheckpointError(f"the saved batch index {batch} is past the {length} batches of phase {phase}")
+    if position["epoch"] > position["epochs_done"] or position["epochs_done"] > position["epoch"] + 1:
+        raise CheckpointError(f"the saved epoch {position['epoch']} and epochs done {position['epochs_done']} disagree")
 
 
 class PositionField:

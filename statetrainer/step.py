@@ -77,6 +77,7 @@ class StepRunner:
         return {
             "model": unwrap_model(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "optimizer_class": _class_name(self.optimizer),
             # Inside an accumulation window the gradients so far are part of the state.
             "grads": {str(index): p.grad for index, p in enumerate(self.parameters) if p.grad is not None},
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -86,7 +87,17 @@ class StepRunner:
         check_model_state(unwrap_model(self.model).state_dict(), state["model"])
         if (state["optimizer"] is None) != (self.optimizer is None):
             raise CheckpointError("the checkpoint and this trainer disagree on having an optimizer")
+        if state["optimizer_class"] != _class_name(self.optimizer):
+            raise CheckpointError(f"the checkpoint's optimizer is {state['optimizer_class']}, this trainer's "
+                                  f"{_class_name(self.optimizer)}")  # fmt: skip
+        if (state["scaler"] is None) != (self.scaler is None):
+            raise CheckpointError("the checkpoint and this trainer disagree on having a GradScaler (fp16 on CUDA): "
+                                  "resume with the precision and device the run was saved with")  # fmt: skip
         if self.optimizer is not None:
+            saved_keys = [sorted(set(group) - {"params"}) for group in state["optimizer"]["param_groups"]]
+            our_keys = [sorted(set(group) - {"params"}) for group in self.optimizer.param_groups]
+            if saved_keys != our_keys:
+                raise CheckpointError(f"the checkpoint's optimizer settings are {saved_keys}, this one's {our_keys}")
             saved_groups = [len(group["params"]) for group in state["optimizer"]["param_groups"]]
             our_groups = [len(group["params"]) for group in self.optimizer.param_groups]
             if saved_groups != our_groups:
@@ -105,5 +116,9 @@ class StepRunner:
         for index, grad in state["grads"].items():
             parameter = self.parameters[int(index)]
             parameter.grad = grad.to(parameter.device, parameter.dtype, copy=True)
-        if self.scaler is not None and state["scaler"] is not None:
+        if self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
+
+
+def _class_name(optimizer: torch.optim.Optimizer | None) -> str | None:
+    return None if optimizer is None else f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"

@@ -12,6 +12,7 @@ import os
 import signal
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,12 @@ from .callbacks.base import Callback, hooks_by_state
 from .callbacks.checkpoint import Checkpoint
 from .data import END, PhaseSources, unpack_pair
 from .determinism import require_cublas_workspace
-from .driving import AT_REST, RunGuard
-from .machine import STATES, Move, TrainingMachine
+from .driving import RunGuard
+from .machine import AT_REST, STATES, Move, TrainingMachine
 from .phase import Phase
 from .preemption import DEFAULT_STOP_SIGNALS, resolve_signals
 from .rng import Generators
-from .stateful import CallbackStates, Metrics, Position, PositionField, StateRegistry
+from .stateful import CallbackStates, Metrics, Position, PositionField, StateRegistry, check_position_fits
 from .step import StepRunner
 from .work import StateWork
 from .version import __version__
@@ -117,6 +118,7 @@ class Trainer:
         self.parts = StateRegistry(  # loaded in this order: the generators last, as they were saved
             position=self.position, machine=self._machine, data=self._sources, step=self.step_runner,
             metrics=self.metrics, callbacks=CallbackStates(self.callbacks, self.device), rng=self._generators)  # fmt: skip
+        self.parts.add_check(partial(check_position_fits, [source.length for source in self._sources.sources]))
 
     # ------------------------------------------------------------------ public API
 

@@ -126,3 +126,26 @@ def test_hooks_have_resolvable_type_hints_against_the_narrow_trainer_view():
         for name in ("on_enter_batch", "on_exit_step", "on_exit_batch", "on_exception"):
             hints = typing.get_type_hints(getattr(cls, name))
             assert hints["trainer"] is TrainerView
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda state: state["machine"].update(state="batch"), "saved in state 'batch', inside a batch"),
+        (lambda state: state["position"].update(phase_position=3), "phase index 3 is not one of this run's 1"),
+        (lambda state: state["position"].update(batch_index=6), "batch index 6 is past the 6 batches"),
+        (lambda state: state["position"].update(epoch=1), "epoch 1 and epochs done 0 disagree"),
+    ],
+    ids=["inside-a-batch", "phase-out-of-range", "batch-past-the-end", "epochs-disagree"],
+)
+def test_an_impossible_saved_position_is_refused_before_anything_loads(device: torch.device, edit, message):
+    trainer, _ = build(device)
+    while not (trainer.state == "phase" and trainer.batch_index == 2):
+        trainer.advance()
+    state = trainer.state_dict()
+    edit(state)
+    fresh, _ = build(device)
+    before = fresh.model.weight.detach().clone()
+    with pytest.raises(CheckpointError, match=message):
+        fresh.load_state_dict(state)
+    assert torch.equal(fresh.model.weight, before) and fresh.state == "idle" and fresh.position == Position()

@@ -64,8 +64,19 @@ class _Flattener:
             "strings, None, and lists, tuples or dicts of them"
         )
 
+    def _unique(self, path: str) -> str:
+        """``path``, or a numbered variant when another tensor has it (``{"a/b": x, "a": {"b": y}}``, ``1`` and ``"1"``).
+
+        The document refers to every tensor by this key, so any key round-trips.
+        """
+        unique, number = path, 1
+        while unique in self.tensors:
+            unique, number = f"{path}#{number}", number + 1
+        return unique
+
     def _tensor(self, tensor: torch.Tensor, path: str) -> str:
         if not tensor.numel():
+            path = self._unique(path)
             self.tensors[path] = tensor.to("cpu").contiguous()
             return path
         storage = tensor.untyped_storage().data_ptr()
@@ -76,6 +87,7 @@ class _Flattener:
         stored = tensor.to("cpu").contiguous()
         if storage in self._storages:  # another view of a stored tensor: safetensors wants its own memory
             stored = stored.clone()
+        path = self._unique(path)
         self._views[view] = path
         self._storages.add(storage)
         self.tensors[path] = stored
@@ -176,17 +188,16 @@ def read_tree(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         with safe_open(path, framework="pt") as file:
             metadata = file.metadata() or {}
-            tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError) as error:
+            # Copies: safetensors maps the file, and a loaded run must not change when the file is later
+            # truncated, replaced or pruned.
+            tensors = {key: file.get_tensor(key).clone() for key in file.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as error:
         raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupted?): {error}") from error
     if _METADATA_KEY not in metadata or "tree" not in metadata:
         raise CheckpointError(f"{path} is a safetensors file but not a statetrainer checkpoint")
-    try:
-        header = json.loads(metadata[_METADATA_KEY])
-        document = metadata["tree"]
-        tree = json.loads(document)
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{path}: its checkpoint metadata is corrupted: {error}") from error
+    header = _parse(metadata[_METADATA_KEY], path, "header")
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: its checkpoint header is a {type(header).__name__}, not an object")
     if not isinstance(header.get("format"), int) or header["format"] > FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has checkpoint format {header.get('format')!r} (statetrainer {header.get('library')}); "
@@ -198,6 +209,37 @@ def read_tree(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"statetrainer no longer reads (it reads format {FORMAT_VERSION}); finish that run with the version that "
             "wrote it, or start afresh"
         )
+    document = metadata["tree"]
     if _checksum(document, tensors) != header.get("checksum"):
         raise CheckpointError(f"{path} is corrupted: its checksum does not match its contents")
-    return _unflatten(tree, tensors)
+    tree = _parse(document, path, "document")
+    try:
+        return _unflatten(tree, tensors)
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: its document does not describe a state tree: {error!r}") from error
+
+
+_MAX_DEPTH = 64  # a run's state nests a handful of levels; a forged document may nest 100,000
+_MAX_DIGITS = 40
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_DIGITS:
+        raise ValueError(f"a number with {len(text)} digits")
+    return int(text)
+
+
+def _parse(text: str, path: Path, what: str) -> Any:
+    """JSON ``text`` with bounded number sizes and nesting; ``CheckpointError`` for anything else."""
+    try:
+        value = json.loads(text, parse_int=_parse_int)
+    except (ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path}: its checkpoint {what} is corrupted: {error}") from error
+    level, depth = [value], 0
+    while level:
+        depth += 1
+        if depth > _MAX_DEPTH:
+            raise CheckpointError(f"{path}: its checkpoint {what} nests deeper than {_MAX_DEPTH} levels")
+        level = [child for node in level if isinstance(node, (dict, list))
+                 for child in (node.values() if isinstance(node, dict) else node)]  # fmt: skip
+    return value

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from statetrainer.checkpoint import FORMAT_VERSION, CheckpointError, read_tree, write_tree
@@ -233,3 +234,60 @@ def test_a_checkpoint_gets_the_permissions_of_any_new_file(tmp_path):
     plain.write_text("x")  # what open() makes under this process's umask
     path = write_tree(tmp_path / "a.safetensors", {"x": torch.ones(2)}, "test")
     assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
+@pytest.mark.parametrize(
+    "tree",
+    [
+        {"a/b": torch.ones(2), "a": {"b": torch.zeros(2)}},  # the same path once flattened
+        {"part": {1: torch.ones(2), "1": torch.zeros(2)}},  # an int and a str key that print alike
+        {"x": [torch.ones(1), torch.zeros(0)], "x/1": torch.zeros(0, 3)},  # empty tensors too
+    ],
+    ids=["slash", "int-and-str", "empty"],
+)
+def test_keys_that_collide_once_flattened_round_trip(tmp_path, tree):
+    loaded = read_tree(write_tree(tmp_path / "a.safetensors", tree, "test"))
+
+    def same(left, right) -> bool:
+        if isinstance(left, torch.Tensor):
+            return isinstance(right, torch.Tensor) and left.shape == right.shape and torch.equal(left, right)
+        if isinstance(left, dict):
+            return list(left) == list(right) and all(same(left[key], right[key]) for key in left)
+        if isinstance(left, list):
+            return len(left) == len(right) and all(same(a, b) for a, b in zip(left, right))
+        return left == right
+
+    assert same(tree, loaded)
+
+
+def _forge(path, header=None, document=None) -> None:
+    """Rewrite ``path`` with another header or document and a checksum that matches them (a forger's file)."""
+    with safe_open(path, framework="pt") as file:
+        metadata = file.metadata()
+        tensors = {key: file.get_tensor(key).clone() for key in file.keys()}  # noqa: SIM118
+    document = metadata["tree"] if document is None else document
+    if header is None:
+        header = json.loads(metadata["statetrainer"])
+        header["checksum"] = serialization._checksum(document, tensors)
+    save_file(tensors, path, metadata={"statetrainer": header if isinstance(header, str) else json.dumps(header),
+                                       "tree": document})  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("header", "document", "message"),
+    [
+        ("[1, 2]", None, "header is a list"),
+        ('{"format": 2, "checksum": "00"}', None, "checksum"),
+        (None, "[" * 100_000 + "]" * 100_000, "corrupted|nests deeper"),
+        (None, "[" * 70 + "]" * 70, "nests deeper than 64"),
+        (None, '{"x": ' + "9" * 5000 + "}", "corrupted: a number with 5000 digits"),
+        (None, '{"x": {"__tensor__": "no such tensor"}}', "does not describe a state tree"),
+        (None, '{"x": {"__items__": 5}}', "does not describe a state tree"),
+    ],
+    ids=["header-not-object", "bad-checksum", "deep-100000", "deep-70", "huge-number", "dangling-tensor", "bad-items"],
+)
+def test_a_forged_document_raises_checkpoint_error(tmp_path, header, document, message):
+    path = write_tree(tmp_path / "a.safetensors", {"x": torch.ones(2)}, "test")
+    _forge(path, header, document)
+    with pytest.raises(CheckpointError, match=message):
+        read_tree(path)

@@ -226,3 +226,46 @@ def test_a_mistyped_checkpoint_path_is_an_error_not_a_fresh_start(tmp_path, devi
     with pytest.raises(CheckpointError, match=r"no checkpoint file or folder at .*chekpoints.*saves to .*checkpoints"):
         trainer.load_checkpoint(tmp_path / "chekpoints" / "run1")
     assert trainer.load_checkpoint(tmp_path / "checkpoints" / "run1") is None  # its own folder, not made yet
+
+
+@pytest.mark.parametrize("damage", ["truncate", "replace"])
+def test_a_loaded_run_owns_its_state_when_the_file_is_truncated_or_replaced(device: torch.device, tmp_path, damage):
+    first = build(accumulate=2, device=device)
+    advance_to(first, 0, "train", 4)  # mid-window: Adam's moments, pending gradients and metric sums are all saved
+    path = first.save_checkpoint(tmp_path / "mid.safetensors")
+    untouched = tmp_path / "copy.safetensors"
+    untouched.write_bytes(path.read_bytes())
+    damaged = build(accumulate=2, device=device)
+    damaged.load_checkpoint(path)
+    if damage == "truncate":
+        with open(path, "r+b") as file:  # in place, as a pruning or a full disk would leave it
+            file.truncate(0)
+    else:
+        with open(path, "r+b") as file:  # in place, as `cp other.safetensors same-name` does
+            file.write(bytes(range(256)) * (path.stat().st_size // 256))
+    damaged.fit()
+    reference = build(accumulate=2, device=device)
+    reference.load_checkpoint(untouched)
+    reference.fit()
+    assert_same_weights(reference, damaged)
+    assert reference.metrics == damaged.metrics
+
+
+@pytest.mark.parametrize(("saved_with", "loaded_into"), [(torch.optim.SGD, torch.optim.Adam), (torch.optim.Adam, torch.optim.SGD),
+                                                         (torch.optim.Adam, torch.optim.AdamW)])  # fmt: skip
+def test_a_checkpoint_of_another_optimizer_is_refused_and_nothing_is_loaded(device: torch.device, tmp_path, saved_with,
+                                                                             loaded_into):  # fmt: skip
+    def trainer_with(optimizer_class) -> st.Trainer:
+        torch.manual_seed(0)
+        model = nn.Linear(3, 2)
+        return st.Trainer(model, optimizer_class(model.parameters(), lr=0.1), F.cross_entropy,
+                          [st.Phase("train", DataLoader(DATA, batch_size=6))], device=device, seed=1)  # fmt: skip
+
+    saved = trainer_with(saved_with)
+    advance_to(saved, 0, "train", 3)
+    path = saved.save_checkpoint(tmp_path / "a.safetensors")
+    fresh = trainer_with(loaded_into)
+    before = fresh.model.weight.detach().clone()
+    with pytest.raises(CheckpointError, match="optimizer is torch.optim"):
+        fresh.load_checkpoint(path)
+    assert torch.equal(fresh.model.weight, before) and fresh.state == "idle"

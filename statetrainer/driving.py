@@ -72,7 +72,7 @@ class RunGuard:
                 f"{trainer.state!r}, so its work may be half done; build a new Trainer"
             ) from self.error
         if trainer.position.finished:
-            raise RuntimeError(f"the run has finished ({trainer.position.end_reason(trainer.epochs)}); "
+            raise RuntimeError(f"the run has finished ({trainer.position.end_reason()}); "
                                "there is nothing left to advance")
         self.active = True
         try:

@@ -119,9 +119,9 @@ class Position:
     finished: bool = False
     stop_requested: bool = False
 
-    def end_reason(self, epochs: int) -> str:
+    def end_reason(self) -> str:
         """Why a finished run ended, in words."""
-        return "stopped" if self.stop_requested else f"all {epochs} epoch(s) done"
+        return "stopped" if self.stop_requested else f"all {self.epochs_done} epoch(s) done"
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -140,11 +140,12 @@ class Position:
             setattr(self, field.name, state[field.name])
 
 
-def check_position_fits(phase_lengths: Sequence[int | None], state: dict[str, Any]) -> None:
+def check_position_fits(phase_lengths: Sequence[int | None], epochs: int, state: dict[str, Any]) -> None:
     """Raise ``CheckpointError`` unless the saved position is one this run can be at, between batches.
 
     Args:
         phase_lengths: The batches of each of the run's phases (None: unknown).
+        epochs: The run's epochs (a finished run may be given more, not fewer).
         state: A whole saved state (its ``position`` and ``machine`` parts).
     """
     position, where = state["position"], state["machine"]["state"]
@@ -158,6 +159,10 @@ def check_position_fits(phase_lengths: Sequence[int | None], state: dict[str, An
         raise CheckpointError(f"the saved batch index {batch} is past the {length} batches of phase {phase}")
     if position["epoch"] > position["epochs_done"] or position["epochs_done"] > position["epoch"] + 1:
         raise CheckpointError(f"the saved epoch {position['epoch']} and epochs done {position['epochs_done']} disagree")
+    if position["epochs_done"] > epochs or (position["epochs_done"] == epochs and not position["finished"]):
+        raise CheckpointError(f"the checkpoint is from a run of more than epochs={epochs} (it is at epoch "
+                              f"{position['epoch'] + 1}, {position['epochs_done']} done); resume with at least "
+                              f"epochs={position['epochs_done'] + (not position['finished'])}")  # fmt: skip
 
 
 class PositionField:

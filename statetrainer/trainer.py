@@ -118,7 +118,7 @@ class Trainer:
         self.parts = StateRegistry(  # loaded in this order: the generators last, as they were saved
             position=self.position, machine=self._machine, data=self._sources, step=self.step_runner,
             metrics=self.metrics, callbacks=CallbackStates(self.callbacks, self.device), rng=self._generators)  # fmt: skip
-        self.parts.add_check(partial(check_position_fits, [source.length for source in self._sources.sources]))
+        self.parts.add_check(partial(check_position_fits, [source.length for source in self._sources.sources], epochs))
 
     # ------------------------------------------------------------------ public API
 
@@ -149,7 +149,7 @@ class Trainer:
     def fit(self) -> Trainer:
         """Run to the end, or continue a stepped or resumed run to the end (a finished run warns and returns)."""
         if self.position.finished and self._guard.error is None:
-            warnings.warn(f"the run has already finished ({self.position.end_reason(self.epochs)}); fit() has nothing to do", stacklevel=2)
+            warnings.warn(f"the run has already finished ({self.position.end_reason()}); fit() has nothing to do", stacklevel=2)
             return self
         deciders, machine, position, guard = self._deciders, self._machine, self.position, self._guard
         with guard.driving(self):
@@ -207,6 +207,8 @@ class Trainer:
         if self.state != "idle" or self.position != Position():
             raise RuntimeError("load a checkpoint into a trainer that has not started: build a new Trainer")
         self.parts.load_state_dict(state)
+        if self.position.finished and not self.position.stop_requested and self.position.epochs_done < self.epochs:
+            self.position.finished = False  # a finished run given more epochs goes on to train them
         self.phase = self.phases[self.position.phase_position] if self.position.phase_position >= 0 else None
         if self.state == "phase":  # mid-phase: reopen its batches after the last one done
             self._work.open_phase(self, start=self.position.batch_index + 1)

@@ -87,6 +87,8 @@ def find_checkpoint(
             is none of ``own_folders`` (a typo).
     """
     path = Path(path)
+    if path.is_dir() and path.suffix == ".safetensors":
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file; name a .safetensors file or a folder of them")
     if path.is_dir():
         return newest_valid(path, check)
     if path.exists() or path.suffix == ".safetensors":

@@ -269,3 +269,38 @@ def test_a_checkpoint_of_another_optimizer_is_refused_and_nothing_is_loaded(devi
     with pytest.raises(CheckpointError, match="optimizer is torch.optim"):
         fresh.load_checkpoint(path)
     assert torch.equal(fresh.model.weight, before) and fresh.state == "idle"
+
+
+def test_a_finished_run_given_more_epochs_trains_them_as_one_longer_run_would(device: torch.device, tmp_path):
+    short = build(device=device, epochs=2).fit()
+    path = short.save_checkpoint(tmp_path / "done.safetensors")
+    extended = build(device=device, epochs=4)
+    extended.load_checkpoint(path)
+    extended.fit()
+    longer = build(device=device, epochs=4).fit()
+    assert extended.global_step == longer.global_step == 2 * short.global_step
+    assert_same_weights(longer, extended)
+
+
+def test_a_finished_run_says_truly_how_many_epochs_it_ran(device: torch.device, tmp_path):
+    path = build(device=device, epochs=2).fit().save_checkpoint(tmp_path / "done.safetensors")
+    again = build(device=device, epochs=2)
+    again.load_checkpoint(path)
+    with pytest.warns(UserWarning, match=r"already finished \(all 2 epoch\(s\) done\)"):
+        again.fit()
+
+
+@pytest.mark.parametrize(("saved_epochs", "where", "resumed_epochs"), [(3, "finished", 2), (3, (2, "train", 1), 2)])
+def test_a_checkpoint_from_further_than_the_run_goes_is_refused(device: torch.device, tmp_path, saved_epochs, where,
+                                                                resumed_epochs):  # fmt: skip
+    saved = build(device=device, epochs=saved_epochs)
+    saved.fit() if where == "finished" else advance_to(saved, *where)
+    path = saved.save_checkpoint(tmp_path / "a.safetensors")
+    with pytest.raises(CheckpointError, match="more than epochs=2.*resume with at least epochs=3"):
+        build(device=device, epochs=resumed_epochs).load_checkpoint(path)
+
+
+def test_a_folder_named_like_a_checkpoint_file_is_refused(device: torch.device, tmp_path):
+    (tmp_path / "x.safetensors").mkdir()
+    with pytest.raises(CheckpointError, match="is a folder, not a checkpoint file"):
+        build(device=device).load_checkpoint(tmp_path / "x.safetensors")

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checkpoint import CheckpointError
+
 __all__ = ["Generators", "capture_rng", "restore_rng"]
 
 
@@ -65,14 +67,15 @@ class Generators:
         cuda_devices: The CUDA devices whose generators the run draws from.
     """
 
-    def __init__(self, seed: int, cuda_devices: Sequence[torch.device] = ()) -> None:
-        self.seed, self.cuda_devices = seed, tuple(cuda_devices)
+    def __init__(self, seed: int, cuda_devices: Sequence[torch.device] = (), chosen: bool = True) -> None:
+        self.seed, self.cuda_devices, self.chosen = seed, tuple(cuda_devices), chosen
 
     @classmethod
     def for_run(cls, seed: int | None, device: torch.device) -> Generators:
-        """The generators of a run on ``device``; a None seed takes ``torch.initial_seed()``."""
-        seed = int(seed) if seed is not None else torch.initial_seed() % 2**63
-        return cls(seed, (device,) if device.type == "cuda" else ())
+        """The generators of a run on ``device``; a None seed takes ``torch.initial_seed()`` until a checkpoint's."""
+        chosen = seed is not None
+        seed = int(seed) if chosen else torch.initial_seed() % 2**63
+        return cls(seed, (device,) if device.type == "cuda" else (), chosen)
 
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, **capture_rng(self.cuda_devices)}
@@ -80,6 +83,9 @@ class Generators:
     def check_fits(self, state: dict[str, Any]) -> None:
         if isinstance(state["seed"], bool) or not isinstance(state["seed"], int):
             raise ValueError(f"the seed is {state['seed']!r}, not an integer")
+        if self.chosen and state["seed"] != self.seed:
+            raise CheckpointError(f"the checkpoint is of a run with seed={state['seed']}, this trainer has seed={self.seed}: "
+                                  "it is another run; resume it with its seed, or save this run to another folder")  # fmt: skip
         if not isinstance(state["torch"], torch.Tensor) or not isinstance(state["cuda"], list):
             raise TypeError("the torch and CUDA generator states are not tensors")
         state["python"]["state"], state["numpy"]["keys"]  # noqa: B018 -- present, or a KeyError

@@ -31,7 +31,7 @@ def build(callbacks=(), model=None, loader=None, *, device: torch.device | str, 
     train = loader if loader is not None else DataLoader(DATA, batch_size=6, shuffle=True)
     return st.Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-2), F.cross_entropy,
                       [st.Phase("train", train), st.Phase("valid", DataLoader(DATA, batch_size=16), grad=False)],
-                      callbacks=[SmoothedLoss(), Accuracy(), *callbacks], seed=3, device=device, **options)  # fmt: skip
+                      callbacks=[SmoothedLoss(), Accuracy(), *callbacks], device=device, **{"seed": 3, **options})  # fmt: skip
 
 
 def advance_to(trainer: st.Trainer, epoch: int, phase: str, batch_index: int) -> None:
@@ -304,3 +304,14 @@ def test_a_folder_named_like_a_checkpoint_file_is_refused(device: torch.device, 
     (tmp_path / "x.safetensors").mkdir()
     with pytest.raises(CheckpointError, match="is a folder, not a checkpoint file"):
         build(device=device).load_checkpoint(tmp_path / "x.safetensors")
+
+
+def test_a_checkpoint_of_a_run_with_another_seed_is_refused_unless_the_seed_is_left_open(device: torch.device, tmp_path):
+    saved = build(device=device)
+    advance_to(saved, 0, "train", 2)
+    path = saved.save_checkpoint(tmp_path / "seed3.safetensors")
+    with pytest.raises(CheckpointError, match="seed=3, this trainer has seed=4: it is another run"):
+        build(device=device, seed=4).load_checkpoint(path)
+    open_seed = build(device=device, seed=None)
+    open_seed.load_checkpoint(path)  # a script that leaves the seed open continues the checkpoint's run
+    assert open_seed.seed == 3

@@ -187,7 +187,7 @@ class Metrics(dict):  # type: ignore[type-arg]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.clear()
-        self.update(state)
+        self.update(tensors_to(state, torch.device("cpu")))  # copies, not views of the checkpoint file
 
 
 class CallbackStates:

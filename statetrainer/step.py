@@ -9,7 +9,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError
 from .precision import make_autocast, make_grad_scaler
-from .state import check_model_state, unwrap_model
+from .state import check_model_state, tensors_to, unwrap_model
 
 __all__ = ["StepRunner"]
 
@@ -111,8 +111,8 @@ class StepRunner:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         unwrap_model(self.model).load_state_dict(state["model"])
-        if self.optimizer is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+        if self.optimizer is not None:  # kept by the optimizer: copies, not views of the checkpoint file
+            self.optimizer.load_state_dict(tensors_to(state["optimizer"], torch.device("cpu")))
         for index, grad in state["grads"].items():
             parameter = self.parameters[int(index)]
             parameter.grad = grad.to(parameter.device, parameter.dtype, copy=True)

@@ -178,6 +178,9 @@ def write_tree(path: str | os.PathLike[str], tree: dict[str, Any], library_versi
 def read_tree(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and verify a file written by ``write_tree``.
 
+    The tensors are views of the memory-mapped file, so reading costs no copy;
+    copy (``statetrainer.state.tensors_to``) what must outlive a change to the file.
+
     Raises:
         CheckpointError: The file is missing, truncated, corrupted, not a
             statetrainer checkpoint, or from a newer format.
@@ -188,9 +191,8 @@ def read_tree(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         with safe_open(path, framework="pt") as file:
             metadata = file.metadata() or {}
-            # Copies: safetensors maps the file, and a loaded run must not change when the file is later
-            # truncated, replaced or pruned.
-            tensors = {key: file.get_tensor(key).clone() for key in file.keys()}  # noqa: SIM118
+            # Views of the mapped file: whatever keeps one past the load copies it (the trainer's parts do).
+            tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as error:
         raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupted?): {error}") from error
     if _METADATA_KEY not in metadata or "tree" not in metadata:

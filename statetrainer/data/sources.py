@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..checkpoint import CheckpointError
+from ..state import tensors_to
 from .cursor import loader_length
 from .resumable import mix_seed, rebuild, state_holder, why_not_seeded
 from .workers import shield_workers, shielded_init
@@ -195,4 +196,4 @@ class PhaseSources:
 
     def load_state_dict(self, state: list[dict[str, Any]]) -> None:
         for source, saved in zip(self.sources, state, strict=True):
-            source.load_state_dict(saved["position"])  # applied when the source next opens
+            source.load_state_dict(tensors_to(saved["position"], torch.device("cpu")))  # applied when it next opens

@@ -35,6 +35,7 @@ from torchvision.transforms import v2 as transforms
 from torchvision.transforms.v2 import functional as TF
 
 import statetrainer as st
+from statetrainer.checkpoint import discard_run
 from statetrainer import callbacks as cb
 
 MEAN, STD = 0.1307, 0.3081
@@ -183,6 +184,8 @@ def main(argv: list[str] | None = None) -> st.Trainer:
         train, valid = (torch.utils.data.Subset(data, range(min(args.limit, len(data)))) for data in (train, valid))
     trainer = build_trainer(train, valid, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             device=args.device, workers=args.workers, out=args.out, seed=args.seed)  # fmt: skip
+    if args.fresh:  # the folder's old run goes, so the new one neither mixes with it nor is refused by it
+        discard_run(args.out)
     resumed = None if args.fresh else trainer.load_checkpoint(args.out)
     if resumed is not None:
         print(f"resumed from {resumed} (epoch {trainer.epoch + 1}, step {trainer.global_step})", flush=True)

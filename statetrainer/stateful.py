@@ -11,6 +11,9 @@ it changes any, so adding a part to a run touches one place.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -19,12 +22,13 @@ import torch
 
 from .checkpoint import CheckpointError
 from .machine import AT_REST
-from .state import tensors_to
+from .rng import Generators
+from .state import tensors_to, unwrap_model
 
 if TYPE_CHECKING:
     from .callbacks.base import Callback
 
-__all__ = ["CallbackStates", "Metrics", "Position", "StateRegistry", "Stateful", "check_position_fits"]
+__all__ = ["CallbackStates", "Metrics", "Position", "RunIdentity", "StateRegistry", "Stateful", "check_position_fits"]
 
 
 @runtime_checkable
@@ -118,6 +122,11 @@ class Position:
     global_step: int = 0
     finished: bool = False
     stop_requested: bool = False
+
+    def extend_to(self, epochs: int) -> None:
+        """Let a run that finished all its epochs (not stopped) go on, when it now has more."""
+        if self.finished and not self.stop_requested and self.epochs_done < epochs:
+            self.finished = False
 
     def end_reason(self) -> str:
         """Why a finished run ended, in words."""
@@ -213,3 +222,52 @@ class CallbackStates:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for callback in self.callbacks:
             callback.load_state_dict(tensors_to(state[callback.key], self.device))
+
+
+class RunIdentity:
+    """Which run this is: an id its checkpoints carry, and a fingerprint of what makes it the same run.
+
+    A folder of checkpoints belongs to one run: its ``run.json`` marker (see
+    ``statetrainer.checkpoint.folder``) holds the run's id, seed and
+    fingerprint, so a second run given the same folder is stopped before it
+    saves or prunes anything there, and a restart never adopts another run.
+
+    Args:
+        fingerprint: What must not change between a run and its resumption
+            (phases, model keys and shapes, optimizer class), hashed.
+        generators: The run's generators: its seed, and whether the user chose
+            it (an open seed takes the checkpoint's).
+    """
+
+    def __init__(self, fingerprint: str, generators: Generators) -> None:
+        self.id, self.fingerprint, self.generators = uuid.uuid4().hex, fingerprint, generators
+
+    @classmethod
+    def for_run(cls, phase_layout: list[tuple[str, int | None]], model: torch.nn.Module,
+                optimizer: torch.optim.Optimizer | None, generators: Generators) -> RunIdentity:  # fmt: skip
+        """The identity of a new run of these phases (name, batches), model and optimizer."""
+        tensors = [(key, list(value.shape), str(value.dtype)) for key, value in unwrap_model(model).state_dict().items()]
+        optimizer_class = None if optimizer is None else f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
+        described = json.dumps([phase_layout, tensors, optimizer_class]).encode()
+        return cls(hashlib.blake2b(described, digest_size=8).hexdigest(), generators)
+
+    def marker(self) -> dict[str, Any]:
+        """What a folder's run marker records of this run."""
+        return {"run": self.id, "seed": self.generators.seed, "fingerprint": self.fingerprint}
+
+    def accept_marker(self, marker: dict[str, Any], folder: Any) -> None:
+        """Continue the run ``folder``'s marker describes, or raise ``CheckpointError`` if it is another run."""
+        seed = self.generators.seed
+        seed_differs = self.generators.chosen and marker.get("seed") != seed
+        if seed_differs or marker.get("fingerprint") != self.fingerprint:
+            why = (f"seed {marker.get('seed')}, this trainer's is {seed}" if seed_differs
+                   else "other phases, model or optimizer than this trainer's")  # fmt: skip
+            raise CheckpointError(f"{folder} holds another run (run {marker.get('run')}, {why}); give this run a "
+                                  "folder of its own, or build the trainer as that run was built to resume it")  # fmt: skip
+        self.id = str(marker.get("run", self.id))  # this run, restarted (perhaps before its first checkpoint)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.id = str(state["id"])  # the same run, continued

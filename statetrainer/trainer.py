@@ -30,7 +30,7 @@ from .machine import AT_REST, STATES, Move, TrainingMachine
 from .phase import Phase
 from .preemption import DEFAULT_STOP_SIGNALS, resolve_signals
 from .rng import Generators
-from .stateful import CallbackStates, Metrics, Position, PositionField, StateRegistry, check_position_fits
+from .stateful import CallbackStates, Metrics, Position, PositionField, RunIdentity, StateRegistry, check_position_fits
 from .step import StepRunner
 from .work import StateWork
 from .version import __version__
@@ -115,10 +115,11 @@ class Trainer:
         self._deciders: dict[str, Callable[[], None]] = {  # from idle and step, one transition only
             "idle": self._start_epoch, "epoch": self._decide_epoch, "phase": self._decide_phase,
             "batch": self._decide_batch, "backward": self._decide_backward, "step": self._end_batch}  # fmt: skip
+        self.run = RunIdentity.for_run(self._sources.layout(), self.model, optimizer, self._generators)
         self.parts = StateRegistry(  # loaded in this order: the generators last, as they were saved
-            position=self.position, machine=self._machine, data=self._sources, step=self.step_runner,
+            run=self.run, position=self.position, machine=self._machine, data=self._sources, step=self.step_runner,
             metrics=self.metrics, callbacks=CallbackStates(self.callbacks, self.device), rng=self._generators)  # fmt: skip
-        self.parts.add_check(partial(check_position_fits, [source.length for source in self._sources.sources], epochs))
+        self.parts.add_check(partial(check_position_fits, [length for _, length in self._sources.layout()], epochs))
 
     # ------------------------------------------------------------------ public API
 
@@ -207,8 +208,7 @@ class Trainer:
         if self.state != "idle" or self.position != Position():
             raise RuntimeError("load a checkpoint into a trainer that has not started: build a new Trainer")
         self.parts.load_state_dict(state)
-        if self.position.finished and not self.position.stop_requested and self.position.epochs_done < self.epochs:
-            self.position.finished = False  # a finished run given more epochs goes on to train them
+        self.position.extend_to(self.epochs)  # a finished run given more epochs goes on to train them
         self.phase = self.phases[self.position.phase_position] if self.position.phase_position >= 0 else None
         if self.state == "phase":  # mid-phase: reopen its batches after the last one done
             self._work.open_phase(self, start=self.position.batch_index + 1)
@@ -217,7 +217,7 @@ class Trainer:
         """Write ``state_dict()`` atomically to a ``.safetensors`` file, or as the next checkpoint of a folder
         (default ``checkpoints/``); return the file. ``ValueError`` for another kind of file (``model.pt``)."""
         self._guard.check_at_rest(self, "save_checkpoint()")
-        target = checkpoint.save_target(path, self.epoch, self.global_step)
+        target = checkpoint.save_target(path, self.epoch, self.global_step, self.run.marker())
         return checkpoint.write_tree(target, self.state_dict(), __version__)
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> Path | None:
@@ -232,7 +232,7 @@ class Trainer:
                 ``path`` does not exist and is no ``Checkpoint`` callback's folder.
         """
         folders = [callback.folder for callback in self.callbacks if isinstance(callback, Checkpoint)]
-        found = checkpoint.find_checkpoint(path, folders, check=self.parts.check_fits)
+        found = checkpoint.find_checkpoint(path, folders, self.parts.check_fits, self.run.accept_marker)
         if found is None:
             return None
         self.load_state_dict(found[1])

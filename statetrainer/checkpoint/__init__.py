@@ -3,25 +3,33 @@
 from .atomic import atomic_copy, atomic_write, fsync_path, remove_stale_temporaries, temporary_path
 from .folder import (
     DEFAULT_CHECKPOINT_FOLDER,
+    RUN_MARKER,
     checkpoint_files,
+    claim_folder,
+    discard_run,
     find_checkpoint,
     newest_valid,
     next_checkpoint_path,
+    read_run_marker,
     save_target,
 )
 from .serialization import FORMAT_VERSION, CheckpointError, read_tree, write_tree
 
 __all__ = [
     "DEFAULT_CHECKPOINT_FOLDER",
+    "RUN_MARKER",
     "FORMAT_VERSION",
     "CheckpointError",
     "atomic_copy",
     "atomic_write",
     "checkpoint_files",
+    "claim_folder",
+    "discard_run",
     "find_checkpoint",
     "fsync_path",
     "newest_valid",
     "next_checkpoint_path",
+    "read_run_marker",
     "read_tree",
     "remove_stale_temporaries",
     "save_target",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import warnings
@@ -9,12 +10,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write, fsync_path
 from .serialization import CheckpointError, read_tree
 
-__all__ = ["DEFAULT_CHECKPOINT_FOLDER", "checkpoint_files", "find_checkpoint", "newest_valid", "next_checkpoint_path",
-           "save_target"]  # fmt: skip
+__all__ = ["DEFAULT_CHECKPOINT_FOLDER", "RUN_MARKER", "checkpoint_files", "claim_folder", "discard_run", "find_checkpoint",
+           "newest_valid", "next_checkpoint_path", "read_run_marker", "save_target"]  # fmt: skip
 
 DEFAULT_CHECKPOINT_FOLDER = Path("checkpoints")
+RUN_MARKER = "run.json"  # which run a folder of checkpoints belongs to
 
 _NAME = re.compile(r"^ckpt-(?P<sequence>\d{6,})-epoch(?P<epoch>\d+)-step(?P<step>\d+)\.safetensors$")
 
@@ -55,11 +58,13 @@ def newest_valid(folder: Path, check: Callable[[dict[str, Any]], None] | None = 
     return None
 
 
-def save_target(path: str | os.PathLike[str] | None, epoch: int, step: int) -> Path:
-    """The file a save to ``path`` writes: ``path`` itself for a ``.safetensors`` name, else the folder's next.
+def save_target(path: str | os.PathLike[str] | None, epoch: int, step: int, run_marker: dict[str, Any]) -> Path:
+    """The file a save to ``path`` writes: ``path`` itself for a ``.safetensors`` name, else the folder's next,
+    once the folder is claimed for the run (``claim_folder``).
 
     Raises:
         ValueError: ``path`` names a file of another kind (``model.pt``).
+        CheckpointError: The folder belongs to another run.
     """
     target = Path(path) if path is not None else DEFAULT_CHECKPOINT_FOLDER
     if target.suffix == ".safetensors":
@@ -69,13 +74,61 @@ def save_target(path: str | os.PathLike[str] | None, epoch: int, step: int) -> P
             f"save_checkpoint({str(target)!r}): checkpoints are safetensors files; name a file ending in "
             "'.safetensors' or a folder (a new folder whose name has a dot must exist first)"
         )
+    claim_folder(target, run_marker)
     return next_checkpoint_path(target, epoch, step)
+
+
+def read_run_marker(folder: Path) -> dict[str, Any] | None:
+    """The run marker of ``folder``, or None when it has none."""
+    marker = folder / RUN_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        content = json.loads(marker.read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{marker} is unreadable ({error}); it names the run this folder belongs to") from error
+    if not isinstance(content, dict):
+        raise CheckpointError(f"{marker} is not a run marker; it should name the run this folder belongs to")
+    return content
+
+
+def claim_folder(folder: Path, marker: dict[str, Any]) -> None:
+    """Mark ``folder`` as the run's (once), or raise ``CheckpointError`` if it is another run's.
+
+    Nothing is written or deleted in a folder that belongs to another run.
+    """
+    existing = read_run_marker(folder)
+    if existing is None:
+        with atomic_write(folder / RUN_MARKER) as temporary:
+            temporary.write_text(json.dumps(marker, indent=1) + "\n")
+    elif existing.get("run") != marker["run"]:
+        raise CheckpointError(
+            f"{folder} holds the checkpoints of another run (run {existing.get('run')}, seed {existing.get('seed')}); "
+            f"this is run {marker['run']} (seed {marker['seed']}). Give this run a folder of its own, or resume "
+            "that run with trainer.load_checkpoint(folder) first"
+        )
+
+
+def discard_run(folder: Path) -> list[Path]:
+    """Delete the run in ``folder``: its numbered checkpoints, ``best.safetensors``, then its run marker.
+
+    For starting over in the same folder. The marker goes last, so a run
+    interrupted while discarding is still refused, never half adopted.
+    """
+    doomed = [*checkpoint_files(folder), folder / "best.safetensors", folder / RUN_MARKER]
+    removed = [path for path in doomed if path.exists()]
+    for path in removed:
+        path.unlink()
+    if removed:
+        fsync_path(folder)
+    return removed
 
 
 def find_checkpoint(
     path: str | os.PathLike[str],
     own_folders: Sequence[Path],
     check: Callable[[dict[str, Any]], None] | None = None,
+    accept_marker: Callable[[dict[str, Any], Path], None] | None = None,
 ) -> tuple[Path, dict[str, Any]] | None:
     """The checkpoint to resume from: the file ``path``, or the newest good one in the folder ``path``.
 
@@ -83,13 +136,17 @@ def find_checkpoint(
     ``own_folders`` (where the run saves) before it exists: a first run.
 
     Raises:
-        CheckpointError: The file is unusable, or ``path`` does not exist and
-            is none of ``own_folders`` (a typo).
+        CheckpointError: The file is unusable, ``path`` is a folder of
+            another run (``accept_marker`` says), or ``path`` does not exist
+            and is none of ``own_folders`` (a typo).
     """
     path = Path(path)
     if path.is_dir() and path.suffix == ".safetensors":
         raise CheckpointError(f"{path} is a folder, not a checkpoint file; name a .safetensors file or a folder of them")
     if path.is_dir():
+        marker = read_run_marker(path)
+        if marker is not None and accept_marker is not None:
+            accept_marker(marker, path)  # another run's folder: refused, never adopted
         return newest_valid(path, check)
     if path.exists() or path.suffix == ".safetensors":
         return path, read_tree(path)

@@ -179,6 +179,10 @@ class PhaseSources:
         return cls([phase.name for phase in phases],
                    [batch_source(phase.loader, index, worker_signals) for index, phase in enumerate(phases)])  # fmt: skip
 
+    def layout(self) -> list[tuple[str, int | None]]:
+        """Each phase's name and batches per epoch (None: unknown)."""
+        return [(name, source.length) for name, source in zip(self.names, self.sources)]
+
     def __getitem__(self, position: int) -> BatchSource:
         return self.sources[position]
 
@@ -188,7 +192,7 @@ class PhaseSources:
 
     def check_fits(self, state: list[dict[str, Any]]) -> None:
         saved = [(phase["phase"], phase["batches"]) for phase in state]
-        ours = [(name, source.length) for name, source in zip(self.names, self.sources)]
+        ours = self.layout()
         if saved != ours:
             raise CheckpointError(f"the checkpoint's phases (name, batches) are {saved}, this trainer's {ours}")
         if [phase["position"] is None for phase in state] != [not source.keeps_own_state for source in self.sources]:

@@ -315,3 +315,50 @@ def test_a_checkpoint_of_a_run_with_another_seed_is_refused_unless_the_seed_is_l
     open_seed = build(device=device, seed=None)
     open_seed.load_checkpoint(path)  # a script that leaves the seed open continues the checkpoint's run
     assert open_seed.seed == 3
+
+
+def test_two_runs_given_one_folder_neither_deletes_the_others_files_nor_adopts_its_run(device: torch.device, tmp_path):
+    folder = tmp_path / "shared"
+    first = build([Checkpoint(folder, every_steps=2, keep_last=1)], device=device, seed=7).fit()
+    kept = sorted(path.name for path in folder.iterdir())
+    assert "run.json" in kept and len(checkpoint_files(folder)) == 1
+
+    second = build([Checkpoint(folder, every_steps=2, keep_last=1)], device=device, seed=8)
+    with pytest.raises(CheckpointError, match="holds another run.*seed 7, this trainer's is 8"):
+        second.load_checkpoint(folder)
+    with pytest.raises(CheckpointError, match="holds the checkpoints of another run"):
+        second.fit()  # without loading: its first save is refused, before it writes or prunes anything
+    assert sorted(path.name for path in folder.iterdir()) == kept
+
+    other_model = build([Checkpoint(folder)], model=nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), device=device,
+                        seed=7)  # fmt: skip
+    with pytest.raises(CheckpointError, match="holds another run.*other phases, model or optimizer"):
+        other_model.load_checkpoint(folder)
+
+    again = build([Checkpoint(folder, every_steps=2, keep_last=1)], device=device, seed=7, epochs=3)
+    assert again.load_checkpoint(folder) == checkpoint_files(folder)[-1]  # the run's own restart continues it
+    again.fit()
+    assert again.run.id == first.run.id and again.global_step == first.global_step * 3 // 2
+
+
+def test_a_run_restarted_before_its_first_checkpoint_keeps_its_folder(device: torch.device, tmp_path):
+    folder = tmp_path / "run"
+    started = build([Checkpoint(folder, every_epochs=1)], device=device)
+    started.save_checkpoint(folder)  # the marker and one file, as a killed run may leave them ...
+    for path in checkpoint_files(folder):
+        path.unlink()  # ... or the marker alone
+    restarted = build([Checkpoint(folder, every_epochs=1)], device=device)
+    assert restarted.load_checkpoint(folder) is None
+    restarted.fit()  # its saves go into the folder it had claimed
+    assert restarted.run.id == started.run.id and checkpoint_files(folder)
+
+
+def test_discard_run_lets_a_fresh_run_start_in_the_folder(device: torch.device, tmp_path):
+    from statetrainer.checkpoint import discard_run
+
+    folder = tmp_path / "run"
+    build([Checkpoint(folder, every_epochs=1, best="valid_accuracy")], device=device, seed=7).fit()
+    discard_run(folder)
+    assert not checkpoint_files(folder) and not (folder / "run.json").exists()
+    build([Checkpoint(folder, every_epochs=1)], device=device, seed=8).fit()
+    assert len(checkpoint_files(folder)) == 2

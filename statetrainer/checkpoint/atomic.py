@@ -13,13 +13,14 @@ private folder, and ``remove_stale_temporaries`` removes one a killed writer lef
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_copy", "atomic_write", "fsync_path", "remove_stale_temporaries", "temporary_path"]
+__all__ = ["atomic_copy", "atomic_write", "explained", "fsync_path", "remove_stale_temporaries", "temporary_path"]
 
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")  # as temporary_path names them
 
@@ -82,21 +83,41 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
 
     Raises:
         OSError: Writing, syncing or renaming failed; ``path`` is as it was.
+            The message names ``path`` and, for a full disk, a read-only file
+            system or a permission error, what to do.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    workspace = temporary_path(path)
-    remove_stale_temporaries(path.parent, path.name)  # what a killed writer of this name left
-    workspace.mkdir(exist_ok=True)
-    temporary = workspace / path.name
     try:
-        yield temporary
-        os.chmod(temporary, _new_file_mode())  # a writer's own temporary file (safetensors') is private: 0600
-        fsync_path(temporary)
-        os.replace(temporary, path)
-    finally:
-        shutil.rmtree(workspace, ignore_errors=True)
-    fsync_path(path.parent)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        workspace = temporary_path(path)
+        remove_stale_temporaries(path.parent, path.name)  # what a killed writer of this name left
+        workspace.mkdir(exist_ok=True)
+        temporary = workspace / path.name
+        try:
+            yield temporary
+            os.chmod(temporary, _new_file_mode())  # a writer's own temporary file (safetensors') is private: 0600
+            fsync_path(temporary)
+            os.replace(temporary, path)
+        finally:
+            shutil.rmtree(workspace, ignore_errors=True)
+        fsync_path(path.parent)
+    except OSError as error:
+        raise explained(error, path) from error
+
+
+_ADVICE = {
+    errno.ENOSPC: "the disk is full: free some space (a smaller keep_last keeps fewer checkpoints) or save elsewhere",
+    errno.EDQUOT: "the disk quota is used up: free some space or save elsewhere",
+    errno.EROFS: "the file system is read-only: save to a folder on a writable one",
+    errno.EACCES: "permission denied: save to a folder you can write to, or change its permissions",
+    errno.EPERM: "the operation is not permitted: save to a folder you can write to",
+}
+
+
+def explained(error: OSError, path: Path) -> OSError:
+    """``error`` as an ``OSError`` of the same errno whose message names ``path`` and what to do."""
+    advice = _ADVICE.get(error.errno, error.strerror or str(error))
+    return OSError(error.errno, f"could not write {path}: {advice}; the previous file there, if any, is intact")
 
 
 def atomic_copy(source: Path, target: Path) -> None:

@@ -14,8 +14,10 @@ silently loaded.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -171,7 +173,11 @@ def write_tree(path: str | os.PathLike[str], tree: dict[str, Any], library_versi
             raise TypeError(f"cannot save {key!r}: checkpoints hold the dtypes of safetensors, not {tensor.dtype}")
     header = {"format": FORMAT_VERSION, "library": library_version, "checksum": _checksum(document, tensors)}
     with atomic_write(path) as temporary:
-        save_file(tensors, temporary, metadata={_METADATA_KEY: json.dumps(header), "tree": document})
+        try:
+            save_file(tensors, temporary, metadata={_METADATA_KEY: json.dumps(header), "tree": document})
+        except SafetensorError as error:  # safetensors reports the system's I/O errors as its own
+            code = re.search(r"os error (\d+)", str(error))
+            raise OSError(int(code[1]) if code else errno.EIO, str(error)) from error
     return path
 
 

@@ -291,3 +291,30 @@ def test_a_forged_document_raises_checkpoint_error(tmp_path, header, document, m
     _forge(path, header, document)
     with pytest.raises(CheckpointError, match=message):
         read_tree(path)
+
+
+@pytest.mark.parametrize(("code", "advice"), [(28, "the disk is full"), (30, "the file system is read-only"), (13, "permission denied")])
+def test_a_failed_save_names_the_file_and_what_to_do_and_keeps_the_previous_one(tmp_path, monkeypatch, code, advice):
+    path = write_tree(tmp_path / "a.safetensors", {"x": torch.ones(2)}, "test")
+
+    def failing_fsync(descriptor: int) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(atomic.os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match=f"could not write {path}: {advice}") as raised:
+        write_tree(path, {"x": torch.zeros(2)}, "test")
+    assert raised.value.errno == code
+    monkeypatch.undo()
+    assert torch.equal(read_tree(path)["x"], torch.ones(2))
+
+
+def test_an_io_error_inside_safetensors_writer_is_an_os_error_with_the_path(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(serialization, "save_file", full_disk)
+    with pytest.raises(OSError, match="could not write .*b.safetensors: the disk is full") as raised:
+        write_tree(tmp_path / "b.safetensors", {"x": torch.ones(2)}, "test")
+    assert raised.value.errno == 28 and not list(tmp_path.iterdir())

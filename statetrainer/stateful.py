@@ -28,7 +28,8 @@ from .state import tensors_to, unwrap_model
 if TYPE_CHECKING:
     from .callbacks.base import Callback
 
-__all__ = ["CallbackStates", "Metrics", "Position", "RunIdentity", "StateRegistry", "Stateful", "check_position_fits"]
+__all__ = ["CallbackStates", "Metrics", "Position", "RunIdentity", "RunSettings", "StateRegistry", "Stateful",
+           "check_position_fits"]  # fmt: skip
 
 
 @runtime_checkable
@@ -63,6 +64,9 @@ class StateRegistry:
 
     def __contains__(self, name: str) -> bool:
         return name in self._parts
+
+    def __getitem__(self, name: str) -> Stateful:
+        return self._parts[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._parts)
@@ -271,3 +275,47 @@ class RunIdentity:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.id = str(state["id"])  # the same run, continued
+
+
+class RunSettings:
+    """The settings an exact resume depends on: saved with the run, and compared when it resumes.
+
+    A checkpoint saved with other settings is refused with ``CheckpointError``
+    naming each old and new value, unless ``allowed`` (set by
+    ``load_checkpoint(..., allow_changes=...)``) names the change: a setting
+    (``"accumulate"``), or one phase's (``"train.batch_size"``) or every
+    phase's (``"batch_size"``). An allowed change loads, and the run goes on
+    from there, but no longer as the uninterrupted run would have.
+
+    Args:
+        settings: Each setting's name and value.
+    """
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings, self.allowed = settings, frozenset[str]()
+
+    @classmethod
+    def for_run(cls, phases: Sequence[Any], accumulate: int, precision: str | None) -> RunSettings:
+        """The settings of a run of ``phases`` (``Phase`` objects): each phase's batch size and samples, and more."""
+        settings: dict[str, Any] = {"accumulate": accumulate, "precision": precision}
+        for phase in phases:
+            dataset = getattr(phase.loader, "dataset", None)
+            sized = dataset is not None and hasattr(dataset, "__len__")
+            settings[f"{phase.name}.batch_size"] = getattr(phase.loader, "batch_size", None)
+            settings[f"{phase.name}.samples"] = len(dataset) if sized else None
+        return cls(settings)
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.settings)
+
+    def check_fits(self, state: dict[str, Any]) -> None:
+        changed = [f"{name}={state.get(name)!r} in the checkpoint, {value!r} now" for name, value in self.settings.items()
+                   if state.get(name) != value and name not in self.allowed and name.split(".")[-1] not in self.allowed]  # fmt: skip
+        if changed:
+            names = sorted({entry.split("=")[0] for entry in changed})
+            raise CheckpointError(f"the run was saved with other settings: {'; '.join(changed)}. Resume with the "
+                                  f"same settings, or allow the change with load_checkpoint(..., allow_changes={names})"
+                                  " (the run then no longer repeats the uninterrupted one)")  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Nothing to take: the settings are the trainer's own."""

@@ -30,7 +30,8 @@ from .machine import AT_REST, STATES, Move, TrainingMachine
 from .phase import Phase
 from .preemption import DEFAULT_STOP_SIGNALS, resolve_signals
 from .rng import Generators
-from .stateful import CallbackStates, Metrics, Position, PositionField, RunIdentity, StateRegistry, check_position_fits
+from .stateful import (CallbackStates, Metrics, Position, PositionField, RunIdentity, RunSettings, StateRegistry,
+                       check_position_fits)  # fmt: skip
 from .step import StepRunner
 from .work import StateWork
 from .version import __version__
@@ -117,7 +118,8 @@ class Trainer:
             "batch": self._decide_batch, "backward": self._decide_backward, "step": self._end_batch}  # fmt: skip
         self.run = RunIdentity.for_run(self._sources.layout(), self.model, optimizer, self._generators)
         self.parts = StateRegistry(  # loaded in this order: the generators last, as they were saved
-            run=self.run, position=self.position, machine=self._machine, data=self._sources, step=self.step_runner,
+            run=self.run, position=self.position, machine=self._machine, data=self._sources,
+            settings=RunSettings.for_run(self.phases, accumulate, precision), step=self.step_runner,
             metrics=self.metrics, callbacks=CallbackStates(self.callbacks, self.device), rng=self._generators)  # fmt: skip
         self.parts.add_check(partial(check_position_fits, [length for _, length in self._sources.layout()], epochs))
 
@@ -220,17 +222,15 @@ class Trainer:
         target = checkpoint.save_target(path, self.epoch, self.global_step, self.run.marker())
         return checkpoint.write_tree(target, self.state_dict(), __version__)
 
-    def load_checkpoint(self, path: str | os.PathLike[str]) -> Path | None:
+    def load_checkpoint(self, path: str | os.PathLike[str], *, allow_changes: Iterable[str] = ()) -> Path | None:
         """Continue from a checkpoint file, or the newest good one in a folder (falling back past a corrupt one).
 
-        Returns the file, or None for a folder with no checkpoint yet or a
-        ``Checkpoint`` callback's folder not made yet (a first run): so
-        ``trainer.load_checkpoint(folder); trainer.fit()`` is the whole auto-resume recipe.
-
-        Raises:
-            CheckpointError: The file is unusable or does not fit this trainer, or
-                ``path`` does not exist and is no ``Checkpoint`` callback's folder.
+        Returns the file, or None for a folder with no checkpoint yet or a ``Checkpoint`` callback's folder not
+        made yet (a first run): ``trainer.load_checkpoint(folder); trainer.fit()`` is the auto-resume recipe.
+        ``allow_changes`` names settings that may differ from the checkpoint's (see ``RunSettings``). Raises
+        ``CheckpointError`` for a file that is unusable or does not fit, and for a missing path (a typo).
         """
+        self.parts["settings"].allowed = frozenset(allow_changes)
         folders = [callback.folder for callback in self.callbacks if isinstance(callback, Checkpoint)]
         found = checkpoint.find_checkpoint(path, folders, self.parts.check_fits, self.run.accept_marker)
         if found is None:

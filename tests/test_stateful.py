@@ -118,7 +118,7 @@ def test_registering_refuses_non_parts_and_duplicate_names():
 def test_the_trainer_state_is_the_registry_state(device: torch.device):
     trainer, _ = build(device)
     assert list(trainer.state_dict()) == list(trainer.parts) == [
-        "run", "position", "machine", "data", "step", "metrics", "callbacks", "rng", "counter"]  # fmt: skip
+        "run", "position", "machine", "data", "settings", "step", "metrics", "callbacks", "rng", "counter"]  # fmt: skip
 
 
 def test_hooks_have_resolvable_type_hints_against_the_narrow_trainer_view():

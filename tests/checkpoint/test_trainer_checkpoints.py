@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -362,3 +363,28 @@ def test_discard_run_lets_a_fresh_run_start_in_the_folder(device: torch.device, 
     assert not checkpoint_files(folder) and not (folder / "run.json").exists()
     build([Checkpoint(folder, every_epochs=1)], device=device, seed=8).fit()
     assert len(checkpoint_files(folder)) == 2
+
+
+@pytest.mark.parametrize(
+    ("saved_with", "resumed_with", "named"),
+    [
+        ({"loader": DataLoader(DATA, batch_size=12, shuffle=True)}, {"loader": DataLoader(DATA, batch_size=13, shuffle=True)},
+         "train.batch_size=12 in the checkpoint, 13 now"),  # 4 batches either way
+        ({}, {"loader": DataLoader(TensorDataset(*DATA[:46]), batch_size=6, shuffle=True)},
+         "train.samples=48 in the checkpoint, 46 now"),
+        ({"accumulate": 2}, {"accumulate": 4}, "accumulate=2 in the checkpoint, 4 now"),
+        ({}, {"precision": "bf16"}, "precision=None in the checkpoint, 'bf16' now"),
+    ],
+    ids=["batch-size-same-count", "fewer-samples-same-count", "accumulate", "precision"],
+)  # fmt: skip
+def test_a_resume_with_other_settings_is_refused_unless_allowed(device: torch.device, tmp_path, saved_with,
+                                                                 resumed_with, named):  # fmt: skip
+    saved = build(device=device, **saved_with)
+    advance_to(saved, 0, "train", 2)
+    path = saved.save_checkpoint(tmp_path / "a.safetensors")
+    with pytest.raises(CheckpointError, match=f"other settings: {re.escape(named)}.*allow_changes="):
+        build(device=device, **{**saved_with, **resumed_with}).load_checkpoint(path)
+    setting = named.split("=")[0]
+    allowed = build(device=device, **{**saved_with, **resumed_with})
+    assert allowed.load_checkpoint(path, allow_changes={setting}) == path  # the user says the change is meant
+    allowed.fit()

@@ -3,6 +3,7 @@
 from .base import HOOK_NAMES, Callback, TrainerView, overridden_hooks
 from .checkpoint import Checkpoint
 from .early_stopping import EarlyStopping
+from .finite import NonFiniteError, StopOnNonFinite
 from .loggers import CSVLogger, StreamLogger, learning_rates
 from .metrics import Accuracy, Metric, SmoothedLoss, running_metrics
 from .plots import Plots
@@ -19,11 +20,13 @@ __all__ = [
     "CosineWarmRestarts",
     "EarlyStopping",
     "Metric",
+    "NonFiniteError",
     "OneCycle",
     "ParamScheduler",
     "Plots",
     "ProgressBar",
     "SmoothedLoss",
+    "StopOnNonFinite",
     "StreamLogger",
     "TorchScheduler",
     "anneal",

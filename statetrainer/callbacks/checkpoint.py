@@ -11,6 +11,7 @@ from typing import Any
 from ..checkpoint import atomic_copy, checkpoint_files, remove_stale_temporaries
 from ..validation import check_count
 from .base import Callback, TrainerView
+from .finite import NonFiniteError, first_non_finite
 
 __all__ = ["Checkpoint"]
 
@@ -121,6 +122,11 @@ class Checkpoint(Callback):
         if not self._cleaned:  # what an earlier, killed run left half-written
             self._cleaned = True
             remove_stale_temporaries(self.folder)
+        bad = first_non_finite(dict(trainer.model.named_parameters()))
+        if bad is not None:  # never save, nor prune the good ones for, a run that has gone to NaN
+            kept = checkpoint_files(self.folder)
+            raise NonFiniteError(f"Checkpoint: parameter {bad!r} is not finite, so the run is not saved; the last "
+                                 f"checkpoint, {kept[-1] if kept else 'none'}, is kept")  # fmt: skip
         best_due, self._best_due = self._best_due, False
         path = trainer.save_checkpoint(self.folder)
         self._last_saved = position, path

@@ -1,0 +1,95 @@
+"""Stop a run whose loss or gradients stop being finite numbers, without a host sync per batch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..validation import check_count
+from .base import Callback, TrainerView
+
+__all__ = ["NonFiniteError", "StopOnNonFinite", "first_non_finite"]
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or the gradients became NaN or infinite; the message names the batch."""
+
+
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first tensor with a NaN or an infinity in it, or None (one host sync)."""
+    floating = {name: tensor for name, tensor in tensors.items() if tensor.is_floating_point() and tensor.numel()}
+    if not floating:
+        return None
+    finite = torch.stack([torch.isfinite(tensor).all() for tensor in floating.values()]).cpu()
+    return next((name for name, ok in zip(floating, finite.tolist()) if not ok), None)
+
+
+class StopOnNonFinite(Callback):
+    """Ends the run with ``NonFiniteError`` when a training loss or gradient is not finite.
+
+    Every batch's loss (and, with ``gradients``, each step's gradients) is
+    checked on its device into a flag and the number of the first bad batch,
+    without a host sync; the flag is read every ``every_batches`` batches and at
+    the end of every phase, so the run stops at most that many batches late,
+    before a checkpoint at a phase's end could save the damage. ``Checkpoint``
+    refuses to write a state whose parameters are not finite in any case.
+
+    Args:
+        every_batches: How often the flag is read (a host sync).
+        gradients: Also check the gradients before each optimizer step.
+        name: The callback's unique name.
+    """
+
+    def __init__(self, every_batches: int = 50, gradients: bool = True, name: str | None = None) -> None:
+        check_count("StopOnNonFinite: every_batches", every_batches)
+        self.every_batches, self.gradients, self.name = every_batches, gradients, name
+        self._batches = 0  # batches seen in this process, counted on the host
+        self._seen: torch.Tensor | None = None  # the same count, on the device
+        self._first_bad: torch.Tensor | None = None  # the first bad batch's count there, or -1
+        self._where: dict[int, tuple[int, str, int, int]] = {}  # batch count -> its position, since the last read
+
+    def on_enter_phase(self, trainer: TrainerView) -> None:
+        if self._seen is None or self._seen.device != trainer.device:
+            self._seen = torch.zeros((), dtype=torch.int64, device=trainer.device)
+            self._first_bad = torch.full((), -1, dtype=torch.int64, device=trainer.device)
+
+    def on_exit_batch(self, trainer: TrainerView) -> None:
+        if trainer.loss is None:
+            return
+        self._batches += 1
+        self._seen += 1
+        self._where[self._batches] = (trainer.epoch, trainer.phase.name, trainer.batch_index, trainer.global_step)
+        self._flag(~torch.isfinite(trainer.loss.detach()).all())
+        if self._batches % self.every_batches == 0:
+            self._read()
+
+    def on_enter_step(self, trainer: TrainerView) -> None:
+        if not self.gradients or trainer.optimizer is None:
+            return
+        grads = [p.grad for group in trainer.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            norms = torch._foreach_norm(grads)
+            self._flag(~torch.isfinite(torch.stack(norms).sum()), offset=1)
+
+    def on_exit_phase(self, trainer: TrainerView) -> None:
+        self._read()
+
+    def _flag(self, bad: torch.Tensor, offset: int = 0) -> None:
+        """Record the batch's count as the first bad one, unless one is recorded: all on the device."""
+        count = self._seen + offset  # a step comes before its batch's exit, so its batch is the next count
+        self._first_bad = torch.where(bad & (self._first_bad < 0), count, self._first_bad)
+
+    def _read(self) -> None:
+        if self._first_bad is None:
+            return
+        first = int(self._first_bad)  # the host sync, once every few batches
+        if first >= 0:
+            epoch, phase, batch, step = self._where.get(first, (-1, "?", -1, -1))
+            where = f"epoch {epoch}, phase {phase!r}, batch {batch} (global step {step})"
+            raise NonFiniteError(f"a non-finite loss or gradient at {where}; the run stops. Lower the learning "
+                                 "rate, clip gradients (grad_clip=...) or check the data of that batch")  # fmt: skip
+        self._where.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import statetrainer as st
 from statetrainer.callbacks import Accuracy, Checkpoint, SmoothedLoss
-from statetrainer.checkpoint import CheckpointError, read_tree
+from statetrainer.checkpoint import CheckpointError
 from statetrainer.checkpoint import serialization
 
 _GENERATOR = torch.Generator().manual_seed(0)

@@ -91,7 +91,6 @@ class RunGuard:
         finally:
             self.active = False
 
-
     def _on_signal(self, received: signal.Signals) -> None:
         self.deferred.append(lambda trainer: stop_on_signal(trainer, received))
 

@@ -24,6 +24,7 @@ from .checkpoint import CheckpointError
 from .machine import AT_REST
 from .rng import Generators
 from .state import tensors_to, unwrap_model
+from .step import optimizer_class_name
 
 if TYPE_CHECKING:
     from .callbacks.base import Callback
@@ -82,21 +83,16 @@ class StateRegistry:
         missing = [name for name in self._parts if name not in state]
         if missing:
             raise CheckpointError(f"the checkpoint has no state for part(s) {', '.join(missing)} of this run")
-        for name, part in self._parts.items():
-            check = getattr(part, "check_fits", None)
-            if check is None:
-                continue
+        checks = [(f"{name}: ", part.check_fits, state[name]) for name, part in self._parts.items()
+                  if hasattr(part, "check_fits")]  # fmt: skip
+        checks += [("", check, state) for check in self._checks]  # across parts, once each part fits
+        for label, check, saved in checks:
             try:
-                check(state[name])
+                check(saved)
             except CheckpointError as error:
-                raise CheckpointError(f"{name}: {error}") from error
+                raise CheckpointError(f"{label}{error}") from error
             except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
-                raise CheckpointError(f"{name}: the saved state does not fit this run: {error!r}") from error
-        for check in self._checks:
-            try:
-                check(state)
-            except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
-                raise CheckpointError(f"the saved state does not fit this run: {error!r}") from error
+                raise CheckpointError(f"{label}the saved state does not fit this run: {error!r}") from error
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Check every part's saved state, then load each: nothing is loaded unless all of it fits."""
@@ -251,8 +247,7 @@ class RunIdentity:
                 optimizer: torch.optim.Optimizer | None, generators: Generators) -> RunIdentity:  # fmt: skip
         """The identity of a new run of these phases (name, batches), model and optimizer."""
         tensors = [(key, list(value.shape), str(value.dtype)) for key, value in unwrap_model(model).state_dict().items()]
-        optimizer_class = None if optimizer is None else f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
-        described = json.dumps([phase_layout, tensors, optimizer_class]).encode()
+        described = json.dumps([phase_layout, tensors, optimizer_class_name(optimizer)]).encode()
         return cls(hashlib.blake2b(described, digest_size=8).hexdigest(), generators)
 
     def marker(self) -> dict[str, Any]:
@@ -309,12 +304,13 @@ class RunSettings:
         return dict(self.settings)
 
     def check_fits(self, state: dict[str, Any]) -> None:
-        changed = [f"{name}={state.get(name)!r} in the checkpoint, {value!r} now" for name, value in self.settings.items()
-                   if state.get(name) != value and name not in self.allowed and name.split(".")[-1] not in self.allowed]  # fmt: skip
+        changed = [name for name, value in self.settings.items() if state.get(name) != value
+                   and name not in self.allowed and name.split(".")[-1] not in self.allowed]  # fmt: skip
         if changed:
-            names = sorted({entry.split("=")[0] for entry in changed})
-            raise CheckpointError(f"the run was saved with other settings: {'; '.join(changed)}. Resume with the "
-                                  f"same settings, or allow the change with load_checkpoint(..., allow_changes={names})"
+            values = "; ".join(f"{name}={state.get(name)!r} in the checkpoint, {self.settings[name]!r} now"
+                               for name in changed)  # fmt: skip
+            raise CheckpointError(f"the run was saved with other settings: {values}. Resume with the same settings, "
+                                  f"or allow the change with load_checkpoint(..., allow_changes={sorted(changed)})"
                                   " (the run then no longer repeats the uninterrupted one)")  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ from .checkpoint import CheckpointError
 from .precision import make_autocast, make_grad_scaler
 from .state import check_model_state, tensors_to, unwrap_model
 
-__all__ = ["StepRunner"]
+__all__ = ["StepRunner", "optimizer_class_name"]
 
 
 class StepRunner:
@@ -77,7 +77,7 @@ class StepRunner:
         return {
             "model": unwrap_model(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
-            "optimizer_class": _class_name(self.optimizer),
+            "optimizer_class": optimizer_class_name(self.optimizer),
             # Inside an accumulation window the gradients so far are part of the state.
             "grads": {str(index): p.grad for index, p in enumerate(self.parameters) if p.grad is not None},
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -87,9 +87,9 @@ class StepRunner:
         check_model_state(unwrap_model(self.model).state_dict(), state["model"])
         if (state["optimizer"] is None) != (self.optimizer is None):
             raise CheckpointError("the checkpoint and this trainer disagree on having an optimizer")
-        if state["optimizer_class"] != _class_name(self.optimizer):
+        if state["optimizer_class"] != optimizer_class_name(self.optimizer):
             raise CheckpointError(f"the checkpoint's optimizer is {state['optimizer_class']}, this trainer's "
-                                  f"{_class_name(self.optimizer)}")  # fmt: skip
+                                  f"{optimizer_class_name(self.optimizer)}")  # fmt: skip
         if (state["scaler"] is None) != (self.scaler is None):
             raise CheckpointError("the checkpoint and this trainer disagree on having a GradScaler (fp16 on CUDA): "
                                   "resume with the precision and device the run was saved with")  # fmt: skip
@@ -120,5 +120,6 @@ class StepRunner:
             self.scaler.load_state_dict(state["scaler"])
 
 
-def _class_name(optimizer: torch.optim.Optimizer | None) -> str | None:
+def optimizer_class_name(optimizer: torch.optim.Optimizer | None) -> str | None:
+    """The optimizer's class, as ``module.QualName`` (None for no optimizer): what checkpoints compare."""
     return None if optimizer is None else f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"

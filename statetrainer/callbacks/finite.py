@@ -77,7 +77,7 @@ class StopOnNonFinite(Callback):
 
     def _flag(self, bad: torch.Tensor, offset: int = 0) -> None:
         """Record the batch's count as the first bad one, unless one is recorded: all on the device."""
-        count = self._seen + offset  # a step comes before its batch's exit, so its batch is the next count
+        count = self._seen + offset if offset else self._seen  # a step precedes its batch's exit: the next count
         self._first_bad = torch.where(bad & (self._first_bad < 0), count, self._first_bad)
 
     def _read(self) -> None:

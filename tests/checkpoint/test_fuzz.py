@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import statetrainer as st
-from statetrainer.callbacks import Accuracy, Checkpoint, SmoothedLoss
+from statetrainer.callbacks import Accuracy, SmoothedLoss
 from statetrainer.checkpoint import CheckpointError
 from statetrainer.checkpoint import serialization
 
@@ -24,13 +24,13 @@ _GENERATOR = torch.Generator().manual_seed(0)
 DATA = TensorDataset(torch.randn(48, 3, generator=_GENERATOR), torch.randint(2, (48,), generator=_GENERATOR))
 
 
-def build(folder=None) -> st.Trainer:
+def build(device: torch.device) -> st.Trainer:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 8), nn.Linear(8, 2))
-    callbacks = [SmoothedLoss(), Accuracy()] + ([Checkpoint(folder)] if folder is not None else [])
+    callbacks = [SmoothedLoss(), Accuracy()]
     return st.Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-2), F.cross_entropy,
                       [st.Phase("train", DataLoader(DATA, batch_size=6, shuffle=True))], callbacks=callbacks,
-                      device="cpu", seed=3, accumulate=2)  # fmt: skip
+                      device=device, seed=3, accumulate=2, deterministic=device.type == "cuda")  # fmt: skip
 
 
 def fingerprint(trainer: st.Trainer) -> list:
@@ -136,27 +136,27 @@ def _forge(header: dict, payload: bytes, stamp: dict, document: str, recompute: 
     return _with_header(edited, payload)
 
 
-@pytest.fixture(scope="module")
-def original(tmp_path_factory):
-    trainer = build()
+@pytest.fixture
+def original(device: torch.device, tmp_path_factory):
+    trainer = build(device)
     while not (trainer.state == "phase" and trainer.batch_index == 4):
         trainer.advance()
     path = trainer.save_checkpoint(tmp_path_factory.mktemp("original") / "ckpt.safetensors")
-    loaded = build()
+    loaded = build(device)
     loaded.load_checkpoint(path)
     return path.read_bytes(), fingerprint(loaded)
 
 
-def test_every_mutant_is_refused_or_loads_the_original_state(original, tmp_path):
+def test_every_mutant_is_refused_or_loads_the_original_state(original, device: torch.device, tmp_path):
     data, expected = original
     cases = mutants(data, seed=20261127)
     assert len(cases) >= 300
-    fresh_fingerprint = fingerprint(build())
+    fresh_fingerprint = fingerprint(build(device))
     outcomes = {"refused": 0, "loaded": 0}
     path = tmp_path / "mutant.safetensors"
     for name, content in cases:
         path.write_bytes(content)
-        trainer = build()
+        trainer = build(device)
         try:
             trainer.load_checkpoint(path)
         except CheckpointError:
@@ -168,7 +168,8 @@ def test_every_mutant_is_refused_or_loads_the_original_state(original, tmp_path)
     assert outcomes["refused"] > 250, outcomes
 
 
-def test_a_folder_falls_back_past_the_nastiest_mutants_to_the_last_good_checkpoint(original, tmp_path):
+def test_a_folder_falls_back_past_the_nastiest_mutants_to_the_last_good_checkpoint(original, device: torch.device,
+                                                                                  tmp_path):  # fmt: skip
     data, expected = original
     folder = tmp_path / "run"
     folder.mkdir()
@@ -178,7 +179,7 @@ def test_a_folder_falls_back_past_the_nastiest_mutants_to_the_last_good_checkpoi
              if name.startswith(("document deep", "document huge", "header length 2", "a pickle", "a torch.save"))]  # fmt: skip
     for index, content in enumerate(nasty, start=1):
         (folder / f"ckpt-{index:06d}-epoch0000-step000000002.safetensors").write_bytes(content)
-    trainer = build()
+    trainer = build(device)
     with pytest.warns(UserWarning, match="skipping checkpoint"):
         assert trainer.load_checkpoint(folder) == good
     assert same(fingerprint(trainer), expected)

@@ -21,6 +21,7 @@ from .callbacks.checkpoint import Checkpoint
 from .determinism import deterministic_algorithms
 from .machine import AT_REST
 from .preemption import Preempted, SignalCatcher
+from .recovery import Recovery
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -36,10 +37,12 @@ class RunGuard:
         stop_signals: The signals that preempt the run.
         deterministic: Turn on deterministic algorithms while driving.
         on_error: Called first when a call ends in an error (to release the loader).
+        recover: Called before ``on_error``: where a checkpoint taken after the error stands.
 
     Attributes:
         deferred: Actions waiting for the machine to be between batches.
         at_rest: True while they run: the one time a callback may save.
+        recovery: For a run an error stopped, what a checkpoint holds (None: the run as it is).
     """
 
     def __init__(
@@ -48,11 +51,13 @@ class RunGuard:
         stop_signals: Sequence[signal.Signals],
         deterministic: bool,
         on_error: Callable[[], None],
+        recover: Callable[[], Recovery | None],
     ) -> None:
         self.active = False
         self.error: BaseException | None = None
         self.catcher = SignalCatcher(stop_signals, self._on_signal)
-        self._deterministic, self._on_error = deterministic, on_error
+        self._deterministic, self._on_error, self._recover = deterministic, on_error, recover
+        self.recovery: Recovery | None = None
         self.deferred: list[Callable[[Any], None]] = []
         self.at_rest = False
         self._exception_hooks = [callback.on_exception for callback in callbacks
@@ -71,7 +76,7 @@ class RunGuard:
                 f"the trainer cannot continue: an earlier transition raised {self.error!r} in state "
                 f"{trainer.state!r}, so its work may be half done; build a new Trainer"
             ) from self.error
-        if trainer.position.finished:
+        if trainer.position.finished and trainer.parts["machine"].pending is None:
             raise RuntimeError(f"the run has finished ({trainer.position.end_reason()}); "
                                "there is nothing left to advance")
         self.active = True
@@ -80,7 +85,7 @@ class RunGuard:
                 yield
             self.run_deferred(trainer)  # a stop signal that came after the last check
         except BaseException as error:
-            self.error = error
+            self.error, self.recovery = error, self._recover()
             self._on_error()
             for hook in self._exception_hooks:
                 try:
@@ -95,7 +100,12 @@ class RunGuard:
         self.deferred.append(lambda trainer: stop_on_signal(trainer, received))
 
     def check_at_rest(self, trainer: Any, what: str) -> None:
-        """Raise ``RuntimeError`` unless ``trainer`` can be saved now (``what`` names the call, for the message)."""
+        """Raise ``RuntimeError`` unless ``trainer`` can be saved now (``what`` names the call, for the message).
+
+        After an error, the run is first put at its recovery point (see ``statetrainer.recovery``).
+        """
+        if self.error is not None and self.recovery is not None:
+            self.recovery.apply(trainer)
         if self.active and not self.at_rest:
             raise RuntimeError(f"{what} was called from a callback, in the middle of a transition; "
                                "use trainer.defer(lambda trainer: ...) or the Checkpoint callback")  # fmt: skip

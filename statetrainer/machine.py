@@ -60,6 +60,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from transitions import Machine, MachineError
+
+from .checkpoint import CheckpointError
 from transitions.extensions import GraphMachine
 
 __all__ = [
@@ -68,9 +70,11 @@ __all__ = [
     "PARENT",
     "STATES",
     "TRANSITIONS",
+    "Interruption",
     "Move",
     "TrainingMachine",
     "InvalidMove",
+    "call_name",
     "entered_and_exited",
 ]
 
@@ -162,12 +166,81 @@ class _CompiledMove:
     def apply(self) -> None:
         machine = self.machine
         target = machine.target
-        for call in self.exit_calls:
-            call(target)
+        call = None
+        try:  # costs nothing unless a call raises; then the machine records which one did
+            for call in self.exit_calls:
+                call(target)
+        except BaseException:
+            machine.interrupted = Interruption(self, "exit", _position_of(call, self.exit_calls))
+            raise
         machine.state = self.dest
         machine.history.append(self.record)
-        for call in self.enter_calls:
-            call(target)
+        call = None
+        try:
+            for call in self.enter_calls:
+                call(target)
+        except BaseException:
+            machine.interrupted = Interruption(self, "enter", _position_of(call, self.enter_calls))
+            raise
+
+    def finish(self, side: str, index: int) -> None:
+        """Run this move's calls from ``side``'s call ``index`` on: the rest of a move a call interrupted."""
+        machine = self.machine
+        if side == "exit":
+            for position, call in enumerate(self.exit_calls[index:], index):
+                machine.interrupted = Interruption(self, "exit", position)
+                call(machine.target)
+            machine.state = self.dest
+            machine.history.append(self.record)
+            index = 0
+        for position, call in enumerate(self.enter_calls[index:], index):
+            machine.interrupted = Interruption(self, "enter", position)
+            call(machine.target)
+        machine.interrupted = None
+
+    def calls(self, side: str) -> tuple[Call, ...]:
+        return self.exit_calls if side == "exit" else self.enter_calls
+
+
+def _position_of(call: Call | None, calls: tuple[Call, ...]) -> int:
+    """Where ``call`` is in ``calls``; 0 when the error came before the first call ran."""
+    return calls.index(call) if call is not None and call in calls else 0
+
+
+def call_name(call: Call) -> str:
+    """A call's name as a checkpoint records it: the callback's key or the class, and the method."""
+    owner = getattr(call, "__self__", None)
+    key = getattr(owner, "key", None)
+    name = getattr(call, "__name__", repr(call))
+    return f"{key}.{name}" if isinstance(key, str) else getattr(call, "__qualname__", name)
+
+
+class Interruption(NamedTuple):
+    """Where a transition stopped: the move, the side (``exit`` or ``enter``) and the index of the call that raised.
+
+    Exit calls run before the machine changes state and enter calls after, so
+    an interrupted exit leaves the machine in the move's source state, and an
+    interrupted entry in its destination.
+    """
+
+    move: _CompiledMove
+    side: str
+    index: int
+
+    @property
+    def event(self) -> str:
+        return self.move.record.event
+
+    @property
+    def call(self) -> Call | None:
+        calls = self.move.calls(self.side)
+        return calls[self.index] if self.index < len(calls) else None
+
+    def to_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of it: enough to find the same call in another trainer."""
+        call = self.call
+        return {"event": self.event, "source": self.move.record.source, "side": self.side, "call": self.index,
+                "name": None if call is None else call_name(call)}  # fmt: skip
 
 
 class _CompiledEvent:
@@ -232,6 +305,8 @@ class TrainingMachine:
         self.target = target
         self.state = "idle"
         self.history: deque[Move] = deque(maxlen=history_length)
+        self.interrupted: Interruption | None = None  # set when a call raised mid-transition
+        self.pending: Interruption | None = None  # an interrupted move to finish before the next one
         self.definition = Machine(model=None, states=list(STATES), transitions=_table(), initial="idle",
                                   auto_transitions=False)  # fmt: skip
         self.events: dict[str, _CompiledEvent] = {}
@@ -277,16 +352,46 @@ class TrainingMachine:
         self.history.append(Move("restore", self.state, state))
         self.state = state
 
-    def state_dict(self) -> dict[str, str]:
-        """The current state: a part of the run's state."""
-        return {"state": self.state}
+    def finish_pending(self) -> bool:
+        """Run the rest of the move a checkpoint was saved in the middle of (see ``pending``); False if none."""
+        if self.pending is None:
+            return False
+        pending, self.pending = self.pending, None
+        pending.move.finish(pending.side, pending.index)
+        return True
 
-    def check_fits(self, state: dict[str, str]) -> None:
+    def state_dict(self) -> dict[str, Any]:
+        """The current state, and the move to finish on resume: a part of the run's state."""
+        return {"state": self.state, "pending": None if self.pending is None else self.pending.to_state()}
+
+    def _pending_from(self, state: dict[str, Any]) -> Interruption | None:
+        saved = state.get("pending")
+        if saved is None:
+            return None
+        event, source, side, index = saved["event"], saved["source"], saved["side"], saved["call"]
+        move = self.events[event].by_source[source] if event in self.events else None
+        if move is None or side not in ("exit", "enter") or not isinstance(index, int) or index < 0:
+            raise ValueError(f"the transition to finish, {saved!r}, is not one of this machine's")
+        calls = move.calls(side)
+        here = call_name(calls[index]) if index < len(calls) else None
+        if here != saved["name"]:
+            raise CheckpointError(
+                f"the run was saved in the middle of {event!r}, where {saved['name']} raised; this trainer's "
+                f"call there is {here}: resume with the same callbacks, in the same order, so the transition "
+                "can be finished from that call"
+            )
+        if state["state"] != (source if side == "exit" else move.dest):
+            raise ValueError(f"state {state['state']!r} is not where {event!r} stops on its {side} side")
+        return Interruption(move, side, index)
+
+    def check_fits(self, state: dict[str, Any]) -> None:
         if state["state"] not in STATES:
             raise ValueError(f"unknown state {state['state']!r}; states are {', '.join(STATES)}")
+        self._pending_from(state)
 
-    def load_state_dict(self, state: dict[str, str]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.restore(state["state"])
+        self.pending = self._pending_from(state)
 
     def fire(self, event: str) -> None:
         """Fire the named event from the current state; raises ``InvalidMove`` if it cannot."""

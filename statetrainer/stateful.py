@@ -168,7 +168,9 @@ def check_position_fits(phase_lengths: Sequence[int | None], epochs: int, state:
         raise CheckpointError(f"the saved batch index {batch} is past the {length} batches of phase {phase}")
     if position["epoch"] > position["epochs_done"] or position["epochs_done"] > position["epoch"] + 1:
         raise CheckpointError(f"the saved epoch {position['epoch']} and epochs done {position['epochs_done']} disagree")
-    if position["epochs_done"] > epochs or (position["epochs_done"] == epochs and not position["finished"]):
+    finishing = (state["machine"].get("pending") or {}).get("event") == "finish"  # saved as the run ended
+    if position["epochs_done"] > epochs or (position["epochs_done"] == epochs and not position["finished"]
+                                            and not finishing):  # fmt: skip
         raise CheckpointError(f"the checkpoint is from a run of more than epochs={epochs} (it is at epoch "
                               f"{position['epoch'] + 1}, {position['epochs_done']} done); resume with at least "
                               f"epochs={position['epochs_done'] + (not position['finished'])}")  # fmt: skip
@@ -292,7 +294,9 @@ class RunSettings:
     @classmethod
     def for_run(cls, phases: Sequence[Any], accumulate: int, precision: str | None) -> RunSettings:
         """The settings of a run of ``phases`` (``Phase`` objects): each phase's batch size and samples, and more."""
-        settings: dict[str, Any] = {"accumulate": accumulate, "precision": precision}
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        settings: dict[str, Any] = {"accumulate": accumulate, "precision": precision,
+                                    "world_size": torch.distributed.get_world_size() if distributed else 1}  # fmt: skip
         for phase in phases:
             dataset = getattr(phase.loader, "dataset", None)
             sized = dataset is not None and hasattr(dataset, "__len__")

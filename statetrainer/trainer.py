@@ -1,8 +1,9 @@
-"""The trainer: the public API, and the deciders that pick each next transition of the machine.
+"""The trainer: the public API over the machine, its work and its deciders.
 
 The machine (``machine.py``) knows the states, the transitions and the order of
-the callbacks; ``work.py`` does each state's work. ``fit()`` and ``advance()``
-run the same deciders, so a stepped run and a fitted run are the same run.
+the callbacks; ``work.py`` does each state's work; ``deciding.py`` picks each
+next transition. ``fit()`` and ``advance()`` run the same deciders, so a
+stepped run and a fitted run are the same run.
 Everything that survives a restart is a part of ``trainer.parts``.
 """
 
@@ -23,12 +24,14 @@ from . import checkpoint
 from .arguments import check_trainer_arguments, resolve_device
 from .callbacks.base import Callback, hooks_by_state
 from .callbacks.checkpoint import Checkpoint
-from .data import END, PhaseSources, unpack_pair
+from .data import PhaseSources, unpack_pair
 from .determinism import require_cublas_workspace
+from .deciding import Deciders
 from .driving import RunGuard
 from .machine import AT_REST, STATES, Move, TrainingMachine
 from .phase import Phase
 from .preemption import DEFAULT_STOP_SIGNALS, resolve_signals
+from .recovery import plan_recovery
 from .rng import Generators
 from .stateful import (CallbackStates, Metrics, Position, PositionField, RunIdentity, RunSettings, StateRegistry,
                        check_position_fits)  # fmt: skip
@@ -105,17 +108,12 @@ class Trainer:
         self._work = StateWork(self._sources, self.step_runner, self.device)
         self.phase: Phase | None = None
         self.batch = self.target = self.output = self.loss = None
-        self._guard = RunGuard(self.callbacks, self.stop_signals, deterministic, on_error=self._work.release)
+        self._guard = RunGuard(self.callbacks, self.stop_signals, deterministic, on_error=self._work.release,
+                               recover=lambda: plan_recovery(self, self._machine, self._work))  # fmt: skip
         enter, exit = hooks_by_state(self.callbacks)
         self._machine = TrainingMachine(self, prepare=self._work.prepare_calls(), enter=enter,
                                         work=self._work.work_calls(), exit=exit)  # fmt: skip
-        fire = self._machine.firer
-        self._start_epoch, self._start_phase, self._start_batch = fire("start_epoch"), fire("start_phase"), fire("start_batch")
-        self._backward, self._step, self._end_batch = fire("backward"), fire("step"), fire("end_batch")
-        self._end_phase, self._next_epoch, self._finish = fire("end_phase"), fire("next_epoch"), fire("finish")
-        self._deciders: dict[str, Callable[[], None]] = {  # from idle and step, one transition only
-            "idle": self._start_epoch, "epoch": self._decide_epoch, "phase": self._decide_phase,
-            "batch": self._decide_batch, "backward": self._decide_backward, "step": self._end_batch}  # fmt: skip
+        self._deciders = Deciders(self, self._machine, self._work).by_state
         self.run = RunIdentity.for_run(self._sources.layout(), self.model, optimizer, self._generators)
         self.parts = StateRegistry(  # loaded in this order: the generators last, as they were saved
             run=self.run, position=self.position, machine=self._machine, data=self._sources,
@@ -151,11 +149,12 @@ class Trainer:
 
     def fit(self) -> Trainer:
         """Run to the end, or continue a stepped or resumed run to the end (a finished run warns and returns)."""
-        if self.position.finished and self._guard.error is None:
+        if self.position.finished and self._guard.error is None and self._machine.pending is None:
             warnings.warn(f"the run has already finished ({self.position.end_reason()}); fit() has nothing to do", stacklevel=2)
             return self
         deciders, machine, position, guard = self._deciders, self._machine, self.position, self._guard
         with guard.driving(self):
+            machine.finish_pending()  # a run saved mid-transition (after an error) first finishes it
             while not position.finished:
                 deciders[machine.state]()
                 if guard.deferred:
@@ -165,7 +164,8 @@ class Trainer:
     def advance(self) -> str:
         """Make exactly one transition, with its callbacks and work; return the new state."""
         with self._guard.driving(self):
-            self._deciders[self._machine.state]()
+            if not self._machine.finish_pending():  # a run saved mid-transition finishes that transition first
+                self._deciders[self._machine.state]()
             self._guard.run_deferred(self)
         return self._machine.state
 
@@ -212,7 +212,7 @@ class Trainer:
         self.parts.load_state_dict(state)
         self.position.extend_to(self.epochs)  # a finished run given more epochs goes on to train them
         self.phase = self.phases[self.position.phase_position] if self.position.phase_position >= 0 else None
-        if self.state == "phase":  # mid-phase: reopen its batches after the last one done
+        if self.state == "phase" and self._machine.pending is None:  # mid-phase: reopen after the last batch done
             self._work.open_phase(self, start=self.position.batch_index + 1)
 
     def save_checkpoint(self, path: str | os.PathLike[str] | None = None) -> Path:
@@ -244,47 +244,10 @@ class Trainer:
 
     def why_not_checkpoint_here(self) -> str | None:
         """Why the run cannot be resumed from here, inside its current phase; None when it can."""
-        return self._work.why_not_resumable(self.position.phase_position) if self.state == "phase" else None
+        mid_phase = self.state == "phase" and self._machine.pending is None
+        return self._work.why_not_resumable(self.position.phase_position) if mid_phase else None
 
     def __repr__(self) -> str:
         loss, phase = None if self.loss is None else float(self.loss.detach()), self.phase and self.phase.name
         return (f"Trainer(state={self.state!r}, epoch={self.epoch}, phase={phase!r}, batch_index={self.batch_index}, "
                 f"global_step={self.global_step}, loss={'None' if loss is None else f'{loss:.4g}'})")  # fmt: skip
-
-    # Each decider picks and fires the one transition out of its state (idle and step have one each).
-
-    def _decide_epoch(self) -> None:
-        position = self.position
-        if not position.stop_requested and position.phase_position + 1 < len(self.phases):
-            self._start_phase()
-            return
-        position.epochs_done += 1
-        if position.stop_requested or position.epochs_done >= self.epochs:
-            self._finish()
-        else:
-            self._next_epoch()
-
-    def _decide_phase(self) -> None:
-        work = self._work
-        if not self.position.stop_requested:
-            batch = work.cursor.next()
-            if batch is not END:
-                work.incoming = batch
-                self._start_batch()
-                return
-            if work.cursor.fetched == 0:
-                raise ValueError(f"phase {self.phase.name!r}: its loader yielded no batches")
-        work.cursor = None  # lets a DataLoader's workers shut down
-        self._end_phase()
-
-    def _decide_batch(self) -> None:
-        if self.phase.grad:
-            self._backward()
-        else:
-            self._end_batch()
-
-    def _decide_backward(self) -> None:
-        if (self.position.batch_index + 1) % self.accumulate == 0 or self._work.cursor.is_last():
-            self._step()
-        else:
-            self._end_batch()

@@ -69,6 +69,7 @@ class StateWork:
 
     def prepare_epoch(self, trainer: Trainer) -> None:
         trainer.position.epoch, trainer.position.phase_position = trainer.position.epochs_done, -1
+        trainer.phase = None  # as a run resumed at this point has it
 
     def prepare_phase(self, trainer: Trainer) -> None:
         trainer.position.phase_position += 1

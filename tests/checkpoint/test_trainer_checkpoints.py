@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import statetrainer as st
 from statetrainer.callbacks import Accuracy, Checkpoint, SmoothedLoss
-from statetrainer.checkpoint import CheckpointError, checkpoint_files
+from statetrainer.checkpoint import CheckpointError, checkpoint_files, write_tree
+from statetrainer.version import __version__
 from statetrainer.testing import EventRecorder
 
 from ..data.test_resumable import Augmented
@@ -388,3 +389,15 @@ def test_a_resume_with_other_settings_is_refused_unless_allowed(device: torch.de
     allowed = build(device=device, **{**saved_with, **resumed_with})
     assert allowed.load_checkpoint(path, allow_changes={setting}) == path  # the user says the change is meant
     allowed.fit()
+
+
+def test_a_checkpoint_of_another_number_of_processes_is_refused_unless_allowed(device: torch.device, tmp_path):
+    saved = build(device=device)
+    advance_to(saved, 0, "train", 2)
+    state = saved.state_dict()
+    assert state["settings"]["world_size"] == 1  # one process: no process group
+    state["settings"]["world_size"] = 2  # as a run under torchrun --nproc_per_node=2 records it
+    path = write_tree(tmp_path / "two_processes.safetensors", state, __version__)
+    with pytest.raises(CheckpointError, match=r"world_size=2 in the checkpoint, 1 now.*allow_changes=\['world_size'\]"):
+        build(device=device).load_checkpoint(path)
+    assert build(device=device).load_checkpoint(path, allow_changes={"world_size"}) == path

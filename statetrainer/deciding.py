@@ -1,0 +1,69 @@
+"""The run's control flow: from each state, which one transition the machine makes next."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from .data import END
+from .machine import TrainingMachine
+from .work import StateWork
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+__all__ = ["Deciders"]
+
+
+class Deciders:
+    """Per state, the call that picks and fires the one transition out of it (idle and step have one each).
+
+    ``fit()`` and ``advance()`` both call ``by_state[machine.state]()``, so a
+    stepped run and a fitted run make the same transitions.
+    """
+
+    def __init__(self, trainer: Trainer, machine: TrainingMachine, work: StateWork) -> None:
+        self.trainer, self.position, self.work = trainer, trainer.position, work
+        fire = machine.firer
+        self._start_phase, self._start_batch, self._backward = fire("start_phase"), fire("start_batch"), fire("backward")
+        self._step, self._end_batch, self._end_phase = fire("step"), fire("end_batch"), fire("end_phase")
+        self._next_epoch, self._finish = fire("next_epoch"), fire("finish")
+        self.by_state: dict[str, Callable[[], None]] = {
+            "idle": fire("start_epoch"), "epoch": self.decide_epoch, "phase": self.decide_phase,
+            "batch": self.decide_batch, "backward": self.decide_backward, "step": self._end_batch}  # fmt: skip
+
+    def decide_epoch(self) -> None:
+        position = self.position
+        if not position.stop_requested and position.phase_position + 1 < len(self.trainer.phases):
+            self._start_phase()
+            return
+        position.epochs_done += 1
+        if position.stop_requested or position.epochs_done >= self.trainer.epochs:
+            self._finish()
+        else:
+            self._next_epoch()
+
+    def decide_phase(self) -> None:
+        work = self.work
+        if not self.position.stop_requested:
+            batch = work.cursor.next()
+            if batch is not END:
+                work.incoming = batch
+                self._start_batch()
+                return
+            if work.cursor.fetched == 0:
+                raise ValueError(f"phase {self.trainer.phase.name!r}: its loader yielded no batches")
+        work.cursor = None  # lets a DataLoader's workers shut down
+        self._end_phase()
+
+    def decide_batch(self) -> None:
+        if self.trainer.phase.grad:
+            self._backward()
+        else:
+            self._end_batch()
+
+    def decide_backward(self) -> None:
+        if (self.position.batch_index + 1) % self.work.step_runner.accumulate == 0 or self.work.cursor.is_last():
+            self._step()
+        else:
+            self._end_batch()

@@ -107,8 +107,10 @@ def _plan(trainer: Any, machine: TrainingMachine, work: StateWork) -> Recovery |
         return Recovery(f"the checkpoint holds {where} after batch {batch}, which had done its work and counts "
                         f"as done; {_describe(interrupted.call, work)} raised ending it"
                         + (f", and {missed} did not run for it" if missed else ""), state="phase")  # fmt: skip
-    backward_began = machine.state in ("backward", "step") or (
-        event == "backward" and interrupted.call == work.run_backward)
+    if event is None:  # every transition had finished: the error came after the last one
+        backward_began = machine.state in ("backward", "step")
+    else:  # the step move starts after a whole backward pass; the backward move's own work is the pass
+        backward_began = event == "step" or (event == "backward" and interrupted.call == work.run_backward)
     if event == "step" and interrupted.call == work.run_step:
         refusal = f"the optimizer step of batch {batch} of {where} raised part-way, so the parameters may be half-updated"
     elif backward_began and trainer.phase.grad and batch % work.step_runner.accumulate:
@@ -119,7 +121,7 @@ def _plan(trainer: Any, machine: TrainingMachine, work: StateWork) -> Recovery |
     else:
         refusal = None
     before = f"after batch {batch - 1}" if batch > 0 else "before its first batch"
-    raised = "the loader" if interrupted is None else _describe(interrupted.call, work)
+    raised = "an error after its last transition" if interrupted is None else _describe(interrupted.call, work)
     return Recovery(f"the checkpoint holds {where} {before}: batch {batch} was discarded half-done ({raised} "
                     "raised), and a resume runs it again; hooks that had seen it see it again",
                     refusal=refusal, state="phase", batch_index=batch - 1, drop_gradients=backward_began)  # fmt: skip

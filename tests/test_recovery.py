@@ -114,13 +114,14 @@ CASES = [
     ("on_exit_step", 1, (1, "train", 2), "keep the batch"),
     ("on_enter_batch", 2, (1, "train", 2), "discard the batch"),
     ("on_enter_backward", 2, (1, "train", 2), "discard the batch"),
+    ("on_enter_backward", 2, (1, "train", 3), "discard the batch"),  # mid-window, before its backward pass
     ("on_exit_backward", 2, (1, "train", 2), "keep the batch"),  # batch 2 opens a window: no step after it
     ("on_exit_step", 2, (1, "train", 2), "keep the batch"),  # the first step at or after batch 2 is batch 3's
 ]
 
 
 @pytest.mark.parametrize(("hook", "accumulate", "where", "expected"), CASES,
-                         ids=[f"{hook}-accumulate{acc}-{where[1]}" for hook, acc, where, _ in CASES])  # fmt: skip
+                         ids=[f"{hook}-accumulate{acc}-{where[1]}{where[2]}" for hook, acc, where, _ in CASES])  # fmt: skip
 def test_a_run_saved_after_a_callback_raised_resumes_without_skipping_or_repeating_work(
     device: torch.device, tmp_path: Path, capsys: pytest.CaptureFixture[str],
     hook: str, accumulate: int, where: tuple[int, str | None, int], expected: str,

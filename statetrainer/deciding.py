@@ -24,6 +24,7 @@ class Deciders:
 
     def __init__(self, trainer: Trainer, machine: TrainingMachine, work: StateWork) -> None:
         self.trainer, self.position, self.work = trainer, trainer.position, work
+        self.accumulate = work.step_runner.accumulate
         fire = machine.firer
         self._start_phase, self._start_batch, self._backward = fire("start_phase"), fire("start_batch"), fire("backward")
         self._step, self._end_batch, self._end_phase = fire("step"), fire("end_batch"), fire("end_phase")
@@ -63,7 +64,7 @@ class Deciders:
             self._end_batch()
 
     def decide_backward(self) -> None:
-        if (self.position.batch_index + 1) % self.work.step_runner.accumulate == 0 or self.work.cursor.is_last():
+        if (self.position.batch_index + 1) % self.accumulate == 0 or self.work.cursor.is_last():
             self._step()
         else:
             self._end_batch()

@@ -60,9 +60,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from transitions import Machine, MachineError
+from transitions.extensions import GraphMachine
 
 from .checkpoint import CheckpointError
-from transitions.extensions import GraphMachine
 
 __all__ = [
     "AT_REST",
@@ -204,7 +204,7 @@ class _CompiledMove:
 
 def _position_of(call: Call | None, calls: tuple[Call, ...]) -> int:
     """Where ``call`` is in ``calls``; 0 when the error came before the first call ran."""
-    return calls.index(call) if call is not None and call in calls else 0
+    return calls.index(call) if call in calls else 0
 
 
 def call_name(call: Call) -> str:

@@ -52,8 +52,6 @@ class Recovery:
     drop_gradients: bool = False
     pending: Interruption | None = None
     applied: bool = False
-    machine: TrainingMachine | None = None
-    work: StateWork | None = None
 
     def apply(self, trainer: Any) -> None:
         """Put the stopped run at the recovery point (once), saying where; ``RuntimeError`` if there is none."""
@@ -62,26 +60,19 @@ class Recovery:
                                "resume from the newest checkpoint saved before it")  # fmt: skip
         if self.applied:
             return
-        machine, work = self.machine, self.work
+        machine = trainer.parts["machine"]
         if self.state is not None:
             machine.restore(self.state)
         if self.batch_index is not None:
             trainer.position.batch_index = self.batch_index
         if self.drop_gradients:
-            work.step_runner.zero_grad()
+            trainer.step_runner.zero_grad()
         machine.pending, self.applied = self.pending, True
         print(f"statetrainer: saving after the error: {self.summary}", file=sys.stderr, flush=True)
 
 
 def plan_recovery(trainer: Any, machine: TrainingMachine, work: StateWork) -> Recovery | None:
     """Decide what a checkpoint of ``trainer``, just stopped by an error, can hold; None: the run is as it is."""
-    recovery = _plan(trainer, machine, work)
-    if recovery is not None:
-        recovery.machine, recovery.work = machine, work
-    return recovery
-
-
-def _plan(trainer: Any, machine: TrainingMachine, work: StateWork) -> Recovery | None:
     interrupted, position = machine.interrupted, trainer.position
     event = interrupted.event if interrupted is not None else None
     cursor = work.cursor

@@ -10,7 +10,10 @@
 #      deterministic=True in full precision, bf16 and fp16 (listed one by one after the summary);
 #   2. the per-batch overhead benchmark on CUDA;
 #   3. the checkpoint save/load benchmark with the state on CUDA;
-#   4. the preemption benchmark (SIGTERM to exit) on CUDA, small and 1.5 GB.
+#   4. the preemption benchmark (SIGTERM to exit) on CUDA, small and 1.5 GB;
+#   5. the torchrun benchmark (1 and 2 ranks on the GPU(s): NCCL with a GPU per rank, else gloo).
+# The suite includes the torchrun tests (tests/test_distributed.py) on CUDA: two ranks, SIGKILL and SIGTERM
+# resume, another world size. GPU_CHECK_TESTS=tests/test_distributed.py runs them alone.
 #
 # GPU_CHECK_DEVICE=cpu GPU_CHECK_TESTS=tests/test_preemption.py bash benchmarks/gpu_check.sh
 # rehearses the script on a machine without a GPU.
@@ -73,17 +76,18 @@ PYTHON
 
 workers=()
 if "$python" -c "import xdist" 2>/dev/null; then workers=(-n 12); fi
-# The CPU cases of the subprocess kill-and-resume tests take most of the time and run in CI already.
+# The CPU cases of the subprocess tests (kill-and-resume, torchrun) take most of the time and run in CI already.
 step "test suite" 420 "$python" -m pytest -v -p no:cacheprovider "${workers[@]}" "${tests[@]}" \
-  -k "not (test_kill_and_resume and cpu)"
+  -k "not (test_kill_and_resume and cpu) and not (test_distributed and cpu)"
 grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$log" | tail -40
-echo "-- CUDA kill-and-resume tests:"
-grep -E "test_kill_and_resume\.py::[^ ]*cuda" "$log" | grep -E "PASSED|FAILED|ERROR|SKIPPED" | sed -E 's/\[gw[0-9]+\] //; s/ *\[ *[0-9]+%\]//' | sort | head -30
+echo "-- CUDA kill-and-resume and torchrun tests:"
+grep -E "(test_kill_and_resume|test_distributed)\.py::[^ ]*cuda" "$log" | grep -E "PASSED|FAILED|ERROR|SKIPPED" | sed -E 's/\[gw[0-9]+\] //; s/ *\[ *[0-9]+%\]//' | sort | head -30
 
 benchmarks_start=$(wc -l <"$log")
 step "overhead benchmark ($device)" 120 "$python" benchmarks/overhead.py --device "$device" --rounds 5 --batches 1000
 step "checkpoint benchmark ($device)" 150 "$python" benchmarks/checkpoint.py --device "$device" --repeats 3
 step "preemption benchmark ($device)" 150 "$python" benchmarks/preemption.py --device "$device" --repeats 1
+step "torchrun benchmark ($device)" 120 "$python" benchmarks/ddp.py --device "$device" --rounds 3 --saves 3
 tail -n +"$((benchmarks_start + 1))" "$log"
 
 if ((${#failed[@]})); then

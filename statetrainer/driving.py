@@ -20,6 +20,7 @@ from .callbacks.base import Callback
 from .callbacks.checkpoint import Checkpoint
 from .determinism import deterministic_algorithms
 from .machine import AT_REST
+from .distributed import StopVote
 from .preemption import Preempted, SignalCatcher
 from .recovery import Recovery
 
@@ -38,6 +39,8 @@ class RunGuard:
         deterministic: Turn on deterministic algorithms while driving.
         on_error: Called first when a call ends in an error (to release the loader).
         recover: Called before ``on_error``: where a checkpoint taken after the error stands.
+        vote: Shares stop signals between the ranks of a torchrun run (None in one process):
+            a signal then stops every rank after the same batch.
 
     Attributes:
         deferred: Actions waiting for the machine to be between batches.
@@ -52,12 +55,14 @@ class RunGuard:
         deterministic: bool,
         on_error: Callable[[], None],
         recover: Callable[[], Recovery | None],
+        vote: StopVote | None = None,
     ) -> None:
         self.active = False
         self.error: BaseException | None = None
         self.catcher = SignalCatcher(stop_signals, self._on_signal)
         self._deterministic, self._on_error, self._recover = deterministic, on_error, recover
         self.recovery: Recovery | None = None
+        self.vote = vote
         self.deferred: list[Callable[[Any], None]] = []
         self.at_rest = False
         self._exception_hooks = [callback.on_exception for callback in callbacks
@@ -83,8 +88,12 @@ class RunGuard:
         try:
             with self.catcher, deterministic_algorithms() if self._deterministic else contextlib.nullcontext():
                 yield
+            if self.vote is not None:
+                self.vote.settle()  # every rank leaves with no exchange in flight
             self.run_deferred(trainer)  # a stop signal that came after the last check
         except BaseException as error:
+            if self.vote is not None:
+                self.vote.abandon()
             self.error, self.recovery = error, self._recover()
             self._on_error()
             for hook in self._exception_hooks:
@@ -97,7 +106,16 @@ class RunGuard:
             self.active = False
 
     def _on_signal(self, received: signal.Signals) -> None:
-        self.deferred.append(lambda trainer: stop_on_signal(trainer, received))
+        if self.vote is not None:
+            self.vote.received = int(received)  # the ranks decide together, after a batch
+        else:
+            self.deferred.append(lambda trainer: stop_on_signal(trainer, received))
+
+    def exchange_stop_vote(self, trainer: Any) -> None:
+        """After each batch of a torchrun run: stop here if any rank had a stop signal by the previous batch."""
+        decided = self.vote.exchange()
+        if decided:
+            self.deferred.append(lambda trainer: stop_on_signal(trainer, signal.Signals(decided)))
 
     def check_at_rest(self, trainer: Any, what: str) -> None:
         """Raise ``RuntimeError`` unless ``trainer`` can be saved now (``what`` names the call, for the message).
@@ -148,5 +166,6 @@ def stop_on_signal(trainer: Trainer, received: signal.Signals) -> None:
         saved = savers[0].save(trainer)
         outcome = f"saved {saved}"
     message = f"stopped by {received.name} at {where} (global step {trainer.global_step}): {outcome}"
-    print(f"statetrainer: {message}", file=sys.stderr, flush=True)
+    if trainer.is_global_zero:
+        print(f"statetrainer: {message}", file=sys.stderr, flush=True)
     raise Preempted(received, saved, message)

@@ -68,7 +68,8 @@ class Recovery:
         if self.drop_gradients:
             trainer.step_runner.zero_grad()
         machine.pending, self.applied = self.pending, True
-        print(f"statetrainer: saving after the error: {self.summary}", file=sys.stderr, flush=True)
+        if trainer.is_global_zero:
+            print(f"statetrainer: saving after the error: {self.summary}", file=sys.stderr, flush=True)
 
 
 def plan_recovery(trainer: Any, machine: TrainingMachine, work: StateWork) -> Recovery | None:

@@ -11,8 +11,10 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError
+from .data.resumable import mix_seed
+from .distributed import Ranks, all_gather
 
-__all__ = ["Generators", "capture_rng", "restore_rng"]
+__all__ = ["Generators", "capture_rng", "restore_rng", "seed_everything"]
 
 
 def capture_rng(cuda_devices: Sequence[torch.device] = ()) -> dict[str, Any]:
@@ -59,26 +61,86 @@ def restore_rng(state: dict[str, Any], cuda_devices: Sequence[torch.device] = ()
         torch.cuda.set_rng_state(device_state.cpu(), device)
 
 
+def _pack(state: dict[str, Any]) -> torch.Tensor:
+    """``capture_rng``'s result as one byte tensor, so the ranks' states travel by ``all_gather`` (never pickle)."""
+    python, numpy = state["python"], state["numpy"]
+    gauss = python["gauss"]
+    integers = np.array([python["version"], *python["state"], numpy["position"], numpy["has_gauss"]], dtype=np.int64)
+    floats = np.array([0.0 if gauss is None else gauss, float(gauss is not None), numpy["cached"]], dtype=np.float64)
+    parts = [integers.view(np.uint8), floats.view(np.uint8), numpy["keys"].numpy().astype(np.int64).view(np.uint8),
+             state["torch"].numpy(), *(cuda.cpu().numpy() for cuda in state["cuda"])]  # fmt: skip
+    return torch.from_numpy(np.concatenate(parts))
+
+
+def _unpack(packed: torch.Tensor, like: dict[str, Any]) -> dict[str, Any]:
+    """The state ``_pack`` packed, laid out as ``like`` (this rank's own state: the same sizes on every rank)."""
+    data = packed.numpy()
+    count = 1 + len(like["python"]["state"]) + 2
+    integers = data[: 8 * count].view(np.int64)
+    floats = data[8 * count : 8 * count + 24].view(np.float64)
+    offset = 8 * count + 24
+    keys = data[offset : offset + like["numpy"]["keys"].numel() * 8].view(np.int64)
+    offset += keys.nbytes
+    torch_state = torch.from_numpy(data[offset : offset + like["torch"].numel()].copy())
+    offset += like["torch"].numel()
+    cuda = []
+    for device_state in like["cuda"]:
+        cuda.append(torch.from_numpy(data[offset : offset + device_state.numel()].copy()))
+        offset += device_state.numel()
+    return {
+        "python": {"version": int(integers[0]), "state": [int(value) for value in integers[1:-2]],
+                   "gauss": float(floats[0]) if floats[1] else None},  # fmt: skip
+        "numpy": {"kind": like["numpy"]["kind"], "keys": torch.from_numpy(keys.copy()), "position": int(integers[-2]),
+                  "has_gauss": int(integers[-1]), "cached": float(floats[2])},  # fmt: skip
+        "torch": torch_state,
+        "cuda": cuda,
+    }
+
+
+def seed_everything(seed: int, cuda_devices: Sequence[torch.device] = ()) -> None:
+    """Seed Python's, NumPy's and torch's generators (and those of ``cuda_devices``) from ``seed``."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    for device in cuda_devices:
+        torch.cuda.default_generators[device.index or 0].manual_seed(seed)
+
+
 class Generators:
-    """The run's seed and every random generator's state: a part of the run's state.
+    """The run's seed and every random generator's state, for each rank: a part of the run's state.
+
+    Each rank draws dropout and the like from its own generators, so a
+    checkpoint holds every rank's, gathered as tensors, and each rank takes
+    its own back. A rank that has no saved state (a run resumed on more
+    processes than it was saved from) seeds its generators from the seed, the
+    step and its rank.
 
     Args:
         seed: The run's seed (it decides the data order; see ``statetrainer.data``).
         cuda_devices: The CUDA devices whose generators the run draws from.
+        chosen: Whether the user chose the seed (an open one takes the checkpoint's).
+        ranks: This process's place among the run's processes.
     """
 
-    def __init__(self, seed: int, cuda_devices: Sequence[torch.device] = (), chosen: bool = True) -> None:
-        self.seed, self.cuda_devices, self.chosen = seed, tuple(cuda_devices), chosen
+    def __init__(self, seed: int, cuda_devices: Sequence[torch.device] = (), chosen: bool = True,
+                 ranks: Ranks = Ranks()) -> None:  # fmt: skip
+        self.seed, self.cuda_devices, self.chosen, self.ranks = seed, tuple(cuda_devices), chosen, ranks
+        self.global_step = lambda: 0  # what a rank without a saved state mixes into its seed
 
     @classmethod
-    def for_run(cls, seed: int | None, device: torch.device) -> Generators:
+    def for_run(cls, seed: int | None, device: torch.device, ranks: Ranks = Ranks()) -> Generators:
         """The generators of a run on ``device``; a None seed takes ``torch.initial_seed()`` until a checkpoint's."""
         chosen = seed is not None
         seed = int(seed) if chosen else torch.initial_seed() % 2**63
-        return cls(seed, (device,) if device.type == "cuda" else (), chosen)
+        return cls(seed, (device,) if device.type == "cuda" else (), chosen, ranks)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, **capture_rng(self.cuda_devices)}
+        own = capture_rng(self.cuda_devices)
+        if not self.ranks.distributed:
+            return {"seed": self.seed, "ranks": [own]}
+        device = self.cuda_devices[0] if self.cuda_devices else torch.device("cpu")
+        gathered = all_gather(_pack(own), self.ranks, device)
+        return {"seed": self.seed, "ranks": [_unpack(packed, own) for packed in gathered]}
 
     def check_fits(self, state: dict[str, Any]) -> None:
         if isinstance(state["seed"], bool) or not isinstance(state["seed"], int):
@@ -86,10 +148,17 @@ class Generators:
         if self.chosen and state["seed"] != self.seed:
             raise CheckpointError(f"the checkpoint is of a run with seed={state['seed']}, this trainer has seed={self.seed}: "
                                   "it is another run; resume it with its seed, or save this run to another folder")  # fmt: skip
-        if not isinstance(state["torch"], torch.Tensor) or not isinstance(state["cuda"], list):
-            raise TypeError("the torch and CUDA generator states are not tensors")
-        state["python"]["state"], state["numpy"]["keys"]  # noqa: B018 -- present, or a KeyError
+        if not isinstance(state["ranks"], list) or not state["ranks"]:
+            raise TypeError("the generator states are not a list with one entry per rank")
+        for rank_state in state["ranks"]:
+            if not isinstance(rank_state["torch"], torch.Tensor) or not isinstance(rank_state["cuda"], list):
+                raise TypeError("the torch and CUDA generator states are not tensors")
+            rank_state["python"]["state"], rank_state["numpy"]["keys"]  # noqa: B018 -- present, or a KeyError
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.seed = int(state["seed"])
-        restore_rng(state, self.cuda_devices)
+        saved, rank = state["ranks"], self.ranks.rank
+        if rank < len(saved):
+            restore_rng(saved[rank], self.cuda_devices)
+        else:
+            seed_everything(mix_seed(self.seed, self.global_step(), rank), self.cuda_devices)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import torch
 
 from .checkpoint import CheckpointError
+from .distributed import Ranks, gather_tree
 from .machine import AT_REST
 from .rng import Generators
 from .state import tensors_to, unwrap_model
@@ -149,14 +150,15 @@ class Position:
             setattr(self, field.name, state[field.name])
 
 
-def check_position_fits(phase_lengths: Sequence[int | None], epochs: int, state: dict[str, Any]) -> None:
+def check_position_fits(epochs: int, state: dict[str, Any]) -> None:
     """Raise ``CheckpointError`` unless the saved position is one this run can be at, between batches.
 
     Args:
-        phase_lengths: The batches of each of the run's phases (None: unknown).
         epochs: The run's epochs (a finished run may be given more, not fewer).
-        state: A whole saved state (its ``position`` and ``machine`` parts).
+        state: A whole saved state (its ``position``, ``machine`` and ``data`` parts; the data part, already
+            checked against this run, gives the batches of each phase where the run was saved).
     """
+    phase_lengths = [phase["batches"] for phase in state["data"]]
     position, where = state["position"], state["machine"]["state"]
     phase, batch = position["phase_position"], position["batch_index"]
     if where not in AT_REST:
@@ -208,22 +210,37 @@ class CallbackStates:
         callbacks: The trainer's callbacks.
         device: Where every tensor of a loaded callback state goes (a new copy,
             whatever device wrote it).
+        running: The callbacks that run in this process, which load their state
+            (all but the ``rank_zero_only`` ones on ranks other than 0); None: all.
     """
 
-    def __init__(self, callbacks: Sequence[Callback], device: torch.device) -> None:
-        self.callbacks, self.device = callbacks, device
+    def __init__(self, callbacks: Sequence[Callback], device: torch.device,
+                 running: Sequence[Callback] | None = None, ranks: Ranks = Ranks()) -> None:  # fmt: skip
+        self.callbacks, self.device, self.ranks = callbacks, device, ranks
+        self.running = list(callbacks) if running is None else list(running)
 
     def state_dict(self) -> dict[str, Any]:
-        return {callback.key: callback.state_dict() for callback in self.callbacks}
+        return {callback.key: {"ranks": gather_tree(callback.state_dict(), self.ranks, self.device)}
+                if callback.state_per_rank else callback.state_dict() for callback in self.callbacks}  # fmt: skip
 
     def check_fits(self, state: dict[str, Any]) -> None:
         missing = [callback.key for callback in self.callbacks if callback.key not in state]
         if missing:
             raise CheckpointError(f"the checkpoint has no state for callback(s) {', '.join(missing)}")
+        for callback in self.callbacks:
+            saved = state[callback.key]
+            if callback.state_per_rank and not (isinstance(saved, dict) and isinstance(saved.get("ranks"), list)
+                                                and saved["ranks"]):  # fmt: skip
+                raise CheckpointError(f"callback {callback.key}: the checkpoint holds no state per rank for it")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for callback in self.callbacks:
-            callback.load_state_dict(tensors_to(state[callback.key], self.device))
+        rank, world_size = self.ranks.rank, self.ranks.world_size
+        for callback in self.running:
+            saved = state[callback.key]
+            if callback.state_per_rank:
+                states = saved["ranks"]
+                saved = states[rank] if len(states) == world_size else callback.regroup_states(states, world_size)[rank]
+            callback.load_state_dict(tensors_to(saved, self.device))
 
 
 class RunIdentity:
@@ -292,11 +309,10 @@ class RunSettings:
         self.settings, self.allowed = settings, frozenset[str]()
 
     @classmethod
-    def for_run(cls, phases: Sequence[Any], accumulate: int, precision: str | None) -> RunSettings:
-        """The settings of a run of ``phases`` (``Phase`` objects): each phase's batch size and samples, and more."""
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        settings: dict[str, Any] = {"accumulate": accumulate, "precision": precision,
-                                    "world_size": torch.distributed.get_world_size() if distributed else 1}  # fmt: skip
+    def for_run(cls, phases: Sequence[Any], accumulate: int, precision: str | None, world_size: int = 1) -> RunSettings:
+        """The settings of a run of ``phases`` (``Phase`` objects) on ``world_size`` processes: each phase's batch
+        size and samples, and more."""
+        settings: dict[str, Any] = {"accumulate": accumulate, "precision": precision, "world_size": world_size}
         for phase in phases:
             dataset = getattr(phase.loader, "dataset", None)
             sized = dataset is not None and hasattr(dataset, "__len__")

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError
+from .distributed import Ranks, all_gather, gathered_states
 from .precision import make_autocast, make_grad_scaler
 from .state import check_model_state, tensors_to, unwrap_model
 
@@ -25,6 +26,10 @@ class StepRunner:
             window's batch gradients; a shorter last window uses its own mean.
         grad_clip: Clip the gradients' total 2-norm to this before each step.
         precision: None, ``"bf16"`` or ``"fp16"`` (with a GradScaler on CUDA).
+        ranks: This process's place among the run's processes. Inside an
+            accumulation window each rank's gradients are its own (DDP skips
+            the all-reduce until the window's last batch), so a checkpoint
+            holds every rank's.
     """
 
     def __init__(
@@ -35,8 +40,9 @@ class StepRunner:
         accumulate: int = 1,
         grad_clip: float | None = None,
         precision: str | None = None,
+        ranks: Ranks = Ranks(),
     ) -> None:
-        self.model, self.optimizer = model, optimizer
+        self.model, self.optimizer, self.device, self.ranks = model, optimizer, device, ranks
         self.accumulate, self.grad_clip = accumulate, grad_clip
         self.autocast = make_autocast(precision, device)
         self.scaler = make_grad_scaler(precision, device)
@@ -78,8 +84,8 @@ class StepRunner:
             "model": unwrap_model(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
             "optimizer_class": optimizer_class_name(self.optimizer),
-            # Inside an accumulation window the gradients so far are part of the state.
-            "grads": {str(index): p.grad for index, p in enumerate(self.parameters) if p.grad is not None},
+            # Inside an accumulation window the gradients so far are part of the state: every rank's.
+            "grads": self._gradients_of_every_rank(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
 
@@ -103,21 +109,50 @@ class StepRunner:
             if saved_groups != our_groups:
                 raise CheckpointError(f"the checkpoint's optimizer has param groups of sizes {saved_groups}, "
                                       f"this one {our_groups}")  # fmt: skip
-        for index, grad in state["grads"].items():
-            parameter = self.parameters[int(index)]
-            if not isinstance(grad, torch.Tensor) or grad.shape != parameter.shape:
-                raise CheckpointError(f"the saved gradient of parameter {index} does not fit its shape "
-                                      f"{tuple(parameter.shape)}")  # fmt: skip
+        if not isinstance(state["grads"], list) or not state["grads"]:
+            raise CheckpointError("the saved gradients are not a list with one entry per rank")
+        for rank_grads in state["grads"]:
+            for index, grad in rank_grads.items():
+                parameter = self.parameters[int(index)]
+                if not isinstance(grad, torch.Tensor) or grad.shape != parameter.shape:
+                    raise CheckpointError(f"the saved gradient of parameter {index} does not fit its shape "
+                                          f"{tuple(parameter.shape)}")  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         unwrap_model(self.model).load_state_dict(state["model"])
         if self.optimizer is not None:  # kept by the optimizer: copies, not views of the checkpoint file
             self.optimizer.load_state_dict(tensors_to(state["optimizer"], torch.device("cpu")))
-        for index, grad in state["grads"].items():
+        for index, grad in self._own_gradients(state["grads"]).items():
             parameter = self.parameters[int(index)]
             parameter.grad = grad.to(parameter.device, parameter.dtype, copy=True)
         if self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
+
+
+    def _gradients_of_every_rank(self) -> list[dict[str, torch.Tensor]]:
+        """Each rank's gradients so far, by parameter index (empty between windows)."""
+        own = {str(index): p.grad for index, p in enumerate(self.parameters) if p.grad is not None}
+        if not self.ranks.distributed:
+            return [own]
+        has_grad = torch.tensor([p.grad is not None for p in self.parameters], dtype=torch.uint8)
+        anywhere = torch.stack(all_gather(has_grad, self.ranks, self.device)).amax(0).tolist()
+        indices = [index for index, present in enumerate(anywhere) if present]
+        local = [self._grad_or_zeros(index) for index in indices]
+        return [{str(index): grad for index, grad in zip(indices, grads)}
+                for grads in gathered_states(local, self.ranks, self.device)]  # fmt: skip
+
+    def _grad_or_zeros(self, index: int) -> torch.Tensor:
+        parameter = self.parameters[index]
+        return parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
+
+    def _own_gradients(self, saved: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """This rank's saved gradients; from another number of ranks, their mean, which the window's
+        all-reduce (a mean over the ranks) would have made of them."""
+        if len(saved) == self.ranks.world_size:
+            return saved[self.ranks.rank]
+        indices = sorted({index for rank_grads in saved for index in rank_grads}, key=int)
+        return {index: sum(rank_grads[index].float() for rank_grads in saved if index in rank_grads) / len(saved)
+                for index in indices}  # fmt: skip
 
 
 def optimizer_class_name(optimizer: torch.optim.Optimizer | None) -> str | None:

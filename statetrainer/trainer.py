@@ -21,11 +21,13 @@ import torch
 from torch import nn
 
 from . import checkpoint
+from .checkpoint import CheckpointError
 from .arguments import check_trainer_arguments, resolve_device
 from .callbacks.base import Callback, hooks_by_state
 from .callbacks.checkpoint import Checkpoint
 from .data import PhaseSources, unpack_pair
 from .determinism import require_cublas_workspace
+from .distributed import StopVote, agree, join_process_group, wrap_model
 from .deciding import Deciders
 from .driving import RunGuard
 from .machine import AT_REST, STATES, Move, TrainingMachine
@@ -65,11 +67,18 @@ class Trainer:
             batch in flight finishes, the first ``Checkpoint`` callback saves there, and
             ``Preempted`` (a ``SystemExit``) is raised. ``()`` keeps Python's handlers.
 
+    Under ``torchrun`` the same script trains on every rank (see ``statetrainer.distributed``):
+    the model is wrapped in DDP, rebuilt DataLoaders are sharded, metrics are reduced over
+    the ranks, rank 0 alone writes checkpoints and logs, and every rank's generators are saved.
+
     Attributes:
         epoch, batch_index, global_step: From the run's ``position``: epoch and batch in its phase from 0, steps taken.
         phase, batch, target, output, loss: The current ``Phase``, batch (on the device) and its results.
+        loss_weight: How much this rank's ``loss`` weighs in its global batch's mean, times the world size:
+            1.0 except in a short last global batch that the ranks share unevenly (see ``SeededOrder``).
         metrics: The latest value of every metric, by name (``train_loss``...).
         parts: The ``StateRegistry`` of everything a checkpoint holds.
+        ranks: This process's ``Ranks`` (rank, world size) among the run's processes.
     """
 
     epoch, batch_index, global_step = PositionField(), PositionField(), PositionField()
@@ -96,30 +105,41 @@ class Trainer:
             model, optimizer, loss_fn, phases, callbacks,
             epochs=epochs, accumulate=accumulate, grad_clip=grad_clip, deterministic=deterministic)  # fmt: skip
         self.stop_signals = resolve_signals(stop_signals)
+        self.ranks, device = join_process_group(device)  # under torchrun: this rank's device
         self.device = resolve_device(device)
         if deterministic and self.device.type == "cuda":
             require_cublas_workspace()  # before the model goes to the GPU, which starts CUDA
-        self.model, self.optimizer, self.loss_fn = model.to(self.device), optimizer, loss_fn
+        self.model = wrap_model(model.to(self.device), self.ranks, self.device)
+        self.optimizer, self.loss_fn = optimizer, loss_fn
         self.epochs, self.accumulate, self.unpack = epochs, accumulate, unpack
-        self.step_runner = StepRunner(self.model, optimizer, self.device, accumulate, grad_clip, precision)
+        ranks = self.ranks
+        self.step_runner = StepRunner(self.model, optimizer, self.device, accumulate, grad_clip, precision, ranks)
         self.position, self.metrics = Position(), Metrics()
-        self._generators = Generators.for_run(seed, self.device)
-        self._sources = PhaseSources.for_phases(self.phases, self.stop_signals)
+        self._generators = Generators.for_run(seed, self.device, ranks)
+        self._generators.global_step = lambda: self.position.global_step
+        self._sources = PhaseSources.for_phases(self.phases, self.stop_signals, self.position, ranks.rank,
+                                                ranks.world_size)  # fmt: skip
         self._work = StateWork(self._sources, self.step_runner, self.device)
         self.phase: Phase | None = None
         self.batch = self.target = self.output = self.loss = None
-        self._guard = RunGuard(self.callbacks, self.stop_signals, deterministic, on_error=self._work.release,
-                               recover=lambda: plan_recovery(self, self._machine, self._work))  # fmt: skip
-        enter, exit = hooks_by_state(self.callbacks)
+        self.loss_weight = 1.0
+        speaking = [callback for callback in self.callbacks if ranks.is_global_zero or not callback.rank_zero_only]
+        self._guard = RunGuard(speaking, self.stop_signals, deterministic, on_error=self._work.release,
+                               recover=lambda: plan_recovery(self, self._machine, self._work),
+                               vote=StopVote(ranks) if ranks.distributed and self.stop_signals else None)  # fmt: skip
+        enter, exit = hooks_by_state(speaking)
+        if self._guard.vote is not None:  # after every batch, the ranks share whether a stop signal came
+            exit["batch"].append(self._guard.exchange_stop_vote)
         self._machine = TrainingMachine(self, prepare=self._work.prepare_calls(), enter=enter,
                                         work=self._work.work_calls(), exit=exit)  # fmt: skip
         self._deciders = Deciders(self, self._machine, self._work).by_state
-        self.run = RunIdentity.for_run(self._sources.layout(), self.model, optimizer, self._generators)
+        self.run = RunIdentity.for_run(self._sources.global_layout(), self.model, optimizer, self._generators)
         self.parts = StateRegistry(  # loaded in this order: the generators last, as they were saved
             run=self.run, position=self.position, machine=self._machine, data=self._sources,
-            settings=RunSettings.for_run(self.phases, accumulate, precision), step=self.step_runner,
-            metrics=self.metrics, callbacks=CallbackStates(self.callbacks, self.device), rng=self._generators)  # fmt: skip
-        self.parts.add_check(partial(check_position_fits, [length for _, length in self._sources.layout()], epochs))
+            settings=RunSettings.for_run(self.phases, accumulate, precision, ranks.world_size), step=self.step_runner,
+            metrics=self.metrics, callbacks=CallbackStates(self.callbacks, self.device, speaking, ranks),
+            rng=self._generators)  # fmt: skip
+        self.parts.add_check(partial(check_position_fits, epochs))
 
     # ------------------------------------------------------------------ public API
 
@@ -137,6 +157,16 @@ class Trainer:
     def seed(self) -> int:
         """The run's seed (a resumed run's is the checkpoint's)."""
         return self._generators.seed
+
+    @property
+    def is_global_zero(self) -> bool:
+        """Whether this process is rank 0: the one that writes checkpoints and logs (True in one process)."""
+        return self.ranks.is_global_zero
+
+    @property
+    def world_size(self) -> int:
+        """How many processes train together (1 unless launched by torchrun)."""
+        return self.ranks.world_size
 
     @property
     def finished(self) -> bool:
@@ -217,10 +247,25 @@ class Trainer:
 
     def save_checkpoint(self, path: str | os.PathLike[str] | None = None) -> Path:
         """Write ``state_dict()`` atomically to a ``.safetensors`` file, or as the next checkpoint of a folder
-        (default ``checkpoints/``); return the file. ``ValueError`` for another kind of file (``model.pt``)."""
+        (default ``checkpoints/``); return the file. ``ValueError`` for another kind of file (``model.pt``).
+
+        Under torchrun every rank calls it: rank 0 writes the one file, and every rank returns once it is written.
+        """
         self._guard.check_at_rest(self, "save_checkpoint()")
-        target = checkpoint.save_target(path, self.epoch, self.global_step, self.run.marker())
-        return checkpoint.write_tree(target, self.state_dict(), __version__)
+        writer, target, failure = self.ranks.is_global_zero, None, None
+        try:
+            target = checkpoint.save_target(path, self.epoch, self.global_step, self.run.marker(), claim=writer)
+        except (CheckpointError, OSError, ValueError) as error:  # the other ranks hear of it before it propagates
+            failure = error
+        self._all_ranks_or_raise(failure, "claim the checkpoint folder")
+        state = self.state_dict()  # every rank's generators and gradients, gathered
+        if writer:
+            try:
+                checkpoint.write_tree(target, state, __version__)
+            except Exception as error:  # noqa: BLE001
+                failure = error
+        self._all_ranks_or_raise(failure, f"write the checkpoint {target}")  # every rank waits for the write
+        return target
 
     def load_checkpoint(self, path: str | os.PathLike[str], *, allow_changes: Iterable[str] = ()) -> Path | None:
         """Continue from a checkpoint file, or the newest good one in a folder (falling back past a corrupt one).
@@ -232,11 +277,21 @@ class Trainer:
         """
         self.parts["settings"].allowed = frozenset(allow_changes)
         folders = [callback.folder for callback in self.callbacks if isinstance(callback, Checkpoint)]
-        found = checkpoint.find_checkpoint(path, folders, self.parts.check_fits, self.run.accept_marker)
+        found, failure = None, None
+        try:
+            found = checkpoint.find_checkpoint(path, folders, self.parts.check_fits, self.run.accept_marker)
+        except CheckpointError as error:
+            failure = error
+        self._all_ranks_or_raise(failure, f"load the checkpoint from {path}")  # every rank loads it, or none does
         if found is None:
             return None
         self.load_state_dict(found[1])
         return found[0]
+
+    def _all_ranks_or_raise(self, failure: BaseException | None, what: str) -> None:
+        """Raise ``failure`` on its rank and a ``CheckpointError`` on the others, unless no rank failed."""
+        if not agree(failure is None, self.ranks, self.device):
+            raise failure or CheckpointError(f"another rank could not {what}; see its error")
 
     def can_checkpoint_here(self) -> bool:
         """Whether the run can be saved and resumed at this point (between batches, in a phase that resumes)."""

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from .data import BatchCursor, PhaseSources, to_device
 from .step import StepRunner
@@ -39,6 +40,10 @@ class StateWork:
         self.incoming: Any = None
         self._move_batches = device.type != "cpu"
         self._contexts: tuple[Any, Any] | None = None
+        model, accumulate = step_runner.model, step_runner.accumulate
+        # Under DDP, a batch that does not end its accumulation window skips the gradient all-reduce.
+        self._no_sync = model.no_sync if isinstance(model, DistributedDataParallel) and accumulate > 1 else None
+        self._weighs_shares = False  # the open phase's ranks hold shares of different sizes in some batch
 
     def prepare_calls(self) -> dict[str, Callable[[Trainer], None]]:
         return {"idle": self.prepare_idle, "epoch": self.prepare_epoch, "phase": self.prepare_phase,
@@ -89,7 +94,9 @@ class StateWork:
         no_contexts = grad_context is None and autocast is None
         self._contexts = None if no_contexts else (grad_context or _NO_CONTEXT, autocast or _NO_CONTEXT)
         source = self.sources[trainer.position.phase_position]
-        self.cursor = BatchCursor(source.open(trainer.seed, trainer.epoch, start), source.length, start)
+        self.cursor = BatchCursor(source.open(trainer.seed, trainer.epoch, start), source.pass_length, start)
+        self._weighs_shares = getattr(source, "uneven", False)
+        trainer.loss_weight = 1.0
 
     def prepare_batch(self, trainer: Trainer) -> None:
         trainer.position.batch_index += 1
@@ -102,14 +109,24 @@ class StateWork:
         inputs, target = trainer.unpack(trainer.batch)
         trainer.target = target
         contexts = self._contexts
+        if self._no_sync is not None and trainer.phase.grad and not self.ends_window(trainer):
+            contexts = (self._no_sync(), *(contexts or (_NO_CONTEXT, _NO_CONTEXT)))
         if contexts is None:
             trainer.output, trainer.loss = trainer.forward(inputs, target)
         else:
-            with contexts[0], contexts[1]:
+            with contexts[0], contexts[1], contexts[2] if len(contexts) > 2 else _NO_CONTEXT:
                 trainer.output, trainer.loss = trainer.forward(inputs, target)
+        if self._weighs_shares:  # this rank's share of a global batch the ranks share unevenly
+            position = trainer.position
+            trainer.loss_weight = self.sources[position.phase_position].share_weight(position.batch_index)
+
+    def ends_window(self, trainer: Trainer) -> bool:
+        """Whether the current batch is the last of its accumulation window (a step follows it)."""
+        return (trainer.position.batch_index + 1) % self.step_runner.accumulate == 0 or self.cursor.is_last()
 
     def run_backward(self, trainer: Trainer) -> None:
-        self.step_runner.backward(trainer.loss)
+        weight = trainer.loss_weight  # so the step follows the mean of a global batch shared unevenly
+        self.step_runner.backward(trainer.loss if weight == 1.0 else trainer.loss * weight)
 
     def prepare_step(self, trainer: Trainer) -> None:
         self.step_runner.close_window(trainer.position.batch_index % self.step_runner.accumulate + 1)

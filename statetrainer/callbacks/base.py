@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from ..distributed import Ranks
 from ..machine import STATES
 from ..phase import Phase
 
@@ -46,9 +47,15 @@ class TrainerView(Protocol):
     target: Any
     output: Any
     loss: torch.Tensor | None
+    loss_weight: float
 
     @property
     def metrics(self) -> dict[str, Any]: ...
+    ranks: Ranks
+    @property
+    def is_global_zero(self) -> bool: ...
+    @property
+    def world_size(self) -> int: ...
 
     def stop(self) -> None: ...
     def defer(self, action: Callable[[Any], None]) -> None: ...
@@ -74,9 +81,25 @@ class Callback:
 
     Hooks receive the trainer as a ``TrainerView``: what a callback may read
     and call. A callback never drives the machine (``advance``, ``fit``).
+
+    Under torchrun every rank runs every callback, except those whose
+    ``rank_zero_only`` is True (loggers, progress bars, plots): they run on
+    rank 0 alone, and only rank 0 saves and loads their state. A callback
+    whose state differs between the ranks (a metric's accumulators) sets
+    ``state_per_rank``: a checkpoint holds every rank's state (gathered as
+    tensors: the same structure and shapes on every rank), each rank loads its
+    own, and ``regroup_states`` maps the states of one number of ranks to another's.
     """
 
     name: str | None = None
+    rank_zero_only: bool = False
+    state_per_rank: bool = False
+
+    @classmethod
+    def regroup_states(cls, states: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
+        """The states of ``world_size`` ranks continuing a run saved with ``states`` (one per rank) on another
+        number of ranks; by default rank ``r`` takes the state of saved rank ``r`` modulo their number."""
+        return [states[rank % len(states)] for rank in range(world_size)]
 
     @property
     def key(self) -> str:

@@ -119,7 +119,8 @@ class Checkpoint(Callback):
         position = (trainer.state, trainer.epoch, trainer.phase, trainer.batch_index, trainer.global_step)
         if self._last_saved is not None and self._last_saved[0] == position and self._last_saved[1].exists():
             return self._last_saved[1]
-        if not self._cleaned:  # what an earlier, killed run left half-written
+        writer = trainer.is_global_zero  # under torchrun, rank 0 alone touches the folder
+        if not self._cleaned and writer:  # what an earlier, killed run left half-written
             self._cleaned = True
             remove_stale_temporaries(self.folder)
         bad = first_non_finite(dict(trainer.model.named_parameters()))
@@ -130,9 +131,9 @@ class Checkpoint(Callback):
         best_due, self._best_due = self._best_due, False
         path = trainer.save_checkpoint(self.folder)
         self._last_saved = position, path
-        if best_due:
+        if best_due and writer:
             atomic_copy(path, self.best_path)
-        if self.keep_last is not None:  # only now that the new file is durable
+        if self.keep_last is not None and writer:  # only now that the new file is durable
             for old in checkpoint_files(self.folder)[: -self.keep_last]:
                 old.unlink(missing_ok=True)
         return path

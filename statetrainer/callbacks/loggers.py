@@ -37,6 +37,8 @@ class StreamLogger(Callback):
         name: The callback's unique name (defaults to the class name).
     """
 
+    rank_zero_only = True  # under torchrun, rank 0 alone speaks
+
     def __init__(self, stream: TextIO | None = None, name: str | None = None) -> None:
         self.stream, self.name = stream, name
 
@@ -133,6 +135,8 @@ class CSVLogger(Callback):
         every_batches: Also log every N-th batch; None logs epochs only.
         name: The callback's unique name (defaults to the class name).
     """
+
+    rank_zero_only = True  # under torchrun, rank 0 alone speaks
 
     def __init__(self, path: str | os.PathLike[str], every_batches: int | None = None, name: str | None = None) -> None:
         check_count("CSVLogger: every_batches", every_batches, optional=True)

@@ -2,7 +2,8 @@
 
 Each batch's update is a few in-place tensor ops: nothing is read back to the
 host until the phase ends (or a logger asks for a running value), so metrics
-never force a GPU sync per batch.
+never force a GPU sync per batch. Under torchrun a metric is reduced over the
+ranks as its phase ends, so ``trainer.metrics`` is the same on every rank.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..distributed import Ranks, all_reduce
 from ..validation import check_count, check_number
 from .base import Callback, TrainerView
 
@@ -31,6 +33,7 @@ class Metric(Callback):
     """
 
     metric_name = "metric"
+    state_per_rank = True  # each rank accumulates its own share of the phase
 
     def __init__(self, phases: Iterable[str] | None = None, name: str | None = None) -> None:
         self.phases = None if phases is None else frozenset(phases)
@@ -74,9 +77,16 @@ class Metric(Callback):
             self.batches += 1
             self.update(trainer)
 
+    def global_value(self, ranks: Ranks) -> float:
+        """The phase's value over every rank: the mean of the ranks' values (a metric of counts sums them)."""
+        if not ranks.distributed:
+            return self.value()
+        value = self.compute().detach().double() if self.batches else torch.tensor(float("nan"), dtype=torch.float64)
+        return float(all_reduce(value, ranks)) / ranks.world_size
+
     def on_exit_phase(self, trainer: TrainerView) -> None:
         if self.active:
-            trainer.metrics[self.key_for(trainer)] = self.value()
+            trainer.metrics[self.key_for(trainer)] = self.global_value(trainer.ranks)
 
     def state_dict(self) -> dict[str, Any]:
         return {"active": self.active, "batches": self.batches}
@@ -105,7 +115,8 @@ class SmoothedLoss(Metric):
         self.average = torch.zeros((), device=trainer.device)
 
     def update(self, trainer: TrainerView) -> None:
-        self.average.mul_(self.beta).add_(trainer.loss.detach(), alpha=1 - self.beta)
+        weight = trainer.loss_weight  # under torchrun, the mean over the ranks is then the global batch's mean
+        self.average.mul_(self.beta).add_(trainer.loss.detach(), alpha=(1 - self.beta) * weight)
 
     def compute(self) -> torch.Tensor:
         return self.average / (1 - self.beta**self.batches)
@@ -116,6 +127,12 @@ class SmoothedLoss(Metric):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.average = state["average"]
+
+    @classmethod
+    def regroup_states(cls, states: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
+        """Every rank starts from the mean of the saved averages, so the mean over the ranks goes on as it was."""
+        mean = sum(state["average"].double() for state in states) / len(states)
+        return [{**states[0], "average": mean.to(states[0]["average"].dtype)} for _ in range(world_size)]
 
 
 class Accuracy(Metric):
@@ -150,12 +167,27 @@ class Accuracy(Metric):
     def compute(self) -> torch.Tensor:
         return self.correct / self.total
 
+    def global_value(self, ranks: Ranks) -> float:
+        """The fraction correct over every rank's samples."""
+        if not ranks.distributed:
+            return self.value()
+        counts = all_reduce(torch.stack([self.correct, torch.tensor(self.total, device=self.correct.device)]), ranks)
+        correct, total = counts.tolist()
+        return correct / total if total else float("nan")
+
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "correct": self.correct, "total": self.total}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.correct, self.total = state["correct"], int(state["total"])
+
+    @classmethod
+    def regroup_states(cls, states: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
+        """Rank 0 takes every saved rank's counts and the others start from none, so the sums go on as they were."""
+        correct, total = sum(state["correct"] for state in states), sum(int(state["total"]) for state in states)
+        empty = {**states[0], "correct": torch.zeros_like(states[0]["correct"]), "total": 0}
+        return [{**states[0], "correct": correct, "total": total}] + [empty] * (world_size - 1)
 
 
 def running_metrics(trainer: TrainerView) -> dict[str, float]:

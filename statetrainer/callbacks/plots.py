@@ -24,6 +24,8 @@ class Plots(Callback):
         name: The callback's unique name (defaults to the class name).
     """
 
+    rank_zero_only = True  # under torchrun, rank 0 alone speaks
+
     def __init__(self, folder: str | os.PathLike[str], name: str | None = None) -> None:
         require("matplotlib", "plots", "Plots")  # now, rather than after the first epoch
         self.folder, self.name = Path(folder), name

@@ -29,6 +29,8 @@ class ProgressBar(Callback):
         name: The callback's unique name (defaults to the class name).
     """
 
+    rank_zero_only = True  # under torchrun, rank 0 alone speaks
+
     def __init__(
         self,
         refresh_every: int = 20,

@@ -58,9 +58,11 @@ def newest_valid(folder: Path, check: Callable[[dict[str, Any]], None] | None = 
     return None
 
 
-def save_target(path: str | os.PathLike[str] | None, epoch: int, step: int, run_marker: dict[str, Any]) -> Path:
+def save_target(path: str | os.PathLike[str] | None, epoch: int, step: int, run_marker: dict[str, Any],
+                claim: bool = True) -> Path:  # fmt: skip
     """The file a save to ``path`` writes: ``path`` itself for a ``.safetensors`` name, else the folder's next,
-    once the folder is claimed for the run (``claim_folder``).
+    once the folder is claimed for the run (``claim_folder``; ``claim=False`` only names the file, as the
+    ranks that do not write do).
 
     Raises:
         ValueError: ``path`` names a file of another kind (``model.pt``).
@@ -74,7 +76,8 @@ def save_target(path: str | os.PathLike[str] | None, epoch: int, step: int, run_
             f"save_checkpoint({str(target)!r}): checkpoints are safetensors files; name a file ending in "
             "'.safetensors' or a folder (a new folder whose name has a dot must exist first)"
         )
-    claim_folder(target, run_marker)
+    if claim:
+        claim_folder(target, run_marker)
     return next_checkpoint_path(target, epoch, step)
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, Sampler
-from torch.utils.data import SequentialSampler, get_worker_info
+from torch.utils.data import DistributedSampler, SequentialSampler, get_worker_info
 
 
 __all__ = ["SeededBatch", "SeededOrder", "SeededSamples", "mix_seed", "rebuild", "state_holder", "why_not_seeded"]
@@ -44,33 +44,95 @@ class SeededBatch(list):  # type: ignore[type-arg]
 
 
 class SeededOrder(Sampler):
-    """Yields the ``SeededBatch`` es of one pass, shuffled or in order, from any batch on.
+    """Yields this rank's ``SeededBatch`` es of one pass, shuffled or in order, from any batch on.
+
+    The pass's order is one permutation of the dataset, the same on every
+    rank. It is cut into *global batches* of ``batch_size * world_size``
+    samples, and each global batch is split between the ranks in contiguous
+    shares: rank ``r`` of ``W`` takes samples ``[r * G // W, (r + 1) * G // W)``
+    of a global batch of ``G``. So every sample of the pass goes to exactly one
+    rank, and every rank has the same number of batches.
+
+    The last global batch may be short. With ``drop_last`` it is dropped;
+    otherwise it is split as evenly as possible (shares differ by at most one
+    sample; ``share_weight`` says how to weigh each rank's mean loss so the
+    step follows the global batch's mean), and one with fewer samples than
+    there are ranks joins the global batch before it.
 
     A DataLoader with automatic batching takes it as its ``batch_sampler``;
     one without (``batch_size=None``) as its ``sampler``, with ``batch_size=1``,
     and hands each one-index batch to ``SeededSamples.__getitem__``.
     """
 
-    def __init__(self, size: int, shuffle: bool, batch_size: int = 1, drop_last: bool = False) -> None:
+    def __init__(self, size: int, shuffle: bool, batch_size: int = 1, drop_last: bool = False, rank: int = 0,
+                 world_size: int = 1) -> None:  # fmt: skip
+        if size < world_size and not drop_last:
+            raise ValueError(f"a dataset of {size} samples cannot be shared between {world_size} processes, "
+                             "as each needs at least one sample per batch")  # fmt: skip
         self.size, self.shuffle, self.batch_size, self.drop_last = size, shuffle, batch_size, drop_last
-        self.stream, self.start = 0, 0
+        self.rank, self.world_size = rank, world_size
+        self.stream, self.start, self.first_sample = 0, 0, 0
+        self.global_batches = self.batch_sizes(0)
 
-    def position(self, stream: int, start: int) -> None:
-        """Make the next pass the one seeded ``stream``, from its batch ``start``."""
+    def batch_sizes(self, first_sample: int) -> list[int]:
+        """The sizes of the global batches of a pass that starts at sample ``first_sample`` of its order."""
+        whole = self.batch_size * self.world_size
+        remaining = self.size - first_sample
+        sizes = [whole] * (remaining // whole)
+        rest = remaining % whole
+        if rest and not self.drop_last:
+            if rest >= self.world_size or not sizes:
+                sizes.append(rest)
+            else:
+                sizes[-1] += rest
+        if sizes and sizes[-1] < self.world_size:
+            raise RuntimeError(f"the last {sizes[-1]} sample(s) of the epoch cannot be shared between "
+                               f"{self.world_size} processes; resume on at most {sizes[-1]}")  # fmt: skip
+        return sizes
+
+    def position(self, stream: int, start: int, first_sample: int | None = None) -> None:
+        """Make the next pass the one seeded ``stream``, from its batch ``start``.
+
+        ``first_sample`` starts the pass at that sample of the order instead,
+        counting its first batch as batch ``start``: a pass resumed on another
+        number of processes than it began on.
+        """
         self.stream, self.start = stream, start
+        if first_sample is None:
+            whole_pass = self.batch_sizes(0)
+            self.first_sample, self.global_batches = sum(whole_pass[:start]), whole_pass[start:]
+        else:
+            self.first_sample, self.global_batches = first_sample, self.batch_sizes(first_sample)
+
+    @property
+    def pass_length(self) -> int:
+        """Batches in the whole pass, counting those before its start."""
+        return self.start + len(self.global_batches)
+
+    def samples_done(self, batches: int) -> int:
+        """Samples of the order consumed, over all ranks, once the pass's first ``batches`` batches are done."""
+        return self.first_sample + sum(self.global_batches[: batches - self.start])
+
+    def share_weight(self, batch: int) -> float:
+        """How this rank's mean loss of batch ``batch`` weighs in its global batch's mean, times ``world_size``."""
+        size = self.global_batches[batch - self.start]
+        share = (self.rank + 1) * size // self.world_size - self.rank * size // self.world_size
+        return share * self.world_size / size
 
     def __len__(self) -> int:
-        batches = self.size // self.batch_size if self.drop_last else -(-self.size // self.batch_size)
-        return max(batches - self.start, 0)
+        return len(self.global_batches)
 
     def __iter__(self) -> Iterator[SeededBatch]:
-        first, size, batch_size, stream = self.start * self.batch_size, self.size, self.batch_size, self.stream
+        first, size, stream = self.first_sample, self.size, self.stream
         if self.shuffle:
             order = torch.randperm(size, generator=torch.Generator().manual_seed(stream))[first:].tolist()
         else:
             order = list(range(first, size))
-        end = len(order) - len(order) % batch_size if self.drop_last else len(order)
-        return (SeededBatch(order[index : index + batch_size], stream) for index in range(0, end, batch_size))
+        rank, world_size, offset = self.rank, self.world_size, 0
+        for global_size in self.global_batches:
+            low, high = offset + rank * global_size // world_size, offset + (rank + 1) * global_size // world_size
+            offset += global_size
+            yield SeededBatch(order[low:high], stream)
 
 
 class SeededSamples(Dataset):
@@ -152,7 +214,7 @@ def why_not_seeded(loader: Iterable[Any]) -> str | None:
     if isinstance(loader.dataset, IterableDataset):
         return "its dataset is an IterableDataset, which has no random access"
     sampler = loader.sampler
-    if type(sampler) not in (SequentialSampler, RandomSampler):
+    if type(sampler) not in (SequentialSampler, RandomSampler, DistributedSampler):
         return f"it uses a custom sampler ({type(sampler).__name__})"
     if isinstance(sampler, RandomSampler) and (sampler.replacement or sampler.num_samples != len(loader.dataset)):
         return "its RandomSampler draws with replacement or a custom number of samples"
@@ -161,15 +223,26 @@ def why_not_seeded(loader: Iterable[Any]) -> str | None:
     return None
 
 
-def rebuild(loader: DataLoader, worker_init_fn: Any) -> tuple[DataLoader, SeededOrder]:
-    """The same DataLoader, of the same class, drawing its order from a ``SeededOrder`` and seeding every batch.
+def rebuild(loader: DataLoader, worker_init_fn: Any, rank: int = 0, world_size: int = 1) -> tuple[DataLoader, SeededOrder]:
+    """The same DataLoader, of the same class, drawing this rank's share of a ``SeededOrder`` and seeding every batch.
+
+    A ``DistributedSampler`` is replaced by the order, which shards the same
+    way every rank (its ``shuffle`` and ``drop_last`` are kept; its seed is
+    mixed into the order by the caller).
 
     Raises:
         TypeError: The loader's class does not take DataLoader's arguments.
+        ValueError: A ``DistributedSampler`` made for another number of processes.
     """
+    sampler = loader.sampler
+    shuffle, drop_last = isinstance(sampler, RandomSampler), loader.drop_last
+    if isinstance(sampler, DistributedSampler):
+        if sampler.num_replicas != world_size:
+            raise ValueError(f"the loader's DistributedSampler shares its data between {sampler.num_replicas} "
+                             f"processes, but this run has {world_size}; build it in the run's process group")  # fmt: skip
+        shuffle, drop_last = sampler.shuffle, drop_last or sampler.drop_last
     batched = loader.batch_size is not None  # else no automatic batching: the collate_fn sees single samples
-    order = SeededOrder(len(loader.dataset), isinstance(loader.sampler, RandomSampler),
-                        loader.batch_size or 1, loader.drop_last)  # fmt: skip
+    order = SeededOrder(len(loader.dataset), shuffle, loader.batch_size or 1, drop_last, rank, world_size)
     options: dict[str, Any] = {
         "num_workers": loader.num_workers,
         "collate_fn": loader.collate_fn,

@@ -87,7 +87,7 @@ def test_a_checkpoint_with_cuda_generator_states_loads_on_a_cpu_run(tmp_path):
     first = build("cpu")
     advance_to_mid_phase(first)
     tree = first.state_dict()
-    tree["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)]  # as a CUDA run writes it
+    tree["rng"]["ranks"][0]["cuda"] = [torch.zeros(16, dtype=torch.uint8)]  # as a CUDA run writes it
     path = write_tree(tmp_path / "from-cuda.safetensors", tree, st.__version__)
     second = build("cpu")
     second.load_checkpoint(path)
@@ -101,7 +101,7 @@ def test_a_checkpoint_moves_between_cpu_and_cuda(tmp_path, written_on, loaded_on
     first = build(written_on)
     advance_to_mid_phase(first)
     path = first.save_checkpoint(tmp_path)
-    assert len(read_tree(path)["rng"]["cuda"]) == (1 if written_on == "cuda" else 0)  # the generators of the run's devices
+    assert len(read_tree(path)["rng"]["ranks"][0]["cuda"]) == (1 if written_on == "cuda" else 0)  # the generators of the run's devices
     second = build(loaded_on)
     second.load_checkpoint(path)
     assert_state_on(second, torch.device(loaded_on))

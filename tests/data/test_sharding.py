@@ -1,0 +1,111 @@
+"""One global order shared between ranks: every sample once, equal batch counts, resuming at any sample."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from statetrainer.data import SeededLoader, SeededOrder, batch_source
+from statetrainer.data.sources import PhaseSources
+
+CASES = [(40, 4, 2, False), (43, 4, 2, False), (41, 4, 2, False), (41, 4, 2, True), (10, 3, 3, False), (7, 2, 4, False),
+         (100, 8, 3, False), (5, 4, 1, False), (5, 4, 1, True)]  # fmt: skip
+
+
+def passes(size: int, batch_size: int, world_size: int, drop_last: bool, stream: int = 3, start: int = 0,
+           first_sample: int | None = None) -> list[list[list[int]]]:  # fmt: skip
+    """Each rank's batches of one pass."""
+    orders = [SeededOrder(size, True, batch_size, drop_last, rank, world_size) for rank in range(world_size)]
+    for order in orders:
+        order.position(stream, start, first_sample)
+    return [[list(batch) for batch in order] for order in orders]
+
+
+@pytest.mark.parametrize(("size", "batch_size", "world_size", "drop_last"), CASES)
+def test_every_sample_goes_to_exactly_one_rank_and_every_rank_has_as_many_batches(size, batch_size, world_size,
+                                                                                  drop_last):  # fmt: skip
+    ranks = passes(size, batch_size, world_size, drop_last)
+    assert len({len(batches) for batches in ranks}) == 1
+    seen = Counter(index for batches in ranks for batch in batches for index in batch)
+    whole = batch_size * world_size
+    expected = size - size % whole if drop_last else size
+    assert set(seen) <= set(range(size)) and sum(seen.values()) == expected and set(seen.values()) == {1}
+    assert all(batch for batches in ranks for batch in batches)  # no rank ever gets an empty batch
+
+
+@pytest.mark.parametrize(("size", "batch_size", "world_size", "drop_last"), CASES)
+def test_the_ranks_batches_are_the_global_order_cut_in_global_batches(size, batch_size, world_size, drop_last):
+    """Rank shares of global batch ``k`` put side by side are the one-process order's samples of that global batch."""
+    ranks = passes(size, batch_size, world_size, drop_last)
+    together = [index for step in zip(*ranks) for batch in step for index in batch]
+    one_process = [index for batch in passes(size, batch_size * world_size, 1, drop_last)[0] for index in batch]
+    assert together == one_process[: len(together)]
+
+
+def test_a_short_last_global_batch_is_shared_as_evenly_as_it_goes_and_weighed_to_its_mean():
+    orders = [SeededOrder(43, True, 4, False, rank, 2) for rank in range(2)]  # 5 x 8, then 3
+    last = [list(order)[-1] for order in orders]
+    assert [len(batch) for batch in last] == [1, 2]
+    weights = [order.share_weight(5) for order in orders]
+    assert weights == [2 / 3, 4 / 3] and sum(weights) / 2 == 1.0
+    assert [order.share_weight(0) for order in orders] == [1.0, 1.0]
+    merged = [list(order) for order in (SeededOrder(41, True, 4, False, rank, 2) for rank in range(2))]
+    assert [len(batch) for batch in merged[0]] == [4, 4, 4, 4, 4] and [len(batch) for batch in merged[1]][-1] == 5
+
+
+@pytest.mark.parametrize(("saved_world", "resumed_world", "batches_done"), [(2, 1, 2), (1, 2, 3), (2, 3, 1), (3, 2, 4)])
+def test_a_pass_resumed_at_its_global_sample_on_another_world_size_loads_the_rest_once(saved_world, resumed_world,
+                                                                                       batches_done):  # fmt: skip
+    size, batch_size = 43, 4
+    before = passes(size, batch_size, saved_world, False)
+    done = Counter(index for batches in before for batch in batches[:batches_done] for index in batch)
+    order = SeededOrder(size, True, batch_size, False, 0, saved_world)
+    order.position(3, 0)
+    sample = order.samples_done(batches_done)
+    assert sample == sum(done.values())
+    after = passes(size, batch_size, resumed_world, False, start=batches_done, first_sample=sample)
+    rest = Counter(index for batches in after for batch in batches for index in batch)
+    assert done + rest == Counter(range(size))
+    resumed = SeededOrder(size, True, batch_size, False, 0, resumed_world)
+    resumed.position(3, batches_done, sample)
+    assert resumed.pass_length == batches_done + len(after[0])
+
+
+def test_a_dataset_smaller_than_the_world_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match="3 samples cannot be shared between 4 processes"):
+        SeededOrder(3, True, 1, False, 0, 4)
+
+
+def test_a_distributed_sampler_is_recognised_and_its_shuffle_seed_and_drop_last_kept():
+    dataset = TensorDataset(torch.arange(20.0))
+    sampler = DistributedSampler(dataset, num_replicas=2, rank=1, shuffle=True, seed=5, drop_last=True)
+    source = batch_source(DataLoader(dataset, batch_size=3, sampler=sampler), 0, rank=1, world_size=2)
+    assert isinstance(source, SeededLoader) and source.resumable
+    assert source.length == 3  # 20 // 6 global batches of 2 x 3, the short last one dropped
+    other_seed = batch_source(DataLoader(dataset, batch_size=3, sampler=DistributedSampler(
+        dataset, num_replicas=2, rank=1, seed=6, drop_last=True)), 0, rank=1, world_size=2)  # fmt: skip
+    first = [batch[0].tolist() for batch in source.open(1, 0)]
+    assert first != [batch[0].tolist() for batch in other_seed.open(1, 0)]  # the sampler's seed has a say
+    with pytest.raises(ValueError, match="between 2 processes, but this run has 3"):
+        batch_source(DataLoader(dataset, sampler=sampler), 0, rank=0, world_size=3)
+
+
+def test_the_saved_data_position_is_the_global_sample_and_a_changed_world_size_resumes_from_it():
+    class AtBatch:
+        phase_position, batch_index = 0, 1  # two batches of the phase done
+
+    dataset = TensorDataset(torch.arange(43.0))
+    saved = PhaseSources.for_phases([type("P", (), {"name": "train", "loader": DataLoader(dataset, batch_size=4,
+                                     shuffle=True)})()], position=AtBatch(), rank=0, world_size=2)  # fmt: skip
+    saved.sources[0].open(1, 0, 0)
+    state = saved.state_dict()
+    assert state[0]["samples_done"] == 16 and state[0]["shards"] == 2 and state[0]["global_batches"] == 11
+    resumed = PhaseSources.for_phases([type("P", (), {"name": "train", "loader": DataLoader(dataset, batch_size=4,
+                                       shuffle=True)})()], position=AtBatch(), rank=0, world_size=1)  # fmt: skip
+    resumed.check_fits(state)
+    resumed.load_state_dict(state)
+    rest = [int(index) for batch in resumed.sources[0].open(1, 0, 2) for index in batch[0]]
+    assert len(set(rest)) == len(rest) == 43 - 16 and resumed.sources[0].pass_length == 2 + 7

@@ -1,0 +1,195 @@
+"""A training script that runs unchanged in one process or under torchrun: the subject of the multi-process tests.
+
+    python distributed_run.py FOLDER [options]
+    torchrun --standalone --nproc_per_node=2 distributed_run.py FOLDER [options]
+
+It trains a small classifier on a map-style dataset whose samples carry their
+index, through a shuffled DataLoader (``--workers``), with optional random
+augmentation and dropout; ``--records DIR`` records every batch's sample
+indices per rank in ``DIR/records-rank<R>.jsonl``. Started again with the same FOLDER it
+resumes from the newest checkpoint there; at the end rank 0 writes
+``FOLDER/final.safetensors``. ``--kill RANK:EPOCH:BATCH`` makes that rank
+SIGKILL itself after that train batch (once: a marker file remembers it);
+``--save-at EPOCH:BATCH`` steps the run to the end of that train batch, saves
+``FOLDER/mid.safetensors`` and exits; ``--resume PATH`` starts from that file,
+allowing another world size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+
+import statetrainer as st
+from statetrainer import callbacks as cb
+
+
+class IndexedSamples(Dataset):
+    """``count`` samples of a 3-class problem; each sample is ``(features, label, index)``."""
+
+    def __init__(self, count: int, augment: bool, seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.features = torch.randn(count, 8, generator=generator)
+        self.labels = (self.features[:, :3].argmax(dim=1) + (self.features[:, 3] > 1).long()) % 3
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        features = self.features[index]
+        if self.augment:  # draws from the torch generator of the process or worker that loads it
+            features = features + 0.1 * torch.randn(8)
+        return features, self.labels[index], index
+
+
+def unpack(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch[0], batch[1]
+
+
+class Recorder(st.Callback):
+    """Appends each batch's sample indices to this rank's records file, flushed per batch."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.file = None
+
+    def on_exit_batch(self, trainer: st.Trainer) -> None:
+        if self.file is None:
+            rank = int(os.environ.get("RANK", 0))
+            self.file = open(self.folder / f"records-rank{rank}.jsonl", "a")  # noqa: SIM115 -- open for the run
+        record = {"epoch": trainer.epoch, "phase": trainer.phase.name, "batch": trainer.batch_index,
+                  "indices": trainer.batch[2].tolist()}  # fmt: skip
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+
+class KillAfter(st.Callback):
+    """SIGKILLs this process after train batch ``batch`` of epoch ``epoch`` on rank ``rank``, once."""
+
+    def __init__(self, rank: int, epoch: int, batch: int, marker: Path) -> None:
+        self.rank, self.epoch, self.batch, self.marker = rank, epoch, batch, marker
+
+    def on_exit_batch(self, trainer: st.Trainer) -> None:
+        here = (int(os.environ.get("RANK", 0)), trainer.epoch, trainer.phase.name, trainer.batch_index)
+        if here == (self.rank, self.epoch, "train", self.batch) and not self.marker.exists():
+            self.marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class TerminateLauncher(st.Callback):
+    """On rank 0, after train batch ``batch`` of epoch ``epoch``: SIGTERM the launcher, as a scheduler would, once."""
+
+    def __init__(self, epoch: int, batch: int, marker: Path) -> None:
+        self.epoch, self.batch, self.marker = epoch, batch, marker
+
+    def on_exit_batch(self, trainer: st.Trainer) -> None:
+        here = (trainer.epoch, trainer.phase.name, trainer.batch_index)
+        if trainer.is_global_zero and here == (self.epoch, "train", self.batch) and not self.marker.exists():
+            self.marker.touch()
+            os.kill(os.getppid(), signal.SIGTERM)
+
+
+def build(options: argparse.Namespace) -> st.Trainer:
+    torch.manual_seed(0)  # the same initial weights on every rank and in one process
+    random.seed(0)
+    np.random.seed(0)
+    model = nn.Sequential(nn.Linear(8, options.hidden), nn.ReLU(), nn.Dropout(options.dropout),
+                          nn.Linear(options.hidden, 3))  # fmt: skip
+    optimizer = (torch.optim.Adam(model.parameters(), lr=0.01) if options.optimizer == "adam"
+                 else torch.optim.SGD(model.parameters(), lr=0.1))  # fmt: skip
+    train = DataLoader(IndexedSamples(options.samples, options.augment), batch_size=options.batch_size,
+                       shuffle=True, num_workers=options.workers)  # fmt: skip
+    valid = DataLoader(IndexedSamples(options.valid_samples, False, seed=1), batch_size=options.batch_size)
+    folder = Path(options.folder)
+    callbacks = [cb.SmoothedLoss(), cb.Accuracy(), cb.CSVLogger(folder / "log.csv"), cb.StreamLogger(),
+                 cb.Checkpoint(folder / "checkpoints", every_steps=options.every_steps, keep_last=2)]
+    if options.records:
+        callbacks.append(Recorder(Path(options.records)))
+    if options.kill:
+        rank, epoch, batch = map(int, options.kill.split(":"))
+        callbacks.append(KillAfter(rank, epoch, batch, folder / "killed"))
+    if options.term_at:
+        epoch, batch = map(int, options.term_at.split(":"))
+        callbacks.append(TerminateLauncher(epoch, batch, folder / "terminated"))
+    return st.Trainer(model, optimizer, F.cross_entropy, [st.Phase("train", train), st.Phase("valid", valid, grad=False)],
+                      callbacks=callbacks, epochs=options.epochs, accumulate=options.accumulate, unpack=unpack,
+                      device=options.device, seed=options.seed, deterministic=options.deterministic)  # fmt: skip
+
+
+def forbid_writes_under(folder: Path) -> None:
+    """Make every write, rename or removal under ``folder`` by this process raise (to show it never writes)."""
+    root = str(folder.resolve())
+
+    def refuse(event: str, arguments: tuple) -> None:
+        if event == "open" and isinstance(arguments[0], str) and (arguments[1] or "r") != "r" and (
+                os.path.abspath(arguments[0]).startswith(root)):  # fmt: skip
+            raise PermissionError(f"rank {os.environ.get('RANK')} opened {arguments[0]} to write")
+        if event in ("os.rename", "os.replace", "os.remove", "os.truncate", "os.mkdir") and (
+                os.path.abspath(str(arguments[0])).startswith(root)):  # fmt: skip
+            raise PermissionError(f"rank {os.environ.get('RANK')} changed {arguments[0]} ({event})")
+
+    sys.addaudithook(refuse)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder")
+    parser.add_argument("--samples", type=int, default=48, help="train samples")
+    parser.add_argument("--valid-samples", type=int, default=20, help="validation samples")
+    parser.add_argument("--batch-size", type=int, default=4, help="batch size of each process")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--accumulate", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--augment", action="store_true", help="random noise on every training sample")
+    parser.add_argument("--optimizer", choices=("adam", "sgd"), default="sgd")
+    parser.add_argument("--every-steps", type=int, default=None, help="checkpoint every this many steps")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--deterministic", action="store_true")
+    parser.add_argument("--kill", help="RANK:EPOCH:BATCH: SIGKILL that rank after that train batch, once")
+    parser.add_argument("--save-at", help="EPOCH:BATCH: save FOLDER/mid.safetensors after that train batch, exit")
+    parser.add_argument("--resume", help="a checkpoint file to start from (another world size allowed)")
+    parser.add_argument("--records", help="a folder to record each rank's batches in")
+    parser.add_argument("--hidden", type=int, default=16, help="hidden units (another value: another model)")
+    parser.add_argument("--term-at", help="EPOCH:BATCH: rank 0 sends SIGTERM to its launcher after that train batch")
+    parser.add_argument("--only-rank-zero-writes", action="store_true",
+                        help="raise if a rank other than 0 writes anything under FOLDER")
+    options = parser.parse_args()
+    folder = Path(options.folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if options.only_rank_zero_writes and int(os.environ.get("RANK", 0)) != 0:
+        forbid_writes_under(folder)
+    trainer = build(options)
+    if options.resume:
+        trainer.load_checkpoint(options.resume, allow_changes={"world_size"})
+    else:
+        trainer.load_checkpoint(folder / "checkpoints")
+    if options.save_at:
+        epoch, batch = map(int, options.save_at.split(":"))
+        while not (trainer.state == "phase" and trainer.epoch == epoch and trainer.phase.name == "train"
+                   and trainer.batch_index == batch):  # fmt: skip
+            trainer.advance()
+        trainer.save_checkpoint(folder / "mid.safetensors")
+        return
+    trainer.fit()
+    trainer.save_checkpoint(folder / "final.safetensors")
+    if trainer.is_global_zero:
+        print(f"world_size={trainer.world_size} done", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Many processes: the same script under torchrun (gloo on the CPU, NCCL on CUDA), sharded data, exact resume.
+
+Each test launches ``tests/distributed_run.py`` with ``torchrun`` (or plainly, for
+one process) under a timeout, so a hang fails the test. Each runs on the CPU
+(gloo) and, where there is one, on CUDA: NCCL with a GPU per rank, gloo when
+the two ranks share one GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from statetrainer.checkpoint import read_tree
+
+SCRIPT = Path(__file__).with_name("distributed_run.py")
+TIMEOUT = 180
+
+
+def launch(folder: Path, *options: str, processes: int = 2, device: str = "cpu", check: bool = True,
+           logs: Path | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+    """Run the script on ``processes`` ranks (torchrun) or in one plain process; each rank's output goes to ``logs``."""
+    arguments = [str(SCRIPT), str(folder), "--device", device, *options]
+    if processes > 1:
+        logs = logs or folder.parent / f"{folder.name}-logs"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                   "--log-dir", str(logs), "--redirects", "3", *arguments]  # fmt: skip
+    else:
+        command = [sys.executable, *arguments]
+    environment = {**os.environ, "PYTHONWARNINGS": "ignore::UserWarning"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env=environment)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{command} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}\n"
+                             f"{rank_output(logs) if logs else ''}")  # fmt: skip
+    return result
+
+
+def rank_output(logs: Path, rank: int | None = None, stream: str = "stderr") -> str:
+    """What ``rank`` (every rank for None) wrote to ``stream`` in the newest launch logged under ``logs``."""
+    files = sorted(logs.glob(f"*/attempt_*/{'*' if rank is None else rank}/{stream}.log"), key=os.path.getmtime)
+    return "\n".join(path.read_text() for path in files[-(1 if rank is not None else 2):])
+
+
+def records(folder: Path) -> list[dict]:
+    """Every batch every rank recorded, with its rank."""
+    found = []
+    for path in sorted(folder.glob("records-rank*.jsonl")):
+        rank = int(path.stem.removeprefix("records-rank"))
+        found += [{**json.loads(line), "rank": rank} for line in path.read_text().splitlines()]
+    return found
+
+
+def samples_of(found: list[dict], epoch: int, phase: str = "train") -> Counter:
+    return Counter(index for record in found if (record["epoch"], record["phase"]) == (epoch, phase)
+                   for index in record["indices"])  # fmt: skip
+
+
+def final_state(folder: Path) -> dict:
+    return read_tree(folder / "final.safetensors")
+
+
+def assert_trees_equal(first, second, path: str = "") -> None:
+    """Bit for bit: every tensor ``torch.equal``, every other value ``==``."""
+    if isinstance(first, torch.Tensor):
+        assert isinstance(second, torch.Tensor) and torch.equal(first, second), f"{path} differs"
+    elif isinstance(first, dict):
+        assert first.keys() == second.keys(), f"{path}: keys {sorted(first)} != {sorted(second)}"
+        for key in first:
+            assert_trees_equal(first[key], second[key], f"{path}/{key}")
+    elif isinstance(first, (list, tuple)):
+        assert len(first) == len(second), f"{path}: lengths differ"
+        for index, (left, right) in enumerate(zip(first, second)):
+            assert_trees_equal(left, right, f"{path}/{index}")
+    else:
+        assert first == second, f"{path}: {first!r} != {second!r}"
+
+
+def same_run(first: Path, second: Path) -> None:
+    """The two runs ended the same, bit for bit: weights, optimizer, every rank's generators, metrics, CSV log."""
+    one, two = final_state(first), final_state(second)
+    for part in ("step", "metrics", "rng", "position"):
+        assert_trees_equal(one[part], two[part], part)
+    for callback in ("SmoothedLoss", "Accuracy", "CSVLogger", "Checkpoint"):  # not the test's own killers
+        assert_trees_equal(one["callbacks"][callback], two["callbacks"][callback], callback)
+    assert (first / "log.csv").read_bytes() == (second / "log.csv").read_bytes()
+
+
+SHARDED = ("--samples", "43", "--batch-size", "4", "--workers", "2", "--epochs", "2")
+
+
+def test_two_ranks_see_every_sample_of_every_epoch_exactly_once(tmp_path, device):
+    launch(tmp_path / "run", *SHARDED, "--records", str(tmp_path / "records"), device=device.type)
+    found = records(tmp_path / "records")
+    assert {record["rank"] for record in found} == {0, 1}
+    for epoch in (0, 1):
+        assert samples_of(found, epoch) == Counter(range(43)), f"epoch {epoch}"
+        assert samples_of(found, epoch, "valid") == Counter(range(20))
+        per_rank = [[r["batch"] for r in found if (r["epoch"], r["phase"], r["rank"]) == (epoch, "train", rank)]
+                    for rank in (0, 1)]  # fmt: skip
+        assert per_rank[0] == per_rank[1] == list(range(6))  # 43 = 5 global batches of 8 and one of 3
+    last = [r["indices"] for r in found if (r["epoch"], r["phase"], r["batch"]) == (0, "train", 5)]
+    assert sorted(map(len, last)) == [1, 2]  # the short global batch, split as evenly as it goes
+    assert samples_of(found, 0) != samples_of(found, 1) or [r["indices"] for r in found if r["epoch"] == 0] != [
+        r["indices"] for r in found if r["epoch"] == 1]  # shuffled anew each epoch
+
+
+def test_two_ranks_train_as_one_process_with_the_same_global_batch(tmp_path, device):
+    """Same data, same global batch (2 x 4 against 1 x 8, the last one short and split 1/2): the same run."""
+    common = ("--samples", "43", "--epochs", "2", "--optimizer", "adam")
+    launch(tmp_path / "two", *common, "--batch-size", "4", device=device.type)
+    launch(tmp_path / "one", *common, "--batch-size", "8", processes=1, device=device.type)
+    two, one = final_state(tmp_path / "two"), final_state(tmp_path / "one")
+    for key, weight in one["step"]["model"].items():
+        torch.testing.assert_close(two["step"]["model"][key], weight, rtol=1e-5, atol=1e-6)
+    assert two["metrics"].keys() == one["metrics"].keys()
+    for name, value in one["metrics"].items():
+        assert two["metrics"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+
+
+def test_only_rank_zero_writes_files_and_the_other_ranks_print_nothing(tmp_path, device):
+    logs = tmp_path / "logs"
+    launch(tmp_path / "run", *SHARDED, "--every-steps", "3", "--only-rank-zero-writes", logs=logs, device=device.type)
+    assert rank_output(logs, 1, "stdout") == "" and rank_output(logs, 1, "stderr") == ""
+    assert "Epoch:    2 |" in rank_output(logs, 0, "stdout")
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["checkpoints", "final.safetensors", "log.csv"]
+
+
+KILLED = ("--samples", "40", "--batch-size", "4", "--workers", "2", "--epochs", "2", "--augment", "--dropout", "0.2",
+          "--optimizer", "adam", "--accumulate", "2", "--every-steps", "2", "--deterministic")  # fmt: skip
+_UNINTERRUPTED: dict[str, Path] = {}
+
+
+@pytest.fixture
+def uninterrupted(tmp_path_factory, device) -> Path:
+    """The run the killed and stopped ones must end as, on ``device`` (made once per device)."""
+    if device.type not in _UNINTERRUPTED:
+        folder = tmp_path_factory.mktemp(f"uninterrupted-{device.type}") / "run"
+        launch(folder, *KILLED, device=device.type)
+        _UNINTERRUPTED[device.type] = folder
+    return _UNINTERRUPTED[device.type]
+
+
+@pytest.mark.parametrize("kill", ["1:0:2", "0:0:3", "1:1:4"], ids=["rank1-inside-a-window", "rank0-after-a-step",
+                                                                 "rank1-epoch2"])  # fmt: skip
+def test_a_rank_killed_anywhere_resumes_bit_identical_with_the_same_torchrun_command(tmp_path, uninterrupted, kill,
+                                                                                    device):  # fmt: skip
+    folder = tmp_path / "run"
+    killed = launch(folder, *KILLED, "--kill", kill, check=False, device=device.type)
+    assert killed.returncode != 0 and (folder / "killed").exists()
+    launch(folder, *KILLED, "--kill", kill, device=device.type)  # the same command again: it resumes
+    same_run(folder, uninterrupted)
+
+
+def test_a_sigterm_to_torchrun_stops_every_rank_at_one_batch_and_the_rerun_is_exact(tmp_path, uninterrupted, device):
+    folder, logs = tmp_path / "run", tmp_path / "logs"
+    stopped = launch(folder, *KILLED, "--term-at", "0:3", check=False, logs=logs, device=device.type)
+    assert stopped.returncode != 0 and (folder / "terminated").exists()
+    assert re.search(r"stopped by SIGTERM at epoch \d, phase '\w+', after batch \d+ .*: saved ", rank_output(logs, 0))
+    assert "stopped by" not in rank_output(logs, 1)  # it stopped at the same batch, silently
+    launch(folder, *KILLED, "--term-at", "0:3", device=device.type)
+    same_run(folder, uninterrupted)
+
+
+@pytest.mark.parametrize(("saved_on", "resumed_on", "save_at"), [(2, 1, "0:2"), (1, 2, "0:3"), (1, 2, "0:6")])
+def test_a_checkpoint_resumes_on_another_number_of_ranks_without_skipping_or_repeating_a_sample(
+        tmp_path, saved_on, resumed_on, save_at, device):  # fmt: skip
+    """Saved inside an accumulation window (accumulate=2) and resumed on another world size: the remaining samples
+    of the epoch are each loaded once, and later epochs keep the seeded order."""
+    common = ("--samples", "43", "--batch-size", "4", "--epochs", "2", "--accumulate", "2")
+    first, second = tmp_path / "first", tmp_path / "second"
+    launch(first, *common, "--save-at", save_at, "--records", str(first / "records"), processes=saved_on,
+           device=device.type)  # fmt: skip
+    launch(second, *common, "--resume", str(first / "mid.safetensors"), "--records", str(second / "records"),
+           processes=resumed_on, device=device.type)  # fmt: skip
+    before, after = records(first / "records"), records(second / "records")
+    assert samples_of(before, 0) + samples_of(after, 0) == Counter(range(43))
+    reference = tmp_path / "reference"  # an uninterrupted run on the resumed world size
+    launch(reference, *common, "--records", str(reference / "records"), processes=resumed_on, device=device.type)
+    later = [(r["rank"], r["batch"], r["indices"]) for r in after if r["epoch"] == 1]
+    assert later == [(r["rank"], r["batch"], r["indices"]) for r in records(reference / "records") if r["epoch"] == 1]
+    assert final_state(second)["position"]["finished"]
+
+
+def test_a_checkpoint_of_another_model_is_refused_on_every_rank_without_a_hang(tmp_path, device):
+    first, logs = tmp_path / "first", tmp_path / "logs"
+    launch(first, "--save-at", "0:1", device=device.type)
+    refused = launch(tmp_path / "second", "--hidden", "32", "--resume", str(first / "mid.safetensors"), check=False,
+                     logs=logs, device=device.type)  # fmt: skip
+    assert refused.returncode != 0
+    for rank in (0, 1):
+        assert "CheckpointError: the checkpoint does not fit this model" in rank_output(logs, rank)

@@ -159,6 +159,11 @@ class Trainer:
         return self._generators.seed
 
     @property
+    def phase_batches(self) -> int | None:
+        """The current phase's batches per epoch in this process (its share under torchrun); None: unknown."""
+        return self._sources[self.position.phase_position].length if self.phase is not None else None
+
+    @property
     def is_global_zero(self) -> bool:
         """Whether this process is rank 0: the one that writes checkpoints and logs (True in one process)."""
         return self.ranks.is_global_zero

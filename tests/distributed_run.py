@@ -27,7 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
@@ -124,9 +126,25 @@ def build(options: argparse.Namespace) -> st.Trainer:
     if options.term_at:
         epoch, batch = map(int, options.term_at.split(":"))
         callbacks.append(TerminateLauncher(epoch, batch, folder / "terminated"))
+    if options.own_ddp:  # the script makes the process group and wraps the model itself
+        dist.init_process_group("gloo")
+        model = nn.parallel.DistributedDataParallel(model)
     return st.Trainer(model, optimizer, F.cross_entropy, [st.Phase("train", train), st.Phase("valid", valid, grad=False)],
                       callbacks=callbacks, epochs=options.epochs, accumulate=options.accumulate, unpack=unpack,
                       device=options.device, seed=options.seed, deterministic=options.deterministic)  # fmt: skip
+
+
+def count_gradient_all_reduces(trainer: st.Trainer) -> dict[str, int]:
+    """Count the backward passes whose gradients DDP all-reduces (its communication hook runs once per bucket)."""
+    calls = {"count": 0}
+    if isinstance(trainer.model, nn.parallel.DistributedDataParallel):
+
+        def counting(state, bucket):  # unannotated: DDP checks real annotations, and this module's are strings
+            calls["count"] += 1
+            return default_hooks.allreduce_hook(None, bucket)
+
+        trainer.model.register_comm_hook(None, counting)
+    return calls
 
 
 def forbid_writes_under(folder: Path) -> None:
@@ -165,6 +183,7 @@ def main() -> None:
     parser.add_argument("--resume", help="a checkpoint file to start from (another world size allowed)")
     parser.add_argument("--records", help="a folder to record each rank's batches in")
     parser.add_argument("--hidden", type=int, default=16, help="hidden units (another value: another model)")
+    parser.add_argument("--own-ddp", action="store_true", help="init the process group and wrap in DDP here")
     parser.add_argument("--term-at", help="EPOCH:BATCH: rank 0 sends SIGTERM to its launcher after that train batch")
     parser.add_argument("--only-rank-zero-writes", action="store_true",
                         help="raise if a rank other than 0 writes anything under FOLDER")
@@ -185,8 +204,13 @@ def main() -> None:
             trainer.advance()
         trainer.save_checkpoint(folder / "mid.safetensors")
         return
+    synced_backwards = count_gradient_all_reduces(trainer)
     trainer.fit()
     trainer.save_checkpoint(folder / "final.safetensors")
+    if options.records:  # what each rank ended with
+        summary = {"metrics": dict(trainer.metrics), "synced_backwards": synced_backwards["count"],
+                   "global_step": trainer.global_step, "world_size": trainer.world_size}  # fmt: skip
+        (Path(options.records) / f"summary-rank{os.environ.get('RANK', 0)}.json").write_text(json.dumps(summary))
     if trainer.is_global_zero:
         print(f"world_size={trainer.world_size} done", file=sys.stderr)
 

@@ -112,6 +112,23 @@ def test_two_ranks_see_every_sample_of_every_epoch_exactly_once(tmp_path, device
         r["indices"] for r in found if r["epoch"] == 1]  # shuffled anew each epoch
 
 
+def test_metrics_are_the_same_on_every_rank_and_gradients_sync_once_per_accumulation_window(tmp_path, device):
+    records = tmp_path / "records"
+    launch(tmp_path / "run", *SHARDED, "--accumulate", "2", "--records", str(records), device=device.type)
+    summaries = [json.loads((records / f"summary-rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert summaries[0]["metrics"] == summaries[1]["metrics"] and summaries[0]["world_size"] == 2
+    assert summaries[0]["global_step"] == 6  # 6 batches per epoch in windows of 2, for 2 epochs
+    assert summaries[0]["synced_backwards"] == summaries[1]["synced_backwards"] == 6  # of 12 backward passes
+
+
+def test_a_model_and_process_group_the_script_made_are_used_as_they_are(tmp_path, device):
+    if device.type == "cuda":
+        pytest.skip("the script's own process group is gloo on the CPU")
+    launch(tmp_path / "own", *SHARDED, "--own-ddp")
+    launch(tmp_path / "ours", *SHARDED)
+    assert_trees_equal(final_state(tmp_path / "own")["step"], final_state(tmp_path / "ours")["step"])
+
+
 def test_two_ranks_train_as_one_process_with_the_same_global_batch(tmp_path, device):
     """Same data, same global batch (2 x 4 against 1 x 8, the last one short and split 1/2): the same run."""
     common = ("--samples", "43", "--epochs", "2", "--optimizer", "adam")

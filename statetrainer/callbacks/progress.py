@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 from typing import Any, TextIO
 
-from ..data import loader_length
 from ..optional import require
 from ..validation import check_count
 from .base import Callback, TrainerView
@@ -52,7 +51,7 @@ class ProgressBar(Callback):
         if not (self.force or (hasattr(stream, "isatty") and stream.isatty())):
             return
         self.bar = self._tqdm(
-            total=loader_length(trainer.phase.loader), initial=done, file=stream,
+            total=trainer.phase_batches, initial=done, file=stream,
             desc=f"epoch {trainer.epoch + 1} {trainer.phase.name}", **self.tqdm_options,
         )  # fmt: skip
 

@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
@@ -238,6 +239,13 @@ class PhaseSources:
         """The batch sources of ``phases`` (``Phase`` objects), in order."""
         sources = [batch_source(phase.loader, index, worker_signals, rank, world_size)
                    for index, phase in enumerate(phases)]  # fmt: skip
+        if world_size > 1 and rank == 0:
+            for phase, source in zip(phases, sources):
+                sampler = getattr(getattr(phase.loader, "batch_sampler", None), "sampler", None)
+                if not isinstance(source, SeededLoader) and not isinstance(sampler, DistributedSampler):
+                    warnings.warn(f"phase {phase.name!r}: its loader is not sharded between the {world_size} "
+                                  "processes, so each one goes through all of it; give it a DistributedSampler, or "
+                                  "a DataLoader over a map-style dataset, which the trainer shards", stacklevel=4)  # fmt: skip
         return cls([phase.name for phase in phases], sources, position, world_size)
 
     def layout(self) -> list[tuple[str, int | None]]:

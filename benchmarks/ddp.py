@@ -13,7 +13,11 @@ the two loops interleaved round by round:
 
 It then times ``trainer.save_checkpoint`` (every rank gathers its generators;
 rank 0 writes; all wait for the write) against ``torch.save`` of the model and
-optimizer on rank 0 followed by a barrier. Rank 0 prints medians; nothing is asserted.
+optimizer on rank 0 followed by a barrier. The epochs of the two loops
+alternate (the hand loop's runs inside the trainer's ``on_exit_epoch``). With
+2 processes it also runs the trainer with ``stop_signals=()``, which shows
+what sharing stop signals after every batch costs. Rank 0 prints medians;
+nothing is asserted.
 
     uv run python benchmarks/ddp.py [--rounds 5] [--samples 16384] [--device cpu]
 """
@@ -28,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,6 +42,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import statetrainer as st
+from statetrainer.preemption import DEFAULT_STOP_SIGNALS
 
 
 def build(device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -58,11 +64,15 @@ def hand_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataL
     return batches
 
 
-class EpochTimer(st.Callback):
-    """The wall time of each epoch, with every rank (and the GPU) caught up at both ends."""
+class InterleavedEpochs(st.Callback):
+    """Times each of the trainer's epochs, then runs and times one epoch of the hand loop, so the two alternate.
 
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.started, self.epochs = device, 0.0, []
+    Every rank (and the GPU) is caught up at both ends of each timing.
+    """
+
+    def __init__(self, device: torch.device, hand_epoch: Callable[[int], int]) -> None:
+        self.device, self.hand_epoch, self.started = device, hand_epoch, 0.0
+        self.times: dict[str, list[float]] = {"hand": [], "statetrainer": []}
 
     def clock(self) -> float:
         if self.device.type == "cuda":
@@ -75,7 +85,11 @@ class EpochTimer(st.Callback):
         self.started = self.clock()
 
     def on_exit_epoch(self, trainer: st.Trainer) -> None:
-        self.epochs.append(self.clock() - self.started)
+        batches = trainer.phase_batches
+        self.times["statetrainer"].append((self.clock() - self.started) / batches * 1e6)
+        start = self.clock()
+        hand_batches = self.hand_epoch(trainer.epoch)
+        self.times["hand"].append((self.clock() - start) / hand_batches * 1e6)
 
 
 def worker(options: argparse.Namespace) -> None:
@@ -84,29 +98,27 @@ def worker(options: argparse.Namespace) -> None:
     generator = torch.Generator().manual_seed(1)
     dataset = TensorDataset(torch.randn(options.samples, 32, generator=generator),
                             torch.randint(0, 10, (options.samples,), generator=generator))  # fmt: skip
+    hand: dict[str, object] = {}
+    epochs = InterleavedEpochs(device, lambda epoch: hand_epoch(hand["model"], hand["optimizer"], hand["loader"],
+                                                                 trainer.device, epoch))  # fmt: skip
     trainer_model, trainer_optimizer = build(device)
-    timer = EpochTimer(device)
     trainer = st.Trainer(trainer_model, trainer_optimizer, F.cross_entropy,
-                         [st.Phase("train", DataLoader(dataset, batch_size=64, shuffle=True))], callbacks=[timer],
-                         epochs=options.rounds + 1, device=device, seed=0)  # fmt: skip
-    timer.device = trainer.device
+                         [st.Phase("train", DataLoader(dataset, batch_size=64, shuffle=True))], callbacks=[epochs],
+                         epochs=options.rounds + 1, device=device, seed=0,
+                         stop_signals=() if options.no_stop_vote else DEFAULT_STOP_SIGNALS)  # fmt: skip
+    epochs.device = trainer.device
     ranks = trainer.ranks  # the trainer joined torchrun's process group
-    hand_model, hand_optimizer = build(trainer.device)
+    hand_model, hand["optimizer"] = build(trainer.device)
     if ranks.distributed:
         hand_model = nn.parallel.DistributedDataParallel(hand_model, device_ids=[trainer.device]
                                                          if trainer.device.type == "cuda" else None)  # fmt: skip
     sampler = DistributedSampler(dataset, num_replicas=ranks.world_size, rank=ranks.rank, shuffle=True, seed=0)
-    hand_loader = DataLoader(dataset, batch_size=64, sampler=sampler)
-    times: dict[str, list[float]] = {"hand": [], "statetrainer": []}
-
-    synchronized = timer.clock
-    for round_index in range(options.rounds + 1):  # the first epoch warms up
-        start = synchronized()
-        batches = hand_epoch(hand_model, hand_optimizer, hand_loader, trainer.device, round_index)
-        if round_index:
-            times["hand"].append((synchronized() - start) / batches * 1e6)
-    trainer.fit()
-    times["statetrainer"] = [elapsed / batches * 1e6 for elapsed in timer.epochs[1:]]
+    hand["model"], hand["loader"] = hand_model, DataLoader(dataset, batch_size=64, sampler=sampler)
+    trainer.fit()  # the first epoch of each warms up
+    times = {name: values[1:] for name, values in epochs.times.items()}
+    batches = trainer.phase_batches
+    synchronized = epochs.clock
+    hand_optimizer = hand["optimizer"]
     save_times: dict[str, list[float]] = {"torch.save + barrier": [], "save_checkpoint": []}
     with tempfile.TemporaryDirectory() as folder:
         shared = Path(os.environ.get("STATETRAINER_BENCH_DIR", folder))
@@ -132,6 +144,7 @@ def main() -> None:
     parser.add_argument("--saves", type=int, default=5, help="timed checkpoints of each kind")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--no-stop-vote", action="store_true", help="stop_signals=(): no stop signal vote per batch")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.worker:
@@ -140,21 +153,28 @@ def main() -> None:
     print(f"torch {torch.__version__}, {os.cpu_count()} CPU(s), device {options.device}; medians of {options.rounds} "
           f"epochs of {options.samples} samples, batch 64 per rank (µs per batch) and of {options.saves} saves (ms)")  # fmt: skip
     for processes in options.processes:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-                   __file__, "--worker", "--rounds", str(options.rounds), "--samples", str(options.samples),
-                   "--saves", str(options.saves), "--device", options.device]  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
-        lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
-        if result.returncode != 0 or not lines:
-            print(result.stdout, result.stderr)
-            raise SystemExit(f"the {processes}-process run failed")
-        figures = json.loads(lines[-1])
-        hand, ours = figures["per_batch_us"]["hand"], figures["per_batch_us"]["statetrainer"]
-        print(f"{processes} process(es), {figures['batches_per_rank']} batches per rank per epoch:")
-        print(f"  hand DDP loop  {hand:9.1f} µs/batch")
-        print(f"  statetrainer   {ours:9.1f} µs/batch   {ours - hand:+8.1f}   ratio {ours / hand:.3f}")
-        for name, value in figures["save_ms"].items():
-            print(f"  {name:<21} {value:8.2f} ms")
+        for vote in (True, False) if processes > 1 else (True,):
+            figures = launch(options, processes, vote)
+            hand, ours = figures["per_batch_us"]["hand"], figures["per_batch_us"]["statetrainer"]
+            print(f"{processes} process(es){'' if vote else ', stop_signals=() (no stop vote)'}, "
+                  f"{figures['batches_per_rank']} batches per rank per epoch:")  # fmt: skip
+            print(f"  hand DDP loop  {hand:9.1f} µs/batch")
+            print(f"  statetrainer   {ours:9.1f} µs/batch   {ours - hand:+8.1f}   ratio {ours / hand:.3f}")
+            for name, value in figures["save_ms"].items():
+                print(f"  {name:<21} {value:8.2f} ms")
+
+
+def launch(options: argparse.Namespace, processes: int, vote: bool) -> dict:
+    """Run the worker on ``processes`` ranks under torchrun; rank 0's figures."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               __file__, "--worker", "--rounds", str(options.rounds), "--samples", str(options.samples),
+               "--saves", str(options.saves), "--device", options.device, *(() if vote else ("--no-stop-vote",))]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode != 0 or not lines:
+        print(result.stdout, result.stderr)
+        raise SystemExit(f"the {processes}-process run failed")
+    return json.loads(lines[-1])
 
 
 if __name__ == "__main__":

@@ -66,37 +66,34 @@ class Ranks:
         return device if self.backend == "nccl" else torch.device("cpu")
 
 
-def join_process_group(device: str | torch.device | None) -> tuple[Ranks, str | torch.device | None]:
+def join_process_group(device: torch.device) -> tuple[Ranks, torch.device]:
     """This process's ``Ranks``, joining torchrun's process group when the script has not; and the device to use.
 
-    Under torchrun a CUDA device (or None where CUDA is available) becomes
-    ``cuda:LOCAL_RANK`` (modulo the GPUs there are, so one GPU can host several
-    ranks for a correctness check). The backend is NCCL when every local rank
+    Under torchrun, ``cuda`` (no index) becomes ``cuda:LOCAL_RANK`` (modulo the
+    GPUs there are, so one GPU can host several ranks for a correctness check;
+    an explicit ``cuda:1`` is kept). The backend is NCCL when every local rank
     has a GPU of its own, else gloo.
     """
-    if not dist.is_available():
+    joining = dist.is_available() and not dist.is_initialized() and launched_by_torchrun()
+    if not (joining and int(os.environ["WORLD_SIZE"]) > 1) and not (dist.is_available() and dist.is_initialized()):
         return Ranks(), device
-    if not dist.is_initialized():
-        if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) < 2:
-            return Ranks(), device
-        cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
-        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
-        backend = "nccl" if cuda and torch.cuda.device_count() >= local_ranks else "gloo"
-        dist.init_process_group(backend)
-        atexit.register(_leave_process_group)
-    world_size = dist.get_world_size()
-    if world_size < 2:
-        return Ranks(), device
-    local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-    ranks = Ranks(dist.get_rank(), world_size, local_rank, dist.get_backend())
-    wants_cuda = torch.cuda.is_available() and (device is None or torch.device(device) == torch.device("cuda"))
-    if wants_cuda:  # "cuda" or the default: this rank's own GPU ("cuda:1" given explicitly is kept)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == torch.device("cuda"):
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    return ranks, device
+    if joining:
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+        nccl = device.type == "cuda" and torch.cuda.device_count() >= local_ranks
+        dist.init_process_group("nccl" if nccl else "gloo", device_id=device if nccl else None)
+        atexit.register(_leave_process_group)
+    if dist.get_world_size() < 2:
+        return Ranks(), device
+    return Ranks(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend()), device
 
 
 _WRAPPED: weakref.WeakSet[nn.parallel.DistributedDataParallel] = weakref.WeakSet()
+_RELEASE_AT_EXIT: list[bool] = []  # whether _release_wrappers is registered with atexit
 
 
 def _release_wrappers() -> None:
@@ -125,7 +122,8 @@ def wrap_model(model: nn.Module, ranks: Ranks, device: torch.device) -> nn.Modul
         return model
     if not isinstance(model, nn.parallel.DistributedDataParallel):
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    if not _WRAPPED:
+    if not _RELEASE_AT_EXIT:
+        _RELEASE_AT_EXIT.append(True)
         atexit.register(_release_wrappers)  # runs before _leave_process_group (atexit runs last-in first-out)
     _WRAPPED.add(model)
     return model

@@ -105,10 +105,10 @@ class Trainer:
             model, optimizer, loss_fn, phases, callbacks,
             epochs=epochs, accumulate=accumulate, grad_clip=grad_clip, deterministic=deterministic)  # fmt: skip
         self.stop_signals = resolve_signals(stop_signals)
-        self.ranks, device = join_process_group(device)  # under torchrun: this rank's device
-        self.device = resolve_device(device)
-        if deterministic and self.device.type == "cuda":
-            require_cublas_workspace()  # before the model goes to the GPU, which starts CUDA
+        device = resolve_device(device)
+        if deterministic and device.type == "cuda":
+            require_cublas_workspace()  # before anything starts CUDA
+        self.ranks, self.device = join_process_group(device)  # under torchrun: this rank's GPU
         self.model = wrap_model(model.to(self.device), self.ranks, self.device)
         self.optimizer, self.loss_fn = optimizer, loss_fn
         self.epochs, self.accumulate, self.unpack = epochs, accumulate, unpack
@@ -236,7 +236,10 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        """Every part's state, taken between batches; ``load_state_dict`` on a fresh, same trainer continues here."""
+        """Every part's state, taken between batches; ``load_state_dict`` on a fresh, same trainer continues here.
+
+        Under torchrun every rank must call it at the same point: it gathers every rank's generators, window
+        gradients and metric accumulators."""
         self._guard.check_at_rest(self, "state_dict()")
         return self.parts.state_dict()
 

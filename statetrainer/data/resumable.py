@@ -3,8 +3,10 @@
 ``rebuild`` gives a DataLoader of the user's class and settings whose sampler
 is a ``SeededOrder``: the order of epoch ``e`` is a permutation seeded by
 ``(seed, phase, e)`` (and the loader's own ``generator``'s seed, when it has
-one), and starting at batch ``k`` drops the first ``k * batch_size`` indices
-before any sample is loaded. Its dataset is wrapped in ``SeededSamples``:
+one), the same in every process of a torchrun run, which each take their
+share of every global batch; starting at batch ``k`` (or at a sample, for a
+run resumed on another number of processes) drops the indices before it
+without loading a sample. Its dataset is wrapped in ``SeededSamples``:
 every batch is loaded with the torch, ``random`` and NumPy generators seeded
 from ``(seed, phase, epoch, its first sample)``. A batch always goes whole to
 one worker, so random augmentation gives the same result in any worker, with

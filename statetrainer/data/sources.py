@@ -130,6 +130,16 @@ class SeededLoader(BatchSource):
     def pass_length(self) -> int:
         return self._order.pass_length
 
+    @property
+    def samples(self) -> int:
+        """Samples in the dataset."""
+        return self._order.size
+
+    @property
+    def epoch_samples(self) -> int:
+        """Samples a whole pass consumes over all ranks (fewer than ``samples`` with ``drop_last``)."""
+        return sum(self._order.batch_sizes(0))
+
     def open(self, seed: int, epoch: int, start: int = 0) -> Iterator[Any]:
         first_sample, self._resume_at = self._resume_at, None
         self._order.position(mix_seed(seed, self.phase_index, epoch, *self._order_salt), start, first_sample)
@@ -282,7 +292,7 @@ class PhaseSources:
                     raise CheckpointError(f"phase {phase['phase']!r} has {phase['batches']} batches in the checkpoint, "
                                           f"{source.length} here")  # fmt: skip
             elif not isinstance(source, SeededLoader) or phase["samples_done"] is not None and (
-                    isinstance(phase["samples_done"], bool) or not 0 <= phase["samples_done"] <= source._order.size):  # fmt: skip
+                    isinstance(phase["samples_done"], bool) or not 0 <= phase["samples_done"] <= source.samples):  # fmt: skip
                 raise CheckpointError(f"phase {phase['phase']!r} was saved with its data shared between {phase['shards']}"
                                       f" processes, which this run cannot take over")  # fmt: skip
         if [phase["position"] is None for phase in state] != [not source.keeps_own_state for source in self.sources]:
@@ -293,5 +303,5 @@ class PhaseSources:
             source.load_state_dict(tensors_to(saved["position"], torch.device("cpu")))  # applied when it next opens
             done = saved["samples_done"]
             if isinstance(source, SeededLoader) and saved["shards"] != self.world_size and done:
-                if done < sum(source._order.batch_sizes(0)):  # saved mid-phase: go on from that sample
+                if done < source.epoch_samples:  # saved mid-phase: go on from that sample
                     source.resume_at(done)

@@ -96,3 +96,19 @@ def test_bad_metric_arguments():
         SmoothedLoss(beta=1.0)
     with pytest.raises(ValueError, match="top_k"):
         Accuracy(top_k=0)
+
+
+def test_metric_states_saved_on_some_ranks_regroup_onto_others_keeping_the_phase_value():
+    """A run saved mid-phase on 2 ranks and resumed on 1 or 3 goes on with the same global value."""
+    accuracies = [{"active": True, "batches": 2, "correct": torch.tensor(3), "total": 8},
+                  {"active": True, "batches": 2, "correct": torch.tensor(5), "total": 7}]  # fmt: skip
+    for world_size in (1, 3):
+        regrouped = Accuracy.regroup_states(accuracies, world_size)
+        assert len(regrouped) == world_size
+        assert sum(int(state["correct"]) for state in regrouped) == 8 and sum(s["total"] for s in regrouped) == 15
+    losses = [{"active": True, "batches": 4, "average": torch.tensor(0.5)},
+              {"active": True, "batches": 4, "average": torch.tensor(1.5)}]  # fmt: skip
+    for world_size in (1, 3):
+        regrouped = SmoothedLoss.regroup_states(losses, world_size)
+        assert [float(state["average"]) for state in regrouped] == [1.0] * world_size  # the mean over the ranks
+        assert all(state["batches"] == 4 for state in regrouped)

@@ -1,7 +1,8 @@
 """Per-batch overhead of statetrainer against a hand-written loop (and Ignite, if installed).
 
 A tiny MLP (32-64-1), batch 64, one thread: the model's own work is a few tens
-of microseconds, so what a trainer adds on top shows. Each loop is timed on
+of microseconds, so what a trainer adds on top shows. ``run_until`` is statetrainer stepped to the
+end by ``trainer.run_until("idle")`` rather than ``fit()``. Each loop is timed on
 pre-built batches (the loop alone) and on a shuffled in-process DataLoader over
 a ``TensorDataset`` of the same data (the loop and the data path: statetrainer
 rebuilds that loader into its resumable, seeded one). The loops run
@@ -63,6 +64,13 @@ def statetrainer_loop(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> C
     return trainer.fit
 
 
+def run_until_loop(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], None]:
+    """statetrainer stepped to the run's end by ``run_until``: its stop check runs after every transition."""
+    model, optimizer = make_model()
+    trainer = st.Trainer(model, optimizer, nn.MSELoss(), [st.Phase("train", batches)], device=DEVICE)
+    return lambda: trainer.run_until("idle")
+
+
 def ignite_loop(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], None]:
     from ignite.engine import create_supervised_trainer
 
@@ -102,7 +110,8 @@ def main() -> None:
     batches = [(torch.randn(64, 32, device=DEVICE), torch.randn(64, 1, device=DEVICE)) for _ in range(args.batches)]
     dataset = TensorDataset(*(torch.cat(parts).cpu() for parts in zip(*batches, strict=True)))
     synchronize = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)
-    loops: dict[str, Factory] = {"hand-written": hand_loop, "statetrainer": statetrainer_loop}
+    loops: dict[str, Factory] = {"hand-written": hand_loop, "statetrainer": statetrainer_loop,
+                                 "run_until": run_until_loop}  # fmt: skip
     if importlib.util.find_spec("ignite") is not None:
         loops["ignite"] = ignite_loop
     print(f"torch {torch.__version__} on {DEVICE}, {args.batches} batches x {args.rounds} rounds, 1 thread, median us/batch")

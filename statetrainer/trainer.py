@@ -30,14 +30,16 @@ from .determinism import require_cublas_workspace
 from .distributed import StopVote, agree, join_process_group, wrap_model
 from .deciding import Deciders
 from .driving import RunGuard
-from .machine import AT_REST, STATES, Move, TrainingMachine
+from .machine import AT_REST, Move, TrainingMachine
 from .phase import Phase
 from .preemption import DEFAULT_STOP_SIGNALS, resolve_signals
 from .recovery import plan_recovery
+from .stepping import stop_condition
 from .rng import Generators
 from .stateful import (CallbackStates, Metrics, Position, PositionField, RunIdentity, RunSettings, StateRegistry,
                        check_position_fits)  # fmt: skip
 from .step import StepRunner
+from .validation import check_count
 from .work import StateWork
 from .version import __version__
 
@@ -196,29 +198,51 @@ class Trainer:
                     guard.run_deferred(self)
         return self
 
-    def advance(self) -> str:
-        """Make exactly one transition, with its callbacks and work; return the new state."""
+    def advance(self, n: int = 1) -> str:
+        """Make ``n`` transitions (fewer if the run ends first), with their callbacks and work; return the new state."""
+        check_count("advance: n", n)
         with self._guard.driving(self):
-            if not self._machine.finish_pending():  # a run saved mid-transition finishes that transition first
-                self._deciders[self._machine.state]()
-            self._guard.run_deferred(self)
+            self._drive(None, limit=n)
         return self._machine.state
 
-    def run_until(self, state: str) -> str:
-        """Advance until ``state`` is entered next; return it.
+    def run_until(self, state: str | None = None, *, epoch: int | None = None, phase: str | None = None,
+                  batch: int | None = None, step: int | None = None, when: Callable[[Trainer], bool] | None = None,
+                  ) -> str:  # fmt: skip
+        """Advance until ``state`` is next entered where every given condition holds; return the state.
+
+        ``epoch``, ``phase``, ``batch`` and ``step`` are what ``trainer.epoch``, ``trainer.phase.name``,
+        ``trainer.batch_index`` and ``trainer.global_step`` must be there; ``when`` is any predicate of the
+        trainer. Without a state it stops after the first transition where the conditions hold, for example
+        ``run_until(when=lambda trainer: not trainer.loss.isfinite())``.
 
         Raises:
-            ValueError: ``state`` is not a state, or this run can never enter it.
-            RuntimeError: The run ended before entering ``state``.
+            ValueError: No such state or phase, or a condition this run can never meet (checked first).
+            RuntimeError: The run ended before the stop.
         """
-        if state not in STATES:
-            raise ValueError(f"unknown state {state!r}; states are {', '.join(STATES)}")
-        if state in ("backward", "step") and not any(phase.grad for phase in self.phases):
-            raise ValueError(f"this run never enters {state!r}: no phase has grad=True")
-        while self.advance() != state:
-            if self.position.finished:
-                raise RuntimeError(f"the run finished before entering {state!r}")
-        return state
+        until = stop_condition(self, state, epoch=epoch, phase=phase, batch=batch, step=step, when=when)
+        with self._guard.driving(self):
+            stopped = self._drive(until)
+        if not stopped:
+            given = {"epoch": epoch, "phase": phase, "batch": batch, "step": step, "when": when and "the predicate"}
+            conditions = ", ".join(f"{name}={value!r}" for name, value in given.items() if value is not None)
+            target = f"entering {state!r}" if state is not None else "its conditions held"
+            raise RuntimeError(f"the run finished before {target}" + (f" ({conditions})" if conditions else ""))
+        return self._machine.state
+
+    def _drive(self, until: Callable[[], bool] | None, limit: int | None = None) -> bool:
+        """Make transitions until ``until()`` holds after one (True), ``limit`` are made or the run ends (False)."""
+        machine, deciders, guard, position = self._machine, self._deciders, self._guard, self.position
+        made = 0
+        while True:
+            if not machine.finish_pending():  # a run saved mid-transition finishes that transition first
+                deciders[machine.state]()
+            if guard.deferred:
+                guard.run_deferred(self)
+            made += 1
+            if until is not None and until():
+                return True
+            if made == limit or (position.finished and machine.pending is None):
+                return False
 
     def defer(self, action: Callable[[Trainer], None]) -> None:
         """Run ``action(trainer)`` as soon as the machine is between batches (as a checkpoint save needs)."""

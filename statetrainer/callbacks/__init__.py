@@ -2,6 +2,7 @@
 
 from .base import HOOK_NAMES, Callback, TrainerView, overridden_hooks
 from .checkpoint import Checkpoint
+from .debugging import Breakpoint
 from .early_stopping import EarlyStopping
 from .finite import NonFiniteError, StopOnNonFinite
 from .loggers import CSVLogger, StreamLogger, learning_rates
@@ -13,6 +14,7 @@ from .schedulers import CosineWarmRestarts, OneCycle, ParamScheduler, TorchSched
 __all__ = [
     "HOOK_NAMES",
     "Accuracy",
+    "Breakpoint",
     "CSVLogger",
     "Callback",
     "TrainerView",

@@ -108,6 +108,14 @@ class Callback:
         """The unique name this callback's state is stored under."""
         return self.name or type(self).__name__
 
+    def active_hooks(self) -> dict[str, Callable[[Any], None]]:
+        """The hooks this callback listens to, by hook name: those its class overrides.
+
+        Read once, when the trainer is built; a callback that chooses its hooks
+        per instance (``Breakpoint``) returns its own.
+        """
+        return overridden_hooks(self)
+
     def state_dict(self) -> dict[str, Any]:
         """What this callback needs to continue exactly after a restart."""
         return {}
@@ -172,7 +180,7 @@ def hooks_by_state(callbacks: Sequence[Callback]) -> tuple[dict[str, list[Any]],
     enter: dict[str, list[Any]] = {state: [] for state in STATES}
     exit: dict[str, list[Any]] = {state: [] for state in STATES}
     for callback in callbacks:
-        for hook, method in overridden_hooks(callback).items():
+        for hook, method in callback.active_hooks().items():
             _, kind, state = hook.split("_", 2)
             (enter if kind == "enter" else exit)[state].append(method)
     return enter, exit

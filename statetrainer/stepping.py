@@ -1,0 +1,112 @@
+"""Conditional stepping: where ``run_until`` stops, checked against the run's layout before it runs.
+
+A stop condition is built once, from the state to stop at and the values the
+trainer's position must have there. The loop then compares the machine's
+state after each transition (one string comparison) and reads the other
+conditions only when that state has just been entered, so a run that is not
+yet at its stop runs as ``fit()`` does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .machine import STATES
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+__all__ = ["stop_condition"]
+
+
+def stop_condition(
+    trainer: Trainer,
+    state: str | None,
+    *,
+    epoch: int | None = None,
+    phase: str | None = None,
+    batch: int | None = None,
+    step: int | None = None,
+    when: Callable[[Any], bool] | None = None,
+) -> Callable[[], bool]:
+    """A check to call after each transition: True where ``run_until`` stops.
+
+    Args:
+        trainer: The run.
+        state: The state whose entry stops the run; None: stop at the first transition after which the
+            conditions hold.
+        epoch, phase, batch, step: What ``trainer.epoch``, ``trainer.phase.name``, ``trainer.batch_index``
+            and ``trainer.global_step`` must be there.
+        when: Any predicate of the trainer that must also hold there.
+
+    Raises:
+        ValueError: A state or phase that does not exist, or a condition this run can never meet.
+        TypeError: ``when`` is not callable, or a number is not an integer.
+    """
+    _check_reachable(trainer, state, epoch, phase, batch, step, when)
+    position = trainer.position
+    checks: list[Callable[[], bool]] = []
+    if epoch is not None:
+        checks.append(lambda: position.epoch == epoch)
+    if phase is not None:
+        checks.append(lambda: trainer.phase is not None and trainer.phase.name == phase)
+    if batch is not None:
+        checks.append(lambda: trainer.phase is not None and position.batch_index == batch)
+    if step is not None:
+        checks.append(lambda: position.global_step == step)
+    if when is not None:
+        checks.append(lambda: bool(when(trainer)))
+    machine = trainer.parts["machine"]
+    if state is None:
+        return lambda: all(check() for check in checks)
+    if not checks:
+        return lambda: machine.state == state
+    return lambda: machine.state == state and all(check() for check in checks)
+
+
+def _check_reachable(trainer: Trainer, state: str | None, epoch: int | None, phase: str | None, batch: int | None,
+                     step: int | None, when: Any) -> None:  # fmt: skip
+    if state is not None and state not in STATES:
+        raise ValueError(f"unknown state {state!r}; states are {', '.join(STATES)}")
+    if state is None and all(value is None for value in (epoch, phase, batch, step, when)):
+        raise ValueError("run_until needs a state to stop at, or a condition (epoch=, phase=, batch=, step=, when=)")
+    if when is not None and not callable(when):
+        raise TypeError(f"when must be a predicate of the trainer, got {type(when).__name__}")
+    for name, value in (("epoch", epoch), ("batch", batch), ("step", step)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"{name} must be an integer, got {value!r}")
+    names = [each.name for each in trainer.phases]
+    if phase is not None and phase not in names:
+        raise ValueError(f"this run has no phase {phase!r}; its phases are {', '.join(map(repr, names))}")
+    candidates = [each for each in trainer.phases if phase is None or each.name == phase]
+    if state in ("backward", "step") and not any(each.grad for each in candidates):
+        where = f"phase {phase!r} has grad=False" if phase is not None else "no phase has grad=True"
+        raise ValueError(f"this run never enters {state!r}: {where}")
+    position = trainer.position
+    if epoch is not None and not position.epoch <= epoch < trainer.epochs:
+        raise ValueError(f"epoch={epoch} never comes: the run is at epoch {position.epoch} of epochs 0 to "
+                         f"{trainer.epochs - 1}")  # fmt: skip
+    lengths = [trainer.parts["data"][names.index(each.name)].length for each in candidates]
+    if batch is not None and (batch < 0 or None not in lengths and batch >= max(lengths)):
+        counts = ", ".join(f"{each.name!r} {length}" for each, length in zip(candidates, lengths))
+        raise ValueError(f"batch={batch} never comes: batch indices count from 0, and the batches per phase are "
+                         f"{counts}")  # fmt: skip
+    if step is not None:
+        total = _total_steps(trainer)
+        if step < position.global_step or (total is not None and step > total):
+            reach = f", and the run takes {total} in all" if total is not None else ""
+            raise ValueError(f"step={step} never comes: {position.global_step} optimizer steps are done{reach}")
+
+
+def _total_steps(trainer: Trainer) -> int | None:
+    """The optimizer steps of the whole run, when every training phase knows its length; else None."""
+    per_epoch = 0
+    for index, each in enumerate(trainer.phases):
+        if each.grad:
+            length = trainer.parts["data"][index].length
+            if length is None:
+                return None
+            per_epoch += math.ceil(length / trainer.accumulate)
+    return per_epoch * trainer.epochs

@@ -11,7 +11,7 @@
 from . import callbacks
 from .callbacks import Callback
 from .checkpoint import CheckpointError
-from .machine import STATES, TRANSITIONS, InvalidMove, Move
+from .machine import STATES, TRANSITIONS, InvalidMove, Move, diagram
 from .phase import Phase
 from .preemption import Preempted
 from .trainer import Trainer, unpack_pair
@@ -30,5 +30,6 @@ __all__ = [
     "Trainer",
     "__version__",
     "callbacks",
+    "diagram",
     "unpack_pair",
 ]

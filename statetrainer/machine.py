@@ -63,6 +63,7 @@ from transitions import Machine, MachineError
 from transitions.extensions import GraphMachine
 
 from .checkpoint import CheckpointError
+from .optional import require
 
 __all__ = [
     "AT_REST",
@@ -74,7 +75,10 @@ __all__ = [
     "Move",
     "TrainingMachine",
     "InvalidMove",
+    "DIAGRAM_FORMATS",
     "call_name",
+    "diagram",
+    "diagram_graph",
     "entered_and_exited",
 ]
 
@@ -405,12 +409,35 @@ class TrainingMachine:
         """The bound, allocation-free call that fires ``event`` (for the driver's hot loop)."""
         return self.events[event].fire
 
-    def diagram(self) -> str:
-        """The state diagram, drawn by ``transitions`` from the table this machine runs (Mermaid source).
+    def diagram(self, format: str = "mermaid") -> str:
+        """The state diagram with this machine's current state highlighted (see ``diagram``)."""
+        return diagram(format, self.state)
 
-        The current state is highlighted; paste the text into any Mermaid
-        renderer (GitHub, GitLab and most documentation tools draw it).
-        """
-        graph = GraphMachine(states=list(STATES), transitions=_table(), initial=self.state, auto_transitions=False,
-                             graph_engine="mermaid", title="statetrainer")  # fmt: skip
-        return graph.get_graph().draw(None)
+
+DIAGRAM_FORMATS = ("mermaid", "dot")
+
+
+def diagram_graph(format: str = "mermaid", current: str = "idle") -> Any:
+    """The graph ``transitions`` draws from ``TRANSITIONS``, ``current`` highlighted: its Mermaid graph, or for
+    ``"dot"`` a ``graphviz.Digraph`` (the ``diagram`` extra installs the graphviz package).
+
+    Raises:
+        ValueError: An unknown format or state.
+        ImportError: ``"dot"`` without the graphviz package, naming the extra.
+    """
+    if format not in DIAGRAM_FORMATS:
+        raise ValueError(f"unknown diagram format {format!r}; formats are {', '.join(DIAGRAM_FORMATS)}")
+    if current not in STATES:
+        raise ValueError(f"unknown state {current!r}; states are {', '.join(STATES)}")
+    if format == "dot":
+        require("graphviz", "diagram", "a DOT diagram")
+    graph = GraphMachine(states=list(STATES), transitions=_table(), initial=current, auto_transitions=False,
+                         graph_engine="mermaid" if format == "mermaid" else "graphviz", title="statetrainer")  # fmt: skip
+    return graph.get_graph()
+
+
+def diagram(format: str = "mermaid", current: str = "idle") -> str:
+    """The state diagram as text, drawn by ``transitions`` from the table the machine runs: Mermaid source
+    (GitHub, GitLab and most documentation tools draw it) or Graphviz DOT; ``current`` is highlighted."""
+    graph = diagram_graph(format, current)
+    return graph.draw(None) if format == "mermaid" else graph.source

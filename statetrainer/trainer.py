@@ -180,9 +180,10 @@ class Trainer:
         """Whether the run has ended (all epochs done, or stopped)."""
         return self.position.finished
 
-    def diagram(self) -> str:
-        """The state diagram (Mermaid source) drawn by ``transitions`` from the table the machine runs."""
-        return self._machine.diagram()
+    def diagram(self, format: str = "mermaid") -> str:
+        """The state diagram drawn by ``transitions`` from the table the machine runs, the current state
+        highlighted: Mermaid source, or ``"dot"`` (Graphviz, with the ``diagram`` extra)."""
+        return self._machine.diagram(format)
 
     def fit(self) -> Trainer:
         """Run to the end, or continue a stepped or resumed run to the end (a finished run warns and returns)."""

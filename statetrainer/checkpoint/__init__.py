@@ -13,7 +13,7 @@ from .folder import (
     read_run_marker,
     save_target,
 )
-from .serialization import FORMAT_VERSION, CheckpointError, read_tree, write_tree
+from .serialization import FORMAT_VERSION, CheckpointError, read_header, read_tree, write_tree
 
 __all__ = [
     "DEFAULT_CHECKPOINT_FOLDER",
@@ -29,6 +29,7 @@ __all__ = [
     "fsync_path",
     "newest_valid",
     "next_checkpoint_path",
+    "read_header",
     "read_run_marker",
     "read_tree",
     "remove_stale_temporaries",

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_write
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "read_tree", "write_tree"]
+__all__ = ["FORMAT_VERSION", "CheckpointError", "read_header", "read_tree", "write_tree"]
 
 FORMAT_VERSION = 2  # 2: the run's state as registry parts, the checksum covering dtypes and shapes
 _METADATA_KEY = "statetrainer"
@@ -181,6 +181,31 @@ def write_tree(path: str | os.PathLike[str], tree: dict[str, Any], library_versi
     return path
 
 
+def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The header a checkpoint's metadata holds (``format``, ``library``, ``checksum``), read without its tensors
+    and not verified.
+
+    Raises:
+        CheckpointError: The file is not a readable statetrainer checkpoint.
+    """
+    path = Path(path)
+    try:
+        with safe_open(path, framework="pt") as file:
+            metadata = file.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupted?): {error}") from error
+    return _header(metadata, path)
+
+
+def _header(metadata: dict[str, str], path: Path) -> dict[str, Any]:
+    if _METADATA_KEY not in metadata or "tree" not in metadata:
+        raise CheckpointError(f"{path} is a safetensors file but not a statetrainer checkpoint")
+    header = _parse(metadata[_METADATA_KEY], path, "header")
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: its checkpoint header is a {type(header).__name__}, not an object")
+    return header
+
+
 def read_tree(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and verify a file written by ``write_tree``.
 
@@ -201,11 +226,7 @@ def read_tree(path: str | os.PathLike[str]) -> dict[str, Any]:
             tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as error:
         raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupted?): {error}") from error
-    if _METADATA_KEY not in metadata or "tree" not in metadata:
-        raise CheckpointError(f"{path} is a safetensors file but not a statetrainer checkpoint")
-    header = _parse(metadata[_METADATA_KEY], path, "header")
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: its checkpoint header is a {type(header).__name__}, not an object")
+    header = _header(metadata, path)
     if not isinstance(header.get("format"), int) or header["format"] > FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has checkpoint format {header.get('format')!r} (statetrainer {header.get('library')}); "

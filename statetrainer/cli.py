@@ -1,0 +1,135 @@
+"""``python -m statetrainer``: the state diagram, and what a checkpoint holds.
+
+    python -m statetrainer diagram [--format mermaid|dot] [--state STATE | --checkpoint FILE] [--output FILE.svg]
+    python -m statetrainer inspect PATH [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import CheckpointError, read_tree
+from .inspection import summarize_file, summarize_folder
+from .machine import DIAGRAM_FORMATS, STATES, diagram, diagram_graph
+
+__all__ = ["main"]
+
+
+def main(arguments: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m statetrainer", description="statetrainer's command line")
+    commands = parser.add_subparsers(dest="command", required=True)
+    drawing = commands.add_parser("diagram", help="print (or render) the state diagram the machine runs")
+    drawing.add_argument("--format", choices=DIAGRAM_FORMATS, default="mermaid",
+                         help="Mermaid source (default) or Graphviz DOT (needs statetrainer[diagram])")  # fmt: skip
+    where = drawing.add_mutually_exclusive_group()
+    where.add_argument("--state", choices=STATES, default="idle", help="the state to highlight (default idle)")
+    where.add_argument("--checkpoint", type=Path, help="highlight the state this checkpoint was saved in")
+    drawing.add_argument("--output", type=Path,
+                         help="write an .svg, .png or .pdf picture (needs statetrainer[diagram] and Graphviz's dot)")  # fmt: skip
+    inspecting = commands.add_parser("inspect", help="describe a checkpoint file, or every checkpoint of a folder")
+    inspecting.add_argument("path", type=Path, help="a .safetensors checkpoint or a folder of them")
+    inspecting.add_argument("--json", action="store_true", help="print the summary as JSON")
+    options = parser.parse_args(arguments)
+    try:
+        return _diagram(options) if options.command == "diagram" else _inspect(options)
+    except (CheckpointError, ImportError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _diagram(options: argparse.Namespace) -> int:
+    state = options.state
+    if options.checkpoint is not None:
+        state = read_tree(options.checkpoint)["machine"]["state"]
+    if options.output is None:
+        print(diagram(options.format, state), end="" if options.format == "dot" else "\n")
+        return 0
+    picture = options.output.suffix.lstrip(".")
+    if picture not in ("svg", "png", "pdf"):
+        raise ValueError(f"--output {options.output}: name an .svg, .png or .pdf file (or print the text without it)")
+    graphviz = diagram_graph("dot", state)
+    try:
+        graphviz.draw(str(options.output), format=picture)
+    except Exception as error:  # graphviz raises its ExecutableNotFound (a RuntimeError) without the dot program
+        raise OSError(f"could not render {options.output} ({error}); rendering needs Graphviz's dot program "
+                      "(apt install graphviz, brew install graphviz)") from error  # fmt: skip
+    print(f"wrote {options.output}")
+    return 0
+
+
+def _inspect(options: argparse.Namespace) -> int:
+    path: Path = options.path
+    if path.is_dir():
+        summary = summarize_folder(path)
+        entries = summary["checkpoints"] + ([summary["best"]] if summary["best"] else [])
+        ok = bool(summary["checkpoints"]) and all(entry["verified"] for entry in entries)
+        print(json.dumps(summary, indent=1, default=str) if options.json else _folder_text(summary))
+        return 0 if ok else 1
+    if not path.exists():
+        raise ValueError(f"no checkpoint file or folder at {path}")
+    summary = summarize_file(path)
+    print(json.dumps(summary, indent=1, default=str) if options.json else _file_text(summary))
+    return 0 if summary["verified"] else 1
+
+
+def _position_text(position: dict[str, Any]) -> str:
+    text = f"state {position['state']!r}, epoch {position['epoch']}"
+    if position["phase"] is not None:
+        text += f", phase {position['phase']!r} after batch {position['batch']}"
+    text += f", step {position['step']}"
+    if position["pending"]:
+        text += f" (inside the {position['pending']!r} transition, saved after an error)"
+    return text + (", finished" if position["finished"] else "")
+
+
+def _metrics_text(metrics: dict[str, Any]) -> str:
+    return ", ".join(f"{name}={value:.4f}" if isinstance(value, float) else f"{name}={value}"
+                     for name, value in metrics.items()) or "none yet"  # fmt: skip
+
+
+def _size(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return ""
+
+
+def _file_text(summary: dict[str, Any]) -> str:
+    lines = [summary["path"]]
+    version = f"format {summary['format']}, statetrainer {summary['library']}" if summary["format"] else "no header"
+    if not summary["verified"]:
+        return "\n".join([*lines, f"  NOT USABLE ({version}): {summary['error']}"])
+    parts = "; ".join(f"{name} {totals['tensors']} tensors, {_size(totals['bytes'])}"
+                      for name, totals in summary["parts"].items() if totals["tensors"])  # fmt: skip
+    callbacks = "; ".join(f"{name} [{', '.join(keys)}]" for name, keys in summary["callbacks"].items()) or "none"
+    lines += [
+        f"  checksum: verified ({version})",
+        f"  position: {_position_text(summary['position'])}",
+        f"  run: {summary['run']}, seed {summary['seed']}, world size {summary['world_size']}",
+        f"  metrics: {_metrics_text(summary['metrics'])}",
+        f"  callbacks: {callbacks}",
+        f"  tensors: {parts}",
+    ]
+    return "\n".join(lines)
+
+
+def _folder_text(summary: dict[str, Any]) -> str:
+    marker = summary["run_marker"] or {}
+    lines = [f"{summary['folder']}: run {marker.get('run', '?')}, seed {marker.get('seed', '?')}"]
+    if not summary["checkpoints"]:
+        lines.append("  no checkpoints")
+    for entry in summary["checkpoints"] + ([summary["best"]] if summary["best"] else []):
+        name = Path(entry["path"]).name
+        if entry["verified"]:
+            line = f"  {name}  {_position_text(entry['position'])}  {_metrics_text(entry['metrics'])}"
+        else:
+            line = f"  {name}  NOT USABLE: {entry['error']}"
+        lines.append(line + ("   <- load_checkpoint starts here" if entry["path"] == summary["picked"] else ""))
+    return "\n".join(lines)

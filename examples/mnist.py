@@ -1,4 +1,4 @@
-"""Train a shallow CNN on MNIST with statetrainer: the seed's recipe.
+"""Train a shallow CNN on MNIST with statetrainer, resuming where it stopped.
 
     uv run python examples/mnist.py                   # MNIST from --data-root, downloaded when possible
     uv run python examples/mnist.py --epochs 1 --offline
@@ -11,7 +11,10 @@ the metrics and the learning-rate schedule, and checkpoints, all in ``--out``.
 Checkpoints are taken every 100 steps and every epoch. Run the same command
 again after an interruption (Ctrl-C, a crash, ``kill -9``) and it continues
 from the newest one, ending exactly where the uninterrupted run would have;
-``--fresh`` starts over instead.
+``--fresh`` starts over instead. Run again after the run has finished, it
+says so, shows the last epoch's line and trains nothing; with a larger
+``--epochs`` it trains on to that many epochs (the one-cycle schedule keeps
+the length it began with, so the extra epochs run at its final learning rate).
 
 Data comes from torchvision's ``MNIST`` in ``--data-root``. When it is neither
 there nor downloadable (no network), the example trains on digits it renders
@@ -134,11 +137,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", type=Path, default=Path("data"), help="where torchvision's MNIST lives")
     parser.add_argument("--offline", action="store_true", help="do not try to download MNIST")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of the run (more than a finished run's: train on)")
+    parser.add_argument("--batch-size", type=int, default=64, help="training batch size")
     parser.add_argument("--lr", type=float, default=5e-3, help="the one-cycle's peak learning rate (Adam)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1...; default: CUDA when available")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="decides the data order, augmentation and weights")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     parser.add_argument("--limit", type=int, default=None, help="use at most this many samples of each set")
     parser.add_argument("--out", type=Path, default=Path("checkpoints/mnist"), help="checkpoints, logs, plots")
@@ -186,9 +189,21 @@ def main(argv: list[str] | None = None) -> st.Trainer:
                             device=args.device, workers=args.workers, out=args.out, seed=args.seed)  # fmt: skip
     if args.fresh:  # the folder's old run goes, so the new one neither mixes with it nor is refused by it
         discard_run(args.out)
-    resumed = None if args.fresh else trainer.load_checkpoint(args.out)
+    try:
+        resumed = None if args.fresh else trainer.load_checkpoint(args.out)
+    except st.CheckpointError as error:
+        raise SystemExit(f"cannot resume from {args.out}: {error}") from None
+    if resumed is not None and trainer.finished:
+        print(f"the run in {args.out}/ has already finished ({trainer.position.end_reason()}); its last epoch:")
+        print(cb.StreamLogger.format(trainer.position.epochs_done, trainer.metrics))
+        print(f"checkpoints, log and plots in {args.out}/ (--epochs N trains on to N epochs, --fresh starts over)")
+        return trainer
     if resumed is not None:
         print(f"resumed from {resumed} (epoch {trainer.epoch + 1}, step {trainer.global_step})", flush=True)
+        schedule = trainer.callbacks[0]
+        if schedule.resized is not None:
+            print(f"training on to {args.epochs} epochs: the one-cycle schedule keeps its length of "
+                  f"{schedule.total_steps} steps, so steps after it run at its final learning rate", flush=True)  # fmt: skip
     trainer.fit()
     print(f"checkpoints, log and plots in {args.out}/")
     return trainer

@@ -19,11 +19,11 @@ def load_example():
     return module
 
 
-def run_offline(tmp_path: Path, out: Path, device: torch.device) -> subprocess.CompletedProcess:
-    """One short epoch of the main job on its offline default, on ``device``."""
+def run_offline(tmp_path: Path, out: Path, device: torch.device, *options: str) -> subprocess.CompletedProcess:
+    """One short epoch of the main job on its offline default, on ``device`` (``options`` come last)."""
     return subprocess.run(
         [sys.executable, str(EXAMPLE), "--offline", "--data-root", str(tmp_path / "data"), "--epochs", "1",
-         "--limit", "256", "--workers", "0", "--out", str(out), "--device", str(device)],
+         "--limit", "256", "--workers", "0", "--out", str(out), "--device", str(device), *options],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )  # fmt: skip
 
@@ -39,9 +39,20 @@ def test_example_runs_end_to_end_offline(device: torch.device, tmp_path: Path):
     for plot in ("metrics.png", "lr.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
     assert (out / "best.safetensors").is_file()
-    again = run_offline(tmp_path, out, device)  # the same command again: it resumes, and the run is complete
-    assert again.returncode == 0, again.stderr
-    assert "resumed from" in again.stdout and "Epoch:" not in again.stdout  # the run was complete
+    again = run_offline(tmp_path, out, device)  # the same command again: the run is complete
+    assert again.returncode == 0 and "Warning" not in again.stderr, again.stderr
+    assert again.stdout.splitlines()[1:] == [
+        f"the run in {out}/ has already finished (all 1 epoch(s) done); its last epoch:",
+        lines[1],  # the same line the run printed as it ended
+        f"checkpoints, log and plots in {out}/ (--epochs N trains on to N epochs, --fresh starts over)",
+    ]
+    longer = run_offline(tmp_path, out, device, "--epochs", "2")  # more epochs: it trains on
+    assert longer.returncode == 0, longer.stderr
+    assert "training on to 2 epochs: the one-cycle schedule keeps its length of 4 steps" in longer.stdout
+    assert [line.split(" |")[0] for line in longer.stdout.splitlines() if line.startswith("Epoch:")] == ["Epoch:    2"]
+    assert [row.split(",")[0] for row in (out / "log.csv").read_text().splitlines()[1:]] == ["1", "2"]
+    fewer = run_offline(tmp_path, out, device, "--epochs", "1")
+    assert fewer.returncode == 1 and "cannot resume from" in fewer.stderr and "Traceback" not in fewer.stderr
 
 
 def test_rendered_digits_are_fixed_per_index_and_labelled():

@@ -154,6 +154,11 @@ class OneCycle(ParamScheduler):
     between ``max_momentum`` and ``base_momentum``. With ``warmup="cos"`` the
     values are those of torch's ``OneCycleLR``; with both set to ``"linear"``,
     those of ``OneCycleLR(anneal_strategy="linear")``.
+
+    The cycle's length is part of the run: a checkpoint keeps ``total_steps``,
+    and a run resumed with more epochs goes on along the cycle it began (at the
+    floor once it is over) rather than jumping onto a longer one; ``resized``
+    then holds the ``total_steps`` it was built with.
     """
 
     def __init__(
@@ -179,6 +184,15 @@ class OneCycle(ParamScheduler):
         self.div_factor, self.final_div_factor = div_factor, final_div_factor
         self.warmup, self.anneal = _check_anneal(warmup), _check_anneal(anneal)
         self.cycle_momentum, self.base_momentum, self.max_momentum = cycle_momentum, base_momentum, max_momentum
+        self.resized: int | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"total_steps": self.total_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = int(state.get("total_steps", self.total_steps))
+        if saved != self.total_steps:
+            self.resized, self.total_steps = self.total_steps, saved
 
     def _shape(self, step: int, start: float, peak: float, end: float) -> float:
         """torch's OneCycleLR phases: the peak is reached at step ``pct_start * total - 1``."""

@@ -38,20 +38,26 @@ def next_checkpoint_path(folder: Path, epoch: int, step: int) -> Path:
 
 
 def newest_valid(folder: Path, check: Callable[[dict[str, Any]], None] | None = None) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint in ``folder`` that reads, verifies and passes ``check``; None if there is none.
+    """The newest checkpoint in ``folder`` that reads and verifies, once ``check`` passes on it; None if there is none.
 
-    A newest file that fails is reported with a warning and the previous one is tried.
+    A newest file that does not read or verify (cut short, corrupted) is
+    reported with a warning and the previous one is tried. One that reads but
+    fails ``check`` (it does not fit this trainer) raises: an older checkpoint
+    of the run would resume it from an earlier point without saying so.
     """
     failures = []
     for path in reversed(checkpoint_files(folder)):
         try:
             tree = read_tree(path)
-            if check is not None:
-                check(tree)
         except CheckpointError as error:
             failures.append(f"{path.name}: {error}")
             warnings.warn(f"skipping checkpoint {path}: {error}; falling back to the previous one", stacklevel=3)
             continue
+        if check is not None:
+            try:
+                check(tree)
+            except CheckpointError as error:
+                raise CheckpointError(f"{path.name}, the newest checkpoint in {folder}, does not fit: {error}") from error
         return path, tree
     if failures:
         raise CheckpointError(f"no usable checkpoint in {folder}: " + "; ".join(failures))

@@ -1,5 +1,5 @@
-"""The library needs torch, transitions, safetensors and numpy; tqdm and matplotlib are extras; torchvision is
-for the example and the tests."""
+"""The library needs torch, transitions, safetensors and numpy; tqdm, matplotlib, graphviz and tensorboard are
+extras; torchvision is for the example and the tests."""
 
 from __future__ import annotations
 
@@ -35,20 +35,28 @@ def test_every_module_imports_without_torchvision():
 
 
 def test_without_the_optional_packages_the_library_imports_and_their_callbacks_name_the_extra():
-    result = import_everything_without(["tqdm", "matplotlib"], then=(
-        "from statetrainer.callbacks import Plots, ProgressBar\n"
-        "for make in (ProgressBar, lambda: Plots('plots')):\n"
+    result = import_everything_without(["tqdm", "matplotlib", "graphviz", "tensorboard"], then=(
+        "import statetrainer\n"
+        "from statetrainer.callbacks import Plots, ProgressBar, TensorBoardLogger\n"
+        "for make in (ProgressBar, lambda: Plots('plots'), lambda: TensorBoardLogger('tb'),\n"
+        "             lambda: statetrainer.diagram('dot')):\n"
         "    try:\n"
         "        make()\n"
         "    except ImportError as error:\n"
         "        print(error)\n"
+        "print(statetrainer.diagram('mermaid').splitlines()[3])\n"
     ))  # fmt: skip
     assert "ProgressBar needs tqdm" in result.stdout and "statetrainer[progress]" in result.stdout
     assert "Plots needs matplotlib" in result.stdout and "statetrainer[plots]" in result.stdout
+    assert "TensorBoardLogger needs tensorboard" in result.stdout and "statetrainer[tensorboard]" in result.stdout
+    assert "a DOT diagram needs graphviz" in result.stdout and "statetrainer[diagram]" in result.stdout
+    assert "stateDiagram-v2" in result.stdout  # Mermaid needs nothing more
 
 
 def test_the_extras_are_declared():
     extras = PROJECT["optional-dependencies"]
     assert any(requirement.startswith("tqdm") for requirement in extras["progress"])
     assert any(requirement.startswith("matplotlib") for requirement in extras["plots"])
+    assert any(requirement.startswith("graphviz") for requirement in extras["diagram"])
+    assert any(requirement.startswith("tensorboard") for requirement in extras["tensorboard"])
     assert not [requirement for requirement in PROJECT["dependencies"] if requirement.startswith(("tqdm", "matplotlib"))]

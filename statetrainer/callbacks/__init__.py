@@ -10,6 +10,7 @@ from .metrics import Accuracy, Metric, SmoothedLoss, running_metrics
 from .plots import Plots
 from .progress import ProgressBar
 from .schedulers import CosineWarmRestarts, OneCycle, ParamScheduler, TorchScheduler, anneal
+from .tensorboard import TensorBoardLogger
 
 __all__ = [
     "HOOK_NAMES",
@@ -30,6 +31,7 @@ __all__ = [
     "SmoothedLoss",
     "StopOnNonFinite",
     "StreamLogger",
+    "TensorBoardLogger",
     "TorchScheduler",
     "anneal",
     "learning_rates",

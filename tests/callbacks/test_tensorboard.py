@@ -1,0 +1,66 @@
+"""TensorBoardLogger: scalars per step and per epoch, read back with TensorBoard's own reader, across a resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import statetrainer as st
+from statetrainer.callbacks import Checkpoint, SmoothedLoss, TensorBoardLogger
+
+from ..conftest import regression_batches
+
+event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+
+
+def build(folder: Path, device: torch.device) -> st.Trainer:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    phases = [st.Phase("train", regression_batches(5)), st.Phase("valid", regression_batches(2, seed=1), grad=False)]
+    callbacks = [SmoothedLoss(), TensorBoardLogger(folder / "tb", every_steps=2), Checkpoint(folder / "ckpt", every_steps=3)]
+    return st.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05), F.mse_loss, phases, callbacks=callbacks,
+                      epochs=3, device=device)  # fmt: skip
+
+
+def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every tag's (step, value) points, as TensorBoard shows them (purges applied)."""
+    reader = event_accumulator.EventAccumulator(str(log_dir), size_guidance={event_accumulator.SCALARS: 0})
+    reader.Reload()
+    return {tag: [(event.step, event.value) for event in reader.Scalars(tag)] for tag in reader.Tags()["scalars"]}
+
+
+def test_steps_and_epochs_are_written_for_tensorboard(tmp_path, device):
+    build(tmp_path, device).fit()
+    points = scalars(tmp_path / "tb")
+    assert [step for step, _ in points["step/lr"]] == [2, 4, 6, 8, 10, 12, 14]
+    assert [step for step, _ in points["step/train_loss"]] == [2, 4, 6, 8, 10, 12, 14]
+    assert [step for step, _ in points["epoch/valid_loss"]] == [5, 10, 15]
+    assert points["step/lr"][0][1] == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("stop_after_step", [7, 10, 13])
+def test_a_killed_and_resumed_run_leaves_one_point_per_step_and_none_missing(tmp_path, device, stop_after_step):
+    whole = tmp_path / "whole"
+    build(whole, device).fit()
+    expected = scalars(whole / "tb")
+    run = tmp_path / "run"
+    killed = build(run, device)
+    killed.run_until("step", step=stop_after_step)
+    killed.advance(8)  # on past the newest checkpoint (every 3 steps), writing points a resume must drop
+    killed.callbacks[1].writer.flush()  # they reach the file, then the process dies
+    resumed = build(run, device)
+    assert resumed.load_checkpoint(run / "ckpt") is not None
+    resumed.fit()
+    assert scalars(run / "tb") == expected  # the same points: no step twice, no step missing, same values
+
+
+def test_a_fresh_run_in_the_same_folder_hides_the_older_runs_points(tmp_path, device):
+    build(tmp_path, device).fit()
+    again = build(tmp_path / "other", device)
+    again.callbacks[1].log_dir = tmp_path / "tb"
+    again.fit()
+    assert [step for step, _ in scalars(tmp_path / "tb")["epoch/valid_loss"]] == [5, 10, 15]

@@ -30,8 +30,9 @@ def stop_condition(
     batch: int | None = None,
     step: int | None = None,
     when: Callable[[Any], bool] | None = None,
-) -> Callable[[], bool]:
-    """A check to call after each transition: True where ``run_until`` stops.
+) -> Callable[[], bool] | None:
+    """The conditions to check once ``state`` has just been entered (after any transition, for None): True
+    where ``run_until`` stops; None when the state alone decides.
 
     Args:
         trainer: The run.
@@ -58,12 +59,9 @@ def stop_condition(
         checks.append(lambda: position.global_step == step)
     if when is not None:
         checks.append(lambda: bool(when(trainer)))
-    machine = trainer.parts["machine"]
-    if state is None:
-        return lambda: all(check() for check in checks)
     if not checks:
-        return lambda: machine.state == state
-    return lambda: machine.state == state and all(check() for check in checks)
+        return None  # the state alone decides
+    return lambda: all(check() for check in checks)
 
 
 def _check_reachable(trainer: Trainer, state: str | None, epoch: int | None, phase: str | None, batch: int | None,

@@ -45,6 +45,8 @@ from .version import __version__
 
 __all__ = ["Trainer", "unpack_pair"]
 
+_NEVER = "no state"  # advance() stops at no state, only at its count
+
 
 class Trainer:
     """Trains ``model`` by running a state machine over epochs, phases and batches.
@@ -203,7 +205,7 @@ class Trainer:
         """Make ``n`` transitions (fewer if the run ends first), with their callbacks and work; return the new state."""
         check_count("advance: n", n)
         with self._guard.driving(self):
-            self._drive(None, limit=n)
+            self._drive(_NEVER, None, limit=n)
         return self._machine.state
 
     def run_until(self, state: str | None = None, *, epoch: int | None = None, phase: str | None = None,
@@ -212,17 +214,18 @@ class Trainer:
         """Advance until ``state`` is next entered where every given condition holds; return the state.
 
         ``epoch``, ``phase``, ``batch`` and ``step`` are what ``trainer.epoch``, ``trainer.phase.name``,
-        ``trainer.batch_index`` and ``trainer.global_step`` must be there; ``when`` is any predicate of the
-        trainer. Without a state it stops after the first transition where the conditions hold, for example
+        ``trainer.batch_index`` and ``trainer.global_step`` must be there, read once the transition and its
+        work are done; ``when`` is any predicate of the trainer. Without a state it stops after the first
+        transition where the conditions hold, for example
         ``run_until(when=lambda trainer: not trainer.loss.isfinite())``.
 
         Raises:
             ValueError: No such state or phase, or a condition this run can never meet (checked first).
             RuntimeError: The run ended before the stop.
         """
-        until = stop_condition(self, state, epoch=epoch, phase=phase, batch=batch, step=step, when=when)
+        check = stop_condition(self, state, epoch=epoch, phase=phase, batch=batch, step=step, when=when)
         with self._guard.driving(self):
-            stopped = self._drive(until)
+            stopped = self._drive(state, check)
         if not stopped:
             given = {"epoch": epoch, "phase": phase, "batch": batch, "step": step, "when": when and "the predicate"}
             conditions = ", ".join(f"{name}={value!r}" for name, value in given.items() if value is not None)
@@ -230,20 +233,24 @@ class Trainer:
             raise RuntimeError(f"the run finished before {target}" + (f" ({conditions})" if conditions else ""))
         return self._machine.state
 
-    def _drive(self, until: Callable[[], bool] | None, limit: int | None = None) -> bool:
-        """Make transitions until ``until()`` holds after one (True), ``limit`` are made or the run ends (False)."""
+    def _drive(self, state: str | None, check: Callable[[], bool] | None, limit: int | None = None) -> bool:
+        """Make transitions until one enters ``state`` (any, for None) where ``check()`` holds (True), or
+        ``limit`` are made, or the run ends (False). Only a state comparison runs after each transition."""
         machine, deciders, guard, position = self._machine, self._deciders, self._guard, self.position
-        made = 0
+        if machine.pending is not None:  # a run saved mid-transition finishes that transition first
+            machine.finish_pending()
+        else:
+            deciders[machine.state]()
+        made = 1
         while True:
-            if not machine.finish_pending():  # a run saved mid-transition finishes that transition first
-                deciders[machine.state]()
             if guard.deferred:
                 guard.run_deferred(self)
-            made += 1
-            if until is not None and until():
+            if (state is None or machine.state == state) and (check is None or check()):
                 return True
-            if made == limit or (position.finished and machine.pending is None):
+            if made == limit or position.finished:
                 return False
+            deciders[machine.state]()
+            made += 1
 
     def defer(self, action: Callable[[Trainer], None]) -> None:
         """Run ``action(trainer)`` as soon as the machine is between batches (as a checkpoint save needs)."""

@@ -123,6 +123,10 @@ def build(options: argparse.Namespace) -> st.Trainer:
     if options.kill:
         rank, epoch, batch = map(int, options.kill.split(":"))
         callbacks.append(KillAfter(rank, epoch, batch, folder / "killed"))
+    if options.break_at:
+        epoch, batch = map(int, options.break_at.split(":"))
+        callbacks.append(cb.Breakpoint("batch", enter=False, when=lambda trainer: (trainer.epoch, trainer.batch_index)
+                                       == (epoch, batch) and trainer.phase.name == "train"))  # fmt: skip
     if options.term_at:
         epoch, batch = map(int, options.term_at.split(":"))
         callbacks.append(TerminateLauncher(epoch, batch, folder / "terminated"))
@@ -184,6 +188,7 @@ def main() -> None:
     parser.add_argument("--records", help="a folder to record each rank's batches in")
     parser.add_argument("--hidden", type=int, default=16, help="hidden units (another value: another model)")
     parser.add_argument("--own-ddp", action="store_true", help="init the process group and wrap in DDP here")
+    parser.add_argument("--break-at", help="EPOCH:BATCH: a Breakpoint after that train batch (rank 0 breaks)")
     parser.add_argument("--term-at", help="EPOCH:BATCH: rank 0 sends SIGTERM to its launcher after that train batch")
     parser.add_argument("--only-rank-zero-writes", action="store_true",
                         help="raise if a rank other than 0 writes anything under FOLDER")

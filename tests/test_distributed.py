@@ -26,7 +26,7 @@ TIMEOUT = 180
 
 
 def launch(folder: Path, *options: str, processes: int = 2, device: str = "cpu", check: bool = True,
-           logs: Path | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+           logs: Path | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:  # fmt: skip
     """Run the script on ``processes`` ranks (torchrun) or in one plain process; each rank's output goes to ``logs``."""
     arguments = [str(SCRIPT), str(folder), "--device", device, *options]
     if processes > 1:
@@ -36,7 +36,7 @@ def launch(folder: Path, *options: str, processes: int = 2, device: str = "cpu",
     else:
         command = [sys.executable, *arguments]
     environment = {**os.environ, "PYTHONWARNINGS": "ignore::UserWarning"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env=environment)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env=environment, input=stdin)
     if check and result.returncode != 0:
         raise AssertionError(f"{command} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}\n"
                              f"{rank_output(logs) if logs else ''}")  # fmt: skip
@@ -214,3 +214,11 @@ def test_a_checkpoint_of_another_model_is_refused_on_every_rank_without_a_hang(t
     assert refused.returncode != 0
     for rank in (0, 1):
         assert "CheckpointError: the checkpoint does not fit this model" in rank_output(logs, rank)
+
+
+def test_a_breakpoint_under_torchrun_breaks_on_rank_zero_while_the_others_wait(tmp_path, device):
+    logs = tmp_path / "logs"
+    launch(tmp_path / "run", "--break-at", "0:2", logs=logs, device=device.type,
+           stdin="up\np trainer.batch_index\np trainer.world_size\nc\n")  # fmt: skip
+    assert "(Pdb) 2\n(Pdb) 2\n" in rank_output(logs, 0, "stdout")  # in the Breakpoint's frame: batch 2, 2 ranks
+    assert "Pdb" not in rank_output(logs, 1, "stdout") and (tmp_path / "run" / "final.safetensors").is_file()

@@ -23,8 +23,11 @@ class Breakpoint(Callback):
     backward pass has not run. Continuing in the debugger continues the run.
 
     Entering ``batch``, the batch is loaded but forward has not run (``loss`` is
-    None); leaving it, ``output`` and ``loss`` are there. Under torchrun only rank ``rank`` breaks, through ``torch.distributed.breakpoint``;
-    the others wait at a barrier until it continues.
+    None); leaving it, ``output`` and ``loss`` are there.
+
+    Under torchrun only rank ``rank`` breaks, through ``torch.distributed.breakpoint``
+    (its debugger opens one frame down: ``up`` reaches this one); the others
+    wait at a barrier until it continues.
 
     Args:
         state: One of ``idle, epoch, phase, batch, backward, step``.

@@ -96,11 +96,16 @@ class Metric(Callback):
 
 
 class SmoothedLoss(Metric):
-    """Exponential moving average of the batch loss, bias-corrected.
+    """The phase's loss: smoothed while training, the exact sample mean while evaluating.
 
-    ``avg = beta * avg + (1 - beta) * loss`` after each batch, reported as
-    ``avg / (1 - beta ** n)`` after ``n`` batches, so early values are not pulled
-    towards zero. Reset at the start of every phase.
+    In a phase with ``grad=True`` it is the exponential moving average of the
+    batch loss, bias-corrected: ``avg = beta * avg + (1 - beta) * loss`` after
+    each batch, reported as ``avg / (1 - beta ** n)`` after ``n`` batches, so
+    early values are not pulled towards zero. In a phase without gradients
+    (validation, test) it is the exact mean over the phase's samples, each
+    batch's mean loss weighed by its number of samples, so ``valid_loss`` (and
+    ``EarlyStopping`` or ``Checkpoint(best=...)`` on it) does not depend on the
+    order of the data. Both accumulate on the device. Reset every phase.
     """
 
     metric_name = "loss"
@@ -109,30 +114,56 @@ class SmoothedLoss(Metric):
         check_number("SmoothedLoss: beta", beta, 0, 1, high_open=True)
         super().__init__(phases, name)
         self.beta = beta
-        self.average = torch.zeros(())
+        self.average = torch.zeros(())  # the moving average, or the sum of sample losses when exact
+        self.exact, self.samples = False, 0
 
     def reset(self, trainer: TrainerView) -> None:
         self.average = torch.zeros((), device=trainer.device)
+        self.exact, self.samples = not trainer.phase.grad, 0
 
     def update(self, trainer: TrainerView) -> None:
+        loss = trainer.loss.detach()
+        if self.exact:
+            target = trainer.target
+            count = len(target) if isinstance(target, torch.Tensor) and target.dim() else 1
+            self.average.add_(loss, alpha=count)
+            self.samples += count
+            return
         weight = trainer.loss_weight  # under torchrun, the mean over the ranks is then the global batch's mean
-        self.average.mul_(self.beta).add_(trainer.loss.detach(), alpha=(1 - self.beta) * weight)
+        self.average.mul_(self.beta).add_(loss, alpha=(1 - self.beta) * weight)
 
     def compute(self) -> torch.Tensor:
+        if self.exact:
+            return self.average / self.samples
         return self.average / (1 - self.beta**self.batches)
 
+    def global_value(self, ranks: Ranks) -> float:
+        """Over every rank: the sum of sample losses over all samples when exact, else the ranks' mean."""
+        if not (self.exact and ranks.distributed):
+            return super().global_value(ranks)
+        sums = all_reduce(torch.stack([self.average.double(), torch.tensor(float(self.samples), dtype=torch.float64,
+                                                                           device=self.average.device)]), ranks)  # fmt: skip
+        total, samples = sums.tolist()
+        return total / samples if samples else float("nan")
+
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "average": self.average}
+        return {**super().state_dict(), "average": self.average, "exact": self.exact, "samples": self.samples}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.average = state["average"]
+        self.average, self.exact, self.samples = state["average"], bool(state["exact"]), int(state["samples"])
 
     @classmethod
     def regroup_states(cls, states: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
-        """Every rank starts from the mean of the saved averages, so the mean over the ranks goes on as it was."""
+        """Exact: rank 0 takes every saved rank's sums; smoothed: every rank starts from the mean of the saved
+        averages. Either way the phase's value goes on as it was."""
+        first = states[0]
+        if first["exact"]:
+            total, samples = sum(state["average"] for state in states), sum(int(state["samples"]) for state in states)
+            empty = {**first, "average": torch.zeros_like(first["average"]), "samples": 0}
+            return [{**first, "average": total, "samples": samples}] + [empty] * (world_size - 1)
         mean = sum(state["average"].double() for state in states) / len(states)
-        return [{**states[0], "average": mean.to(states[0]["average"].dtype)} for _ in range(world_size)]
+        return [{**first, "average": mean.to(first["average"].dtype)} for _ in range(world_size)]
 
 
 class Accuracy(Metric):

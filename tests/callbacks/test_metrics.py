@@ -23,10 +23,11 @@ class FixedOutputs(nn.Module):
         return inputs + 0 * self.unused
 
 
-def run(batches, callbacks, device: torch.device, loss_fn=None, phases=("valid",)):
+def run(batches, callbacks, device: torch.device, loss_fn=None, phases=("valid",), grad=False):
     model = FixedOutputs()
     loss_fn = loss_fn or (lambda output, target: output.float().mean())
-    trainer = st.Trainer(model, None, loss_fn, [st.Phase(name, batches, grad=False) for name in phases],
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1) if grad else None
+    trainer = st.Trainer(model, optimizer, loss_fn, [st.Phase(name, batches, grad=grad) for name in phases],
                          callbacks=callbacks, device=device)  # fmt: skip
     return trainer.fit()
 
@@ -34,15 +35,21 @@ def run(batches, callbacks, device: torch.device, loss_fn=None, phases=("valid",
 def test_smoothed_loss_is_the_bias_corrected_moving_average(device: torch.device):
     losses = [2.0, 1.0, 4.0, 3.0]
     batches = [(torch.tensor([loss]), torch.tensor([0])) for loss in losses]
-    trainer = run(batches, [SmoothedLoss(beta=0.9)], device)
+    trainer = run(batches, [SmoothedLoss(beta=0.9)], device, phases=("train",), grad=True)
     average = 0.0
     for loss in losses:
         average = 0.9 * average + 0.1 * loss
     expected = average / (1 - 0.9 ** len(losses))
-    assert trainer.metrics["valid_loss"] == pytest.approx(expected, rel=1e-6)
+    assert trainer.metrics["train_loss"] == pytest.approx(expected, rel=1e-6)
     # by hand for the first two: (0.1*2) / 0.1 = 2, then (0.09*2 + 0.1*1) / 0.19
-    trainer = run(batches[:2], [SmoothedLoss(beta=0.9)], device)
-    assert trainer.metrics["valid_loss"] == pytest.approx((0.18 + 0.1) / 0.19, rel=1e-6)
+    trainer = run(batches[:2], [SmoothedLoss(beta=0.9)], device, phases=("train",), grad=True)
+    assert trainer.metrics["train_loss"] == pytest.approx((0.18 + 0.1) / 0.19, rel=1e-6)
+
+
+def test_an_evaluation_phases_loss_is_the_exact_sample_weighted_mean(device: torch.device):
+    batches = [(torch.full((3,), 2.0), torch.zeros(3)), (torch.full((1,), 6.0), torch.zeros(1))]  # means 2 and 6
+    trainer = run(batches, [SmoothedLoss(beta=0.9)], device)
+    assert trainer.metrics["valid_loss"] == pytest.approx((3 * 2.0 + 1 * 6.0) / 4)  # 3.0: not (2 + 6) / 2
 
 
 def test_smoothed_loss_resets_every_phase(device: torch.device):
@@ -84,7 +91,7 @@ def test_metrics_can_be_limited_to_phases_and_read_while_running(device: torch.d
 def test_metrics_round_trip_their_state(device: torch.device):
     metric = SmoothedLoss(beta=0.5)
     batches = [(torch.tensor([1.0]), torch.tensor([0])), (torch.tensor([3.0]), torch.tensor([0]))]
-    run(batches, [metric], device)
+    run(batches, [metric], device, phases=("train",), grad=True)
     copy = SmoothedLoss(beta=0.5)
     copy.load_state_dict(metric.state_dict())
     assert copy.value() == metric.value() == pytest.approx((0.25 * 1 + 0.5 * 3) / 0.75)
@@ -106,9 +113,44 @@ def test_metric_states_saved_on_some_ranks_regroup_onto_others_keeping_the_phase
         regrouped = Accuracy.regroup_states(accuracies, world_size)
         assert len(regrouped) == world_size
         assert sum(int(state["correct"]) for state in regrouped) == 8 and sum(s["total"] for s in regrouped) == 15
-    losses = [{"active": True, "batches": 4, "average": torch.tensor(0.5)},
-              {"active": True, "batches": 4, "average": torch.tensor(1.5)}]  # fmt: skip
+    losses = [{"active": True, "batches": 4, "average": torch.tensor(0.5), "exact": False, "samples": 0},
+              {"active": True, "batches": 4, "average": torch.tensor(1.5), "exact": False, "samples": 0}]  # fmt: skip
     for world_size in (1, 3):
         regrouped = SmoothedLoss.regroup_states(losses, world_size)
         assert [float(state["average"]) for state in regrouped] == [1.0] * world_size  # the mean over the ranks
         assert all(state["batches"] == 4 for state in regrouped)
+    sums = [{"active": True, "batches": 2, "average": torch.tensor(6.0), "exact": True, "samples": 3},
+            {"active": True, "batches": 2, "average": torch.tensor(2.0), "exact": True, "samples": 5}]  # fmt: skip
+    regrouped = SmoothedLoss.regroup_states(sums, 1)
+    assert float(regrouped[0]["average"]) / regrouped[0]["samples"] == pytest.approx(8.0 / 8)
+
+
+def sorted_validation_trainer(device: torch.device) -> st.Trainer:
+    """A classifier whose validation set is stored sorted by class, in ragged batches."""
+    generator = torch.Generator().manual_seed(0)
+    inputs, labels = torch.randn(60, 4, generator=generator), torch.arange(60) % 3
+    order = labels.argsort(stable=True)  # sorted by class: a moving average would weigh the last class most
+    valid = [(inputs[order][start:start + 7], labels[order][start:start + 7]) for start in range(0, 60, 7)]
+    train = [(inputs[start:start + 10], labels[start:start + 10]) for start in range(0, 60, 10)]
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    return st.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.5), nn.functional.cross_entropy,
+                      [st.Phase("train", train), st.Phase("valid", valid, grad=False)],
+                      callbacks=[SmoothedLoss(), Accuracy()], epochs=2, device=device)  # fmt: skip
+
+
+def test_valid_loss_on_a_sorted_set_is_the_exact_mean_before_and_after_a_mid_phase_resume(device, tmp_path):
+    whole = sorted_validation_trainer(device).fit()
+    inputs = torch.cat([batch[0] for batch in whole.phases[1].loader]).to(device)
+    labels = torch.cat([batch[1] for batch in whole.phases[1].loader]).to(device)
+    with torch.no_grad():
+        exact = float(nn.functional.cross_entropy(whole.model(inputs), labels))  # the mean over all 60 samples
+    assert whole.metrics["valid_loss"] == pytest.approx(exact, rel=1e-5)
+    stopped = sorted_validation_trainer(device)
+    stopped.run_until("batch", epoch=1, phase="valid", batch=4)
+    stopped.advance()  # to the end of the batch, where a run is saved
+    path = stopped.save_checkpoint(tmp_path / "mid-valid.safetensors")
+    resumed = sorted_validation_trainer(device)
+    resumed.load_checkpoint(path)
+    resumed.fit()
+    assert resumed.metrics["valid_loss"] == whole.metrics["valid_loss"]

@@ -180,7 +180,7 @@ def build_trainer(
 
 def main(argv: list[str] | None = None) -> st.Trainer:
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
+    st.seed_everything(args.seed)  # weights and dropout; the trainer's seed decides data order and augmentation
     train, valid, source = load_data(args.data_root, download=not args.offline, seed=args.seed)
     print(source, flush=True)
     if args.limit is not None:

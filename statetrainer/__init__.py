@@ -14,6 +14,7 @@ from .checkpoint import CheckpointError
 from .machine import STATES, TRANSITIONS, InvalidMove, Move, diagram
 from .phase import Phase
 from .preemption import Preempted
+from .rng import seed_everything
 from .trainer import Trainer, unpack_pair
 from .version import __version__
 
@@ -31,5 +32,6 @@ __all__ = [
     "__version__",
     "callbacks",
     "diagram",
+    "seed_everything",
     "unpack_pair",
 ]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .callbacks.base import Callback
+from .callbacks.base import HOOK_NAMES, Callback
+from .machine import STATES
 from .phase import Phase
 from .validation import check_count, check_number
 
@@ -68,11 +70,37 @@ def _check_phases(phases: Sequence[Phase], optimizer: torch.optim.Optimizer | No
     return phases
 
 
+# What other frameworks call their hooks, and the hook that does that here.
+_HOOKS_ELSEWHERE = {
+    "on_batch_end": "on_exit_batch", "on_train_batch_end": "on_exit_batch", "on_batch_begin": "on_enter_batch",
+    "on_batch_start": "on_enter_batch", "on_train_batch_start": "on_enter_batch", "on_epoch_end": "on_exit_epoch",
+    "on_train_epoch_end": "on_exit_epoch", "on_epoch_begin": "on_enter_epoch", "on_epoch_start": "on_enter_epoch",
+    "on_train_epoch_start": "on_enter_epoch", "on_train_begin": "on_exit_idle", "on_train_start": "on_exit_idle",
+    "on_fit_start": "on_exit_idle", "on_train_end": "on_enter_idle", "on_fit_end": "on_enter_idle",
+    "on_validation_start": "on_enter_phase", "on_validation_end": "on_exit_phase",
+    "on_validation_epoch_end": "on_exit_phase", "on_before_backward": "on_enter_backward",
+    "on_after_backward": "on_exit_backward", "on_before_optimizer_step": "on_enter_step",
+    "on_before_zero_grad": "on_exit_step", "on_step_end": "on_exit_step",
+}  # fmt: skip
+
+
+def _check_hook_names(callback: Callback) -> None:
+    """Raise ``TypeError`` for a method named like a hook that is none (it would never be called)."""
+    known = {*HOOK_NAMES, "on_exception"}
+    for name in dir(type(callback)):
+        if name.startswith("on_") and name not in known and callable(getattr(type(callback), name)):
+            closest = _HOOKS_ELSEWHERE.get(name) or next(iter(difflib.get_close_matches(name, sorted(known), 1, 0.6)), None)
+            hint = f"; did you mean {closest}?" if closest else "; the hooks are on_enter_<state> and on_exit_<state>"
+            raise TypeError(f"callback {callback.key} defines {name}, which is not a hook and would never be "
+                            f"called{hint} (states: {', '.join(STATES)})")  # fmt: skip
+
+
 def _check_callbacks(callbacks: Iterable[Callback]) -> list[Callback]:
     callbacks = list(callbacks)
     for callback in callbacks:
         if not isinstance(callback, Callback):
             raise TypeError(f"callbacks must be statetrainer.Callback instances, got {type(callback).__name__}")
+        _check_hook_names(callback)
     _refuse_duplicates("callback names", [callback.key for callback in callbacks],
                        "; give each a distinct name (callback.name = '...')")  # fmt: skip
     return callbacks

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .data import loader_length
+from .validation import check_count
 
 __all__ = ["Phase"]
 
@@ -23,6 +24,10 @@ class Phase:
             records, and every batch runs ``backward`` and (at accumulation
             boundaries) ``step``. False for evaluation: eval mode, no autograd,
             forward and loss only.
+        limit: Run at most this many batches of the loader per epoch (the first
+            ones of its order), for a quick debugging run; None runs them all.
+
+    How a batch becomes ``(input, target)`` is the ``Trainer``'s ``unpack``, one for every phase.
 
     A phase compares equal to its name, so ``trainer.phase == "train"`` reads
     as it should.
@@ -31,12 +36,14 @@ class Phase:
     name: str
     loader: Iterable[Any]
     grad: bool = True
+    limit: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.isidentifier():
             raise ValueError(f"a phase name must be a non-empty identifier like 'train', got {self.name!r}")
         if not isinstance(self.grad, bool):
             raise TypeError(f"phase {self.name!r}: grad must be True or False, got {self.grad!r}")
+        check_count(f"phase {self.name!r}: limit", self.limit, optional=True)
         if not isinstance(self.loader, Iterable):
             raise TypeError(f"phase {self.name!r}: loader must be iterable, got {type(self.loader).__name__}")
         if isinstance(self.loader, Iterator):

@@ -97,13 +97,15 @@ def _unpack(packed: torch.Tensor, like: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def seed_everything(seed: int, cuda_devices: Sequence[torch.device] = ()) -> None:
-    """Seed Python's, NumPy's and torch's generators (and those of ``cuda_devices``) from ``seed``."""
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (the CPU's and every CUDA device's) from ``seed``.
+
+    Call it first in a script, so weight initialisation and dropout repeat; the
+    trainer's ``seed`` decides the data order and augmentation.
+    """
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    for device in cuda_devices:
-        torch.cuda.default_generators[device.index or 0].manual_seed(seed)
 
 
 class Generators:
@@ -161,4 +163,4 @@ class Generators:
         if rank < len(saved):
             restore_rng(saved[rank], self.cuda_devices)
         else:
-            seed_everything(mix_seed(self.seed, self.global_step(), rank), self.cuda_devices)
+            seed_everything(mix_seed(self.seed, self.global_step(), rank))

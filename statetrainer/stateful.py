@@ -317,6 +317,7 @@ class RunSettings:
             dataset = getattr(phase.loader, "dataset", None)
             sized = dataset is not None and hasattr(dataset, "__len__")
             settings[f"{phase.name}.batch_size"] = getattr(phase.loader, "batch_size", None)
+            settings[f"{phase.name}.limit"] = phase.limit
             settings[f"{phase.name}.samples"] = len(dataset) if sized else None
         return cls(settings)
 

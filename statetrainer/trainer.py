@@ -165,7 +165,10 @@ class Trainer:
     @property
     def phase_batches(self) -> int | None:
         """The current phase's batches per epoch in this process (its share under torchrun); None: unknown."""
-        return self._sources[self.position.phase_position].length if self.phase is not None else None
+        if self.phase is None:
+            return None
+        length, limit = self._sources[self.position.phase_position].length, self.phase.limit
+        return length if limit is None else limit if length is None else min(length, limit)
 
     @property
     def is_global_zero(self) -> bool:

@@ -52,3 +52,14 @@ def test_each_rank_takes_its_own_state_and_a_rank_with_none_saved_seeds_from_the
     third.global_step = lambda: 41
     third.load_state_dict(state)
     assert draws() != new_rank and new_rank != from_rank_one
+
+
+def test_seed_everything_repeats_python_numpy_and_torch():
+    import statetrainer as st
+
+    st.seed_everything(123)
+    first = draws()
+    st.seed_everything(123)
+    assert draws() == first
+    st.seed_everything(124)
+    assert draws() != first

@@ -23,7 +23,9 @@ class Checkpoint(Callback):
     the machine is between batches (the request made in a hook is carried out
     at the end of that transition). After a new file is durable, all but the
     newest ``keep_last`` are deleted. With ``best``, the checkpoint of the
-    epoch with the best value of that metric is also kept as ``best.safetensors``.
+    epoch with the best value of that metric is also kept as ``best.safetensors``,
+    and with ``keep_best=k`` the k best epochs' as ``best-epoch0003.safetensors``
+    (epochs counted from 1), the others deleted as they drop out.
 
     Resuming is ``trainer.load_checkpoint(folder)`` before ``trainer.fit()``.
 
@@ -39,6 +41,7 @@ class Checkpoint(Callback):
         best: A ``trainer.metrics`` name to keep the best checkpoint of.
         best_mode: ``"min"`` or ``"max"``; ``"auto"`` means min for names with
             ``loss`` or ``error`` in them, else max.
+        keep_best: How many of the best epochs' checkpoints to keep (with ``best``).
         name: The callback's unique name (defaults to the class name).
     """
 
@@ -50,10 +53,17 @@ class Checkpoint(Callback):
         keep_last: int | None = 3,
         best: str | None = None,
         best_mode: str = "auto",
+        keep_best: int | None = None,
         name: str | None = None,
     ) -> None:
-        for label, value in (("every_steps", every_steps), ("every_epochs", every_epochs), ("keep_last", keep_last)):
+        for label, value in (("every_steps", every_steps), ("every_epochs", every_epochs), ("keep_last", keep_last),
+                             ("keep_best", keep_best)):  # fmt: skip
             check_count(f"Checkpoint: {label}", value, optional=True)
+        if keep_best is not None and best is None:
+            raise ValueError("Checkpoint: keep_best needs best='<metric>' to rank the checkpoints by")
+        if best is not None and not isinstance(best, str):
+            raise TypeError(f"Checkpoint: best is the name of a metric to keep the best checkpoint of, such as "
+                            f"best='valid_accuracy' (its mode inferred, or best_mode='max'), not {best!r}")  # fmt: skip
         if best_mode not in ("auto", "min", "max"):
             raise ValueError(f"Checkpoint: best_mode must be 'auto', 'min' or 'max', got {best_mode!r}")
         if best_mode == "auto" and best is not None:
@@ -62,6 +72,9 @@ class Checkpoint(Callback):
         self.every_steps, self.every_epochs, self.keep_last = every_steps, every_epochs, keep_last
         self.best, self.best_mode, self.name = best, best_mode, name
         self.best_value = math.inf if best_mode == "min" else -math.inf
+        self.keep_best = keep_best
+        self.ranked: list[tuple[float, int]] = []  # the best epochs kept (value, epoch from 1), best first
+        self._keep_epoch: int | None = None  # the epoch whose checkpoint is due to join the best
         self._due = False
         self._best_due = False
         self._warned = False
@@ -87,6 +100,8 @@ class Checkpoint(Callback):
             if value < self.best_value if self.best_mode == "min" else value > self.best_value:
                 self.best_value = value
                 self._best_due = True
+                self._request(trainer)
+            if self.keep_best is not None and self._ranks_among_best(value, trainer.epoch + 1):
                 self._request(trainer)
         if self.every_epochs is not None and (trainer.epoch + 1) % self.every_epochs == 0:
             self._request(trainer)
@@ -133,14 +148,38 @@ class Checkpoint(Callback):
         self._last_saved = position, path
         if best_due and writer:
             atomic_copy(path, self.best_path)
+        if self.keep_best is not None and writer:
+            self._keep_the_best(path)
         if self.keep_last is not None and writer:  # only now that the new file is durable
             for old in checkpoint_files(self.folder)[: -self.keep_last]:
                 old.unlink(missing_ok=True)
         return path
 
+    def _ranks_among_best(self, value: float, epoch: int) -> bool:
+        """Enter this epoch among the ``keep_best`` best, if it is; True when it is (its checkpoint is due)."""
+        ranked = sorted([*self.ranked, (value, epoch)], key=lambda entry: entry[0], reverse=self.best_mode == "max")
+        self.ranked = ranked[: self.keep_best]
+        self._keep_epoch = epoch if (value, epoch) in self.ranked else None
+        return self._keep_epoch is not None
+
+    def best_epoch_path(self, epoch: int) -> Path:
+        """Where the checkpoint of ``epoch`` (from 1) is kept while it ranks among the best."""
+        return self.folder / f"best-epoch{epoch:04d}.safetensors"
+
+    def _keep_the_best(self, path: Path) -> None:
+        """Copy ``path`` as its epoch's best checkpoint if it ranks, and delete those that dropped out."""
+        if self._keep_epoch is not None:
+            atomic_copy(path, self.best_epoch_path(self._keep_epoch))
+            self._keep_epoch = None
+        kept = {self.best_epoch_path(epoch) for _, epoch in self.ranked}
+        for old in self.folder.glob("best-epoch*.safetensors"):
+            if old not in kept:  # dropped out, or written by a run killed after its newest checkpoint
+                old.unlink(missing_ok=True)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"best_value": self.best_value}
+        return {"best_value": self.best_value, "ranked": [[value, epoch] for value, epoch in self.ranked]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best_value = float(state["best_value"])
+        self.ranked = [(float(value), int(epoch)) for value, epoch in state.get("ranked", [])]
 

@@ -79,9 +79,10 @@ def _inspect(options: argparse.Namespace) -> int:
 
 
 def _position_text(position: dict[str, Any]) -> str:
-    text = f"state {position['state']!r}, epoch {position['epoch']}"
+    counted = position["epoch"] + (position["phase"] is not None or position["state"] not in ("epoch", "idle"))
+    text = f"state {position['state']!r}, epoch {counted}"  # counted from 1, for people (the JSON is the API's)
     if position["phase"] is not None:
-        text += f", phase {position['phase']!r} after batch {position['batch']}"
+        text += f", phase {position['phase']!r} after batch {position['batch'] + 1}"
     text += f", step {position['step']}"
     if position["pending"]:
         text += f" (inside the {position['pending']!r} transition, saved after an error)"

@@ -149,10 +149,11 @@ class RunGuard:
 
 def stop_on_signal(trainer: Trainer, received: signal.Signals) -> None:
     """At the first batch boundary after a stop signal: save exactly here, then raise ``Preempted``."""
-    if trainer.state == "phase":
-        where = f"epoch {trainer.epoch}, phase {trainer.phase.name!r}, after batch {trainer.batch_index}"
+    epoch = trainer.position.epoch_for_people(trainer.state)
+    if trainer.state == "phase":  # counted from 1, for people
+        where = f"epoch {epoch}, phase {trainer.phase.name!r}, after batch {trainer.batch_index + 1}"
     else:
-        where = f"epoch {trainer.epoch}, state {trainer.state!r}"
+        where = f"the end of epoch {epoch}" if epoch else "the start of the run"
     savers = [callback for callback in trainer.callbacks if isinstance(callback, Checkpoint)]
     saved = None
     why_not = trainer.why_not_checkpoint_here()
@@ -165,7 +166,7 @@ def stop_on_signal(trainer: Trainer, received: signal.Signals) -> None:
     else:
         saved = savers[0].save(trainer)
         outcome = f"saved {saved}"
-    message = f"stopped by {received.name} at {where} (global step {trainer.global_step}): {outcome}"
+    message = f"stopped by {received.name} at {where} (step {trainer.global_step}): {outcome}"
     if trainer.is_global_zero:
         print(f"statetrainer: {message}", file=sys.stderr, flush=True)
     raise Preempted(received, saved, message)

@@ -80,7 +80,8 @@ def plan_recovery(trainer: Any, machine: TrainingMachine, work: StateWork) -> Re
     delivered_ahead = cursor is not None and (cursor.looked_ahead or cursor.fetched > position.batch_index + 1)
     keeps_own = position.phase_position >= 0 and work.sources[position.phase_position].keeps_own_state
     in_phase = trainer.phase is not None and machine.state not in ("idle", "epoch")
-    where = f"epoch {position.epoch}" + (f", phase {trainer.phase.name!r}" if in_phase else "")
+    epoch = position.epoch_for_people(machine.state)  # messages count epochs and batches from 1
+    where = f"epoch {epoch}" + (f", phase {trainer.phase.name!r}" if in_phase else "")
     if event is not None and event not in _IN_BATCH_EVENTS:
         name = _describe(interrupted.call, work)
         return Recovery(f"the checkpoint holds {where} in the middle of {event!r}, where {name} raised; "
@@ -88,9 +89,9 @@ def plan_recovery(trainer: Any, machine: TrainingMachine, work: StateWork) -> Re
     if event is None and machine.state not in _IN_BATCH_STATES:
         if machine.state == "phase" and keeps_own and delivered_ahead:
             return Recovery("", refusal=f"the loader of {where} keeps its own position and had already delivered "
-                                        f"the batch after batch {position.batch_index}")  # fmt: skip
+                                        f"the batch after batch {position.batch_index + 1}")  # fmt: skip
         return None
-    batch = position.batch_index
+    batch = position.batch_index + 1  # for people
     if event == "end_batch":  # the batch's work was done: it counts
         missed = ", ".join(call_name(call) for call in interrupted.move.exit_calls[interrupted.index + 1:])
         if keeps_own and delivered_ahead:
@@ -99,24 +100,26 @@ def plan_recovery(trainer: Any, machine: TrainingMachine, work: StateWork) -> Re
         return Recovery(f"the checkpoint holds {where} after batch {batch}, which had done its work and counts "
                         f"as done; {_describe(interrupted.call, work)} raised ending it"
                         + (f", and {missed} did not run for it" if missed else ""), state="phase")  # fmt: skip
+    batch_index = position.batch_index
     if event is None:  # every transition had finished: the error came after the last one
         backward_began = machine.state in ("backward", "step")
     else:  # the step move starts after a whole backward pass; the backward move's own work is the pass
         backward_began = event == "step" or (event == "backward" and interrupted.call == work.run_backward)
     if event == "step" and interrupted.call == work.run_step:
         refusal = f"the optimizer step of batch {batch} of {where} raised part-way, so the parameters may be half-updated"
-    elif backward_began and trainer.phase.grad and batch % work.step_runner.accumulate:
+    elif backward_began and trainer.phase.grad and batch_index % work.step_runner.accumulate:
         refusal = (f"the backward pass of batch {batch} of {where} had begun inside an accumulation window that "
-                   f"started at batch {batch - batch % work.step_runner.accumulate}: its gradient cannot be taken out")
+                   f"started at batch {batch - batch_index % work.step_runner.accumulate}: its gradient cannot be "
+                   "taken out")  # fmt: skip
     elif keeps_own:
         refusal = f"the loader of {where} keeps its own position and has already delivered batch {batch}"
     else:
         refusal = None
-    before = f"after batch {batch - 1}" if batch > 0 else "before its first batch"
+    before = f"after batch {batch - 1}" if batch > 1 else "before its first batch"
     raised = "an error after its last transition" if interrupted is None else _describe(interrupted.call, work)
     return Recovery(f"the checkpoint holds {where} {before}: batch {batch} was discarded half-done ({raised} "
                     "raised), and a resume runs it again; hooks that had seen it see it again",
-                    refusal=refusal, state="phase", batch_index=batch - 1, drop_gradients=backward_began)  # fmt: skip
+                    refusal=refusal, state="phase", batch_index=batch_index - 1, drop_gradients=backward_began)  # fmt: skip
 
 
 def _describe(call: Any, work: StateWork) -> str:

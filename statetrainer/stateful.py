@@ -129,6 +129,10 @@ class Position:
         if self.finished and not self.stop_requested and self.epochs_done < epochs:
             self.finished = False
 
+    def epoch_for_people(self, state: str) -> int:
+        """The epoch a person would name, counted from 1: the one under way inside an epoch, else the last done."""
+        return self.epochs_done if state in ("epoch", "idle") else self.epochs_done + 1
+
     def end_reason(self) -> str:
         """Why a finished run ended, in words."""
         return "stopped" if self.stop_requested else f"all {self.epochs_done} epoch(s) done"

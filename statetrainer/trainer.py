@@ -296,8 +296,9 @@ class Trainer:
         """
         self._guard.check_at_rest(self, "save_checkpoint()")
         writer, target, failure = self.ranks.is_global_zero, None, None
+        epoch = self.position.epoch_for_people(self.state)  # in the file's name, counted from 1
         try:
-            target = checkpoint.save_target(path, self.epoch, self.global_step, self.run.marker(), claim=writer)
+            target = checkpoint.save_target(path, epoch, self.global_step, self.run.marker(), claim=writer)
         except (CheckpointError, OSError, ValueError) as error:  # the other ranks hear of it before it propagates
             failure = error
         self._all_ranks_or_raise(failure, "claim the checkpoint folder")

@@ -108,9 +108,9 @@ def test_inspect_describes_a_file_and_its_json_says_the_same(tmp_path, capsys):
     assert main(["inspect", str(newest)]) == 0
     text = capsys.readouterr().out
     assert "checksum: verified (format 2, statetrainer" in text
-    assert "position: state 'phase', epoch 1, phase 'train' after batch 1, step 6" in text
+    assert "position: state 'phase', epoch 2, phase 'train' after batch 2, step 6" in text  # counted from 1
     assert f"run: {trainer.run.id}, seed 3, world size 1" in text and "train_loss=" in text
-    assert "callbacks: SmoothedLoss [active, average, batches, exact, samples]; Checkpoint [best_value]" in text
+    assert "callbacks: SmoothedLoss [active, average, batches, exact, samples]; Checkpoint [best_value, ranked]" in text
     assert main(["inspect", str(newest), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["position"] == {"state": "phase", "epoch": 1, "phase": "train", "batch": 1, "step": 6,

@@ -153,14 +153,14 @@ def test_a_run_saved_after_a_callback_raised_resumes_without_skipping_or_repeati
         assert resumed.metrics == reference.metrics
     elif expected == "discard the batch":
         batch = failed_at[-1]  # the recorder runs before the raiser, so it saw the half-done batch
-        assert f"batch {batch.batch_index} was discarded half-done" in said
+        assert f"batch {batch.batch_index + 1} was discarded half-done" in said  # messages count from 1
         half_done = 0
         while half_done < len(failed_at) and failed_at[-1 - half_done][1:4] == batch[1:4]:
             half_done += 1
         assert whole_run[: len(failed_at) - half_done] + whole_run[len(failed_at):] == reference_recorder.events
         assert resumed.metrics == reference.metrics
     else:
-        assert f"after batch {failed_at[-1].batch_index}, which had done its work and counts as done" in said
+        assert f"after batch {failed_at[-1].batch_index + 1}, which had done its work and counts as done" in said
         missed = said.split("did not run for it")[0].rsplit(", and ", 1)[-1] if "did not run" in said else ""
         skipped = missed.count("SavedRecorder.")  # the recorder's hooks after the raiser's, in the reference
         assert whole_run == reference_recorder.events[: len(failed_at)] + reference_recorder.events[len(failed_at) + skipped:]
@@ -173,7 +173,7 @@ def test_a_batch_whose_gradient_is_mixed_into_a_window_cannot_be_saved(device: t
     trainer = build(device, 2, [raiser])
     with pytest.raises(RuntimeError, match="raised in on_enter_step"):
         trainer.fit()
-    with pytest.raises(RuntimeError, match="no consistent checkpoint.*accumulation window that started at batch 2"):
+    with pytest.raises(RuntimeError, match="no consistent checkpoint.*accumulation window that started at batch 3"):
         trainer.save_checkpoint(tmp_path / "after_error.safetensors")
     assert not list(tmp_path.iterdir())
 
@@ -201,7 +201,7 @@ def test_ctrl_c_in_the_forward_pass_then_save_holds_the_last_batch_boundary(
         trainer.fit()
     assert (trainer.state, trainer.batch_index) == ("batch", 2)
     path = trainer.save_checkpoint(tmp_path / "interrupted.safetensors")
-    assert "epoch 1, phase 'train' after batch 1: batch 2 was discarded half-done (the forward pass raised)" in (
+    assert "epoch 2, phase 'train' after batch 2: batch 3 was discarded half-done (the forward pass raised)" in (
         capsys.readouterr().err)
     resumed = build(device, 1, [])
     resumed.load_checkpoint(path)

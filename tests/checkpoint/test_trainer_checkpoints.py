@@ -177,7 +177,7 @@ def test_a_loader_the_trainer_cannot_control_checkpoints_at_epoch_boundaries(dev
         trainer.fit()
     names = [path.name for path in checkpoint_files(tmp_path)]
     assert names == ["ckpt-000000-epoch0001-step000000008.safetensors",
-                     "ckpt-000001-epoch0001-step000000016.safetensors"]  # fmt: skip
+                     "ckpt-000001-epoch0002-step000000016.safetensors"]  # epochs counted from 1  # fmt: skip
     stepped = build(loader=UnsizedLoader(batches), device=device)
     advance_to(stepped, 0, "train", 1)
     with pytest.raises(RuntimeError, match="cannot be resumed mid-phase .*UnsizedLoader"):

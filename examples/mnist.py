@@ -11,15 +11,18 @@ the metrics and the learning-rate schedule, and checkpoints, all in ``--out``.
 Checkpoints are taken every 100 steps and every epoch. Run the same command
 again after an interruption (Ctrl-C, a crash, ``kill -9``) and it continues
 from the newest one, ending exactly where the uninterrupted run would have;
-``--fresh`` starts over instead. Run again after the run has finished, it
+``--fresh`` starts over instead, moving the earlier run's files into
+``--out``/earlier-runs/<date>-<run>/ first. Run again after the run has finished, it
 says so, shows the last epoch's line and trains nothing; with a larger
 ``--epochs`` it trains on to that many epochs (the one-cycle schedule keeps
 the length it began with, so the extra epochs run at its final learning rate).
 
-Data comes from torchvision's ``MNIST`` in ``--data-root``. When it is neither
-there nor downloadable (no network), the example trains on digits it renders
-itself with Pillow instead, and says so in one line: it never fails for being
-offline.
+Data comes from ``--data-root``: a folder holding MNIST's original ``.gz``
+files (``train-*`` and ``t10k-*``; with the test set alone it is split
+8,000/2,000 into train and valid), or torchvision's ``MNIST`` folder there,
+downloaded when possible. When there is none of those, the example trains on
+digits it renders itself with Pillow instead, and says in one line which files
+it looked for: it never fails for being offline.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from torchvision.transforms import v2 as transforms
 from torchvision.transforms.v2 import functional as TF
 
 import statetrainer as st
-from statetrainer.checkpoint import discard_run
+from statetrainer.checkpoint import set_aside
 from statetrainer import callbacks as cb
 
 MEAN, STD = 0.1307, 0.3081
@@ -119,8 +122,42 @@ class RenderedDigits(Dataset):
         return (self.transform(image) if self.transform else image), label
 
 
+MNIST_GZ = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+            "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+
+
+def read_gz_pair(folder: Path, names: tuple[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (uint8, N x 28 x 28) and labels from MNIST's original ``.gz`` files."""
+    import gzip
+    import tempfile
+
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    with tempfile.TemporaryDirectory() as unpacked:  # torchvision reads the unpacked files
+        paths = []
+        for name in names:
+            path = Path(unpacked) / name.removesuffix(".gz")
+            with gzip.open(folder / name, "rb") as packed:
+                path.write_bytes(packed.read())
+            paths.append(path)
+        return read_image_file(str(paths[0])), read_label_file(str(paths[1]))
+
+
 def load_data(root: Path, download: bool, seed: int) -> tuple[Dataset, Dataset, str]:
-    """MNIST's train and test sets, or rendered digits when MNIST cannot be had."""
+    """MNIST from its original ``.gz`` files in ``root``, or torchvision's MNIST there, or rendered digits."""
+    present = {split: all((root / name).is_file() for name in names) for split, names in MNIST_GZ.items()}
+    if present["train"]:
+        train_images, train_labels = read_gz_pair(root, MNIST_GZ["train"])
+        train = ImageTensors(train_images, train_labels, train_transform())
+        if present["test"]:
+            test_images, test_labels = read_gz_pair(root, MNIST_GZ["test"])
+            return train, ImageTensors(test_images, test_labels, eval_transform()), f"MNIST from the .gz files in {root}"
+        train, valid = holdout_split(train_images, train_labels, seed=seed)
+        return train, valid, f"MNIST's training set from {root}, split {len(train)}/{len(valid)} into train/valid"
+    if present["test"]:
+        train, valid = holdout_split(*read_gz_pair(root, MNIST_GZ["test"]), seed=seed)
+        return train, valid, (f"MNIST's test set alone from {root} ({len(train) + len(valid)} images), split "
+                              f"{len(train)}/{len(valid)} into train/valid")  # fmt: skip
     try:
         train = datasets.MNIST(root, train=True, download=download, transform=train_transform())
         valid = datasets.MNIST(root, train=False, download=download, transform=eval_transform())
@@ -130,12 +167,15 @@ def load_data(root: Path, download: bool, seed: int) -> tuple[Dataset, Dataset, 
         reason = "downloads are off (--offline)" if not download else lines[-1] if lines else type(error).__name__
     train = RenderedDigits(12_000, seed=seed, transform=train_transform())
     valid = RenderedDigits(2_000, seed=seed + 1, transform=eval_transform())
-    return train, valid, f"offline: MNIST is not in {root} and could not be downloaded: {reason}; using digits rendered with Pillow"
+    looked_for = ", ".join(name for names in MNIST_GZ.values() for name in names)
+    return train, valid, (f"offline: MNIST is not in {root} (neither {looked_for} nor torchvision's MNIST/ folder) and "
+                          f"could not be downloaded: {reason}; using digits rendered with Pillow")  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", type=Path, default=Path("data"), help="where torchvision's MNIST lives")
+    parser.add_argument("--data-root", type=Path, default=Path("data"),
+                        help="MNIST's original .gz files (train and/or t10k), or torchvision's MNIST folder")
     parser.add_argument("--offline", action="store_true", help="do not try to download MNIST")
     parser.add_argument("--epochs", type=int, default=3, help="epochs of the run (more than a finished run's: train on)")
     parser.add_argument("--batch-size", type=int, default=64, help="training batch size")
@@ -145,7 +185,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     parser.add_argument("--limit", type=int, default=None, help="use at most this many samples of each set")
     parser.add_argument("--out", type=Path, default=Path("checkpoints/mnist"), help="checkpoints, logs, plots")
-    parser.add_argument("--fresh", action="store_true", help="start over instead of resuming from --out")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start over instead of resuming (the earlier run moves to --out/earlier-runs/)")
     return parser.parse_args(argv)
 
 
@@ -187,8 +228,10 @@ def main(argv: list[str] | None = None) -> st.Trainer:
         train, valid = (torch.utils.data.Subset(data, range(min(args.limit, len(data)))) for data in (train, valid))
     trainer = build_trainer(train, valid, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             device=args.device, workers=args.workers, out=args.out, seed=args.seed)  # fmt: skip
-    if args.fresh:  # the folder's old run goes, so the new one neither mixes with it nor is refused by it
-        discard_run(args.out)
+    if args.fresh:  # the folder's old run moves aside, so the new one neither mixes with it nor is refused by it
+        moved = set_aside(args.out)
+        if moved is not None:
+            print(f"starting afresh: the earlier run in {args.out}/ is now in {moved}/", flush=True)
     try:
         resumed = None if args.fresh else trainer.load_checkpoint(args.out)
     except st.CheckpointError as error:

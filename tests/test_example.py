@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+
+from .conftest import MNIST_DIR
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mnist.py"
 
@@ -65,12 +69,37 @@ def test_rendered_digits_are_fixed_per_index_and_labelled():
     assert len({digits[i][1] for i in range(20)}) > 5
 
 
-def test_recipe_reaches_97_percent_on_real_mnist_in_3_epochs(
-    device: torch.device, mnist_test_set: tuple[torch.Tensor, torch.Tensor], tmp_path: Path
+def test_the_example_trains_on_the_original_gz_files_and_reaches_97_percent(
+    device: torch.device, mnist_test_set: tuple[torch.Tensor, torch.Tensor], tmp_path: Path, capsys
 ):
+    """``--data-root ../shared/data/mnist``: MNIST's test set alone, as .gz files, split 8,000/2,000."""
     example = load_example()
-    train, valid = example.holdout_split(*mnist_test_set)  # 8,000 / 2,000
-    torch.manual_seed(0)
-    trainer = example.build_trainer(train, valid, epochs=3, device=str(device), out=tmp_path, progress=False)
-    trainer.fit()
+    trainer = example.main(["--data-root", str(MNIST_DIR), "--out", str(tmp_path / "out"), "--device", str(device),
+                            "--workers", "0"])  # fmt: skip
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == f"MNIST's test set alone from {MNIST_DIR} (10000 images), split 8000/2000 into train/valid"
     assert trainer.metrics["valid_accuracy"] >= 0.97, trainer.metrics
+
+
+def test_fresh_moves_the_earlier_run_aside_and_a_fresh_run_killed_early_restarts_clean(tmp_path: Path):
+    out = tmp_path / "out"
+    assert run_offline(tmp_path, out, torch.device("cpu")).returncode == 0  # a finished run
+    old_log = (out / "log.csv").read_text()
+    command = [sys.executable, str(EXAMPLE), "--offline", "--data-root", str(tmp_path / "data"), "--epochs", "1",
+               "--limit", "256", "--workers", "0", "--out", str(out), "--device", "cpu", "--fresh"]  # fmt: skip
+    fresh = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    for line in fresh.stdout:  # killed as soon as the old run is set aside: before its first checkpoint
+        if line.startswith("starting afresh"):
+            fresh.kill()
+            break
+    fresh.wait(timeout=60)
+    assert fresh.returncode == -signal.SIGKILL
+    assert not list(out.glob("ckpt-*.safetensors"))  # nothing of the old run where the new one writes
+    again = run_offline(tmp_path, out, torch.device("cpu"))  # the plain command again: it completes
+    assert again.returncode == 0, again.stderr
+    assert "has already finished" not in again.stdout and "Epoch:    1 |" in again.stdout
+    (earlier,) = (out / "earlier-runs").iterdir()
+    assert (earlier / "log.csv").read_text() == old_log and list(earlier.glob("ckpt-*.safetensors"))
+    assert (out / "log.csv").read_text().count("\n") == 2  # the header and the new run's one epoch
+    new_run = json.loads((out / "run.json").read_text())["run"]
+    assert new_run != json.loads((earlier / "run.json").read_text())["run"]

@@ -12,6 +12,7 @@ from .folder import (
     next_checkpoint_path,
     read_run_marker,
     save_target,
+    set_aside,
 )
 from .serialization import FORMAT_VERSION, CheckpointError, read_header, read_tree, write_tree
 
@@ -34,6 +35,7 @@ __all__ = [
     "read_tree",
     "remove_stale_temporaries",
     "save_target",
+    "set_aside",
     "temporary_path",
     "write_tree",
 ]

@@ -7,14 +7,16 @@ import os
 import re
 import warnings
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_write, fsync_path
 from .serialization import CheckpointError, read_tree
 
-__all__ = ["DEFAULT_CHECKPOINT_FOLDER", "RUN_MARKER", "checkpoint_files", "claim_folder", "discard_run", "find_checkpoint",
-           "newest_valid", "next_checkpoint_path", "read_run_marker", "save_target"]  # fmt: skip
+__all__ = ["DEFAULT_CHECKPOINT_FOLDER", "EARLIER_RUNS", "RUN_MARKER", "checkpoint_files", "claim_folder", "discard_run",
+           "find_checkpoint", "newest_valid", "next_checkpoint_path", "read_run_marker", "save_target",
+           "set_aside"]  # fmt: skip
 
 DEFAULT_CHECKPOINT_FOLDER = Path("checkpoints")
 RUN_MARKER = "run.json"  # which run a folder of checkpoints belongs to
@@ -131,6 +133,27 @@ def discard_run(folder: Path) -> list[Path]:
     if removed:
         fsync_path(folder)
     return removed
+
+
+EARLIER_RUNS = "earlier-runs"  # where set_aside moves a folder's earlier run
+
+
+def set_aside(folder: Path) -> Path | None:
+    """Move everything in ``folder`` (its run: checkpoints, marker, logs, plots) into a new dated subfolder of
+    ``folder/earlier-runs``, so a fresh run starts in an empty folder and nothing of the old one is lost or
+    mixed in; return that subfolder, or None when there was nothing to move."""
+    entries = [entry for entry in folder.iterdir() if entry.name != EARLIER_RUNS] if folder.is_dir() else []
+    if not entries:
+        return None
+    marker = read_run_marker(folder) if (folder / RUN_MARKER).is_file() else None
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    destination = folder / EARLIER_RUNS / (f"{stamp}-{str(marker.get('run', ''))[:8]}" if marker else stamp)
+    destination.mkdir(parents=True, exist_ok=False)
+    for entry in sorted(entries, key=lambda entry: entry.name == RUN_MARKER):  # the marker last, as discard_run
+        entry.rename(destination / entry.name)
+    fsync_path(destination)
+    fsync_path(folder)
+    return destination
 
 
 def find_checkpoint(

@@ -185,6 +185,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     parser.add_argument("--limit", type=int, default=None, help="use at most this many samples of each set")
     parser.add_argument("--out", type=Path, default=Path("checkpoints/mnist"), help="checkpoints, logs, plots")
+    parser.add_argument("--progress", action="store_true",
+                        help="draw the progress bar even when stderr is not a terminal (under | tee)")
     parser.add_argument("--fresh", action="store_true",
                         help="start over instead of resuming (the earlier run moves to --out/earlier-runs/)")
     return parser.parse_args(argv)
@@ -193,7 +195,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_trainer(
     train: Dataset, valid: Dataset, *, epochs: int = 3, batch_size: int = 64, lr: float = 5e-3,
     device: str | None = None, workers: int = 2, out: Path = Path("checkpoints/mnist"), progress: bool = True,
-    seed: int = 0,
+    seed: int = 0, force_progress: bool = False,
 ) -> st.Trainer:  # fmt: skip
     """The recipe: shallow CNN, Adam + one-cycle, smoothed loss, accuracy, logs, plots, checkpoints."""
     loader_options = {"num_workers": workers, "persistent_workers": workers > 0}
@@ -211,7 +213,7 @@ def build_trainer(
         cb.Checkpoint(out, every_steps=100, every_epochs=1, keep_last=2, best="valid_accuracy"),
     ]
     if progress:
-        callbacks.append(cb.ProgressBar())
+        callbacks.append(cb.ProgressBar(force=force_progress))
     return st.Trainer(
         model, optimizer, F.cross_entropy,
         phases=[st.Phase("train", train_loader), st.Phase("valid", valid_loader, grad=False)],
@@ -227,7 +229,8 @@ def main(argv: list[str] | None = None) -> st.Trainer:
     if args.limit is not None:
         train, valid = (torch.utils.data.Subset(data, range(min(args.limit, len(data)))) for data in (train, valid))
     trainer = build_trainer(train, valid, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                            device=args.device, workers=args.workers, out=args.out, seed=args.seed)  # fmt: skip
+                            device=args.device, workers=args.workers, out=args.out, seed=args.seed,
+                            force_progress=args.progress)  # fmt: skip
     if args.fresh:  # the folder's old run moves aside, so the new one neither mixes with it nor is refused by it
         moved = set_aside(args.out)
         if moved is not None:

@@ -17,7 +17,8 @@ class ProgressBar(Callback):
     """Shows a bar for each phase with its running metrics.
 
     Reading a running metric waits for the device, so the metrics shown are
-    refreshed every ``refresh_every`` batches, not every batch.
+    read every ``refresh_every`` batches and at the phase's last batch (so an
+    evaluation bar shows them too), never older than one refresh.
 
     Args:
         refresh_every: Batches between refreshes of the metrics shown.
@@ -64,9 +65,10 @@ class ProgressBar(Callback):
         bar = self.bar
         if bar is None:
             return
-        bar.update(1)
-        if (trainer.batch_index + 1) % self.refresh_every == 0:
+        done = trainer.batch_index + 1
+        if done % self.refresh_every == 0 or done == trainer.phase_batches:  # and the phase's last batch
             bar.set_postfix(running_metrics(trainer), refresh=False)
+        bar.update(1)  # draws, with the metrics just read when it is time to
 
     def on_exit_phase(self, trainer: TrainerView) -> None:
         self._close()

@@ -5,6 +5,12 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,3 +198,52 @@ def test_csv_logs_reach_the_disk_before_a_checkpoint_records_their_size(tmp_path
     synced.clear()
     trainer.save_checkpoint(tmp_path / "again.safetensors")
     assert log not in synced  # nothing new appended: no second sync
+
+
+def test_the_progress_bar_on_a_real_terminal_shows_the_metrics_of_its_last_refresh(tmp_path):
+    """Under a pseudo-terminal: the training bar's last metrics are the phase's final running values, and the
+    evaluation bar shows its own."""
+    pty = pytest.importorskip("pty")
+    fcntl, termios = pytest.importorskip("fcntl"), pytest.importorskip("termios")
+    script = tmp_path / "bar.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+        import torch
+        import statetrainer as st
+        from statetrainer.callbacks import ProgressBar, SmoothedLoss, running_metrics
+        from tests.callbacks.test_loggers import classifier_trainer
+
+        class LastRefresh(st.Callback):  # notes the running values where the bar refreshes
+            def on_exit_batch(self, trainer):
+                if (trainer.batch_index + 1) % 3 == 0 or trainer.batch_index + 1 == trainer.phase_batches:
+                    print("refreshed", trainer.phase.name, running_metrics(trainer), file=sys.stdout, flush=True)
+
+        trainer = classifier_trainer([SmoothedLoss(), LastRefresh(), ProgressBar(refresh_every=3, mininterval=0,
+                                     leave=True)], torch.device("cpu"), epochs=1)
+        trainer.fit()
+    """))
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a terminal 160 columns wide
+    process = subprocess.Popen([sys.executable, str(script)], stdin=follower, stdout=subprocess.PIPE, stderr=follower,
+                               text=True)  # fmt: skip
+    os.close(follower)
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    stdout, _ = process.communicate(timeout=120)
+    os.close(leader)
+    assert process.returncode == 0
+    screen = drawn.decode(errors="replace")
+    refreshes = [line.split(" ", 2) for line in stdout.splitlines() if line.startswith("refreshed")]
+    for phase in ("train", "valid"):
+        last = eval(next(values for _, name, values in reversed(refreshes) if name == phase))  # noqa: S307
+        shown = re.findall(rf"epoch 1 {phase}.*?{phase}_loss=([0-9.e+-]+)", screen)
+        assert shown, f"the {phase} bar shows no metrics"
+        assert float(shown[-1]) == pytest.approx(last[f"{phase}_loss"], rel=1e-2)  # tqdm prints 3 significant digits

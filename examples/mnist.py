@@ -31,7 +31,31 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", type=Path, default=Path("data"),
+                        help="MNIST's original .gz files (train and/or t10k), or torchvision's MNIST folder")
+    parser.add_argument("--offline", action="store_true", help="do not try to download MNIST")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of the run (more than a finished run's: train on)")
+    parser.add_argument("--batch-size", type=int, default=64, help="training batch size")
+    parser.add_argument("--lr", type=float, default=5e-3, help="the one-cycle's peak learning rate (Adam)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1...; default: CUDA when available")
+    parser.add_argument("--seed", type=int, default=0, help="decides the data order, augmentation and weights")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    parser.add_argument("--limit", type=int, default=None, help="use at most this many samples of each set")
+    parser.add_argument("--out", type=Path, default=Path("checkpoints/mnist"), help="checkpoints, logs, plots")
+    parser.add_argument("--progress", action="store_true",
+                        help="draw the progress bar even when stderr is not a terminal (under | tee)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start over instead of resuming (the earlier run moves to --out/earlier-runs/)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args(sys.argv[1:])  # --help answers here, before torch and torchvision load (seconds)
+
+import torch  # noqa: E402 -- after the arguments, on purpose
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 from torch.nn import functional as F
@@ -170,26 +194,6 @@ def load_data(root: Path, download: bool, seed: int) -> tuple[Dataset, Dataset, 
     looked_for = ", ".join(name for names in MNIST_GZ.values() for name in names)
     return train, valid, (f"offline: MNIST is not in {root} (neither {looked_for} nor torchvision's MNIST/ folder) and "
                           f"could not be downloaded: {reason}; using digits rendered with Pillow")  # fmt: skip
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", type=Path, default=Path("data"),
-                        help="MNIST's original .gz files (train and/or t10k), or torchvision's MNIST folder")
-    parser.add_argument("--offline", action="store_true", help="do not try to download MNIST")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs of the run (more than a finished run's: train on)")
-    parser.add_argument("--batch-size", type=int, default=64, help="training batch size")
-    parser.add_argument("--lr", type=float, default=5e-3, help="the one-cycle's peak learning rate (Adam)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1...; default: CUDA when available")
-    parser.add_argument("--seed", type=int, default=0, help="decides the data order, augmentation and weights")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
-    parser.add_argument("--limit", type=int, default=None, help="use at most this many samples of each set")
-    parser.add_argument("--out", type=Path, default=Path("checkpoints/mnist"), help="checkpoints, logs, plots")
-    parser.add_argument("--progress", action="store_true",
-                        help="draw the progress bar even when stderr is not a terminal (under | tee)")
-    parser.add_argument("--fresh", action="store_true",
-                        help="start over instead of resuming (the earlier run moves to --out/earlier-runs/)")
-    return parser.parse_args(argv)
 
 
 def build_trainer(

@@ -3,6 +3,7 @@ extras; torchvision is for the example and the tests."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tomllib
@@ -60,3 +61,26 @@ def test_the_extras_are_declared():
     assert any(requirement.startswith("graphviz") for requirement in extras["diagram"])
     assert any(requirement.startswith("tensorboard") for requirement in extras["tensorboard"])
     assert not [requirement for requirement in PROJECT["dependencies"] if requirement.startswith(("tqdm", "matplotlib"))]
+
+
+def test_importing_statetrainer_loads_no_optional_package_and_the_examples_help_loads_no_torch():
+    script = (
+        "import sys, torch\n"
+        "before = set(sys.modules)\n"
+        "import statetrainer\n"
+        "print(sorted({name.split('.')[0] for name in set(sys.modules) - before}))\n"
+    )
+    added = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120).stdout
+    for optional in ("matplotlib", "tqdm", "tensorboard", "graphviz", "torchvision", "torchdata"):
+        assert f"'{optional}'" not in added, added
+    example = Path(__file__).resolve().parents[1] / "examples" / "mnist.py"
+    helped = subprocess.run([sys.executable, "-X", "importtime", str(example), "--help"], capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert helped.returncode == 0 and "--data-root" in helped.stdout
+    imported = {line.split("|")[-1].strip() for line in helped.stderr.splitlines() if line.startswith("import time")}
+    assert "torch" not in imported and "torchvision" not in imported
+    lines = helped.stdout.splitlines()
+    options = [index for index, line in enumerate(lines) if line.startswith("  --")]
+    assert len(options) >= 12
+    for index in options:  # every option has a description, on its line or the next
+        assert re.search(r"\S\s{2,}\S", lines[index].strip()) or lines[index + 1].startswith(" " * 10), lines[index]

@@ -15,6 +15,7 @@ for one that will not come.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import os
 import weakref
@@ -26,8 +27,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .checkpoint import CheckpointError
+
 __all__ = ["Ranks", "StopVote", "agree", "all_gather", "all_reduce", "gather_tree", "gathered_states",
-           "join_process_group", "launched_by_torchrun", "wrap_model"]  # fmt: skip
+           "join_process_group", "launched_by_torchrun", "on_every_rank", "wrap_model"]  # fmt: skip
 
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -151,6 +154,19 @@ def all_reduce(tensor: torch.Tensor, ranks: Ranks, op: dist.ReduceOp.RedOpType =
     moved = tensor.to(where)
     dist.all_reduce(moved, op)
     return moved.to(tensor.device)
+
+
+@contextlib.contextmanager
+def on_every_rank(ranks: Ranks, device: torch.device, what: str) -> Iterator[None]:
+    """Run the block on every rank; if it raises on any, raise on every one (the others a ``CheckpointError``
+    naming ``what``), so no rank goes on to a collective that will not come. In one process, just the block."""
+    failure: BaseException | None = None
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 -- the other ranks hear of it before it propagates
+        failure = error
+    if not agree(failure is None, ranks, device):
+        raise failure or CheckpointError(f"another rank could not {what}; see its error")
 
 
 def agree(ok: bool, ranks: Ranks, device: torch.device) -> bool:

@@ -21,13 +21,12 @@ import torch
 from torch import nn
 
 from . import checkpoint
-from .checkpoint import CheckpointError
 from .arguments import check_trainer_arguments, resolve_device
 from .callbacks.base import Callback, hooks_by_state
 from .callbacks.checkpoint import Checkpoint
 from .data import PhaseSources, unpack_pair
 from .determinism import require_cublas_workspace
-from .distributed import StopVote, agree, join_process_group, wrap_model
+from .distributed import StopVote, join_process_group, on_every_rank, wrap_model
 from .deciding import Deciders
 from .driving import RunGuard
 from .machine import AT_REST, Move, TrainingMachine
@@ -295,20 +294,13 @@ class Trainer:
         Under torchrun every rank calls it: rank 0 writes the one file, and every rank returns once it is written.
         """
         self._guard.check_at_rest(self, "save_checkpoint()")
-        writer, target, failure = self.ranks.is_global_zero, None, None
-        epoch = self.position.epoch_for_people(self.state)  # in the file's name, counted from 1
-        try:
-            target = checkpoint.save_target(path, epoch, self.global_step, self.run.marker(), claim=writer)
-        except (CheckpointError, OSError, ValueError) as error:  # the other ranks hear of it before it propagates
-            failure = error
-        self._all_ranks_or_raise(failure, "claim the checkpoint folder")
-        state = self.state_dict()  # every rank's generators and gradients, gathered
-        if writer:
-            try:
+        ranks, epoch = self.ranks, self.position.epoch_for_people(self.state)  # in the file's name, from 1
+        with on_every_rank(ranks, self.device, "claim the checkpoint folder"):
+            target = checkpoint.save_target(path, epoch, self.global_step, self.run.marker(), claim=ranks.is_global_zero)
+        state = self.state_dict()  # every rank's generators, window gradients and metric accumulators, gathered
+        with on_every_rank(ranks, self.device, f"write the checkpoint {target}"):  # all wait for rank 0's write
+            if ranks.is_global_zero:
                 checkpoint.write_tree(target, state, __version__)
-            except Exception as error:  # noqa: BLE001
-                failure = error
-        self._all_ranks_or_raise(failure, f"write the checkpoint {target}")  # every rank waits for the write
         return target
 
     def load_checkpoint(self, path: str | os.PathLike[str], *, allow_changes: Iterable[str] = ()) -> Path | None:
@@ -321,21 +313,12 @@ class Trainer:
         """
         self.parts["settings"].allowed = frozenset(allow_changes)
         folders = [callback.folder for callback in self.callbacks if isinstance(callback, Checkpoint)]
-        found, failure = None, None
-        try:
+        with on_every_rank(self.ranks, self.device, f"load the checkpoint from {path}"):  # all load it, or none
             found = checkpoint.find_checkpoint(path, folders, self.parts.check_fits, self.run.accept_marker)
-        except CheckpointError as error:
-            failure = error
-        self._all_ranks_or_raise(failure, f"load the checkpoint from {path}")  # every rank loads it, or none does
         if found is None:
             return None
         self.load_state_dict(found[1])
         return found[0]
-
-    def _all_ranks_or_raise(self, failure: BaseException | None, what: str) -> None:
-        """Raise ``failure`` on its rank and a ``CheckpointError`` on the others, unless no rank failed."""
-        if not agree(failure is None, self.ranks, self.device):
-            raise failure or CheckpointError(f"another rank could not {what}; see its error")
 
     def can_checkpoint_here(self) -> bool:
         """Whether the run can be saved and resumed at this point (between batches, in a phase that resumes)."""

@@ -84,26 +84,26 @@ def test_a_diagram_picture_without_the_dot_program_says_what_to_install(tmp_path
     assert "needs Graphviz's dot program" in capsys.readouterr().err
 
 
-def build_run(folder: Path) -> st.Trainer:
+def build_run(folder: Path, device: torch.device) -> st.Trainer:
     """A run that checkpoints every 3 steps into ``folder``."""
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
     return st.Trainer(model, torch.optim.Adam(model.parameters()), F.mse_loss,
                       [st.Phase("train", regression_batches(4)), st.Phase("valid", regression_batches(2), grad=False)],
                       callbacks=[st.callbacks.SmoothedLoss(), st.callbacks.Checkpoint(folder, every_steps=3, keep_last=5)],
-                      epochs=2, device="cpu", seed=3)  # fmt: skip
+                      epochs=2, device=device, seed=3)  # fmt: skip
 
 
-def saved_run(folder: Path) -> st.Trainer:
+def saved_run(folder: Path, device: torch.device) -> st.Trainer:
     """``build_run``'s run, stopped in the middle of its second epoch, just after its checkpoint at step 6."""
-    trainer = build_run(folder)
+    trainer = build_run(folder, device)
     trainer.run_until("step", step=6)
     trainer.advance()  # the deferred save runs once the batch has ended
     return trainer
 
 
-def test_inspect_describes_a_file_and_its_json_says_the_same(tmp_path, capsys):
-    trainer = saved_run(tmp_path)
+def test_inspect_describes_a_file_and_its_json_says_the_same(tmp_path, capsys, device):
+    trainer = saved_run(tmp_path, device)
     newest = st.checkpoint.checkpoint_files(tmp_path)[-1]
     assert main(["inspect", str(newest)]) == 0
     text = capsys.readouterr().out
@@ -120,8 +120,8 @@ def test_inspect_describes_a_file_and_its_json_says_the_same(tmp_path, capsys):
     assert summary["parts"]["step"]["bytes"] == 3 * (3 + 1) * 4 + 2 * 4  # float32: 3 + 1 values thrice, 2 steps
 
 
-def test_inspect_lists_a_folder_newest_first_and_points_past_a_corrupt_newest_file(tmp_path, capsys):
-    saved_run(tmp_path)
+def test_inspect_lists_a_folder_newest_first_and_points_past_a_corrupt_newest_file(tmp_path, capsys, device):
+    saved_run(tmp_path, device)
     files = st.checkpoint.checkpoint_files(tmp_path)
     newest = files[-1]
     newest.write_bytes(newest.read_bytes()[:-100])  # cut short, as by a crash of another tool
@@ -130,7 +130,7 @@ def test_inspect_lists_a_folder_newest_first_and_points_past_a_corrupt_newest_fi
     assert lines[1].startswith(f"  {newest.name}  NOT USABLE:")
     assert lines[2].startswith(f"  {files[-2].name}  ") and lines[2].endswith("<- load_checkpoint starts here")
     with pytest.warns(UserWarning, match="skipping checkpoint"):
-        assert build_run(tmp_path).load_checkpoint(tmp_path) == files[-2]  # where a trainer of the run starts
+        assert build_run(tmp_path, device).load_checkpoint(tmp_path) == files[-2]  # where a trainer of the run starts
     assert main(["inspect", str(tmp_path), "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["picked"] == str(files[-2])
 

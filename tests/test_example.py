@@ -81,12 +81,12 @@ def test_the_example_trains_on_the_original_gz_files_and_reaches_97_percent(
     assert trainer.metrics["valid_accuracy"] >= 0.97, trainer.metrics
 
 
-def test_fresh_moves_the_earlier_run_aside_and_a_fresh_run_killed_early_restarts_clean(tmp_path: Path):
+def test_fresh_moves_the_earlier_run_aside_and_a_fresh_run_killed_early_restarts_clean(tmp_path: Path, device):
     out = tmp_path / "out"
-    assert run_offline(tmp_path, out, torch.device("cpu")).returncode == 0  # a finished run
+    assert run_offline(tmp_path, out, device).returncode == 0  # a finished run
     old_log = (out / "log.csv").read_text()
     command = [sys.executable, str(EXAMPLE), "--offline", "--data-root", str(tmp_path / "data"), "--epochs", "1",
-               "--limit", "256", "--workers", "0", "--out", str(out), "--device", "cpu", "--fresh"]  # fmt: skip
+               "--limit", "256", "--workers", "0", "--out", str(out), "--device", str(device), "--fresh"]  # fmt: skip
     fresh = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=tmp_path)
     for line in fresh.stdout:  # killed as soon as the old run is set aside: before its first checkpoint
         if line.startswith("starting afresh"):
@@ -95,7 +95,7 @@ def test_fresh_moves_the_earlier_run_aside_and_a_fresh_run_killed_early_restarts
     fresh.wait(timeout=60)
     assert fresh.returncode == -signal.SIGKILL
     assert not list(out.glob("ckpt-*.safetensors"))  # nothing of the old run where the new one writes
-    again = run_offline(tmp_path, out, torch.device("cpu"))  # the plain command again: it completes
+    again = run_offline(tmp_path, out, device)  # the plain command again: it completes
     assert again.returncode == 0, again.stderr
     assert "has already finished" not in again.stdout and "Epoch:    1 |" in again.stdout
     (earlier,) = (out / "earlier-runs").iterdir()

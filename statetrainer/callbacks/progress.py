@@ -66,7 +66,7 @@ class ProgressBar(Callback):
         if bar is None:
             return
         done = trainer.batch_index + 1
-        if done % self.refresh_every == 0 or done == trainer.phase_batches:  # and the phase's last batch
+        if done % self.refresh_every == 0 or done == bar.total:  # and the phase's last batch
             bar.set_postfix(running_metrics(trainer), refresh=False)
         bar.update(1)  # draws, with the metrics just read when it is time to
 

@@ -40,7 +40,7 @@ def test_a_breakpoint_goes_through_pythonbreakpoint_where_its_condition_holds_an
     assert stop.hits == 2 and trainer.finished and torch.equal(trainer.model.weight, plain.model.weight)
 
 
-def test_a_real_pdb_session_inspects_the_loss_and_continues(tmp_path):
+def test_a_real_pdb_session_inspects_the_loss_and_continues(tmp_path, device):
     script = tmp_path / "debugged.py"
     script.write_text(textwrap.dedent(f"""
         import sys
@@ -49,7 +49,7 @@ def test_a_real_pdb_session_inspects_the_loss_and_continues(tmp_path):
         from statetrainer.callbacks import Breakpoint
         from tests.test_trainer import linear_trainer
 
-        trainer, _ = linear_trainer(torch.device("cpu"), train_batches=4, epochs=1,
+        trainer, _ = linear_trainer(torch.device({device.type!r}), train_batches=4, epochs=1,
                                     callbacks=[Breakpoint("batch", enter=False, when=lambda trainer: trainer.batch_index == 2)])
         trainer.fit()
         print("finished", trainer.finished, trainer.global_step)

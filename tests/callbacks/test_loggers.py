@@ -200,7 +200,7 @@ def test_csv_logs_reach_the_disk_before_a_checkpoint_records_their_size(tmp_path
     assert log not in synced  # nothing new appended: no second sync
 
 
-def test_the_progress_bar_on_a_real_terminal_shows_the_metrics_of_its_last_refresh(tmp_path):
+def test_the_progress_bar_on_a_real_terminal_shows_the_metrics_of_its_last_refresh(tmp_path, device):
     """Under a pseudo-terminal: the training bar's last metrics are the phase's final running values, and the
     evaluation bar shows its own."""
     pty = pytest.importorskip("pty")
@@ -220,7 +220,7 @@ def test_the_progress_bar_on_a_real_terminal_shows_the_metrics_of_its_last_refre
                     print("refreshed", trainer.phase.name, running_metrics(trainer), file=sys.stdout, flush=True)
 
         trainer = classifier_trainer([SmoothedLoss(), LastRefresh(), ProgressBar(refresh_every=3, mininterval=0,
-                                     leave=True)], torch.device("cpu"), epochs=1)
+                                     leave=True)], torch.device({device.type!r}), epochs=1)
         trainer.fit()
     """))
     leader, follower = pty.openpty()

@@ -41,7 +41,11 @@ def check_trainer_arguments(
     check_number("grad_clip", grad_clip, 0, low_open=True, optional=True)
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be True or False, got {deterministic!r}")
-    return _check_phases(phases, optimizer), _check_callbacks(callbacks)
+    if optimizer is not None:
+        _check_optimizer_parameters(model, optimizer)
+    phases, callbacks = _check_phases(phases, optimizer), _check_callbacks(callbacks)
+    _check_monitored_metrics(callbacks, phases)
+    return phases, callbacks
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -52,6 +56,28 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(resolved)!r} was asked for, but CUDA is not available here")
     return resolved
+
+
+def _check_optimizer_parameters(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Raise ``ValueError`` when ``optimizer`` holds tensors that are not ``model``'s parameters.
+
+    An optimizer built on another model (or a copy of this one) steps tensors
+    the forward pass never uses: the run would train nothing, and a checkpoint
+    would not hold them. Parameters are compared by identity; an optimizer over
+    some of the model's parameters (the others frozen) is fine.
+    """
+    owned = {id(parameter) for parameter in model.parameters()}
+    held = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+    foreign = sum(id(parameter) not in owned for parameter in held)
+    if foreign:
+        kind = type(optimizer)
+        prefix = "torch.optim." if kind.__module__.startswith("torch.optim") else ""
+        are = "parameter that is" if foreign == 1 else "parameters that are"
+        raise ValueError(
+            f"the optimizer holds {foreign} {are} not the model's (of {len(held)}), so training would not change "
+            f"the model; build it from this model: {prefix}{kind.__name__}(model.parameters(), ...) "
+            "(a learnable parameter of the loss belongs in the model, so that it is trained and saved)"
+        )
 
 
 def _check_phases(phases: Sequence[Phase], optimizer: torch.optim.Optimizer | None) -> list[Phase]:
@@ -104,6 +130,45 @@ def _check_callbacks(callbacks: Iterable[Callback]) -> list[Callback]:
     _refuse_duplicates("callback names", [callback.key for callback in callbacks],
                        "; give each a distinct name (callback.name = '...')")  # fmt: skip
     return callbacks
+
+
+def _check_monitored_metrics(callbacks: list[Callback], phases: list[Phase]) -> None:
+    """Raise ``ValueError`` for a metric a callback monitors that no callback writes in a run of ``phases``.
+
+    What each callback writes is its ``metric_names(phases)``; a callback that
+    cannot tell ahead (None) turns the check off, as any name may then appear.
+    """
+    produced: set[str] = set()
+    for callback in callbacks:
+        names = _names_of(callback, "metric_names", callback.metric_names(phases))
+        if names is None:
+            return
+        produced |= names
+    for callback in callbacks:
+        for monitored in sorted(_names_of(callback, "monitored_metrics", callback.monitored_metrics()) or ()):
+            if monitored in produced:
+                continue
+            closest = difflib.get_close_matches(monitored, sorted(produced), 1, 0.7)
+            hint = f"; did you mean {closest[0]!r}?" if closest else "."
+            raise ValueError(
+                f"callback {callback.key} monitors {monitored!r}, which no callback produces for the phases "
+                f"{', '.join(phase.name for phase in phases)}{hint} The callbacks produce "
+                f"{', '.join(sorted(produced)) or 'no metrics'}. Add the Metric that produces it (SmoothedLoss gives "
+                "'<phase>_loss', Accuracy '<phase>_accuracy'); a callback of yours that writes trainer.metrics "
+                "declares the names it writes by overriding metric_names(phases)"
+            )
+
+
+def _names_of(callback: Callback, method: str, names: Any) -> set[str] | None:
+    """``names``, as returned by ``callback.<method>()``, as a set; ``TypeError`` unless a collection of strings."""
+    if names is None and method == "metric_names":
+        return None
+    if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
+        raise TypeError(f"callback {callback.key}: {method}() must return a set of metric names, got {names!r}")
+    names = set(names)
+    if not all(isinstance(name, str) for name in names):
+        raise TypeError(f"callback {callback.key}: {method}() must return metric names (strings), got {names!r}")
+    return names
 
 
 def _refuse_duplicates(what: str, names: list[str], advice: str = "") -> None:

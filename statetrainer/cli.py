@@ -2,12 +2,19 @@
 
     python -m statetrainer diagram [--format mermaid|dot] [--state STATE | --checkpoint FILE] [--output FILE.svg]
     python -m statetrainer inspect PATH [--json]
+
+Text output escapes every control character it would print (``\\x1b``), so names read from a file cannot drive
+the terminal; ``--json`` keeps them exact (JSON escapes them). Exit status: 0, 1 for a checkpoint that is not
+usable, 2 for an error, and 141 (128 + SIGPIPE, as a shell reports for ``cat`` cut off by ``head``) when the
+reader of the output goes away: that ends the command quietly.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,8 +23,12 @@ from typing import Any
 from .checkpoint import CheckpointError, read_tree
 from .inspection import summarize_file, summarize_folder
 from .machine import DIAGRAM_FORMATS, STATES, diagram, diagram_graph
+from .stateful import Position
 
 __all__ = ["main"]
+
+CLOSED_PIPE_STATUS = 141  # 128 + SIGPIPE: what a shell reports for a command whose reader went away
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1: what a terminal may act on
 
 
 def main(arguments: Sequence[str] | None = None) -> int:
@@ -37,10 +48,21 @@ def main(arguments: Sequence[str] | None = None) -> int:
     inspecting.add_argument("--json", action="store_true", help="print the summary as JSON")
     options = parser.parse_args(arguments)
     try:
-        return _diagram(options) if options.command == "diagram" else _inspect(options)
+        status = _diagram(options) if options.command == "diagram" else _inspect(options)
+        sys.stdout.flush()  # a closed pipe shows here, not as a traceback when Python exits
+        return status
+    except BrokenPipeError:  # before OSError: a reader that has seen enough (`| head`) is no error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit writes nowhere
+        return CLOSED_PIPE_STATUS
     except (CheckpointError, ImportError, ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(_printable(f"error: {error}"), file=sys.stderr)
         return 2
+
+
+def _printable(text: str) -> str:
+    """``text`` with each control character written as its escape (``\\x1b``), so that a name read from a file
+    cannot clear the terminal or set its title or clipboard."""
+    return _CONTROL_CHARACTER.sub(lambda match: f"\\x{ord(match[0]):02x}", text)
 
 
 def _diagram(options: argparse.Namespace) -> int:
@@ -69,24 +91,31 @@ def _inspect(options: argparse.Namespace) -> int:
         summary = summarize_folder(path)
         entries = summary["checkpoints"] + ([summary["best"]] if summary["best"] else [])
         ok = bool(summary["checkpoints"]) and all(entry["verified"] for entry in entries)
-        print(json.dumps(summary, indent=1, default=str) if options.json else _folder_text(summary))
+        print(json.dumps(summary, indent=1, default=str) if options.json else _text(_folder_lines(summary)))
         return 0 if ok else 1
     if not path.exists():
         raise ValueError(f"no checkpoint file or folder at {path}")
     summary = summarize_file(path)
-    print(json.dumps(summary, indent=1, default=str) if options.json else _file_text(summary))
+    print(json.dumps(summary, indent=1, default=str) if options.json else _text(_file_lines(summary)))
     return 0 if summary["verified"] else 1
 
 
+def _text(lines: list[str]) -> str:
+    """The lines of a summary, each made printable: a newline inside a name is escaped, never a line of its own."""
+    return "\n".join(map(_printable, lines))
+
+
 def _position_text(position: dict[str, Any]) -> str:
-    counted = position["epoch"] + (position["phase"] is not None or position["state"] not in ("epoch", "idle"))
-    text = f"state {position['state']!r}, epoch {counted}"  # counted from 1, for people (the JSON is the API's)
+    saved = Position(epoch=position["epoch"], epochs_done=position["epochs_done"], finished=position["finished"],
+                     stop_requested=position["stop_requested"])  # fmt: skip
+    # From 1, as a run's messages and checkpoint names count (the JSON is the API's, from 0).
+    text = f"state {position['state']!r}, epoch {saved.epoch_for_people(position['state'])}"
     if position["phase"] is not None:
         text += f", phase {position['phase']!r} after batch {position['batch'] + 1}"
     text += f", step {position['step']}"
     if position["pending"]:
         text += f" (inside the {position['pending']!r} transition, saved after an error)"
-    return text + (", finished" if position["finished"] else "")
+    return text + (f", finished ({saved.end_reason()})" if saved.finished else "")
 
 
 def _metrics_text(metrics: dict[str, Any]) -> str:
@@ -102,11 +131,11 @@ def _size(count: int) -> str:
     return ""
 
 
-def _file_text(summary: dict[str, Any]) -> str:
+def _file_lines(summary: dict[str, Any]) -> list[str]:
     lines = [summary["path"]]
     version = f"format {summary['format']}, statetrainer {summary['library']}" if summary["format"] else "no header"
     if not summary["verified"]:
-        return "\n".join([*lines, f"  NOT USABLE ({version}): {summary['error']}"])
+        return [*lines, f"  NOT USABLE ({version}): {summary['error']}"]
     parts = "; ".join(f"{name} {totals['tensors']} tensors, {_size(totals['bytes'])}"
                       for name, totals in summary["parts"].items() if totals["tensors"])  # fmt: skip
     callbacks = "; ".join(f"{name} [{', '.join(keys)}]" for name, keys in summary["callbacks"].items()) or "none"
@@ -118,10 +147,10 @@ def _file_text(summary: dict[str, Any]) -> str:
         f"  callbacks: {callbacks}",
         f"  tensors: {parts}",
     ]
-    return "\n".join(lines)
+    return lines
 
 
-def _folder_text(summary: dict[str, Any]) -> str:
+def _folder_lines(summary: dict[str, Any]) -> list[str]:
     marker = summary["run_marker"] or {}
     lines = [f"{summary['folder']}: run {marker.get('run', '?')}, seed {marker.get('seed', '?')}"]
     if not summary["checkpoints"]:
@@ -133,4 +162,4 @@ def _folder_text(summary: dict[str, Any]) -> str:
         else:
             line = f"  {name}  NOT USABLE: {entry['error']}"
         lines.append(line + ("   <- load_checkpoint starts here" if entry["path"] == summary["picked"] else ""))
-    return "\n".join(lines)
+    return lines

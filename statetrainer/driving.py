@@ -4,7 +4,8 @@
 re-entry (a callback calling ``fit()``) and a run an earlier error left half
 done, catches the stop signals, turns on deterministic algorithms when asked,
 and on an error shuts the loader down and gives every callback's
-``on_exception`` its turn before the error propagates.
+``on_exception`` its turn before the error propagates (and before a stop
+signal's message is printed).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class RunGuard:
         recover: Called before ``on_error``: where a checkpoint taken after the error stands.
         vote: Shares stop signals between the ranks of a torchrun run (None in one process):
             a signal then stops every rank after the same batch.
+        open_outputs: Claims the run's folders and opens its files, before the first hook (see ``RunOutputs``).
 
     Attributes:
         deferred: Actions waiting for the machine to be between batches.
@@ -56,6 +58,7 @@ class RunGuard:
         on_error: Callable[[], None],
         recover: Callable[[], Recovery | None],
         vote: StopVote | None = None,
+        open_outputs: Callable[[], None] = lambda: None,
     ) -> None:
         self.active = False
         self.error: BaseException | None = None
@@ -63,6 +66,7 @@ class RunGuard:
         self._deterministic, self._on_error, self._recover = deterministic, on_error, recover
         self.recovery: Recovery | None = None
         self.vote = vote
+        self._open_outputs = open_outputs
         self.deferred: list[Callable[[Any], None]] = []
         self.at_rest = False
         self._exception_hooks = [callback.on_exception for callback in callbacks
@@ -84,6 +88,7 @@ class RunGuard:
         if trainer.position.finished and trainer.parts["machine"].pending is None:
             raise RuntimeError(f"the run has finished ({trainer.position.end_reason()}); "
                                "there is nothing left to advance")
+        self._open_outputs()  # another run's folder, or a second live copy, is refused before any hook writes
         self.active = True
         try:
             with self.catcher, deterministic_algorithms() if self._deterministic else contextlib.nullcontext():
@@ -101,6 +106,9 @@ class RunGuard:
                     hook(trainer, error)
                 except Exception as hook_error:  # noqa: BLE001 -- the run's own error must propagate
                     warnings.warn(f"{hook.__qualname__} raised {hook_error!r} while handling {error!r}", stacklevel=3)
+            if isinstance(error, Preempted) and trainer.is_global_zero:
+                # After on_exception, so that no progress bar is left on the line the message starts.
+                print(f"statetrainer: {error.message}", file=sys.stderr, flush=True)
             raise
         finally:
             self.active = False
@@ -167,6 +175,4 @@ def stop_on_signal(trainer: Trainer, received: signal.Signals) -> None:
         saved = savers[0].save(trainer)
         outcome = f"saved {saved}"
     message = f"stopped by {received.name} at {where} (step {trainer.global_step}): {outcome}"
-    if trainer.is_global_zero:
-        print(f"statetrainer: {message}", file=sys.stderr, flush=True)
-    raise Preempted(received, saved, message)
+    raise Preempted(received, saved, message)  # RunGuard.driving prints it, once the callbacks have cleaned up

@@ -86,6 +86,11 @@ def resolve_signals(signals: Iterable[str | int | signal.Signals] | None) -> tup
 class SignalCatcher:
     """Handles ``signals`` while entered, in the main thread only, and puts the previous handlers back after.
 
+    A signal ignored when it is entered stays ignored, as Python itself leaves
+    an ignored SIGINT: a shell ignores SIGINT for a job it starts in the
+    background (``cmd &`` in a script), so a Ctrl-C meant for another program
+    does not stop the run.
+
     The first signal calls ``on_signal(signal)`` and is remembered in
     ``received``. A second SIGINT means the user does not want to wait: it
     raises ``KeyboardInterrupt`` at once. Other repeats change nothing (a
@@ -101,7 +106,8 @@ class SignalCatcher:
     def __enter__(self) -> SignalCatcher:
         if self.signals and threading.current_thread() is threading.main_thread():
             for number in self.signals:
-                self._previous[number] = signal.signal(number, self._handle)
+                if signal.getsignal(number) is not signal.SIG_IGN:  # ignored on entry (a background job's SIGINT)
+                    self._previous[number] = signal.signal(number, self._handle)  # stays ignored, as in Python
         return self
 
     def __exit__(self, *exc_info: object) -> None:

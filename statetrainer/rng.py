@@ -13,8 +13,11 @@ import torch
 from .checkpoint import CheckpointError
 from .data.resumable import mix_seed
 from .distributed import Ranks, all_gather
+from .state import check_integer, check_keys, check_real, check_tensor, describe
 
-__all__ = ["Generators", "capture_rng", "restore_rng", "seed_everything"]
+__all__ = ["Generators", "capture_rng", "check_rng_state", "restore_rng", "seed_everything"]
+
+_MT_WORDS = 624  # the Mersenne Twister's state: 624 32-bit words and a position among them
 
 
 def capture_rng(cuda_devices: Sequence[torch.device] = ()) -> dict[str, Any]:
@@ -59,6 +62,58 @@ def restore_rng(state: dict[str, Any], cuda_devices: Sequence[torch.device] = ()
         )
     for device, device_state in zip(cuda_devices, saved):
         torch.cuda.set_rng_state(device_state.cpu(), device)
+
+
+def check_rng_state(state: Any, cuda_devices: Sequence[torch.device] = ()) -> None:
+    """Raise ``CheckpointError`` naming the key unless ``restore_rng(state, cuda_devices)`` restores exactly
+    what ``capture_rng`` captured; nothing is changed.
+
+    Python's state (version 3, 624 32-bit words and a position, a cached
+    Gaussian or None) and NumPy's (MT19937, 624 words as int64, a position, a
+    flag and a finite cached Gaussian) are checked value by value, as their
+    ``setstate`` accepts some wrong ones silently; torch's CPU state and each
+    state restored to one of ``cuda_devices`` are set on a new generator of
+    their own, which refuses a state of the wrong size or an invalid one.
+    """
+    check_keys("the generator state", state, ("python", "numpy", "torch", "cuda"))
+    python = state["python"]
+    check_keys("python", python, ("version", "state", "gauss"))
+    check_integer("python['version']", python["version"], random.Random.VERSION, random.Random.VERSION)
+    words = python["state"]
+    if not isinstance(words, list) or len(words) != _MT_WORDS + 1:
+        raise CheckpointError(f"python['state'] is {describe(words)}, not a list of {_MT_WORDS + 1} integers")
+    for index, word in enumerate(words):
+        check_integer(f"python['state'][{index}]", word, 0, 2**32 - 1 if index < _MT_WORDS else _MT_WORDS)
+    if python["gauss"] is not None:
+        check_real("python['gauss']", python["gauss"])
+    numpy = state["numpy"]
+    check_keys("numpy", numpy, ("kind", "keys", "position", "has_gauss", "cached"))
+    if numpy["kind"] != "MT19937":
+        raise CheckpointError(f"numpy['kind'] is {describe(numpy['kind'])}, not 'MT19937'")
+    check_tensor("numpy['keys']", numpy["keys"], (_MT_WORDS,), torch.int64)
+    if not bool(((numpy["keys"] >= 0) & (numpy["keys"] < 2**32)).all()):
+        raise CheckpointError("numpy['keys'] holds values that are not 32-bit words")
+    check_integer("numpy['position']", numpy["position"], 0, _MT_WORDS)
+    check_integer("numpy['has_gauss']", numpy["has_gauss"], 0, 1)
+    check_real("numpy['cached']", numpy["cached"])
+    like = torch.get_rng_state()
+    check_tensor("torch", state["torch"], like.shape, like.dtype)
+    _check_on_new_generator("torch", state["torch"], torch.device("cpu"))
+    if not isinstance(state["cuda"], list):
+        raise CheckpointError(f"cuda is {describe(state['cuda'])}, not a list of CUDA generator states")
+    for index, device_state in enumerate(state["cuda"]):
+        if not isinstance(device_state, torch.Tensor) or device_state.dtype != torch.uint8 or device_state.dim() != 1:
+            raise CheckpointError(f"cuda[{index}] is {describe(device_state)}, not a uint8 tensor of one dimension")
+        if index < len(cuda_devices):  # the states restored here; a CPU run skips them
+            _check_on_new_generator(f"cuda[{index}]", device_state, cuda_devices[index])
+
+
+def _check_on_new_generator(name: str, state: torch.Tensor, device: torch.device) -> None:
+    """Set ``state`` on a new generator of ``device`` (not the one the run draws from): its own checks."""
+    try:
+        torch.Generator(device=device).set_state(state.cpu())
+    except (RuntimeError, ValueError, TypeError) as error:
+        raise CheckpointError(f"{name} is not a generator state of {device.type} here: {error}") from error
 
 
 def _pack(state: dict[str, Any]) -> torch.Tensor:
@@ -145,20 +200,23 @@ class Generators:
         return {"seed": self.seed, "ranks": [_unpack(packed, own) for packed in gathered]}
 
     def check_fits(self, state: dict[str, Any]) -> None:
-        if isinstance(state["seed"], bool) or not isinstance(state["seed"], int):
-            raise ValueError(f"the seed is {state['seed']!r}, not an integer")
+        """Refuse another run's seed, and any saved rank's generator state that would not restore exactly
+        (see ``check_rng_state``); every rank's is checked, so a run on any number of processes can take it."""
+        check_keys("the generators' state", state, ("seed", "ranks"))
+        check_integer("seed", state["seed"], -(2**63), 2**64 - 1)  # what torch.manual_seed takes
         if self.chosen and state["seed"] != self.seed:
             raise CheckpointError(f"the checkpoint is of a run with seed={state['seed']}, this trainer has seed={self.seed}: "
                                   "it is another run; resume it with its seed, or save this run to another folder")  # fmt: skip
         if not isinstance(state["ranks"], list) or not state["ranks"]:
-            raise TypeError("the generator states are not a list with one entry per rank")
-        for rank_state in state["ranks"]:
-            if not isinstance(rank_state["torch"], torch.Tensor) or not isinstance(rank_state["cuda"], list):
-                raise TypeError("the torch and CUDA generator states are not tensors")
-            rank_state["python"]["state"], rank_state["numpy"]["keys"]  # noqa: B018 -- present, or a KeyError
+            raise CheckpointError(f"ranks is {describe(state['ranks'])}, not a list with one entry per rank")
+        for rank, rank_state in enumerate(state["ranks"]):
+            try:
+                check_rng_state(rank_state, self.cuda_devices)
+            except CheckpointError as error:
+                raise CheckpointError(f"ranks[{rank}]: {error}") from error
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.seed = int(state["seed"])
+        self.seed = state["seed"]
         saved, rank = state["ranks"], self.ranks.rank
         if rank < len(saved):
             restore_rng(saved[rank], self.cuda_devices)

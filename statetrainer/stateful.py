@@ -24,14 +24,14 @@ from .checkpoint import CheckpointError
 from .distributed import Ranks, gather_tree
 from .machine import AT_REST
 from .rng import Generators
-from .state import tensors_to, unwrap_model
+from .state import check_flag, check_integer, check_keys, describe, is_real, tensors_to, unwrap_model
 from .step import optimizer_class_name
 
 if TYPE_CHECKING:
     from .callbacks.base import Callback
 
 __all__ = ["CallbackStates", "Metrics", "Position", "RunIdentity", "RunSettings", "StateRegistry", "Stateful",
-           "check_position_fits"]  # fmt: skip
+           "check_position_fits", "is_metric_value"]  # fmt: skip
 
 
 @runtime_checkable
@@ -92,11 +92,15 @@ class StateRegistry:
                 check(saved)
             except CheckpointError as error:
                 raise CheckpointError(f"{label}{error}") from error
-            except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
+            except _MISFITS as error:
                 raise CheckpointError(f"{label}the saved state does not fit this run: {error!r}") from error
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Check every part's saved state, then load each: nothing is loaded unless all of it fits."""
+        """Check every part's saved state, then load each: nothing is loaded unless all of it fits.
+
+        Every part's ``check_fits`` runs before the first part loads, so a part
+        whose ``load_state_dict`` can fail on a saved state must refuse that
+        state in its ``check_fits``: the built-in parts do."""
         self.check_fits(state)
         for name, part in self._parts.items():
             part.load_state_dict(state[name])
@@ -141,13 +145,14 @@ class Position:
         return dataclasses.asdict(self)
 
     def check_fits(self, state: dict[str, Any]) -> None:
+        """Refuse a saved position whose fields are missing or not of their kind (flags, counts)."""
+        check_keys("the saved position", state, [field.name for field in dataclasses.fields(self)])
         for field in dataclasses.fields(self):
-            value, minimum = state[field.name], -1 if field.name in ("phase_position", "batch_index") else 0
+            value = state[field.name]
             if field.type == "bool":
-                if not isinstance(value, bool):
-                    raise CheckpointError(f"{field.name} is {value!r}, not True or False")
-            elif isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise CheckpointError(f"{field.name} is {value!r}, not an integer >= {minimum}")
+                check_flag(field.name, value)
+            else:  # the phase and the batch are -1 before the first
+                check_integer(field.name, value, -1 if field.name in ("phase_position", "batch_index") else 0)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for field in dataclasses.fields(self):
@@ -193,14 +198,31 @@ class PositionField:
 
 
 class Metrics(dict):  # type: ignore[type-arg]
-    """The latest value of every metric, by name (``train_loss``...): a dict that saves itself."""
+    """The latest value of every metric, by name (``train_loss``...): a dict that saves itself.
+
+    A metric's value is a number (an int or a float, NaN and infinities
+    included: a phase without batches, a diverged loss) or a 0-dim tensor of
+    one, as the loggers read it; never a bool or a string. A save refuses
+    anything else, so every checkpoint the run writes loads again.
+    """
 
     def state_dict(self) -> dict[str, Any]:
+        """The metrics, by name; ``TypeError`` naming a value that is not a metric's."""
+        for name, value in self.items():
+            if not isinstance(name, str) or not is_metric_value(value):
+                raise TypeError(f"trainer.metrics[{name!r}] is {describe(value)}: a metric is a number or a 0-dim "
+                                "tensor, under a string name")  # fmt: skip
         return dict(self)
 
     def check_fits(self, state: Any) -> None:
-        if not isinstance(state, dict) or not all(isinstance(key, str) for key in state):
-            raise CheckpointError(f"metrics are a dict of names to values, got {type(state).__name__}")
+        """Refuse saved metrics that are not a dict of names to numbers or 0-dim tensors."""
+        if not isinstance(state, dict):
+            raise CheckpointError(f"the saved metrics are {describe(state)}, not a dict of names to values")
+        for name, value in state.items():
+            if not isinstance(name, str):
+                raise CheckpointError(f"a metric's name is {describe(name)}, not a string")
+            if not is_metric_value(value):
+                raise CheckpointError(f"{name} is {describe(value)}, not a number or a 0-dim tensor")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.clear()
@@ -228,6 +250,15 @@ class CallbackStates:
                 if callback.state_per_rank else callback.state_dict() for callback in self.callbacks}  # fmt: skip
 
     def check_fits(self, state: dict[str, Any]) -> None:
+        """Refuse the callbacks' saved states unless each callback loaded here accepts its own.
+
+        Every callback needs a state; each one that runs in this process is given
+        what it would load to its ``check_fits``: a callback with a state per rank,
+        every saved rank's and, from another number of ranks, this rank's
+        regrouped state. Errors are ``CheckpointError`` that begin with the
+        callback's key (and the saved rank)."""
+        if not isinstance(state, dict):
+            raise CheckpointError(f"the callbacks' states are {describe(state)}, not a dict by callback key")
         missing = [callback.key for callback in self.callbacks if callback.key not in state]
         if missing:
             raise CheckpointError(f"the checkpoint has no state for callback(s) {', '.join(missing)}")
@@ -235,7 +266,22 @@ class CallbackStates:
             saved = state[callback.key]
             if callback.state_per_rank and not (isinstance(saved, dict) and isinstance(saved.get("ranks"), list)
                                                 and saved["ranks"]):  # fmt: skip
-                raise CheckpointError(f"callback {callback.key}: the checkpoint holds no state per rank for it")
+                raise CheckpointError(f"{callback.key}: the checkpoint holds no state per rank for it")
+        for callback in self.running:
+            saved = state[callback.key]
+            if not callback.state_per_rank:
+                _check_callback_state(callback, saved, callback.key)
+                continue
+            states = saved["ranks"]
+            for rank, rank_state in enumerate(states):
+                _check_callback_state(callback, rank_state, f"{callback.key}: rank {rank}")
+            if len(states) != self.ranks.world_size:
+                where = f"{callback.key}: its {len(states)} saved rank(s) regrouped for {self.ranks.world_size}"
+                try:
+                    regrouped = callback.regroup_states(states, self.ranks.world_size)[self.ranks.rank]
+                except _MISFITS as error:
+                    raise CheckpointError(f"{where}: {error!r}") from error
+                _check_callback_state(callback, regrouped, where)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         rank, world_size = self.ranks.rank, self.ranks.world_size
@@ -245,6 +291,26 @@ class CallbackStates:
                 states = saved["ranks"]
                 saved = states[rank] if len(states) == world_size else callback.regroup_states(states, world_size)[rank]
             callback.load_state_dict(tensors_to(saved, self.device))
+
+
+_MISFITS = (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError)  # a state of the wrong kind
+
+
+def is_metric_value(value: Any) -> bool:
+    """Whether ``value`` can be a metric's: an int or a float (not a bool), or a 0-dim tensor of a real dtype."""
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not value.is_complex() and value.dtype != torch.bool
+    return is_real(value)
+
+
+def _check_callback_state(callback: Callback, state: Any, where: str) -> None:
+    """``callback.check_fits(state)``, its errors as ``CheckpointError`` that begin with ``where``."""
+    try:
+        callback.check_fits(state)
+    except CheckpointError as error:
+        raise CheckpointError(f"{where}: {error}") from error
+    except _MISFITS as error:
+        raise CheckpointError(f"{where}: the saved state does not fit this callback: {error!r}") from error
 
 
 class RunIdentity:
@@ -291,8 +357,16 @@ class RunIdentity:
     def state_dict(self) -> dict[str, Any]:
         return {"id": self.id, "fingerprint": self.fingerprint}
 
+    def check_fits(self, state: dict[str, Any]) -> None:
+        """Refuse a saved identity without a run id (printable text) and a fingerprint."""
+        check_keys("the saved run identity", state, ("id", "fingerprint"))
+        if not isinstance(state["id"], str) or not state["id"] or not state["id"].isprintable():
+            raise CheckpointError(f"id is {describe(state['id'])}, not a run id")
+        if not isinstance(state["fingerprint"], str):
+            raise CheckpointError(f"fingerprint is {describe(state['fingerprint'])}, not a string")
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.id = str(state["id"])  # the same run, continued
+        self.id = state["id"]  # the same run, continued
 
 
 class RunSettings:
@@ -329,6 +403,8 @@ class RunSettings:
         return dict(self.settings)
 
     def check_fits(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict):
+            raise CheckpointError(f"the saved settings are {describe(state)}, not a dict of names to values")
         changed = [name for name, value in self.settings.items() if state.get(name) != value
                    and name not in self.allowed and name.split(".")[-1] not in self.allowed]  # fmt: skip
         if changed:

@@ -30,6 +30,7 @@ from .distributed import StopVote, join_process_group, on_every_rank, wrap_model
 from .deciding import Deciders
 from .driving import RunGuard
 from .machine import AT_REST, Move, TrainingMachine
+from .outputs import RunOutputs
 from .phase import Phase
 from .preemption import DEFAULT_STOP_SIGNALS, resolve_signals
 from .recovery import plan_recovery
@@ -127,9 +128,11 @@ class Trainer:
         self.batch = self.target = self.output = self.loss = None
         self.loss_weight = 1.0
         speaking = [callback for callback in self.callbacks if ranks.is_global_zero or not callback.rank_zero_only]
+        self._outputs = RunOutputs(speaking, ranks, self.device)
         self._guard = RunGuard(speaking, self.stop_signals, deterministic, on_error=self._work.release,
                                recover=lambda: plan_recovery(self, self._machine, self._work),
-                               vote=StopVote(ranks) if ranks.distributed and self.stop_signals else None)  # fmt: skip
+                               vote=StopVote(ranks) if ranks.distributed and self.stop_signals else None,
+                               open_outputs=lambda: self._outputs.open(self, self.run.marker()))  # fmt: skip
         enter, exit = hooks_by_state(speaking)
         if self._guard.vote is not None:  # after every batch, the ranks share whether a stop signal came
             exit["batch"].append(self._guard.exchange_stop_vote)
@@ -192,6 +195,7 @@ class Trainer:
     def fit(self) -> Trainer:
         """Run to the end, or continue a stepped or resumed run to the end (a finished run warns and returns)."""
         if self.position.finished and self._guard.error is None and self._machine.pending is None:
+            self._outputs.open(self, self.run.marker())  # a run killed as it finished still remakes its files
             warnings.warn(f"the run has already finished ({self.position.end_reason()}); fit() has nothing to do", stacklevel=2)
             return self
         deciders, machine, position, guard = self._deciders, self._machine, self.position, self._guard
@@ -282,6 +286,7 @@ class Trainer:
         if self.state != "idle" or self.position != Position():
             raise RuntimeError("load a checkpoint into a trainer that has not started: build a new Trainer")
         self.parts.load_state_dict(state)
+        self._outputs.opened = False  # the files are made what the loaded state says when the run next opens them
         self.position.extend_to(self.epochs)  # a finished run given more epochs goes on to train them
         self.phase = self.phases[self.position.phase_position] if self.position.phase_position >= 0 else None
         if self.state == "phase" and self._machine.pending is None:  # mid-phase: reopen after the last batch done
@@ -294,9 +299,12 @@ class Trainer:
         Under torchrun every rank calls it: rank 0 writes the one file, and every rank returns once it is written.
         """
         self._guard.check_at_rest(self, "save_checkpoint()")
-        ranks, epoch = self.ranks, self.position.epoch_for_people(self.state)  # in the file's name, from 1
+        self._outputs.open(self, self.run.marker())
+        ranks, epoch, folder = self.ranks, self.position.epoch_for_people(self.state), checkpoint.save_folder(path)
         with on_every_rank(ranks, self.device, "claim the checkpoint folder"):
-            target = checkpoint.save_target(path, epoch, self.global_step, self.run.marker(), claim=ranks.is_global_zero)
+            if ranks.is_global_zero and folder.suffix != ".safetensors":
+                self._outputs.claim(folder, self.run.marker(), ["ckpt-*.safetensors"])
+            target = checkpoint.save_target(path, epoch, self.global_step)
         state = self.state_dict()  # every rank's generators, window gradients and metric accumulators, gathered
         with on_every_rank(ranks, self.device, f"write the checkpoint {target}"):  # all wait for rank 0's write
             if ranks.is_global_zero:
@@ -313,6 +321,7 @@ class Trainer:
         """
         self.parts["settings"].allowed = frozenset(allow_changes)
         folders = [callback.folder for callback in self.callbacks if isinstance(callback, Checkpoint)]
+        self._outputs.lock()  # a second live copy of the run is refused before it reads anything
         with on_every_rank(self.ranks, self.device, f"load the checkpoint from {path}"):  # all load it, or none
             found = checkpoint.find_checkpoint(path, folders, self.parts.check_fits, self.run.accept_marker)
         if found is None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -52,3 +54,16 @@ def mnist_test_set(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.Tens
         with gzip.open(MNIST_DIR / f"{name}.gz", "rb") as source, open(folder / name, "wb") as target:
             shutil.copyfileobj(source, target)
     return read_image_file(str(folder / MNIST_FILES[0])), read_label_file(str(folder / MNIST_FILES[1]))
+
+
+@pytest.fixture
+def python_sigint_handler() -> Iterator[None]:
+    """Python's own SIGINT handler (it raises ``KeyboardInterrupt``) during the test, the previous one after.
+
+    A test suite started with SIGINT ignored (``nohup pytest &``, or ``&`` in a
+    script) would otherwise have Ctrl-C do nothing at all, and the trainer leaves
+    a signal ignored on entry ignored.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)

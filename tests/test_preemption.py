@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
+import struct
+import subprocess
+import sys
+import textwrap
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,8 +73,10 @@ def assert_same_run(expected: st.Trainer, actual: st.Trainer) -> None:
         ((1, "valid", 1), SendSignalOnBatch, signal.SIGTERM, 1),
         ((0, "train", 5), SendSignalOnBatch, signal.SIGINT, 1),
     ],
+    ids=["SIGTERM-in-backward", "SIGTERM-in-a-window", "SIGTERM-in-valid", "SIGINT-in-a-batch"],
 )
-def test_a_stop_signal_saves_after_the_batch_in_flight_and_resumes_exactly(tmp_path, device, where, sender, number, accumulate):
+def test_a_stop_signal_saves_after_the_batch_in_flight_and_resumes_exactly(tmp_path, device, where, sender, number, accumulate,
+                                                                           python_sigint_handler):  # fmt: skip
     whole = build(device, accumulate=accumulate).fit()
     handlers_before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     folder = tmp_path / "run"
@@ -111,14 +119,28 @@ def test_a_phase_that_cannot_resume_mid_phase_stops_without_a_misleading_checkpo
     assert checkpoint_files(tmp_path) == []
 
 
-def test_a_second_ctrl_c_aborts_at_once(tmp_path, device):
+def test_a_second_ctrl_c_aborts_at_once(tmp_path, device, python_sigint_handler):
     trainer = build(device, [Checkpoint(tmp_path, every_epochs=None),
                              SendSignalOnBackward((0, "train", 2), signal.SIGINT, signal.SIGINT)])  # fmt: skip
+    before = signal.getsignal(signal.SIGINT)  # Python's handler, or SIG_IGN when pytest started under nohup
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
     assert trainer.state == "backward"  # it did not wait for the batch to end
     assert checkpoint_files(tmp_path) == []
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_signal_ignored_when_the_run_starts_stays_ignored(tmp_path, device):
+    """A shell starts a background job (``cmd &`` in a script) with SIGINT ignored: a Ctrl-C meant for the
+    foreground program must not stop the run, as it would not stop Python itself."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        trainer = build(device, [Checkpoint(tmp_path, every_epochs=None), SendSignalOnBatch((0, "train", 1), signal.SIGINT)])
+        trainer.fit()
+        assert trainer.finished and not trainer.position.stop_requested and checkpoint_files(tmp_path) == []
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_a_repeated_sigterm_does_not_interrupt_the_save(tmp_path, device):
@@ -186,3 +208,82 @@ def test_stop_signals_can_be_turned_off(device):
 
     build(device, [Look()], stop_signals=()).fit()
     assert seen == [before]
+
+
+def terminal_screen(drawn: str) -> list[str]:
+    """The lines a terminal shows after ``drawn``: a carriage return goes back to the line's start, where the
+    next characters overwrite the line's; escape sequences are left out (a bar at position 0 writes none)."""
+    lines, row, column = [[]], 0, 0
+    for character in re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", drawn):
+        if character == "\r":
+            column = 0
+        elif character == "\n":
+            row, column = row + 1, 0
+            lines.extend([] for _ in range(row + 1 - len(lines)))
+        else:
+            line = lines[row]
+            line.extend(" " for _ in range(column + 1 - len(line)))
+            line[column], column = character, column + 1
+    return ["".join(line).rstrip() for line in lines]
+
+
+def run_in_a_terminal(script: str) -> tuple[int, str]:
+    """Run ``script`` with its stdin and stderr on a pseudo-terminal 160 columns wide; its status and what it drew."""
+    pty = pytest.importorskip("pty")
+    fcntl, termios = pytest.importorskip("fcntl"), pytest.importorskip("termios")
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    process = subprocess.Popen([sys.executable, "-c", script], stdin=follower, stdout=subprocess.DEVNULL,
+                               stderr=follower)  # fmt: skip
+    os.close(follower)
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    os.close(leader)
+    return process.wait(timeout=120), drawn.decode(errors="replace")
+
+
+def test_a_stop_message_starts_on_its_own_line_under_a_progress_bar(device):
+    """Ctrl-C under a pseudo-terminal: the progress bar is cleared before the message is printed."""
+    script = textwrap.dedent(f"""
+        import signal, sys
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+        import torch
+        from statetrainer.callbacks import ProgressBar
+        from tests.test_preemption import SendSignalOnBatch, build
+
+        sender = SendSignalOnBatch((0, "train", 3), signal.SIGINT)
+        build(torch.device({device.type!r}), [ProgressBar(mininterval=0), sender]).fit()
+    """)
+    status, drawn = run_in_a_terminal(script)
+    assert status == 128 + signal.SIGINT, drawn
+    assert "epoch 1 train" in drawn and "train_loss=" in drawn  # the bar was drawn, with its metrics
+    screen = terminal_screen(drawn)
+    stop = [line for line in screen if "statetrainer: stopped by SIGINT" in line]
+    assert stop and stop[0].startswith("statetrainer: stopped by SIGINT at epoch 1, phase 'train', after batch 4"), (
+        screen)
+    assert not [line for line in screen if "epoch 1 train" in line], screen  # and the bar was cleared
+
+
+@pytest.mark.slow
+def test_these_tests_pass_when_pytest_starts_with_sigint_ignored(device):
+    """``nohup pytest &`` (or ``&`` in a script) starts the suite with SIGINT ignored: the tests that send
+    SIGINT pass all the same (one that needs Python's SIGINT handler installs it itself)."""
+    here = Path(__file__).resolve()
+    ignore_sigint = "import signal, sys, pytest; signal.signal(signal.SIGINT, signal.SIG_IGN); sys.exit(pytest.main())"
+    result = subprocess.run(
+        [sys.executable, "-c", ignore_sigint, str(here), str(here.with_name("test_recovery.py")), "-v",
+         "-p", "no:cacheprovider", "-k", f"{device.type} and (ctrl_c or SIGINT) and not starts_with_sigint_ignored"],
+        cwd=here.parents[1], capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:]
+    for test in ("test_preemption.py::test_a_second_ctrl_c_aborts_at_once",
+                 "test_preemption.py::test_a_stop_signal_saves_after_the_batch_in_flight_and_resumes_exactly",
+                 "test_recovery.py::test_ctrl_c_in_the_forward_pass_then_save_holds_the_last_batch_boundary"):
+        assert re.search(rf"{re.escape(test)}\[{device.type}[^]]*\] PASSED", result.stdout), result.stdout[-4000:]

@@ -12,6 +12,7 @@ that raised while ending a batch that counts as done do not run for it.
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -192,7 +193,7 @@ class InterruptedLoss:
 
 
 def test_ctrl_c_in_the_forward_pass_then_save_holds_the_last_batch_boundary(
-    device: torch.device, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    device: torch.device, tmp_path: Path, capsys: pytest.CaptureFixture[str], python_sigint_handler: None
 ) -> None:  # fmt: skip
     reference = build(device, 1, []).fit()
     trainer = build(device, 1, [])

@@ -120,8 +120,54 @@ class Callback:
         """What this callback needs to continue exactly after a restart."""
         return {}
 
+    def check_fits(self, state: dict[str, Any]) -> None:
+        """Raise unless ``load_state_dict(state)`` would take ``state``; change nothing. By default: accept anything.
+
+        A load checks every part of a checkpoint, this callback's saved state
+        included, before it loads the first: a callback whose ``load_state_dict``
+        can fail, or would take a value of the wrong kind, shape or range, refuses
+        it here, so a bad file never leaves a trainer half-loaded. ``state`` is
+        what ``load_state_dict`` would receive (for ``state_per_rank``: each saved
+        rank's, and the regrouped one), its tensors still where the file has them.
+
+        Raises:
+            CheckpointError: The state does not fit; name the key (the trainer adds the callback's key).
+            KeyError, TypeError, ValueError: The same, reported as a ``CheckpointError``.
+        """
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned; its tensors are on the trainer's device."""
+
+    def metric_names(self, phases: Sequence[Phase]) -> set[str] | None:
+        """The ``trainer.metrics`` names this callback writes in a run of ``phases``: none by default.
+
+        A callback that writes ``trainer.metrics`` declares the names here, so
+        that a trainer can refuse, when it is built, a monitored name that
+        nothing writes (see ``monitored_metrics``). None means the names cannot
+        be told ahead, and turns that check off.
+        """
+        return set()
+
+    def output_files(self) -> list[Path]:
+        """The files this callback writes, glob patterns allowed in their names (``folder/ckpt-*.safetensors``).
+
+        Before the first hook runs, the trainer claims their folders for the run
+        (``statetrainer.checkpoint.claim_folder``: a ``run.json`` and a lock), so
+        no run writes, truncates or deletes a file of another run or of a second
+        live copy of itself.
+        """
+        return []
+
+    def open_files(self, trainer: TrainerView) -> None:
+        """Once the folders are claimed, before the run's first hook in this process: make the files what the loaded
+        state says (a resumed run), or start them afresh. Called in the process that writes (rank 0)."""
+
+    def monitored_metrics(self) -> set[str]:
+        """The ``trainer.metrics`` names this callback reads (``EarlyStopping``'s ``monitor``): none by default.
+
+        The trainer refuses to be built when one of them is in no callback's ``metric_names``.
+        """
+        return set()
 
     def on_exception(self, trainer: TrainerView, error: BaseException) -> None:
         """``fit()`` or ``advance()`` is ending with ``error`` (a crash, Ctrl-C, ``Preempted``): release what you hold.

@@ -8,7 +8,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import atomic_copy, checkpoint_files, remove_stale_temporaries
+from ..checkpoint import (BEST, CheckpointError, atomic_copy, best_epoch_name, checkpoint_files, read_document,
+                          read_run_marker, remove_stale_temporaries, run_of)  # fmt: skip
 from ..validation import check_count
 from .base import Callback, TrainerView
 from .finite import NonFiniteError, first_non_finite
@@ -73,17 +74,33 @@ class Checkpoint(Callback):
         self.best, self.best_mode, self.name = best, best_mode, name
         self.best_value = math.inf if best_mode == "min" else -math.inf
         self.keep_best = keep_best
+        self.best_epoch: int | None = None  # the epoch (from 1) whose checkpoint best.safetensors is
         self.ranked: list[tuple[float, int]] = []  # the best epochs kept (value, epoch from 1), best first
-        self._keep_epoch: int | None = None  # the epoch whose checkpoint is due to join the best
         self._due = False
-        self._best_due = False
         self._warned = False
-        self._cleaned = False
         self._last_saved: tuple[tuple[Any, ...], Path] | None = None
+        self._runs: dict[Path, str | None] = {}  # the run of each checkpoint file read so far
 
     @property
     def best_path(self) -> Path:
-        return self.folder / "best.safetensors"
+        return self.folder / BEST
+
+    def best_epoch_path(self, epoch: int) -> Path:
+        """Where the checkpoint of ``epoch`` (from 1) is kept while it ranks among the best."""
+        return self.folder / best_epoch_name(epoch)
+
+    def output_files(self) -> list[Path]:
+        return [self.folder / "ckpt-*.safetensors", self.folder / "best*.safetensors"]
+
+    def monitored_metrics(self) -> set[str]:
+        return set() if self.best is None else {self.best}
+
+    def open_files(self, trainer: TrainerView) -> None:
+        """Remove what a killed writer left half-written, and remake the best copies the loaded state names."""
+        remove_stale_temporaries(self.folder)
+        if self.best is not None:
+            self._update_best_copies(None)
+        self._prune((read_run_marker(self.folder) or {}).get("run"))  # a run killed before it pruned
 
     def on_exit_step(self, trainer: TrainerView) -> None:
         if self.every_steps is not None and trainer.global_step % self.every_steps == 0:
@@ -96,12 +113,11 @@ class Checkpoint(Callback):
                     f"Checkpoint(best={self.best!r}): no such metric; trainer.metrics has "
                     f"{', '.join(trainer.metrics) or 'nothing'}"
                 )
-            value = trainer.metrics[self.best]
+            value, epoch = float(trainer.metrics[self.best]), trainer.epoch + 1
             if value < self.best_value if self.best_mode == "min" else value > self.best_value:
-                self.best_value = value
-                self._best_due = True
+                self.best_value, self.best_epoch = value, epoch
                 self._request(trainer)
-            if self.keep_best is not None and self._ranks_among_best(value, trainer.epoch + 1):
+            if self.keep_best is not None and self._ranks_among_best(value, epoch):
                 self._request(trainer)
         if self.every_epochs is not None and (trainer.epoch + 1) % self.every_epochs == 0:
             self._request(trainer)
@@ -125,61 +141,103 @@ class Checkpoint(Callback):
         self.save(trainer)
 
     def save(self, trainer: TrainerView) -> Path:
-        """Checkpoint ``trainer`` into the folder now, then prune; return the file.
+        """Checkpoint ``trainer`` into the folder now, then update the best copies and prune; return the file.
 
         The trainer must be between batches (a deferred action, or outside
         ``fit()``). Asked twice at one position, it writes once and returns
-        that file again.
+        that file again. Pruning deletes only this run's own checkpoints.
         """
         position = (trainer.state, trainer.epoch, trainer.phase, trainer.batch_index, trainer.global_step)
         if self._last_saved is not None and self._last_saved[0] == position and self._last_saved[1].exists():
             return self._last_saved[1]
-        writer = trainer.is_global_zero  # under torchrun, rank 0 alone touches the folder
-        if not self._cleaned and writer:  # what an earlier, killed run left half-written
-            self._cleaned = True
-            remove_stale_temporaries(self.folder)
         bad = first_non_finite(dict(trainer.model.named_parameters()))
         if bad is not None:  # never save, nor prune the good ones for, a run that has gone to NaN
             kept = checkpoint_files(self.folder)
             raise NonFiniteError(f"Checkpoint: parameter {bad!r} is not finite, so the run is not saved; the last "
                                  f"checkpoint, {kept[-1] if kept else 'none'}, is kept")  # fmt: skip
-        best_due, self._best_due = self._best_due, False
         path = trainer.save_checkpoint(self.folder)
         self._last_saved = position, path
-        if best_due and writer:
-            atomic_copy(path, self.best_path)
-        if self.keep_best is not None and writer:
-            self._keep_the_best(path)
-        if self.keep_last is not None and writer:  # only now that the new file is durable
-            for old in checkpoint_files(self.folder)[: -self.keep_last]:
-                old.unlink(missing_ok=True)
+        if not trainer.is_global_zero:  # under torchrun, rank 0 alone touches the folder
+            return path
+        if self.best is not None:  # made from the checkpoints, so a kill at any point leaves them remade on resume
+            self._update_best_copies(path)
+        self._prune(self._run_of(path))  # only now that the new file is durable
         return path
+
+    def _prune(self, run: str | None) -> None:
+        """Delete all but the newest ``keep_last`` checkpoints of run ``run`` (never another run's)."""
+        if self.keep_last is None:
+            return
+        ours = [path for path in checkpoint_files(self.folder) if run is not None and self._run_of(path) == run]
+        for old in ours[: -self.keep_last]:
+            old.unlink(missing_ok=True)
+            self._runs.pop(old, None)
+
+    def _run_of(self, path: Path) -> str | None:
+        """The run a checkpoint of the folder belongs to (read once per file: a checkpoint never changes)."""
+        if path not in self._runs:
+            self._runs[path] = run_of(path)
+        return self._runs[path]
 
     def _ranks_among_best(self, value: float, epoch: int) -> bool:
         """Enter this epoch among the ``keep_best`` best, if it is; True when it is (its checkpoint is due)."""
         ranked = sorted([*self.ranked, (value, epoch)], key=lambda entry: entry[0], reverse=self.best_mode == "max")
         self.ranked = ranked[: self.keep_best]
-        self._keep_epoch = epoch if (value, epoch) in self.ranked else None
-        return self._keep_epoch is not None
+        return (value, epoch) in self.ranked
 
-    def best_epoch_path(self, epoch: int) -> Path:
-        """Where the checkpoint of ``epoch`` (from 1) is kept while it ranks among the best."""
-        return self.folder / f"best-epoch{epoch:04d}.safetensors"
-
-    def _keep_the_best(self, path: Path) -> None:
-        """Copy ``path`` as its epoch's best checkpoint if it ranks, and delete those that dropped out."""
-        if self._keep_epoch is not None:
-            atomic_copy(path, self.best_epoch_path(self._keep_epoch))
-            self._keep_epoch = None
-        kept = {self.best_epoch_path(epoch) for _, epoch in self.ranked}
+    def _update_best_copies(self, newest: Path | None) -> None:
+        """Make ``best.safetensors`` and the ``keep_best`` files the checkpoints of the epochs the state names, from
+        the folder's checkpoints (``newest`` first), and delete the best-epoch files that dropped out."""
+        wanted = {self.best_epoch_path(epoch): epoch for _, epoch in self.ranked}
+        if self.best_epoch is not None:
+            wanted[self.best_path] = self.best_epoch
+        run = (read_run_marker(self.folder) or {}).get("run")
+        for target, epoch in wanted.items():
+            if _ends_epoch(target, epoch, run):
+                continue
+            sources = [newest] if newest is not None else []
+            sources += [path for path in reversed(checkpoint_files(self.folder)) if f"-epoch{epoch:04d}-" in path.name]
+            source = next((path for path in sources if _ends_epoch(path, epoch, run)), None)
+            if source is None:
+                warnings.warn(f"Checkpoint: {target} cannot be made: no checkpoint of the end of epoch {epoch} is left "
+                              f"in {self.folder}", stacklevel=3)  # fmt: skip
+                continue
+            atomic_copy(source, target)
         for old in self.folder.glob("best-epoch*.safetensors"):
-            if old not in kept:  # dropped out, or written by a run killed after its newest checkpoint
+            if old not in wanted:  # dropped out, or written by a run killed after its newest checkpoint
                 old.unlink(missing_ok=True)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best_value": self.best_value, "ranked": [[value, epoch] for value, epoch in self.ranked]}
+        return {"best_value": self.best_value, "best_epoch": self.best_epoch,
+                "ranked": [[value, epoch] for value, epoch in self.ranked]}  # fmt: skip
+
+    def check_fits(self, state: dict[str, Any]) -> None:
+        best_value, best_epoch, ranked = state["best_value"], state.get("best_epoch"), state["ranked"]
+        if isinstance(best_value, bool) or not isinstance(best_value, (int, float)) or math.isnan(best_value):
+            raise CheckpointError(f"best_value is {best_value!r}, not a number")
+        if best_epoch is not None and (isinstance(best_epoch, bool) or not isinstance(best_epoch, int)
+                                       or best_epoch < 1):  # fmt: skip
+            raise CheckpointError(f"best_epoch is {best_epoch!r}, not an epoch counted from 1")
+        if not isinstance(ranked, list) or not all(
+            isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], (int, float))
+            and not isinstance(entry[0], bool) and not math.isnan(entry[0])
+            and isinstance(entry[1], int) and not isinstance(entry[1], bool) and entry[1] >= 1 for entry in ranked
+        ):  # fmt: skip
+            raise CheckpointError(f"ranked is {ranked!r}, not a list of [value, epoch from 1] pairs")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best_value = float(state["best_value"])
-        self.ranked = [(float(value), int(epoch)) for value, epoch in state.get("ranked", [])]
+        self.best_value, self.best_epoch = float(state["best_value"]), state.get("best_epoch")
+        self.ranked = [(float(value), int(epoch)) for value, epoch in state["ranked"]][: self.keep_best]
 
+
+def _ends_epoch(path: Path, epoch: int, run: str | None) -> bool:
+    """Whether ``path`` is a checkpoint of run ``run`` saved at the end of epoch ``epoch`` (from 1)."""
+    if not path.is_file():
+        return False
+    try:
+        document = read_document(path)
+        position, machine, saved_run = document["position"], document["machine"], document["run"]["id"]
+        return (saved_run == run and machine["state"] in ("epoch", "idle") and machine.get("pending") is None
+                and position["epochs_done"] == epoch)  # fmt: skip
+    except (CheckpointError, KeyError, TypeError):
+        return False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ..state import check_flag, check_integer, check_keys, check_real
 from ..validation import check_count, check_number
 from .base import Callback, TrainerView
 from .metrics import Metric
@@ -20,8 +21,10 @@ class EarlyStopping(Callback):
     without starting another epoch. That phase is the one in which a ``Metric``
     callback publishes ``monitor``; for a value published by other means, the
     phase whose name prefixes it (the longest such name); for any other value,
-    the end of the epoch. A monitor that nothing produced by the end of an
-    epoch is an error. List EarlyStopping after the metric it monitors.
+    the end of the epoch. A trainer is not built with a monitor that no
+    callback declares in its ``metric_names`` (a typo, a missing ``Metric``),
+    and a monitor that nothing produced by the end of an epoch is an error.
+    List EarlyStopping after the metric it monitors.
 
     Args:
         monitor: A ``trainer.metrics`` name such as ``valid_loss``.
@@ -35,6 +38,9 @@ class EarlyStopping(Callback):
         self, monitor: str = "valid_loss", mode: str = "min", patience: int = 3, min_delta: float = 0.0,
         name: str | None = None,
     ) -> None:  # fmt: skip
+        if not isinstance(monitor, str):
+            raise TypeError(f"EarlyStopping: monitor is the name of a trainer.metrics entry, such as "
+                            f"monitor='valid_loss', not {monitor!r}")  # fmt: skip
         if mode not in ("min", "max"):
             raise ValueError(f"EarlyStopping: mode must be 'min' or 'max', got {mode!r}")
         check_count("EarlyStopping: patience", patience)
@@ -44,6 +50,10 @@ class EarlyStopping(Callback):
         self.bad_checks = 0
         self.checked_this_epoch = False
         self.stopped_epoch: int | None = None
+
+    def monitored_metrics(self) -> set[str]:
+        """The one metric this callback reads: ``monitor``."""
+        return {self.monitor}
 
     def improved(self, value: float) -> bool:
         if self.mode == "min":
@@ -103,6 +113,15 @@ class EarlyStopping(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "bad_checks": self.bad_checks, "checked_this_epoch": self.checked_this_epoch}
+
+    def check_fits(self, state: dict[str, Any]) -> None:
+        """Refuse a saved state without exactly this callback's keys, whose ``best`` is not a number (infinite
+        before the first check; a 0-dim tensor for a metric that is one) but NaN, ``bad_checks`` not a count or
+        ``checked_this_epoch`` not a flag."""
+        check_keys("the saved state", state, self.state_dict())
+        check_real("best", state["best"], finite=False, tensor=True)
+        check_integer("bad_checks", state["bad_checks"])
+        check_flag("checked_this_epoch", state["checked_this_epoch"])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.bad_checks = float(state["best"]), int(state["bad_checks"])

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from ..state import check_keys
 from ..validation import check_count
 from .base import Callback, TrainerView
 
@@ -93,3 +94,7 @@ class StopOnNonFinite(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {}
+
+    def check_fits(self, state: dict[str, Any]) -> None:
+        """Refuse a saved state that is not the empty dict this callback saves (its flags restart with the run)."""
+        check_keys("the saved state", state, ())

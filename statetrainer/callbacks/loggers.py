@@ -5,12 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any, TextIO
 
 from ..validation import check_count
-from ..checkpoint import atomic_write, fsync_path
+from ..checkpoint import CheckpointError, atomic_write, fsync_path, open_no_follow
 from .base import Callback, TrainerView
 from .metrics import running_metrics
 
@@ -54,17 +55,22 @@ class StreamLogger(Callback):
 
 
 class _CSVFile:
-    """An append-only CSV file that remembers its columns and how many bytes it holds.
+    """An append-only CSV file that remembers its columns, its rows and how many bytes it holds.
 
     A row with a column the header lacks rewrites the file with the wider
-    header (atomically), so no value is ever dropped.
+    header (atomically), so no value is ever dropped. A checkpoint records the
+    columns, rows and bytes; a resumed run makes the file exactly that again,
+    whatever a killed run did to it after the checkpoint (more rows, a wider
+    header), and is refused when the file holds less. The file is never
+    written through a symbolic link.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.columns: list[str] = []
-        self.size = 0
+        self.size = self.rows = 0
         self._unsynced = False  # rows appended since the file was last made durable
+        self._restore: dict[str, Any] | None = None  # the loaded state, made real by open()
 
     def append(self, row: dict[str, Any]) -> None:
         new_columns = [key for key in row if key not in self.columns]
@@ -73,50 +79,126 @@ class _CSVFile:
         buffer = io.StringIO()
         csv.DictWriter(buffer, self.columns, restval="", lineterminator="\n").writerow(row)
         self._append_text(buffer.getvalue())
+        self.rows += 1
 
     def _widen(self, columns: list[str]) -> None:
-        rows = []
-        if self.size:
-            with open(self.path, "rb") as file:
-                rows = list(csv.DictReader(io.StringIO(file.read(self.size).decode(), newline="")))
+        rows = self._read_rows(self.size) if self.size else []
+        self._rewrite(columns, rows)
+
+    def _read_rows(self, size: int | None = None) -> list[dict[str, str]]:
+        """The rows of the file's first ``size`` bytes (all of it for None), by the header the file has."""
+        descriptor = open_no_follow(self.path, os.O_RDONLY)
+        with os.fdopen(descriptor, "rb") as file:
+            text = file.read(size).decode() if size is not None else file.read().decode()
+        return list(csv.DictReader(io.StringIO(text, newline="")))
+
+    @staticmethod
+    def _render(columns: list[str], rows: list[dict[str, str]]) -> bytes:
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, columns, restval="", lineterminator="\n")
+        writer = csv.DictWriter(buffer, columns, restval="", extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
+        return buffer.getvalue().encode()
+
+    def _rewrite(self, columns: list[str], rows: list[dict[str, str]]) -> None:
+        content = self._render(columns, rows)
         with atomic_write(self.path) as temporary:
-            temporary.write_text(buffer.getvalue(), newline="")
-        self.columns, self.size = columns, len(buffer.getvalue().encode())
+            temporary.write_bytes(content)
+        self.columns, self.size, self.rows = columns, len(content), len(rows)
 
     def _append_text(self, text: str) -> None:
-        with open(self.path, "a", newline="") as file:
-            file.write(text)
-        self.size += len(text.encode())
+        data = text.encode()
+        descriptor = open_no_follow(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            os.write(descriptor, data)
+        finally:
+            os.close(descriptor)
+        self.size += len(data)
         self._unsynced = True
 
     def state_dict(self) -> dict[str, Any]:
-        """The columns and the byte size, after making those bytes durable.
+        """The columns, rows and byte size, after making those bytes durable.
 
         A checkpoint records the size and refuses a shorter file, so the rows
         must reach the disk before the checkpoint does.
         """
+        if self._restore is not None:  # saved again before the file was opened since the load
+            return dict(self._restore)
         if self._unsynced and self.path.exists():
             fsync_path(self.path)
             fsync_path(self.path.parent)  # the file's own name may be new
             self._unsynced = False
-        return {"columns": list(self.columns), "size": self.size}
+        return {"columns": list(self.columns), "size": self.size, "rows": self.rows}
+
+    def check_fits(self, state: dict[str, Any]) -> None:
+        """Raise ``CheckpointError`` unless the file can be made what ``state`` describes (nothing is changed)."""
+        columns, size, rows = state["columns"], state["size"], state.get("rows")
+        if not isinstance(columns, list) or not all(isinstance(column, str) for column in columns):
+            raise CheckpointError(f"{self.path.name}: columns is {columns!r}, not a list of names")
+        for name, value in (("size", size), ("rows", rows)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise CheckpointError(f"{self.path.name}: {name} is {value!r}, not a count")
+        self._restored_content(state)
+
+    def _restored_content(self, state: dict[str, Any]) -> bytes | None:
+        """What the file must hold to match ``state``: None when cutting it at ``size`` bytes does (its header
+        is the saved one), else the whole content rebuilt from its first rows under the saved columns.
+
+        Raises:
+            CheckpointError: The file is missing, a link, or holds less than the checkpoint saw.
+        """
+        size, columns = state["size"], state["columns"]
+        try:
+            found = self.path.lstat()
+        except FileNotFoundError:
+            if size == 0:
+                return None
+            raise CheckpointError(f"CSV log {self.path} is missing but the checkpoint expects {size} bytes: it was "
+                                  "deleted or moved since the checkpoint was written") from None  # fmt: skip
+        if not stat.S_ISREG(found.st_mode):
+            raise CheckpointError(f"CSV log {self.path} is not a regular file (a symbolic link?); statetrainer writes "
+                                  "no file through a link: put the log back as a regular file")  # fmt: skip
+        if size == 0:
+            return None
+        header = self._render(columns, [])
+        with open(self.path, "rb") as file:
+            same_header = file.read(len(header)) == header
+        if same_header and found.st_size >= size:
+            return None
+        rows = state.get("rows")
+        kept = self._read_rows()[:rows] if rows is not None else []
+        content = self._render(columns, kept)
+        if rows is None or len(kept) < rows or len(content) != size:
+            raise CheckpointError(f"CSV log {self.path} holds less than the checkpoint expects ({size} bytes"
+                                  f"{'' if rows is None else f', {rows} rows'} under its columns): it was truncated "
+                                  "or replaced since the checkpoint was written")  # fmt: skip
+        return content
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Go back to the file as it was when ``state`` was taken, dropping any later rows."""
-        size = int(state["size"])
-        actual = self.path.stat().st_size if self.path.exists() else 0
-        if actual < size:
-            raise RuntimeError(
-                f"CSV log {self.path} holds {actual} bytes but the checkpoint expects {size}: "
-                "it was truncated or replaced since the checkpoint was written"
-            )
-        if actual > size:
-            os.truncate(self.path, size)
-        self.columns, self.size = list(state["columns"]), size
+        """Take ``state``; the file is made to match it when the run opens its files (``open``)."""
+        self._restore = {"columns": list(state["columns"]), "size": int(state["size"]), "rows": state.get("rows")}
+
+    def open(self) -> None:
+        """Make the file what the loaded state says (later rows dropped, a later wider header undone), or remove
+        it for a fresh log."""
+        state, self._restore = self._restore, None
+        if state is None:
+            self.path.unlink(missing_ok=True)
+            self.columns, self.size, self.rows = [], 0, 0
+            return
+        content = self._restored_content(state)
+        if content is not None:
+            with atomic_write(self.path) as temporary:
+                temporary.write_bytes(content)
+        elif state["size"] or self.path.exists():
+            descriptor = open_no_follow(self.path, os.O_WRONLY)
+            try:
+                os.ftruncate(descriptor, state["size"])
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+        rows = state["rows"] if state["rows"] is not None else len(self._read_rows()) if state["size"] else 0
+        self.columns, self.size, self.rows = state["columns"], state["size"], rows
 
 
 class CSVLogger(Callback):
@@ -145,13 +227,13 @@ class CSVLogger(Callback):
         self.name = name
         self.epochs = _CSVFile(self.path)
         self.batches = _CSVFile(self.path.with_name(f"{self.path.stem}_batches{self.path.suffix or '.csv'}"))
-        self._started = False
 
-    def on_exit_idle(self, trainer: TrainerView) -> None:
-        if not self._started:  # a fresh run starts a fresh log
-            self._started = True
-            for log in (self.epochs, self.batches):
-                log.path.unlink(missing_ok=True)
+    def output_files(self) -> list[Path]:
+        return [self.epochs.path, self.batches.path]
+
+    def open_files(self, trainer: TrainerView) -> None:
+        for log in (self.epochs, self.batches):
+            log.open()
 
     def on_exit_batch(self, trainer: TrainerView) -> None:
         if self.every_batches is not None and (trainer.batch_index + 1) % self.every_batches == 0:
@@ -167,7 +249,10 @@ class CSVLogger(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"epochs": self.epochs.state_dict(), "batches": self.batches.state_dict()}
 
+    def check_fits(self, state: dict[str, Any]) -> None:
+        self.epochs.check_fits(state["epochs"])
+        self.batches.check_fits(state["batches"])
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epochs.load_state_dict(state["epochs"])
         self.batches.load_state_dict(state["batches"])
-        self._started = True

@@ -8,12 +8,15 @@ ranks as its phase ends, so ``trainer.metrics`` is the same on every rank.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 
+from ..checkpoint import CheckpointError
 from ..distributed import Ranks, all_reduce
+from ..phase import Phase
+from ..state import check_flag, check_integer, check_keys, check_tensor
 from ..validation import check_count, check_number
 from .base import Callback, TrainerView
 
@@ -53,6 +56,10 @@ class Metric(Callback):
         """Whether this metric is measured in ``phase``."""
         return self.phases is None or phase in self.phases
 
+    def metric_names(self, phases: Sequence[Phase]) -> set[str]:
+        """``<phase>_<metric_name>`` for each of ``phases`` this metric measures."""
+        return {self.key_for_phase(phase.name) for phase in phases if self.measures(phase.name)}
+
     def reset(self, trainer: TrainerView) -> None:
         raise NotImplementedError
 
@@ -90,6 +97,12 @@ class Metric(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"active": self.active, "batches": self.batches}
+
+    def check_fits(self, state: dict[str, Any]) -> None:
+        """Refuse a saved state whose ``active`` is not a flag or whose ``batches`` is not a count; a subclass
+        extends it with its accumulators."""
+        check_flag("active", state["active"])
+        check_integer("batches", state["batches"])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.active, self.batches = bool(state["active"]), int(state["batches"])
@@ -148,6 +161,15 @@ class SmoothedLoss(Metric):
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "average": self.average, "exact": self.exact, "samples": self.samples}
+
+    def check_fits(self, state: dict[str, Any]) -> None:
+        """Refuse a saved state without exactly this metric's keys, or whose ``average`` is not a 0-dim tensor of
+        its own dtype, ``exact`` not a flag or ``samples`` not a count."""
+        check_keys("the saved state", state, self.state_dict())
+        super().check_fits(state)
+        check_tensor("average", state["average"], (), self.average.dtype)
+        check_flag("exact", state["exact"])
+        check_integer("samples", state["samples"])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
@@ -208,6 +230,16 @@ class Accuracy(Metric):
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "correct": self.correct, "total": self.total}
+
+    def check_fits(self, state: dict[str, Any]) -> None:
+        """Refuse a saved state without exactly this metric's keys, or whose ``correct`` is not a 0-dim tensor of
+        its own dtype, ``total`` not a count, or more correct than ``total``."""
+        check_keys("the saved state", state, self.state_dict())
+        super().check_fits(state)
+        check_tensor("correct", state["correct"], (), self.correct.dtype)
+        check_integer("total", state["total"])
+        if not 0 <= int(state["correct"]) <= state["total"]:
+            raise CheckpointError(f"correct is {int(state['correct'])}, not a count from 0 to total={state['total']}")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)

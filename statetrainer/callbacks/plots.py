@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import atomic_write
+from ..checkpoint import CheckpointError, atomic_write
 from ..optional import require
 from .base import Callback, TrainerView
 
@@ -31,6 +31,14 @@ class Plots(Callback):
         self.folder, self.name = Path(folder), name
         self.epochs: list[dict[str, float]] = []
         self.learning_rates: list[float] = []
+
+    def output_files(self) -> list[Path]:
+        return [self.folder / "metrics.png", self.folder / "lr.png"]
+
+    def open_files(self, trainer: TrainerView) -> None:
+        """A resumed run draws the plots of its checkpoint again: a killed run may have drawn epochs past it."""
+        if self.epochs:
+            self.write()
 
     def on_exit_step(self, trainer: TrainerView) -> None:
         self.learning_rates.append(trainer.optimizer.param_groups[0]["lr"])
@@ -79,9 +87,25 @@ class Plots(Callback):
         return {"epochs": [dict(epoch) for epoch in self.epochs],
                 "learning_rates": torch.tensor(self.learning_rates, dtype=torch.float64)}  # fmt: skip
 
+    def check_fits(self, state: dict[str, Any]) -> None:
+        epochs, rates = state["epochs"], state["learning_rates"]
+        if not isinstance(epochs, list) or not all(
+            isinstance(epoch, dict) and all(_is_number(value) for value in epoch.values()) for epoch in epochs
+        ):  # fmt: skip
+            raise CheckpointError("epochs is not a list of {metric: number} per epoch")
+        if not isinstance(rates, torch.Tensor) or rates.dim() != 1 or not rates.dtype.is_floating_point:
+            raise CheckpointError("learning_rates is not a 1-d tensor of floats")
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epochs = [dict(epoch) for epoch in state["epochs"]]
         self.learning_rates = state["learning_rates"].tolist()
+
+
+def _is_number(value: Any) -> bool:
+    """A metric's value as ``trainer.metrics`` may hold it: a number, or a one-element tensor."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _save(figure: Any, path: Path) -> None:

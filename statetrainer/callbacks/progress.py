@@ -17,8 +17,11 @@ class ProgressBar(Callback):
     """Shows a bar for each phase with its running metrics.
 
     Reading a running metric waits for the device, so the metrics shown are
-    read every ``refresh_every`` batches and at the phase's last batch (so an
-    evaluation bar shows them too), never older than one refresh.
+    read after the bar's first batch (so they show from its first refresh),
+    then every ``refresh_every`` batches and at the phase's last batch (so an
+    evaluation bar shows its final values), never older than one refresh. On
+    an error or a stop signal the bar is closed before anything else is
+    printed, so a stop message starts on its own line.
 
     Args:
         refresh_every: Batches between refreshes of the metrics shown.
@@ -45,9 +48,10 @@ class ProgressBar(Callback):
         self.tqdm_options = {"leave": False, "dynamic_ncols": True, **tqdm_options}
         self.bar: Any = None
         self._opened = False  # for this phase (a run resumed mid-phase opens it at its first batch)
+        self._metrics_shown = False  # whether the bar has read the running metrics since it opened
 
     def _open(self, trainer: TrainerView, done: int) -> None:
-        self._opened = True
+        self._opened, self._metrics_shown = True, False
         stream = self.stream or sys.stderr
         if not (self.force or (hasattr(stream, "isatty") and stream.isatty())):
             return
@@ -66,8 +70,9 @@ class ProgressBar(Callback):
         if bar is None:
             return
         done = trainer.batch_index + 1
-        if done % self.refresh_every == 0 or done == bar.total:  # and the phase's last batch
+        if not self._metrics_shown or done % self.refresh_every == 0 or done == bar.total:
             bar.set_postfix(running_metrics(trainer), refresh=False)
+            self._metrics_shown = True
         bar.update(1)  # draws, with the metrics just read when it is time to
 
     def on_exit_phase(self, trainer: TrainerView) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..state import check_integer, check_keys, check_like, check_real
 from ..validation import check_count, check_number
 from .base import Callback, TrainerView
 
@@ -189,6 +190,13 @@ class OneCycle(ParamScheduler):
     def state_dict(self) -> dict[str, Any]:
         return {"total_steps": self.total_steps}
 
+    def check_fits(self, state: dict[str, Any]) -> None:
+        """Refuse a saved state other than ``{"total_steps": n}`` with an integer n >= 2 (or ``{}``: a checkpoint
+        from before the cycle's length was saved, which keeps this one's)."""
+        check_keys("the saved state", state, ("total_steps",) if not isinstance(state, dict) or state else ())
+        if state:
+            check_integer("total_steps", state["total_steps"], minimum=2)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = int(state.get("total_steps", self.total_steps))
         if saved != self.total_steps:
@@ -271,5 +279,27 @@ class TorchScheduler(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"scheduler": self.scheduler.state_dict()}
 
+    def check_fits(self, state: dict[str, Any]) -> None:
+        """Refuse a saved state unless it is laid out as this scheduler's own, each value of its kind (see
+        ``statetrainer.state.check_like``), with its counts (``last_epoch``...) integers >= 0 and its learning
+        rates (``base_lrs``...) finite and >= 0.
+
+        torch's schedulers load any dict into their attributes unchecked (a key
+        ``optimizer`` would replace theirs), so the keys must be the scheduler's own.
+        """
+        check_keys("the saved state", state, ("scheduler",))
+        check_like("scheduler", state["scheduler"], self.scheduler.state_dict())
+        for key, value in state["scheduler"].items():
+            if key in _SCHEDULER_COUNTS:
+                check_integer(f"scheduler[{key!r}]", value)
+            elif key in _SCHEDULER_RATES and isinstance(value, list):
+                for index, rate in enumerate(value):
+                    check_real(f"scheduler[{key!r}][{index}]", rate, 0)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
+
+
+# In torch's schedulers' states: counts of steps and epochs, and learning rates per param group.
+_SCHEDULER_COUNTS = frozenset({"last_epoch", "_step_count", "num_bad_epochs", "cooldown_counter"})
+_SCHEDULER_RATES = frozenset({"base_lrs", "_last_lr", "min_lrs", "max_lrs"})

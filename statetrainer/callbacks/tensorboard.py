@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import CheckpointError
 from ..optional import require
 from ..validation import check_count
 from .base import Callback, TrainerView
@@ -96,6 +97,18 @@ class TensorBoardLogger(Callback):
         if self._resumed_at is not None:  # saved again before writing anything since the resume
             return {"step": self._resumed_at[0], "written": dict(self._resumed_at[1])}
         return {"step": self._step, "written": dict(self._written)}
+
+    def output_files(self) -> list[Path]:
+        return [self.log_dir / "events.out.tfevents.*"]
+
+    def check_fits(self, state: dict[str, Any]) -> None:
+        step, written = state["step"], state["written"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < -1:
+            raise CheckpointError(f"step is {step!r}, not a step number")
+        if not isinstance(written, dict) or not all(
+            isinstance(value, (int, float)) and not isinstance(value, bool) for value in written.values()
+        ):
+            raise CheckpointError("written is not a {tag: number} dict")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         step = int(state["step"])

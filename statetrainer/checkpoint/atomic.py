@@ -20,7 +20,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_copy", "atomic_write", "explained", "fsync_path", "remove_stale_temporaries", "temporary_path"]
+__all__ = ["atomic_copy", "atomic_write", "explained", "fsync_path", "open_no_follow", "remove_stale_temporaries",
+           "temporary_path"]  # fmt: skip
 
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")  # as temporary_path names them
 
@@ -32,6 +33,22 @@ def fsync_path(path: str | os.PathLike[str]) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def open_no_follow(path: Path, flags: int) -> int:
+    """``os.open(path, flags)`` for a file the library writes in place (a log it appends to or cuts back), never
+    through a symbolic link, which could point at any file of the user's.
+
+    Raises:
+        OSError: ``path`` is a symbolic link (``ELOOP``, the message says so), or the open failed.
+    """
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, f"{path} is a symbolic link, and statetrainer writes no file through a link: "
+                                       "replace it with a regular file or remove it") from error  # fmt: skip
+        raise
 
 
 def temporary_path(path: Path) -> Path:

@@ -11,15 +11,22 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write, fsync_path
+from .atomic import fsync_path
+from .lock import LOCK_FILE, FolderLock
 from .serialization import CheckpointError, read_tree
 
-__all__ = ["DEFAULT_CHECKPOINT_FOLDER", "EARLIER_RUNS", "RUN_MARKER", "checkpoint_files", "claim_folder", "discard_run",
-           "find_checkpoint", "newest_valid", "next_checkpoint_path", "read_run_marker", "save_target",
-           "set_aside"]  # fmt: skip
+__all__ = ["BEST", "DEFAULT_CHECKPOINT_FOLDER", "EARLIER_RUNS", "RUN_MARKER", "best_epoch_name", "best_files",
+           "checkpoint_files", "discard_run", "find_checkpoint", "newest_valid", "next_checkpoint_path",
+           "read_run_marker", "save_folder", "save_target", "set_aside"]  # fmt: skip
 
 DEFAULT_CHECKPOINT_FOLDER = Path("checkpoints")
 RUN_MARKER = "run.json"  # which run a folder of checkpoints belongs to
+BEST = "best.safetensors"  # the checkpoint of the best epoch, kept by a Checkpoint callback with best=
+
+
+def best_epoch_name(epoch: int) -> str:
+    """The name of the checkpoint of ``epoch`` (from 1) kept while it ranks among the best (``keep_best``)."""
+    return f"best-epoch{epoch:04d}.safetensors"
 
 _NAME = re.compile(r"^ckpt-(?P<sequence>\d{6,})-epoch(?P<epoch>\d+)-step(?P<step>\d+)\.safetensors$")
 
@@ -66,27 +73,30 @@ def newest_valid(folder: Path, check: Callable[[dict[str, Any]], None] | None = 
     return None
 
 
-def save_target(path: str | os.PathLike[str] | None, epoch: int, step: int, run_marker: dict[str, Any],
-                claim: bool = True) -> Path:  # fmt: skip
-    """The file a save to ``path`` writes: ``path`` itself for a ``.safetensors`` name, else the folder's next,
-    once the folder is claimed for the run (``claim_folder``; ``claim=False`` only names the file, as the
-    ranks that do not write do).
+def save_target(path: str | os.PathLike[str] | None, epoch: int, step: int) -> Path:
+    """The file a save to ``path`` writes: ``path`` itself for a ``.safetensors`` name, else the folder's next
+    (the caller claims the folder first: ``statetrainer.checkpoint.claim_folder``).
 
     Raises:
         ValueError: ``path`` names a file of another kind (``model.pt``).
-        CheckpointError: The folder belongs to another run.
+    """
+    target = save_folder(path)
+    return target if target.suffix == ".safetensors" else next_checkpoint_path(target, epoch, step)
+
+
+def save_folder(path: str | os.PathLike[str] | None) -> Path:
+    """What a save to ``path`` names: a ``.safetensors`` file, or the folder of numbered checkpoints.
+
+    Raises:
+        ValueError: ``path`` names a file of another kind (``model.pt``).
     """
     target = Path(path) if path is not None else DEFAULT_CHECKPOINT_FOLDER
-    if target.suffix == ".safetensors":
-        return target
-    if target.suffix and not target.is_dir():
+    if target.suffix and target.suffix != ".safetensors" and not target.is_dir():
         raise ValueError(
             f"save_checkpoint({str(target)!r}): checkpoints are safetensors files; name a file ending in "
             "'.safetensors' or a folder (a new folder whose name has a dot must exist first)"
         )
-    if claim:
-        claim_folder(target, run_marker)
-    return next_checkpoint_path(target, epoch, step)
+    return target
 
 
 def read_run_marker(folder: Path) -> dict[str, Any] | None:
@@ -103,35 +113,30 @@ def read_run_marker(folder: Path) -> dict[str, Any] | None:
     return content
 
 
-def claim_folder(folder: Path, marker: dict[str, Any]) -> None:
-    """Mark ``folder`` as the run's (once), or raise ``CheckpointError`` if it is another run's.
-
-    Nothing is written or deleted in a folder that belongs to another run.
-    """
-    existing = read_run_marker(folder)
-    if existing is None:
-        with atomic_write(folder / RUN_MARKER) as temporary:
-            temporary.write_text(json.dumps(marker, indent=1) + "\n")
-    elif existing.get("run") != marker["run"]:
-        raise CheckpointError(
-            f"{folder} holds the checkpoints of another run (run {existing.get('run')}, seed {existing.get('seed')}); "
-            f"this is run {marker['run']} (seed {marker['seed']}). Give this run a folder of its own, or resume "
-            "that run with trainer.load_checkpoint(folder) first"
-        )
+def best_files(folder: Path) -> list[Path]:
+    """The best checkpoints a ``Checkpoint`` callback keeps in ``folder``: ``best.safetensors`` and ``best-epoch*``."""
+    found = [folder / BEST] if (folder / BEST).exists() else []
+    return found + sorted(folder.glob("best-epoch*.safetensors"))
 
 
 def discard_run(folder: Path) -> list[Path]:
-    """Delete the run in ``folder``: its numbered checkpoints, ``best.safetensors``, then its run marker.
+    """Delete the run in ``folder``: its numbered checkpoints, its best copies, then its run marker.
 
     For starting over in the same folder. The marker goes last, so a run
     interrupted while discarding is still refused, never half adopted.
+
+    Raises:
+        CheckpointError: A live process holds the folder (see ``FolderLock``).
     """
-    doomed = [*checkpoint_files(folder), folder / "best.safetensors", folder / RUN_MARKER]
+    lock = FolderLock(folder) if folder.is_dir() else None
+    doomed = [*checkpoint_files(folder), *best_files(folder), folder / RUN_MARKER]
     removed = [path for path in doomed if path.exists()]
     for path in removed:
         path.unlink()
     if removed:
         fsync_path(folder)
+    if lock is not None:
+        lock.release()
     return removed
 
 
@@ -141,9 +146,17 @@ EARLIER_RUNS = "earlier-runs"  # where set_aside moves a folder's earlier run
 def set_aside(folder: Path) -> Path | None:
     """Move everything in ``folder`` (its run: checkpoints, marker, logs, plots) into a new dated subfolder of
     ``folder/earlier-runs``, so a fresh run starts in an empty folder and nothing of the old one is lost or
-    mixed in; return that subfolder, or None when there was nothing to move."""
-    entries = [entry for entry in folder.iterdir() if entry.name != EARLIER_RUNS] if folder.is_dir() else []
+    mixed in; return that subfolder, or None when there was nothing to move.
+
+    Raises:
+        CheckpointError: A live process holds the folder (see ``FolderLock``): its run is not moved under it.
+    """
+    if not folder.is_dir():
+        return None
+    lock = FolderLock(folder)  # kept in place: a live copy starting meanwhile still finds it held
+    entries = [entry for entry in folder.iterdir() if entry.name not in (EARLIER_RUNS, LOCK_FILE)]
     if not entries:
+        lock.release()
         return None
     marker = read_run_marker(folder) if (folder / RUN_MARKER).is_file() else None
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -153,6 +166,7 @@ def set_aside(folder: Path) -> Path | None:
         entry.rename(destination / entry.name)
     fsync_path(destination)
     fsync_path(folder)
+    lock.release()
     return destination
 
 

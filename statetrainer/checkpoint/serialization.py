@@ -18,6 +18,7 @@ import errno
 import json
 import os
 import re
+import stat
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,7 +30,7 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_write
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "read_header", "read_tree", "write_tree"]
+__all__ = ["FORMAT_VERSION", "CheckpointError", "read_document", "read_header", "read_tree", "write_tree"]
 
 FORMAT_VERSION = 2  # 2: the run's state as registry parts, the checksum covering dtypes and shapes
 _METADATA_KEY = "statetrainer"
@@ -188,13 +189,45 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
     Raises:
         CheckpointError: The file is not a readable statetrainer checkpoint.
     """
-    path = Path(path)
+    path = _regular_file(path)
     try:
         with safe_open(path, framework="pt") as file:
             metadata = file.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as error:
         raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupted?): {error}") from error
     return _header(metadata, path)
+
+
+def read_document(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A checkpoint's state tree without its tensors (each stands as ``{"__tensor__": key}``), read from the
+    metadata alone and not verified: what a folder's bookkeeping reads (whose run, which position) cheaply.
+
+    Raises:
+        CheckpointError: The file is not a readable statetrainer checkpoint, or its document is not an object.
+    """
+    path = _regular_file(path)
+    try:
+        with safe_open(path, framework="pt") as file:
+            metadata = file.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupted?): {error}") from error
+    _header(metadata, path)
+    document = _parse(metadata["tree"], path, "document")
+    if not isinstance(document, dict):
+        raise CheckpointError(f"{path}: its checkpoint document is a {type(document).__name__}, not an object")
+    return document
+
+
+def _regular_file(path: str | os.PathLike[str]) -> Path:
+    """``path``, once a ``stat`` (which never blocks) shows a regular file there: opening a FIFO would wait forever."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        raise CheckpointError(f"no checkpoint file at {path}") from None
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{path} is not a regular file (a folder, FIFO or device); a checkpoint is a file")
+    return path
 
 
 def _header(metadata: dict[str, str], path: Path) -> dict[str, Any]:
@@ -216,9 +249,7 @@ def read_tree(path: str | os.PathLike[str]) -> dict[str, Any]:
         CheckpointError: The file is missing, truncated, corrupted, not a
             statetrainer checkpoint, or from a newer format.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint file at {path}")
+    path = _regular_file(path)
     try:
         with safe_open(path, framework="pt") as file:
             metadata = file.metadata() or {}

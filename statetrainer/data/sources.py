@@ -23,8 +23,9 @@ from __future__ import annotations
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from itertools import islice
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
@@ -158,37 +159,117 @@ class SeededLoader(BatchSource):
         self._resume_at = sample
 
 
+class _Saved(NamedTuple):
+    """A stateful source's saved position, held from ``load_state_dict`` until it next opens."""
+
+    state: Any  # the loader's (or its dataset's) own state
+    epoch: int | None  # the epoch of the pass that state is in; None: before the first
+    generator: torch.Tensor | None  # the state of the loader's generator, or None to leave it as it is
+
+
 class StatefulSource(BatchSource):
-    """A loader that keeps its own position (``state_dict``/``load_state_dict``), or whose dataset does."""
+    """A loader that keeps its own position (``state_dict``/``load_state_dict``), or whose dataset does.
+
+    A loader's own state (torchdata's ``StatefulDataLoader``'s protocol) is
+    that of its latest iterator: loading it and iterating goes on with that
+    pass. So a checkpoint also carries which epoch's pass that is (``pass_state``).
+    A resumed run that opens the phase in that epoch goes on with the saved
+    pass (saved mid-phase, or after its last batch); one that opens it in a
+    later epoch (saved at an epoch boundary, or in another phase) rebuilds the
+    spent pass's iterator, then starts a new one after it, as the uninterrupted
+    run did. The new pass's order comes from the sampler's generator, which the
+    rebuilt iterator has restored; and the loader's own ``generator``, which
+    torchdata leaves one draw short when it restores an iterator in process, is
+    saved and put back. A dataset's own state is already where its next pass
+    starts, or goes on, so it is loaded as it is.
+
+    Attributes:
+        holder: What keeps the state: the loader, or its dataset.
+        pass_epoch: The epoch whose pass the loader's state is in; None before the first.
+    """
 
     keeps_own_state = True
 
     def __init__(self, loader: Iterable[Any], holder: Any) -> None:
         super().__init__(loader)
         self.holder = holder
-        self._pending: Any = None
+        self.pass_epoch: int | None = None
+        generator = getattr(loader, "generator", None) if holder is loader else None
+        self._generator: torch.Generator | None = generator if isinstance(generator, torch.Generator) else None
+        self._pending: _Saved | None = None
 
     def state_dict(self) -> Any:
-        return self.holder.state_dict()
+        if self._pending is not None:  # loaded, not yet applied: it is still the run's position
+            return self._pending.state
+        with _global_generator_kept():  # a StatefulDataLoader not yet iterated builds its first iterator here
+            return self.holder.state_dict()
 
-    def load_state_dict(self, state: Any) -> None:
+    def pass_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps beside ``state_dict()``: the epoch of its pass, the loader generator's state."""
+        if self._pending is not None:
+            return {"epoch": self._pending.epoch, "generator": self._pending.generator}
+        return {"epoch": self.pass_epoch, "generator": None if self._generator is None else self._generator.get_state()}
+
+    def check_pass_state(self, saved: Any) -> None:
+        """Raise ``CheckpointError`` unless ``saved`` is a ``pass_state()`` this loader can take."""
+        if not isinstance(saved, dict) or sorted(saved) != ["epoch", "generator"]:
+            raise CheckpointError(f"its pass is {saved!r}, not a dict of its epoch and its loader's generator")
+        epoch, generator = saved["epoch"], saved["generator"]
+        if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0):
+            raise CheckpointError(f"its pass's epoch is {epoch!r}, not None or an integer >= 0")
+        if generator is not None:
+            if self._generator is None:
+                raise CheckpointError("the checkpoint holds the state of its loader's generator, but its loader has none")
+            ours = self._generator.get_state()
+            if not isinstance(generator, torch.Tensor) or (generator.dtype, generator.shape) != (ours.dtype, ours.shape):
+                raise CheckpointError("its loader generator's saved state is not a state of that generator")
+
+    def load_state_dict(self, state: Any, pass_state: dict[str, Any] | None = None) -> None:
+        """Hold ``state`` and its ``pass_state()`` for the next ``open`` (none: a pass not begun, generator as it is)."""
         if state is None:
             raise ValueError("this loader keeps its own position, but the checkpoint holds none for it")
-        self._pending = state
+        pass_state = pass_state or {"epoch": None, "generator": None}
+        self._pending = _Saved(state, pass_state["epoch"], pass_state["generator"])
 
     def open(self, seed: int, epoch: int, start: int = 0) -> Iterator[Any]:
         if self._pending is not None:
-            state, self._pending = self._pending, None
-            self.holder.load_state_dict(state)
+            batches = self._resume(self._pending, epoch, start)
         elif start:
             raise RuntimeError(f"this loader starts at batch {start} only from its saved state")
+        else:
+            batches = self._iterate()
+        self._pending, self.pass_epoch = None, epoch
+        return batches
+
+    def _resume(self, saved: _Saved, epoch: int, start: int) -> Iterator[Any]:
+        """The batches of epoch ``epoch`` from batch ``start``, the first pass after loading ``saved``."""
+        ended = saved.epoch is not None and saved.epoch != epoch  # the trainer is done with the saved pass
+        if ended and start:
+            raise RuntimeError(f"the loader's state was saved in its pass of epoch {saved.epoch}, so it cannot "
+                               f"start epoch {epoch} at batch {start}")  # fmt: skip
+        self.holder.load_state_dict(saved.state)
+        if self.holder is not self.loader:
+            return self._iterate()
+        batches = self._iterate()  # the saved pass's iterator, rebuilt
+        if saved.generator is not None:
+            self._generator.set_state(saved.generator)  # type: ignore[union-attr]  # checked by check_pass_state
+        return self._iterate() if ended else batches
+
+    def _iterate(self) -> Iterator[Any]:
         # A DataLoader draws a base seed from the global generator as it opens; a resumed run opens
         # it at another point of the run's stream than the original did, so opening must not draw.
-        saved = torch.get_rng_state()
-        try:
+        with _global_generator_kept():
             return iter(self.loader)
-        finally:
-            torch.set_rng_state(saved)
+
+
+@contextmanager
+def _global_generator_kept() -> Iterator[None]:
+    """Put torch's global generator back as it was once the block ends."""
+    saved = torch.get_rng_state()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(saved)
 
 
 class EpochSource(BatchSource):
@@ -278,7 +359,8 @@ class PhaseSources:
     def state_dict(self) -> list[dict[str, Any]]:
         return [{"phase": name, "batches": source.length, "global_batches": source.global_length,
                  "shards": self.world_size if isinstance(source, SeededLoader) else 1,
-                 "samples_done": self._samples_done(index, source), "position": source.state_dict()}
+                 "samples_done": self._samples_done(index, source), "position": source.state_dict(),
+                 "pass": source.pass_state() if isinstance(source, StatefulSource) else None}
                 for index, (name, source) in enumerate(zip(self.names, self.sources))]  # fmt: skip
 
     def check_fits(self, state: list[dict[str, Any]]) -> None:
@@ -297,11 +379,42 @@ class PhaseSources:
                                       f" processes, which this run cannot take over")  # fmt: skip
         if [phase["position"] is None for phase in state] != [not source.keeps_own_state for source in self.sources]:
             raise CheckpointError("the checkpoint's loaders and this trainer's disagree on which keep their own state")
+        for phase, source in zip(state, self.sources):
+            if "pass" not in phase:  # a checkpoint saved before the pass was
+                continue
+            if not isinstance(source, StatefulSource):
+                if phase["pass"] is not None:
+                    raise CheckpointError(f"phase {phase['phase']!r}: the checkpoint holds a pass of a loader "
+                                          "that keeps its own state, which this one does not")  # fmt: skip
+                continue
+            try:
+                source.check_pass_state(phase["pass"])
+            except CheckpointError as error:
+                raise CheckpointError(f"phase {phase['phase']!r}: {error}") from error
 
     def load_state_dict(self, state: list[dict[str, Any]]) -> None:
-        for source, saved in zip(self.sources, state, strict=True):
-            source.load_state_dict(tensors_to(saved["position"], torch.device("cpu")))  # applied when it next opens
+        for index, (source, saved) in enumerate(zip(self.sources, state, strict=True)):
+            position = tensors_to(saved["position"], torch.device("cpu"))
+            if isinstance(source, StatefulSource):  # applied when it next opens
+                pass_state = saved["pass"] if "pass" in saved else {"epoch": self._latest_pass_epoch(index),
+                                                                    "generator": None}  # fmt: skip
+                source.load_state_dict(position, tensors_to(pass_state, torch.device("cpu")))
+            else:
+                source.load_state_dict(position)
             done = saved["samples_done"]
             if isinstance(source, SeededLoader) and saved["shards"] != self.world_size and done:
                 if done < source.epoch_samples:  # saved mid-phase: go on from that sample
                     source.resume_at(done)
+
+    def _latest_pass_epoch(self, index: int) -> int | None:
+        """The epoch of phase ``index``'s latest pass at the run's position (None: before the first).
+
+        For a checkpoint saved before the pass was: the position is loaded before the data, and every
+        phase runs once an epoch, so the phases up to the current one have run in this epoch, the others in
+        the one before. (A run saved after an error inside the start of a phase, before it opened its loader,
+        is the exception that the saved pass gets right.)
+        """
+        position = self.position
+        if position is None or index <= position.phase_position:
+            return None if position is None else position.epoch
+        return position.epoch - 1 if position.epoch > 0 else None

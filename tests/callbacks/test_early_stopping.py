@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import statetrainer as st
-from statetrainer.callbacks import EarlyStopping, SmoothedLoss
+from statetrainer.callbacks import Accuracy, EarlyStopping, SmoothedLoss
 from statetrainer.testing import EventRecorder
 
 from ..conftest import regression_batches
@@ -19,6 +19,9 @@ class Scripted(st.Callback):
 
     def __init__(self, values):
         self.values = values
+
+    def metric_names(self, phases):
+        return {"valid_loss"}
 
     def on_exit_phase(self, trainer):
         if trainer.phase.name == "valid":
@@ -56,7 +59,7 @@ def test_runs_to_the_end_while_improving(device: torch.device):
 
 
 def test_a_missing_metric_or_a_wrong_order_is_a_clear_error(device: torch.device):
-    with pytest.raises(KeyError, match="monitors 'valid_accuracy'"):
+    with pytest.raises(ValueError, match="monitors 'valid_accuracy', which no callback produces"):
         run([1.0], device, monitor="valid_accuracy")
     model = nn.Linear(3, 1)
     trainer = st.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), F.mse_loss,
@@ -66,6 +69,8 @@ def test_a_missing_metric_or_a_wrong_order_is_a_clear_error(device: torch.device
         trainer.fit()
     with pytest.raises(ValueError, match="mode"):
         EarlyStopping(mode="lowest")
+    with pytest.raises(TypeError, match="monitor is the name of a trainer.metrics entry.*not None"):
+        EarlyStopping(monitor=None)
 
 
 class RecordEpochs(st.Callback):
@@ -92,11 +97,58 @@ def test_a_phase_whose_name_prefixes_another_is_told_apart(device: torch.device)
     assert stopper.best not in [epoch["valid_loss"] for epoch in record.metrics]
 
 
-def test_a_monitor_nothing_produces_is_an_error_at_the_end_of_the_first_epoch(device: torch.device):
-    trainer = two_valid_phases(device, EarlyStopping(monitor="val_loss"))
+def test_a_monitor_no_callback_produces_is_refused_when_the_trainer_is_built(device: torch.device):
+    with pytest.raises(ValueError, match=r"EarlyStopping monitors 'val_loss', which no callback produces for the "
+                                         r"phases train, valid, valid_hard; did you mean 'valid_loss'\? The callbacks "
+                                         r"produce train_loss, valid_hard_loss, valid_loss\..*metric_names\(phases\)"):
+        two_valid_phases(device, EarlyStopping(monitor="val_loss"))
+
+
+def test_a_monitor_is_checked_against_the_phases_each_metric_measures(device: torch.device):
+    def build(*callbacks):
+        model = nn.Linear(3, 1)
+        return st.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), F.mse_loss,
+                          [st.Phase("train", regression_batches(2)), st.Phase("valid", regression_batches(1), grad=False)],
+                          callbacks=callbacks, device=device)  # fmt: skip
+
+    build(Accuracy(), EarlyStopping("valid_accuracy", mode="max"))
+    with pytest.raises(ValueError, match="monitors 'valid_accuracy'.*produce train_accuracy\\."):
+        build(Accuracy(phases=["train"]), EarlyStopping("valid_accuracy", mode="max"))
+    with pytest.raises(ValueError, match="monitors 'test_loss'.*for the phases train, valid\\."):
+        build(SmoothedLoss(), EarlyStopping("test_loss"))
+
+
+class Undeclared(st.Callback):
+    """Writes a metric without declaring it."""
+
+    def on_exit_phase(self, trainer):
+        trainer.metrics["valid_score"] = 1.0
+
+
+class Unknowable(Undeclared):
+    """Writes metrics whose names it cannot tell ahead."""
+
+    def metric_names(self, phases):
+        return None
+
+
+def test_a_callback_that_writes_metrics_declares_them_or_turns_the_check_off(device: torch.device):
+    with pytest.raises(ValueError, match="monitors 'valid_score'.*overriding metric_names"):
+        two_valid_phases(device, EarlyStopping(monitor="valid_score"), extra=[Undeclared()])
+    trainer = two_valid_phases(device, EarlyStopping(monitor="val_loss"), extra=[Unknowable()])
     with pytest.raises(KeyError, match="monitors 'val_loss', which nothing produced.*valid_loss"):
-        trainer.fit()
+        trainer.fit()  # unchecked when built: the name is missing at the end of the first epoch
     assert trainer.epoch == 0
+
+
+class NamesAsText(st.Callback):
+    def metric_names(self, phases):
+        return "valid_loss"  # a string, not a set of names
+
+
+def test_metric_names_that_are_not_a_set_of_names_are_a_type_error(device: torch.device):
+    with pytest.raises(TypeError, match=r"callback NamesAsText: metric_names\(\) must return a set of metric names"):
+        two_valid_phases(device, EarlyStopping(), extra=[NamesAsText()])
 
 
 def test_a_check_is_not_repeated_after_a_resume_between_the_phase_and_the_epochs_end(tmp_path, device: torch.device):

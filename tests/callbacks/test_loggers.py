@@ -18,7 +18,8 @@ from torch import nn
 from torch.nn import functional as F
 
 import statetrainer as st
-from statetrainer.callbacks import Accuracy, CSVLogger, Plots, ProgressBar, SmoothedLoss, StreamLogger
+from statetrainer.callbacks import Accuracy, Checkpoint, CSVLogger, Plots, ProgressBar, SmoothedLoss, StreamLogger
+from statetrainer.checkpoint import CheckpointError
 
 from ..conftest import regression_batches
 
@@ -87,26 +88,43 @@ def test_csv_logger_widens_its_header_instead_of_dropping_a_new_metric(device: t
 def test_csv_logger_resume_cuts_back_to_the_checkpoint_and_never_duplicates(device: torch.device, tmp_path):
     path = tmp_path / "log.csv"
     logger = CSVLogger(path)
-    classifier_trainer([SmoothedLoss(), logger], device, epochs=1).fit()
+    trainer = classifier_trainer([SmoothedLoss(), logger], device, epochs=1).fit()
     saved = logger.state_dict()
     complete = path.read_text()
     with open(path, "a") as file:  # a row written after the checkpoint, before a crash
         file.write("2,8,0.5,0.5,0.1\n")
     restored = CSVLogger(path)
+    restored.check_fits(saved)
     restored.load_state_dict(saved)
+    assert path.read_text() == complete + "2,8,0.5,0.5,0.1\n"  # a load changes no file...
+    restored.open_files(trainer)  # ...the run does, once its folder is claimed
     assert path.read_text() == complete
     restored.on_exit_epoch(classifier_trainer([], device, epochs=1))
     assert len(read_rows(path)) == 2
     path.write_text("")
-    with pytest.raises(RuntimeError, match="holds 0 bytes but the checkpoint expects"):
-        CSVLogger(path).load_state_dict(saved)
+    with pytest.raises(CheckpointError, match="holds less than the checkpoint expects"):
+        CSVLogger(path).check_fits(saved)
+    path.unlink()
+    with pytest.raises(CheckpointError, match="is missing but the checkpoint expects"):
+        CSVLogger(path).check_fits(saved)
 
 
-def test_a_fresh_run_starts_a_fresh_log(device: torch.device, tmp_path):
+def test_a_fresh_run_refuses_a_log_no_run_owns_and_starts_afresh_in_its_own_folder(device: torch.device, tmp_path):
     path = tmp_path / "log.csv"
-    path.write_text("old,log\n1,2\n")
-    classifier_trainer([SmoothedLoss(), CSVLogger(path)], device, epochs=1).fit()
-    assert [row["epoch"] for row in read_rows(path)] == ["1"]
+    path.write_text("old,log\n1,2\n")  # no run.json says whose it is: perhaps the user's own
+    with pytest.raises(CheckpointError, match="holds log.csv but no run.json"):
+        classifier_trainer([SmoothedLoss(), CSVLogger(path)], device, epochs=1).fit()
+    assert path.read_text() == "old,log\n1,2\n"
+    path.unlink()
+    first = classifier_trainer([SmoothedLoss(), CSVLogger(path, every_batches=1), Checkpoint(tmp_path)], device)
+    first.run_until("batch", phase="valid")  # killed before its first checkpoint: its folder, a half-written log
+    restarted = classifier_trainer([SmoothedLoss(), CSVLogger(path, every_batches=1), Checkpoint(tmp_path)], device)
+    assert restarted.load_checkpoint(tmp_path) is None  # the same run (its run.json), from the start
+    restarted.fit()
+    batches = read_rows(tmp_path / "log_batches.csv")
+    assert [(row["epoch"], row["phase"], row["batch"]) for row in batches][:5] == [
+        ("1", "train", "1"), ("1", "train", "2"), ("1", "train", "3"), ("1", "train", "4"), ("1", "valid", "1")]
+    assert [row["epoch"] for row in read_rows(path)] == ["1", "2"]
 
 
 class FakeTerminal(io.StringIO):
@@ -121,6 +139,14 @@ def test_progress_bar_draws_on_a_terminal_and_stays_quiet_otherwise(device: torc
     drawn = terminal.getvalue()
     assert "epoch 1 train" in drawn and "4/4" in drawn and "train_loss=" in drawn and "epoch 1 valid" in drawn
     assert pipe.getvalue() == ""
+
+
+def test_progress_bar_shows_metrics_from_its_first_refresh(device: torch.device):
+    terminal = FakeTerminal()  # refresh_every=20: more than the phase's 4 batches
+    classifier_trainer([SmoothedLoss(), ProgressBar(stream=terminal, mininterval=0)], device, epochs=1).fit()
+    draws = [draw for draw in terminal.getvalue().split("\r") if draw.startswith("epoch 1 train")]
+    after_first_batch = [draw for draw in draws if "| 1/4 " in draw]
+    assert after_first_batch and "train_loss=" in after_first_batch[0], draws
 
 
 class FailsMidPhase(st.Callback):

@@ -10,6 +10,7 @@ from torch import nn
 
 import statetrainer as st
 from statetrainer.callbacks import Accuracy, SmoothedLoss, running_metrics
+from statetrainer.checkpoint import CheckpointError
 
 
 class FixedOutputs(nn.Module):
@@ -96,6 +97,24 @@ def test_metrics_round_trip_their_state(device: torch.device):
     copy.load_state_dict(metric.state_dict())
     assert copy.value() == metric.value() == pytest.approx((0.25 * 1 + 0.5 * 3) / 0.75)
     assert math.isnan(SmoothedLoss().value())
+
+
+def test_a_metrics_own_state_fits_it_and_one_of_another_kind_is_refused_naming_the_key(device: torch.device):
+    loss, accuracy = SmoothedLoss(), Accuracy()
+    batches = [(torch.tensor([[0.2, 0.8], [0.9, 0.1]]), torch.tensor([1, 1]))]
+    run(batches, [loss, accuracy], device)
+    for metric in (loss, accuracy, SmoothedLoss(), Accuracy()):
+        metric.check_fits(metric.state_dict())
+        type(metric)().check_fits(metric.state_dict())  # what a fresh run of the same metric loads
+    assert accuracy.state_dict()["total"] == 2
+    for metric, key, value, message in (
+        (loss, "average", torch.zeros(1, device=device), r"^average is a float32 tensor of shape \(1,\)"),
+        (loss, "samples", -2, r"^samples is -2, not an integer >= 0$"),
+        (accuracy, "correct", torch.tensor(3, device=device), r"^correct is 3, not a count from 0 to total=2$"),
+        (accuracy, "active", "yes", r"^active is 'yes' \(a str\), not True or False$"),
+    ):  # fmt: skip
+        with pytest.raises(CheckpointError, match=message):
+            metric.check_fits({**metric.state_dict(), key: value})
 
 
 def test_bad_metric_arguments():

@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 import statetrainer as st
 from statetrainer.callbacks import CosineWarmRestarts, OneCycle, ParamScheduler, TorchScheduler
+from statetrainer.checkpoint import CheckpointError, read_tree, write_tree
 
 from ..conftest import regression_batches
 
@@ -134,6 +135,73 @@ def test_reduce_on_plateau_reads_a_metric(device: torch.device):
                          callbacks=[Flat(), TorchScheduler(plateau, monitor="train_loss")], epochs=3, device=device)  # fmt: skip
     trainer.fit()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)  # no improvement after epochs 2 and 3
+
+
+SCHEDULERS = {
+    "StepLR": lambda optimizer: torch.optim.lr_scheduler.StepLR(optimizer, 2),
+    "MultiStepLR": lambda optimizer: torch.optim.lr_scheduler.MultiStepLR(optimizer, [2, 4]),
+    "ExponentialLR": lambda optimizer: torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.9),
+    "CosineAnnealingLR": lambda optimizer: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 10),
+    "LambdaLR": lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 0.9**epoch),
+    "OneCycleLR": lambda optimizer: torch.optim.lr_scheduler.OneCycleLR(optimizer, 1.0, total_steps=20),
+    "CyclicLR": lambda optimizer: torch.optim.lr_scheduler.CyclicLR(optimizer, 0.01, 0.1),
+    "ReduceLROnPlateau": lambda optimizer: torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer),
+    "LinearLR": lambda optimizer: torch.optim.lr_scheduler.LinearLR(optimizer),
+    "CosineAnnealingWarmRestarts": lambda optimizer: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, 3),
+    "PolynomialLR": lambda optimizer: torch.optim.lr_scheduler.PolynomialLR(optimizer, 5),
+    "SequentialLR": lambda optimizer: torch.optim.lr_scheduler.SequentialLR(
+        optimizer, [torch.optim.lr_scheduler.LinearLR(optimizer), torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.9)],
+        milestones=[2]),
+    "ChainedScheduler": lambda optimizer: torch.optim.lr_scheduler.ChainedScheduler(
+        [torch.optim.lr_scheduler.LinearLR(optimizer), torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.9)]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("make", SCHEDULERS.values(), ids=SCHEDULERS.keys())
+def test_a_torch_schedulers_own_state_after_a_checkpoint_file_fits_a_fresh_one(make, tmp_path):
+    """No false refusals: each of torch's schedulers, stepped, saved through a file, fits a fresh copy of itself."""
+
+    def wrapped() -> TorchScheduler:
+        optimizer = torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1, momentum=0.9)
+        scheduler = make(optimizer)
+        return TorchScheduler(scheduler, monitor="valid_loss" if "Plateau" in type(scheduler).__name__ else None)
+
+    callback = wrapped()
+    for _ in range(7):
+        callback.scheduler.optimizer.step()
+        callback.scheduler.step(*([1.0] if callback.monitor else []))
+    path = write_tree(tmp_path / "scheduler.safetensors", callback.state_dict(), "test")
+    fresh = wrapped()
+    fresh.check_fits(read_tree(path))
+    fresh.load_state_dict(read_tree(path))
+    assert fresh.scheduler.get_last_lr() == callback.scheduler.get_last_lr()
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("last_epoch", -1, r"^scheduler\['last_epoch'\] is -1, not an integer >= 0$"),
+    ("last_epoch", 2.0, r"^scheduler\['last_epoch'\] is 2.0, not an integer >= 0$"),
+    ("gamma", "0.1", r"^scheduler\['gamma'\] is '0.1' \(a str\), not a finite number$"),
+    ("base_lrs", [0.1, 0.1], r"^scheduler is not laid out as this run's: unexpected scheduler\['base_lrs'\]\[1\]$"),
+    ("_last_lr", [float("inf")], r"^scheduler\['_last_lr'\]\[0\] is inf, not a finite number$"),
+    ("optimizer", {"lr": 1.0}, r"^scheduler is not laid out as this run's: unexpected scheduler\['optimizer'\]\['lr'\]$"),
+], ids=["epoch-negative", "epoch-float", "gamma-text", "lrs-longer", "lr-infinite", "optimizer-injected"])  # fmt: skip
+def test_a_torch_scheduler_state_of_another_kind_is_refused_naming_the_key(key: str, value: object, message: str):
+    callback = TorchScheduler(SCHEDULERS["StepLR"](torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1)))
+    state = callback.state_dict()
+    with pytest.raises(CheckpointError, match=message):
+        callback.check_fits({"scheduler": {**state["scheduler"], key: value}})
+
+
+@pytest.mark.parametrize(("state", "message"), [
+    ({"total_steps": 1}, r"^total_steps is 1, not an integer >= 2$"), ({"total_steps": True}, r"^total_steps is True"),
+    ({"total_steps": 20, "x": 1}, r"^the saved state has unexpected key\(s\) 'x'$"), ([20], r"is a list of 1 item"),
+])  # fmt: skip
+def test_a_one_cycle_state_of_another_kind_is_refused_and_an_old_empty_one_fits(state: object, message: str):
+    one_cycle = OneCycle(0.1, total_steps=20)
+    one_cycle.check_fits({})  # saved before the cycle's length was
+    one_cycle.check_fits({"total_steps": 30})
+    with pytest.raises(CheckpointError, match=message):
+        one_cycle.check_fits(state)
 
 
 def test_bad_scheduler_arguments(device: torch.device):

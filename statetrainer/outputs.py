@@ -1,0 +1,79 @@
+"""The folders a run writes into: claimed for the run, and locked, before anything there is written.
+
+Every callback that writes files names them (``Callback.output_files``). Before
+the first hook of a run in this process (the start of ``fit``/``advance``/
+``run_until``, or a save), rank 0 claims each of their folders for the run
+(``statetrainer.checkpoint.claim_folder``: another run's folder, or one a
+second live copy of this run holds, is refused before anything is touched),
+and then each callback opens its files: a resumed run's become what the loaded
+checkpoint says, a fresh run's start afresh.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .callbacks.base import Callback
+from .checkpoint import FolderLock, claim_folder, mark_folder
+from .distributed import Ranks, on_every_rank
+
+__all__ = ["RunOutputs"]
+
+
+class RunOutputs:
+    """The run's output folders and the callbacks that write in them.
+
+    Args:
+        callbacks: The callbacks that run in this process.
+        ranks: This process's place among the run's processes: rank 0 alone claims and writes.
+        device: The run's device (for agreeing on failures between the ranks).
+    """
+
+    def __init__(self, callbacks: Sequence[Callback], ranks: Ranks, device: torch.device) -> None:
+        self.ranks, self.device = ranks, device
+        self.writers = [callback for callback in callbacks if callback.output_files()]
+        self.folders: dict[Path, list[str]] = defaultdict(list)  # each folder, and the names written there
+        for callback in self.writers:
+            for path in callback.output_files():
+                self.folders[Path(path).parent].append(Path(path).name)
+        self.opened = False
+        self._locks: dict[Path, FolderLock] = {}  # held while the run lives (the OS frees them if it is killed)
+        self._claimed: set[tuple[Path, str]] = set()  # (folder, run) claimed
+
+    def lock(self) -> None:
+        """Take the lock of every output folder (rank 0), so a second live copy of the run is refused before it
+        reads or loads anything (a ``CheckpointError`` naming the holder, raised on every rank)."""
+        with on_every_rank(self.ranks, self.device, "lock the run's folders"):
+            if self.ranks.is_global_zero:
+                for folder in self.folders:
+                    if folder not in self._locks:
+                        self._locks[folder] = FolderLock(folder)
+
+    def claim(self, folder: Path, marker: dict[str, Any], own_files: Sequence[str] = (), mark: bool = True) -> None:
+        """Claim ``folder`` for the run (once; ``save_checkpoint`` claims where it is asked to save); rank 0 only."""
+        if (folder, marker["run"]) not in self._claimed:
+            self._locks[folder] = claim_folder(folder, marker, own_files, mark)
+            self._claimed.add((folder, marker["run"]))
+
+    def open(self, trainer: Any, marker: dict[str, Any]) -> None:
+        """Claim every output folder for the run ``marker`` describes, then open each writer's files; once.
+
+        Raises:
+            CheckpointError: A folder belongs to another run, or another live process holds it (on every rank).
+        """
+        if self.opened:
+            return
+        with on_every_rank(self.ranks, self.device, "claim the run's folders"):
+            if self.ranks.is_global_zero:
+                for folder, names in self.folders.items():  # all checked before any is marked
+                    self.claim(folder, marker, names, mark=False)
+                for folder in self.folders:
+                    mark_folder(folder, marker)
+                for callback in self.writers:
+                    callback.open_files(trainer)
+        self.opened = True

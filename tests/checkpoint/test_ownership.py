@@ -1,0 +1,206 @@
+"""One run per folder, one live process per run: nothing of a run's is touched by another run or a second copy."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import statetrainer as st
+from statetrainer.callbacks import Checkpoint, CSVLogger, SmoothedLoss, TensorBoardLogger
+from statetrainer.checkpoint import CheckpointError, checkpoint_files, run_of, set_aside
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+
+def batches(count: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(4, 4, generator=generator), torch.randint(0, 3, (4,), generator=generator))
+            for _ in range(count)]  # fmt: skip
+
+
+def build(callbacks: list[st.Callback], device: torch.device, seed: int = 0, epochs: int = 2) -> st.Trainer:
+    torch.manual_seed(seed)
+    model = nn.Linear(4, 3)
+    phases = [st.Phase("train", batches(4, 0)), st.Phase("valid", batches(2, 1), grad=False)]
+    return st.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), F.cross_entropy, phases,
+                      callbacks=callbacks, epochs=epochs, device=device, seed=seed)  # fmt: skip
+
+
+def logged_run(folder: Path, device: torch.device, seed: int = 0, extra: tuple[st.Callback, ...] = (),
+               **checkpoint: object) -> st.Trainer:  # fmt: skip
+    return build([SmoothedLoss(), CSVLogger(folder / "log.csv", every_batches=1),
+                  TensorBoardLogger(folder / "tb", every_steps=1), Checkpoint(folder, **checkpoint), *extra],
+                 device, seed)  # fmt: skip
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (but the lock, whose holder changes) and its bytes."""
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*"))
+            if path.is_file() and path.name != ".statetrainer.lock"}  # fmt: skip
+
+
+def test_a_second_run_in_a_finished_runs_folder_is_refused_before_it_touches_a_file(device, tmp_path):
+    folder = tmp_path / "out"
+    logged_run(folder, device).fit()
+    before = snapshot(folder)
+    assert {"log.csv", "log_batches.csv", "run.json"} <= set(before) and any(name.startswith("tb/") for name in before)
+    with pytest.raises(CheckpointError, match="holds another run's files"):
+        logged_run(folder, device).fit()  # the same script without load_checkpoint (a reused --out)
+    assert snapshot(folder) == before  # no log emptied, no TensorBoard point purged
+    again = logged_run(folder, device)
+    assert again.load_checkpoint(folder) is not None  # the first run still resumes
+    with pytest.warns(UserWarning, match="already finished"):
+        again.fit()
+    assert snapshot(folder) == before
+
+
+def test_a_folder_without_its_run_json_belongs_to_the_run_of_its_newest_checkpoint(device, tmp_path):
+    folder = tmp_path / "out"
+    build([Checkpoint(folder, every_steps=1, keep_last=3)], device, seed=1).fit()
+    (folder / "run.json").unlink()
+    before = snapshot(folder)
+    with pytest.raises(CheckpointError, match="newest checkpoint belongs to another run"):
+        build([Checkpoint(folder, every_steps=1, keep_last=1)], device, seed=2).fit()
+    assert snapshot(folder) == before  # nothing pruned, no marker written
+    resumed = build([Checkpoint(folder, every_steps=1, keep_last=3)], device, seed=1, epochs=3)
+    resumed.load_checkpoint(folder)
+    resumed.fit()  # its own run: it claims the folder again and goes on
+    assert (folder / "run.json").is_file()
+
+
+def test_pruning_deletes_only_the_runs_own_checkpoints(device, tmp_path):
+    other = build([Checkpoint(tmp_path / "other", every_epochs=1)], device, seed=5, epochs=1).fit()
+    stranger = checkpoint_files(tmp_path / "other")[0]
+    folder = tmp_path / "out"
+    trainer = build([Checkpoint(folder, every_steps=1, keep_last=1)], device, seed=1, epochs=1)
+    trainer.advance()  # the run has claimed its folder, and saved nothing yet
+    assert (folder / "run.json").is_file() and not checkpoint_files(folder)
+    planted = folder / "ckpt-000000-epoch0001-step000000004.safetensors"  # another run's, older than any of ours
+    planted.parent.mkdir(exist_ok=True)
+    planted.write_bytes(stranger.read_bytes())
+    trainer.fit()
+    assert planted.exists() and run_of(planted) == other.run.id
+    ours = [path for path in checkpoint_files(folder) if path != planted]
+    assert len(ours) == 1 and run_of(ours[0]) == trainer.run.id
+
+
+def test_a_symlink_planted_for_a_log_is_refused_and_its_target_untouched(device, tmp_path):
+    folder = tmp_path / "out"
+    first = build([SmoothedLoss(), CSVLogger(folder / "log.csv", every_batches=1), Checkpoint(folder, every_steps=2)],
+                  device)  # fmt: skip
+    first.run_until("phase", phase="train", batch=2)
+    first.save_checkpoint(folder)
+    first.advance(6)  # more rows, after the checkpoint
+    victim = tmp_path / "precious.txt"
+    victim.write_text("the user's own file\n" * 50)
+    (folder / "log_batches.csv").unlink()
+    (folder / "log_batches.csv").symlink_to(victim)
+    resumed = build([SmoothedLoss(), CSVLogger(folder / "log.csv", every_batches=1), Checkpoint(folder, every_steps=2)],
+                    device)  # fmt: skip
+    model_before = [parameter.detach().clone() for parameter in resumed.model.parameters()]
+    with pytest.raises(CheckpointError, match="log_batches.csv is not a regular file"):
+        resumed.load_checkpoint(folder)
+    assert victim.read_text() == "the user's own file\n" * 50
+    assert resumed.global_step == 0 and all(torch.equal(a, b) for a, b in zip(model_before, resumed.model.parameters()))
+
+
+def test_a_log_replaced_by_a_symlink_during_a_run_is_not_written_through(device, tmp_path):
+    class PlantLink(st.Callback):
+        def on_exit_epoch(self, trainer):
+            if trainer.epoch == 1:  # the log has its header and first row: the next row is appended
+                (tmp_path / "out" / "log.csv").unlink()
+                (tmp_path / "out" / "log.csv").symlink_to(victim)
+
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me\n")
+    trainer = build([SmoothedLoss(), PlantLink(), CSVLogger(tmp_path / "out" / "log.csv")], device)
+    with pytest.raises(OSError, match="is a symbolic link"):
+        trainer.fit()
+    assert victim.read_text() == "keep me\n"
+
+
+SECOND_COPY = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    import torch
+    sys.path.insert(0, {tests!r})
+    from checkpoint.test_ownership import logged_run
+    import statetrainer as st
+
+    folder, device = Path(sys.argv[1]), torch.device(sys.argv[2])
+
+    class Hold(st.Callback):
+        def on_exit_batch(self, trainer):
+            if trainer.global_step == 2:
+                (folder.parent / "ready").write_text("ready")
+                time.sleep(120)  # the first copy, still running when the job is requeued
+
+    trainer = logged_run(folder, device, extra=(Hold(),), every_steps=1)
+    trainer.load_checkpoint(folder)
+    trainer.fit()
+""")
+
+
+def test_a_second_live_copy_is_refused_naming_the_holder_and_a_killed_one_leaves_no_lock(device, tmp_path):
+    folder = tmp_path / "out"
+    script = tmp_path / "first_copy.py"
+    script.write_text(SECOND_COPY.format(tests=str(REPOSITORY / "tests")))
+    first = subprocess.Popen([sys.executable, str(script), str(folder), str(device)], cwd=REPOSITORY,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "ready").exists():
+            assert first.poll() is None, first.stdout.read().decode()
+            assert time.monotonic() < deadline, "the first copy never reached its second step"
+            time.sleep(0.1)
+        before = snapshot(folder)
+        second = logged_run(folder, device, every_steps=1)
+        with pytest.raises(CheckpointError, match=rf"in use by another live process \(host {socket.gethostname()}, "
+                                                  rf"pid {first.pid},"):  # fmt: skip
+            second.load_checkpoint(folder)
+        with pytest.raises(CheckpointError, match=f"pid {first.pid}"):
+            second.fit()
+        assert snapshot(folder) == before
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    resumed = logged_run(folder, device, every_steps=1)  # the OS released the killed copy's lock
+    assert resumed.load_checkpoint(folder) is not None
+    resumed.fit()
+    rows = (folder / "log_batches.csv").read_text().splitlines()[1:]
+    assert len(rows) == len(set(rows)) == 2 * (4 + 2)  # every batch logged once
+
+
+def test_set_aside_is_refused_while_a_live_process_holds_the_folder(tmp_path):
+    folder = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from statetrainer.checkpoint import FolderLock
+        lock = FolderLock(Path({str(folder)!r}))
+        print("locked", flush=True)
+        time.sleep(120)
+    """)], stdout=subprocess.PIPE, cwd=REPOSITORY)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == b"locked"
+        (folder / "notes.txt").write_text("a run's file")
+        with pytest.raises(CheckpointError, match=f"pid {holder.pid}"):
+            set_aside(folder)
+        assert (folder / "notes.txt").exists()
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    moved = set_aside(folder)
+    assert moved is not None and (moved / "notes.txt").exists()
+    assert sorted(os.listdir(folder)) == [".statetrainer.lock", "earlier-runs"]  # the lock stays where copies look

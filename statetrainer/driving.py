@@ -24,6 +24,7 @@ from .machine import AT_REST
 from .distributed import StopVote
 from .preemption import Preempted, SignalCatcher
 from .recovery import Recovery
+from .stateful import HalfLoadedError
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -130,6 +131,8 @@ class RunGuard:
 
         After an error, the run is first put at its recovery point (see ``statetrainer.recovery``).
         """
+        if isinstance(self.error, HalfLoadedError):
+            raise RuntimeError(f"{what}: this trainer holds part of a checkpoint ({self.error}); build a new Trainer")
         if self.error is not None and self.recovery is not None:
             self.recovery.apply(trainer)
         if self.active and not self.at_rest:

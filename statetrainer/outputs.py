@@ -21,6 +21,7 @@ import torch
 from .callbacks.base import Callback
 from .checkpoint import FolderLock, claim_folder, mark_folder
 from .distributed import Ranks, on_every_rank
+from .stateful import RunIdentity
 
 __all__ = ["RunOutputs"]
 
@@ -30,12 +31,13 @@ class RunOutputs:
 
     Args:
         callbacks: The callbacks that run in this process.
+        run: The run's identity, whose ``marker()`` a claimed folder records.
         ranks: This process's place among the run's processes: rank 0 alone claims and writes.
         device: The run's device (for agreeing on failures between the ranks).
     """
 
-    def __init__(self, callbacks: Sequence[Callback], ranks: Ranks, device: torch.device) -> None:
-        self.ranks, self.device = ranks, device
+    def __init__(self, callbacks: Sequence[Callback], run: RunIdentity, ranks: Ranks, device: torch.device) -> None:
+        self.run, self.ranks, self.device = run, ranks, device
         self.writers = [callback for callback in callbacks if callback.output_files()]
         self.folders: dict[Path, list[str]] = defaultdict(list)  # each folder, and the names written there
         for callback in self.writers:
@@ -54,14 +56,15 @@ class RunOutputs:
                     if folder not in self._locks:
                         self._locks[folder] = FolderLock(folder)
 
-    def claim(self, folder: Path, marker: dict[str, Any], own_files: Sequence[str] = (), mark: bool = True) -> None:
+    def claim(self, folder: Path, own_files: Sequence[str] = (), mark: bool = True) -> None:
         """Claim ``folder`` for the run (once; ``save_checkpoint`` claims where it is asked to save); rank 0 only."""
+        marker = self.run.marker()
         if (folder, marker["run"]) not in self._claimed:
             self._locks[folder] = claim_folder(folder, marker, own_files, mark)
             self._claimed.add((folder, marker["run"]))
 
-    def open(self, trainer: Any, marker: dict[str, Any]) -> None:
-        """Claim every output folder for the run ``marker`` describes, then open each writer's files; once.
+    def open(self, trainer: Any) -> None:
+        """Claim every output folder for the run, then open each writer's files; once (again after a load).
 
         Raises:
             CheckpointError: A folder belongs to another run, or another live process holds it (on every rank).
@@ -71,9 +74,9 @@ class RunOutputs:
         with on_every_rank(self.ranks, self.device, "claim the run's folders"):
             if self.ranks.is_global_zero:
                 for folder, names in self.folders.items():  # all checked before any is marked
-                    self.claim(folder, marker, names, mark=False)
+                    self.claim(folder, names, mark=False)
                 for folder in self.folders:
-                    mark_folder(folder, marker)
+                    mark_folder(folder, self.run.marker())
                 for callback in self.writers:
                     callback.open_files(trainer)
         self.opened = True

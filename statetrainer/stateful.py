@@ -30,8 +30,8 @@ from .step import optimizer_class_name
 if TYPE_CHECKING:
     from .callbacks.base import Callback
 
-__all__ = ["CallbackStates", "Metrics", "Position", "RunIdentity", "RunSettings", "StateRegistry", "Stateful",
-           "check_position_fits", "is_metric_value"]  # fmt: skip
+__all__ = ["CallbackStates", "HalfLoadedError", "Metrics", "Position", "RunIdentity", "RunSettings", "StateRegistry",
+           "Stateful", "check_position_fits", "is_metric_value"]  # fmt: skip
 
 
 @runtime_checkable
@@ -103,7 +103,16 @@ class StateRegistry:
         state in its ``check_fits``: the built-in parts do."""
         self.check_fits(state)
         for name, part in self._parts.items():
-            part.load_state_dict(state[name])
+            try:
+                part.load_state_dict(state[name])
+            except Exception as error:  # a part (a user's own) whose check let through what it cannot load
+                raise HalfLoadedError(f"{name}: loading raised {error!r} after every check passed, so the parts "
+                                      "before it are loaded and the rest are not: this trainer cannot be used; build "
+                                      f"a new one, and give the part a check_fits that refuses this state") from error
+
+
+class HalfLoadedError(CheckpointError):
+    """A part failed to load after every check passed: the trainer holds part of a checkpoint and cannot be used."""
 
 
 @dataclass

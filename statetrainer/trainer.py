@@ -36,8 +36,8 @@ from .preemption import DEFAULT_STOP_SIGNALS, resolve_signals
 from .recovery import plan_recovery
 from .stepping import stop_condition
 from .rng import Generators
-from .stateful import (CallbackStates, Metrics, Position, PositionField, RunIdentity, RunSettings, StateRegistry,
-                       check_position_fits)  # fmt: skip
+from .stateful import (CallbackStates, HalfLoadedError, Metrics, Position, PositionField, RunIdentity, RunSettings,
+                       StateRegistry, check_position_fits)  # fmt: skip
 from .step import StepRunner
 from .validation import check_count
 from .work import StateWork
@@ -128,11 +128,10 @@ class Trainer:
         self.batch = self.target = self.output = self.loss = None
         self.loss_weight = 1.0
         speaking = [callback for callback in self.callbacks if ranks.is_global_zero or not callback.rank_zero_only]
-        self._outputs = RunOutputs(speaking, ranks, self.device)
         self._guard = RunGuard(speaking, self.stop_signals, deterministic, on_error=self._work.release,
                                recover=lambda: plan_recovery(self, self._machine, self._work),
                                vote=StopVote(ranks) if ranks.distributed and self.stop_signals else None,
-                               open_outputs=lambda: self._outputs.open(self, self.run.marker()))  # fmt: skip
+                               open_outputs=lambda: self._outputs.open(self))  # fmt: skip
         enter, exit = hooks_by_state(speaking)
         if self._guard.vote is not None:  # after every batch, the ranks share whether a stop signal came
             exit["batch"].append(self._guard.exchange_stop_vote)
@@ -140,6 +139,7 @@ class Trainer:
                                         work=self._work.work_calls(), exit=exit)  # fmt: skip
         self._deciders = Deciders(self, self._machine, self._work).by_state
         self.run = RunIdentity.for_run(self._sources.global_layout(), self.model, optimizer, self._generators)
+        self._outputs = RunOutputs(speaking, self.run, ranks, self.device)
         self.parts = StateRegistry(  # loaded in this order: the generators last, as they were saved
             run=self.run, position=self.position, machine=self._machine, data=self._sources,
             settings=RunSettings.for_run(self.phases, accumulate, precision, ranks.world_size), step=self.step_runner,
@@ -195,7 +195,7 @@ class Trainer:
     def fit(self) -> Trainer:
         """Run to the end, or continue a stepped or resumed run to the end (a finished run warns and returns)."""
         if self.position.finished and self._guard.error is None and self._machine.pending is None:
-            self._outputs.open(self, self.run.marker())  # a run killed as it finished still remakes its files
+            self._outputs.open(self)  # a run killed as it finished still remakes its files
             warnings.warn(f"the run has already finished ({self.position.end_reason()}); fit() has nothing to do", stacklevel=2)
             return self
         deciders, machine, position, guard = self._deciders, self._machine, self.position, self._guard
@@ -285,7 +285,11 @@ class Trainer:
         """Continue from ``state_dict()``'s result, in a trainer not started; ``CheckpointError`` loads nothing."""
         if self.state != "idle" or self.position != Position():
             raise RuntimeError("load a checkpoint into a trainer that has not started: build a new Trainer")
-        self.parts.load_state_dict(state)
+        try:
+            self.parts.load_state_dict(state)
+        except HalfLoadedError as error:
+            self._guard.error = error  # neither driven nor saved again: build a new trainer
+            raise
         self._outputs.opened = False  # the files are made what the loaded state says when the run next opens them
         self.position.extend_to(self.epochs)  # a finished run given more epochs goes on to train them
         self.phase = self.phases[self.position.phase_position] if self.position.phase_position >= 0 else None
@@ -299,11 +303,11 @@ class Trainer:
         Under torchrun every rank calls it: rank 0 writes the one file, and every rank returns once it is written.
         """
         self._guard.check_at_rest(self, "save_checkpoint()")
-        self._outputs.open(self, self.run.marker())
+        self._outputs.open(self)
         ranks, epoch, folder = self.ranks, self.position.epoch_for_people(self.state), checkpoint.save_folder(path)
         with on_every_rank(ranks, self.device, "claim the checkpoint folder"):
             if ranks.is_global_zero and folder.suffix != ".safetensors":
-                self._outputs.claim(folder, self.run.marker(), ["ckpt-*.safetensors"])
+                self._outputs.claim(folder, ["ckpt-*.safetensors"])
             target = checkpoint.save_target(path, epoch, self.global_step)
         state = self.state_dict()  # every rank's generators, window gradients and metric accumulators, gathered
         with on_every_rank(ranks, self.device, f"write the checkpoint {target}"):  # all wait for rank 0's write

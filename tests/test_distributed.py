@@ -147,7 +147,8 @@ def test_only_rank_zero_writes_files_and_the_other_ranks_print_nothing(tmp_path,
     launch(tmp_path / "run", *SHARDED, "--every-steps", "3", "--only-rank-zero-writes", logs=logs, device=device.type)
     assert rank_output(logs, 1, "stdout") == "" and rank_output(logs, 1, "stderr") == ""
     assert "Epoch:    2 |" in rank_output(logs, 0, "stdout")
-    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["checkpoints", "final.safetensors", "log.csv"]
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == [  # the log's folder is claimed by rank 0
+        ".statetrainer.lock", "checkpoints", "final.safetensors", "log.csv", "run.json"]
 
 
 KILLED = ("--samples", "40", "--batch-size", "4", "--workers", "2", "--epochs", "2", "--augment", "--dropout", "0.2",

@@ -259,6 +259,9 @@ class TorchScheduler(Callback):
         self.scheduler, self.monitor, self.name = scheduler, monitor, name
         self.interval = "epoch" if plateau else interval
 
+    def monitored_metrics(self) -> set[str]:
+        return set() if self.monitor is None else {self.monitor}
+
     def on_exit_step(self, trainer: TrainerView) -> None:
         if self.interval == "step":
             self.scheduler.step()

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import statetrainer as st
-from statetrainer.callbacks import CosineWarmRestarts, OneCycle, ParamScheduler, TorchScheduler
+from statetrainer.callbacks import CosineWarmRestarts, OneCycle, ParamScheduler, SmoothedLoss, TorchScheduler
 from statetrainer.checkpoint import CheckpointError, read_tree, write_tree
 
 from ..conftest import regression_batches
@@ -128,6 +128,9 @@ def test_reduce_on_plateau_reads_a_metric(device: torch.device):
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0, factor=0.1)
 
     class Flat(st.Callback):
+        def metric_names(self, phases):
+            return {"train_loss"}
+
         def on_exit_phase(self, trainer):
             trainer.metrics["train_loss"] = 1.0
 
@@ -223,3 +226,13 @@ def test_one_cycle_with_a_warm_up_shorter_than_a_step_starts_at_the_peak():
     scheduler = OneCycle(1.0, total_steps=4, pct_start=0.25)
     assert scheduler.values(0, 1) == [1.0]
     assert scheduler.values(3, 1) == [pytest.approx(1.0 / 25 / 1e4)]
+
+
+def test_a_plateau_scheduler_on_a_metric_nothing_produces_is_refused_when_the_trainer_is_built(device):
+    model = nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+    with pytest.raises(ValueError, match="TorchScheduler monitors 'valid_los'.*did you mean 'valid_loss'"):
+        st.Trainer(model, optimizer, F.mse_loss, [st.Phase("train", regression_batches(2)),
+                   st.Phase("valid", regression_batches(1), grad=False)],
+                   callbacks=[SmoothedLoss(), TorchScheduler(plateau, monitor="valid_los")], device=device)  # fmt: skip

@@ -401,3 +401,25 @@ def test_a_checkpoint_of_another_number_of_processes_is_refused_unless_allowed(d
     with pytest.raises(CheckpointError, match=r"world_size=2 in the checkpoint, 1 now.*allow_changes=\['world_size'\]"):
         build(device=device).load_checkpoint(path)
     assert build(device=device).load_checkpoint(path, allow_changes={"world_size"}) == path
+
+
+class LoadsBadly(st.Callback):
+    """A user's callback whose ``load_state_dict`` fails on what its (absent) check let through."""
+
+    def state_dict(self):
+        return {"count": 3}
+
+    def load_state_dict(self, state):
+        raise ValueError("cannot take this state")
+
+
+def test_a_part_that_fails_to_load_after_the_checks_leaves_a_trainer_that_refuses_to_go_on(device: torch.device, tmp_path):
+    build([LoadsBadly(), Checkpoint(tmp_path, every_epochs=1)], device=device).fit()
+    resumed = build([LoadsBadly(), Checkpoint(tmp_path, every_epochs=1)], device=device, epochs=3)
+    with pytest.raises(CheckpointError, match="callbacks: loading raised ValueError.*build a new one"):
+        resumed.load_checkpoint(tmp_path)
+    with pytest.raises(RuntimeError, match="build a new Trainer"):
+        resumed.fit()
+    with pytest.raises(RuntimeError, match="holds part of a checkpoint"):
+        resumed.save_checkpoint(tmp_path / "half.safetensors")
+    assert not (tmp_path / "half.safetensors").exists()

@@ -10,7 +10,8 @@ are the uninterrupted run's, one for one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import gc
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,17 @@ def numbered_sample(index: int, noisy: bool) -> tuple[torch.Tensor, int]:
     generator, or is 0.5."""
     noise = torch.rand(()).item() if noisy else 0.5
     return torch.tensor([float(index), noise, 1.0]), index % 2
+
+
+@pytest.fixture(autouse=True)
+def workers_stopped_at_the_end() -> Iterator[None]:
+    """Collect each test's trainers as it ends, so their loaders' worker processes stop then, in this thread.
+
+    A trainer is a reference cycle, which the collector may otherwise free inside a thread that is starting,
+    where joining the workers stalls until it times out.
+    """
+    yield
+    gc.collect()
 
 
 class NumberedSamples(Dataset):

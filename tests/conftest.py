@@ -6,6 +6,8 @@ import gzip
 import os
 import shutil
 import signal
+import struct
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -67,3 +69,26 @@ def python_sigint_handler() -> Iterator[None]:
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+
+
+def run_in_a_terminal(command: list[str]) -> tuple[int, str, str]:
+    """Run ``command`` with its stdin and stderr on a pseudo-terminal 160 columns wide (stdout a pipe): its status,
+    what it drew on the terminal, and its stdout. Skips where there are no pseudo-terminals."""
+    pty = pytest.importorskip("pty")
+    fcntl, termios = pytest.importorskip("fcntl"), pytest.importorskip("termios")
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    process = subprocess.Popen(command, stdin=follower, stdout=subprocess.PIPE, stderr=follower, text=True)
+    os.close(follower)
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    stdout, _ = process.communicate(timeout=120)
+    os.close(leader)
+    return process.returncode, drawn.decode(errors="replace"), stdout

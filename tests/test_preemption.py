@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import struct
 import subprocess
 import sys
 import textwrap
@@ -21,6 +20,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import statetrainer as st
 from statetrainer.callbacks import Accuracy, Checkpoint, SmoothedLoss
 from statetrainer.checkpoint import checkpoint_files, read_tree
+
+from .conftest import run_in_a_terminal
 
 DATA = TensorDataset(torch.randn(48, 3, generator=torch.Generator().manual_seed(0)),
                      torch.randint(2, (48,), generator=torch.Generator().manual_seed(1)))  # fmt: skip
@@ -227,28 +228,6 @@ def terminal_screen(drawn: str) -> list[str]:
     return ["".join(line).rstrip() for line in lines]
 
 
-def run_in_a_terminal(script: str) -> tuple[int, str]:
-    """Run ``script`` with its stdin and stderr on a pseudo-terminal 160 columns wide; its status and what it drew."""
-    pty = pytest.importorskip("pty")
-    fcntl, termios = pytest.importorskip("fcntl"), pytest.importorskip("termios")
-    leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
-    process = subprocess.Popen([sys.executable, "-c", script], stdin=follower, stdout=subprocess.DEVNULL,
-                               stderr=follower)  # fmt: skip
-    os.close(follower)
-    drawn = b""
-    while True:
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:  # the terminal closed with the process
-            break
-        if not chunk:
-            break
-        drawn += chunk
-    os.close(leader)
-    return process.wait(timeout=120), drawn.decode(errors="replace")
-
-
 def test_a_stop_message_starts_on_its_own_line_under_a_progress_bar(device):
     """Ctrl-C under a pseudo-terminal: the progress bar is cleared before the message is printed."""
     script = textwrap.dedent(f"""
@@ -261,7 +240,7 @@ def test_a_stop_message_starts_on_its_own_line_under_a_progress_bar(device):
         sender = SendSignalOnBatch((0, "train", 3), signal.SIGINT)
         build(torch.device({device.type!r}), [ProgressBar(mininterval=0), sender]).fit()
     """)
-    status, drawn = run_in_a_terminal(script)
+    status, drawn, _ = run_in_a_terminal([sys.executable, "-c", script])
     assert status == 128 + signal.SIGINT, drawn
     assert "epoch 1 train" in drawn and "train_loss=" in drawn  # the bar was drawn, with its metrics
     screen = terminal_screen(drawn)

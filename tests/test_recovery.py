@@ -12,7 +12,6 @@ that raised while ending a batch that counts as done do not run for it.
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 

@@ -190,12 +190,7 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
         CheckpointError: The file is not a readable statetrainer checkpoint.
     """
     path = _regular_file(path)
-    try:
-        with safe_open(path, framework="pt") as file:
-            metadata = file.metadata() or {}
-    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as error:
-        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupted?): {error}") from error
-    return _header(metadata, path)
+    return _header(_metadata(path), path)
 
 
 def read_document(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -206,16 +201,21 @@ def read_document(path: str | os.PathLike[str]) -> dict[str, Any]:
         CheckpointError: The file is not a readable statetrainer checkpoint, or its document is not an object.
     """
     path = _regular_file(path)
-    try:
-        with safe_open(path, framework="pt") as file:
-            metadata = file.metadata() or {}
-    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as error:
-        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupted?): {error}") from error
+    metadata = _metadata(path)
     _header(metadata, path)
     document = _parse(metadata["tree"], path, "document")
     if not isinstance(document, dict):
         raise CheckpointError(f"{path}: its checkpoint document is a {type(document).__name__}, not an object")
     return document
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    """The safetensors metadata of ``path``, read without its tensors."""
+    try:
+        with safe_open(path, framework="pt") as file:
+            return file.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupted?): {error}") from error
 
 
 def _regular_file(path: str | os.PathLike[str]) -> Path:

@@ -6,8 +6,6 @@ import csv
 import io
 import os
 import re
-import struct
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -21,7 +19,7 @@ import statetrainer as st
 from statetrainer.callbacks import Accuracy, Checkpoint, CSVLogger, Plots, ProgressBar, SmoothedLoss, StreamLogger
 from statetrainer.checkpoint import CheckpointError
 
-from ..conftest import regression_batches
+from ..conftest import regression_batches, run_in_a_terminal
 
 
 def classifier_batches(count: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -229,8 +227,6 @@ def test_csv_logs_reach_the_disk_before_a_checkpoint_records_their_size(tmp_path
 def test_the_progress_bar_on_a_real_terminal_shows_the_metrics_of_its_last_refresh(tmp_path, device):
     """Under a pseudo-terminal: the training bar's last metrics are the phase's final running values, and the
     evaluation bar shows its own."""
-    pty = pytest.importorskip("pty")
-    fcntl, termios = pytest.importorskip("fcntl"), pytest.importorskip("termios")
     script = tmp_path / "bar.py"
     script.write_text(textwrap.dedent(f"""
         import sys
@@ -249,24 +245,8 @@ def test_the_progress_bar_on_a_real_terminal_shows_the_metrics_of_its_last_refre
                                      leave=True)], torch.device({device.type!r}), epochs=1)
         trainer.fit()
     """))
-    leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a terminal 160 columns wide
-    process = subprocess.Popen([sys.executable, str(script)], stdin=follower, stdout=subprocess.PIPE, stderr=follower,
-                               text=True)  # fmt: skip
-    os.close(follower)
-    drawn = b""
-    while True:
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:  # the terminal closed with the process
-            break
-        if not chunk:
-            break
-        drawn += chunk
-    stdout, _ = process.communicate(timeout=120)
-    os.close(leader)
-    assert process.returncode == 0
-    screen = drawn.decode(errors="replace")
+    returncode, screen, stdout = run_in_a_terminal([sys.executable, str(script)])
+    assert returncode == 0
     refreshes = [line.split(" ", 2) for line in stdout.splitlines() if line.startswith("refreshed")]
     for phase in ("train", "valid"):
         last = eval(next(values for _, name, values in reversed(refreshes) if name == phase))  # noqa: S307

@@ -341,7 +341,7 @@ def forged_states(tree: dict, seed: int) -> list[Forgery]:
                         ("base_lrs", ([-0.1], [NAN], ["x"], [], [0.01, 0.01])), ("gamma", ("0.1", INF)),
                         ("_is_initial", (1,))):  # fmt: skip
         for value in values:
-            forge(f"StepLR[{key!r}] = {value!r}", "callbacks", f"TorchScheduler: ", put((*scheduler, key), value))
+            forge(f"StepLR[{key!r}] = {value!r}", "callbacks", "TorchScheduler: ", put((*scheduler, key), value))
     forge("StepLR given an optimizer", "callbacks", "TorchScheduler: scheduler is not laid out",
           put((*scheduler, "optimizer"), {}))
     forge("StepLR without step_size", "callbacks", "TorchScheduler: scheduler is not laid out",

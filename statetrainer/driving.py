@@ -27,6 +27,7 @@ from .recovery import Recovery
 from .stateful import HalfLoadedError
 
 if TYPE_CHECKING:
+    from .outputs import RunOutputs
     from .trainer import Trainer
 
 __all__ = ["RunGuard", "stop_on_signal"]
@@ -43,7 +44,8 @@ class RunGuard:
         recover: Called before ``on_error``: where a checkpoint taken after the error stands.
         vote: Shares stop signals between the ranks of a torchrun run (None in one process):
             a signal then stops every rank after the same batch.
-        open_outputs: Claims the run's folders and opens its files, before the first hook (see ``RunOutputs``).
+        outputs: The run's output folders (``RunOutputs``): claimed, and their files opened, before the first
+            hook; released once the run has finished.
 
     Attributes:
         deferred: Actions waiting for the machine to be between batches.
@@ -59,7 +61,7 @@ class RunGuard:
         on_error: Callable[[], None],
         recover: Callable[[], Recovery | None],
         vote: StopVote | None = None,
-        open_outputs: Callable[[], None] = lambda: None,
+        outputs: RunOutputs | None = None,
     ) -> None:
         self.active = False
         self.error: BaseException | None = None
@@ -67,7 +69,7 @@ class RunGuard:
         self._deterministic, self._on_error, self._recover = deterministic, on_error, recover
         self.recovery: Recovery | None = None
         self.vote = vote
-        self._open_outputs = open_outputs
+        self._outputs = outputs
         self.deferred: list[Callable[[Any], None]] = []
         self.at_rest = False
         self._exception_hooks = [callback.on_exception for callback in callbacks
@@ -89,7 +91,8 @@ class RunGuard:
         if trainer.position.finished and trainer.parts["machine"].pending is None:
             raise RuntimeError(f"the run has finished ({trainer.position.end_reason()}); "
                                "there is nothing left to advance")
-        self._open_outputs()  # another run's folder, or a second live copy, is refused before any hook writes
+        if self._outputs is not None:  # another run's folder, or a second live copy, is refused before any hook
+            self._outputs.open(trainer)
         self.active = True
         try:
             with self.catcher, deterministic_algorithms() if self._deterministic else contextlib.nullcontext():
@@ -97,6 +100,8 @@ class RunGuard:
             if self.vote is not None:
                 self.vote.settle()  # every rank leaves with no exchange in flight
             self.run_deferred(trainer)  # a stop signal that came after the last check
+            if trainer.position.finished and self._outputs is not None:
+                self._outputs.release()
         except BaseException as error:
             if self.vote is not None:
                 self.vote.abandon()

@@ -128,18 +128,18 @@ class Trainer:
         self.batch = self.target = self.output = self.loss = None
         self.loss_weight = 1.0
         speaking = [callback for callback in self.callbacks if ranks.is_global_zero or not callback.rank_zero_only]
+        self.run = RunIdentity.for_run(self._sources.global_layout(), self.model, optimizer, self._generators)
+        self._outputs = RunOutputs(speaking, self.run, ranks, self.device)
         self._guard = RunGuard(speaking, self.stop_signals, deterministic, on_error=self._work.release,
                                recover=lambda: plan_recovery(self, self._machine, self._work),
                                vote=StopVote(ranks) if ranks.distributed and self.stop_signals else None,
-                               open_outputs=lambda: self._outputs.open(self))  # fmt: skip
+                               outputs=self._outputs)  # fmt: skip
         enter, exit = hooks_by_state(speaking)
         if self._guard.vote is not None:  # after every batch, the ranks share whether a stop signal came
             exit["batch"].append(self._guard.exchange_stop_vote)
         self._machine = TrainingMachine(self, prepare=self._work.prepare_calls(), enter=enter,
                                         work=self._work.work_calls(), exit=exit)  # fmt: skip
         self._deciders = Deciders(self, self._machine, self._work).by_state
-        self.run = RunIdentity.for_run(self._sources.global_layout(), self.model, optimizer, self._generators)
-        self._outputs = RunOutputs(speaking, self.run, ranks, self.device)
         self.parts = StateRegistry(  # loaded in this order: the generators last, as they were saved
             run=self.run, position=self.position, machine=self._machine, data=self._sources,
             settings=RunSettings.for_run(self.phases, accumulate, precision, ranks.world_size), step=self.step_runner,
@@ -290,7 +290,7 @@ class Trainer:
         except HalfLoadedError as error:
             self._guard.error = error  # neither driven nor saved again: build a new trainer
             raise
-        self._outputs.opened = False  # the files are made what the loaded state says when the run next opens them
+        self._outputs.opened, self._outputs.resumed = False, True  # its files are remade when the run next opens them
         self.position.extend_to(self.epochs)  # a finished run given more epochs goes on to train them
         self.phase = self.phases[self.position.phase_position] if self.position.phase_position >= 0 else None
         if self.state == "phase" and self._machine.pending is None:  # mid-phase: reopen after the last batch done
@@ -298,16 +298,18 @@ class Trainer:
 
     def save_checkpoint(self, path: str | os.PathLike[str] | None = None) -> Path:
         """Write ``state_dict()`` atomically to a ``.safetensors`` file, or as the next checkpoint of a folder
-        (default ``checkpoints/``); return the file. ``ValueError`` for another kind of file (``model.pt``).
+        (default ``checkpoints/``); return the file. ``ValueError`` for another kind of file (``model.pt``);
+        ``CheckpointError`` for a folder of another run, or a file there that is not this run's checkpoint.
 
         Under torchrun every rank calls it: rank 0 writes the one file, and every rank returns once it is written.
         """
         self._guard.check_at_rest(self, "save_checkpoint()")
-        self._outputs.open(self)
         ranks, epoch, folder = self.ranks, self.position.epoch_for_people(self.state), checkpoint.save_folder(path)
         with on_every_rank(ranks, self.device, "claim the checkpoint folder"):
             if ranks.is_global_zero and folder.suffix != ".safetensors":
                 self._outputs.claim(folder, ["ckpt-*.safetensors"])
+            elif ranks.is_global_zero:
+                checkpoint.refuse_overwrite(folder, self.run.id)
             target = checkpoint.save_target(path, epoch, self.global_step)
         state = self.state_dict()  # every rank's generators, window gradients and metric accumulators, gathered
         with on_every_rank(ranks, self.device, f"write the checkpoint {target}"):  # all wait for rank 0's write

@@ -165,13 +165,17 @@ class _CSVFile:
             same_header = file.read(len(header)) == header
         if same_header and found.st_size >= size:
             return None
-        rows = state.get("rows")
-        kept = self._read_rows()[:rows] if rows is not None else []
+        rows, found_rows = state.get("rows"), self._read_rows()
+        if rows is None:  # a checkpoint from before rows were counted: as many rows as its size holds
+            rows, length = 0, len(header)
+            while length < size and rows < len(found_rows):
+                length, rows = length + len(self._render(columns, found_rows[rows : rows + 1])) - len(header), rows + 1
+        kept = found_rows[:rows]
         content = self._render(columns, kept)
-        if rows is None or len(kept) < rows or len(content) != size:
-            raise CheckpointError(f"CSV log {self.path} holds less than the checkpoint expects ({size} bytes"
-                                  f"{'' if rows is None else f', {rows} rows'} under its columns): it was truncated "
-                                  "or replaced since the checkpoint was written")  # fmt: skip
+        if len(kept) < rows or len(content) != size:
+            raise CheckpointError(f"CSV log {self.path} holds less than the checkpoint expects ({size} bytes, {rows} "
+                                  "rows under its columns): it was truncated or replaced since the checkpoint was "
+                                  "written")  # fmt: skip
         return content
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

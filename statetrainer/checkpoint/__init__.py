@@ -18,7 +18,7 @@ from .folder import (
     set_aside,
 )
 from .lock import LOCK_FILE, FolderLock
-from .ownership import claim_folder, mark_folder, run_of
+from .ownership import claim_folder, mark_folder, refuse_overwrite, run_of
 from .serialization import FORMAT_VERSION, CheckpointError, read_document, read_header, read_tree, write_tree
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "read_header",
     "read_run_marker",
     "read_tree",
+    "refuse_overwrite",
     "remove_stale_temporaries",
     "run_of",
     "save_folder",

@@ -128,7 +128,7 @@ def discard_run(folder: Path) -> list[Path]:
     Raises:
         CheckpointError: A live process holds the folder (see ``FolderLock``).
     """
-    lock = FolderLock(folder) if folder.is_dir() else None
+    lock = FolderLock(folder, exclusive=True) if folder.is_dir() else None
     doomed = [*checkpoint_files(folder), *best_files(folder), folder / RUN_MARKER]
     removed = [path for path in doomed if path.exists()]
     for path in removed:
@@ -153,7 +153,7 @@ def set_aside(folder: Path) -> Path | None:
     """
     if not folder.is_dir():
         return None
-    lock = FolderLock(folder)  # kept in place: a live copy starting meanwhile still finds it held
+    lock = FolderLock(folder, exclusive=True)  # the lock file stays: a live copy starting meanwhile finds it held
     entries = [entry for entry in folder.iterdir() if entry.name not in (EARLIER_RUNS, LOCK_FILE)]
     if not entries:
         lock.release()

@@ -35,7 +35,11 @@ LOCK_FILE = ".statetrainer.lock"
 
 class FolderLock:
     """This process's hold on ``folder``'s lock; it lasts while this object (or another of this process on the
-    same folder) lives, and at most as long as the process.
+    same folder) lives, and at most as long as the process (a forked child holds none).
+
+    Args:
+        folder: The folder; made if missing.
+        exclusive: Refuse a folder this process holds already (what moves or deletes a run's files asks for).
 
     Raises:
         CheckpointError: Another live process holds the folder; the message names its host and process id.
@@ -43,10 +47,13 @@ class FolderLock:
 
     _held: ClassVar[dict[str, list[int]]] = {}  # resolved folder -> [descriptor, holders in this process]
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, exclusive: bool = False) -> None:
         self.folder = folder
         key = str(folder.resolve())
         held = self._held.get(key)
+        if held is not None and exclusive:
+            raise CheckpointError(f"{folder} is held by a trainer of this process; let its run finish (or drop the "
+                                  "trainer) before moving or deleting its files")  # fmt: skip
         if held is None:
             held = self._held[key] = [_lock(folder), 0]
         held[1] += 1
@@ -58,11 +65,25 @@ class FolderLock:
 
     @classmethod
     def _drop(cls, key: str) -> None:
-        held = cls._held[key]
+        held = cls._held.get(key)
+        if held is None:  # a forked child, which holds no lock
+            return
         held[1] -= 1
         if held[1] == 0:
             del cls._held[key]
             os.close(held[0])
+
+    @classmethod
+    def _forget_in_child(cls) -> None:
+        """In a forked child (a DataLoader worker): close the inherited descriptors, so the lock goes with the
+        process that took it, not with the last of its children."""
+        for descriptor, _ in cls._held.values():
+            os.close(descriptor)
+        cls._held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=FolderLock._forget_in_child)
 
 
 def _lock(folder: Path) -> int:

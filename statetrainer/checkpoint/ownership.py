@@ -75,3 +75,15 @@ def mark_folder(folder: Path, marker: dict[str, Any]) -> None:
     if read_run_marker(folder) is None:
         with atomic_write(folder / RUN_MARKER) as temporary:
             temporary.write_text(json.dumps(marker, indent=1) + "\n")
+
+
+def refuse_overwrite(path: Path, run: str) -> None:
+    """Raise ``CheckpointError`` when ``path`` exists and is not a checkpoint of run ``run``: a save names its file,
+    and never replaces a file of the user's or of another run."""
+    if not path.exists() and not path.is_symlink():
+        return
+    owner = run_of(path) if path.is_file() and not path.is_symlink() else None
+    if owner != run:
+        what = f"a checkpoint of another run ({owner})" if owner else "not a checkpoint of this run"
+        raise CheckpointError(f"{path} exists and is {what}; the save would replace it: delete or move it, or save "
+                              "under another name")  # fmt: skip

@@ -253,3 +253,29 @@ def test_the_progress_bar_on_a_real_terminal_shows_the_metrics_of_its_last_refre
         shown = re.findall(rf"epoch 1 {phase}.*?{phase}_loss=([0-9.e+-]+)", screen)
         assert shown, f"the {phase} bar shows no metrics"
         assert float(shown[-1]) == pytest.approx(last[f"{phase}_loss"], rel=1e-2)  # tqdm prints 3 significant digits
+
+
+def test_a_log_widened_after_a_checkpoint_is_restored_under_the_checkpoints_columns(device: torch.device, tmp_path):
+    class LateMetric(st.Callback):
+        def metric_names(self, phases):
+            return {"late"}
+
+        def on_exit_epoch(self, trainer):
+            if trainer.epoch == 1:
+                trainer.metrics["late"] = 7.0
+
+    path = tmp_path / "log.csv"
+    logger = CSVLogger(path)
+    trainer = classifier_trainer([SmoothedLoss(), LateMetric(), logger], device, epochs=2)
+    trainer.run_until("epoch", epoch=1)
+    saved, at_checkpoint = logger.epochs.state_dict(), path.read_bytes()
+    trainer.fit()  # epoch 2 widens the header with "late", after the checkpoint
+    assert b",late" in path.read_bytes().splitlines()[0]
+    for state in (saved, {key: value for key, value in saved.items() if key != "rows"}):  # also as saved before rows
+        restored = CSVLogger(path)
+        restored.epochs.check_fits(state)
+        restored.epochs.load_state_dict(state)
+        widened = path.read_bytes()
+        restored.epochs.open()
+        assert path.read_bytes() == at_checkpoint
+        path.write_bytes(widened)

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 import statetrainer as st
 from statetrainer.callbacks import Checkpoint, CSVLogger, SmoothedLoss, TensorBoardLogger
-from statetrainer.checkpoint import CheckpointError, checkpoint_files, run_of, set_aside
+from statetrainer.checkpoint import CheckpointError, FolderLock, checkpoint_files, run_of, set_aside
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 
@@ -29,10 +29,11 @@ def batches(count: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
             for _ in range(count)]  # fmt: skip
 
 
-def build(callbacks: list[st.Callback], device: torch.device, seed: int = 0, epochs: int = 2) -> st.Trainer:
+def build(callbacks: list[st.Callback], device: torch.device, seed: int = 0, epochs: int = 2,
+          train: object = None) -> st.Trainer:  # fmt: skip
     torch.manual_seed(seed)
     model = nn.Linear(4, 3)
-    phases = [st.Phase("train", batches(4, 0)), st.Phase("valid", batches(2, 1), grad=False)]
+    phases = [st.Phase("train", batches(4, 0) if train is None else train), st.Phase("valid", batches(2, 1), grad=False)]
     return st.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), F.cross_entropy, phases,
                       callbacks=callbacks, epochs=epochs, device=device, seed=seed)  # fmt: skip
 
@@ -204,3 +205,97 @@ def test_set_aside_is_refused_while_a_live_process_holds_the_folder(tmp_path):
     moved = set_aside(folder)
     assert moved is not None and (moved / "notes.txt").exists()
     assert sorted(os.listdir(folder)) == [".statetrainer.lock", "earlier-runs"]  # the lock stays where copies look
+
+
+KILLED_WITH_WORKERS = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+    sys.path.insert(0, {tests!r})
+    from checkpoint.test_ownership import build
+    from statetrainer.callbacks import Checkpoint
+
+    folder = Path(sys.argv[1])
+
+    class Slow(Dataset):
+        def __len__(self):
+            return 64
+        def __getitem__(self, index):
+            if index >= 8:  # a worker busy loading when the main process is killed
+                (folder.parent / "loading").write_text("loading")
+                time.sleep(60)
+            return torch.zeros(4), 0
+
+    build([Checkpoint(folder)], torch.device("cpu"), train=DataLoader(Slow(), batch_size=4, num_workers=2)).fit()
+""")
+
+
+def test_a_killed_run_leaves_no_lock_though_its_dataloader_workers_still_run(tmp_path):
+    folder = tmp_path / "out"
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_WITH_WORKERS.format(tests=str(REPOSITORY / "tests")))
+    run = subprocess.Popen([sys.executable, str(script), str(folder)], cwd=REPOSITORY, start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "loading").exists():
+            assert run.poll() is None, run.stdout.read().decode()
+            assert time.monotonic() < deadline, "the workers never started loading"
+            time.sleep(0.1)
+        run.send_signal(signal.SIGKILL)  # the main process alone: its workers sleep on in their batch
+        run.wait(timeout=60)
+        lock = FolderLock(folder)  # at once: the lock went with the process that took it
+        lock.release()
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)  # the orphaned workers
+
+
+def test_a_finished_run_releases_its_folders_and_a_live_trainer_keeps_its_own(device, tmp_path):
+    folder = tmp_path / "out"
+    trainer = build([SmoothedLoss(), CSVLogger(folder / "log.csv"), Checkpoint(folder)], device)
+    trainer.advance()
+    with pytest.raises(CheckpointError, match="held by a trainer of this process"):
+        set_aside(folder)  # the running trainer would go on writing into a moved folder
+    trainer.fit()
+    holder = subprocess.run([sys.executable, "-c", f"from pathlib import Path; from statetrainer.checkpoint import "
+                             f"FolderLock; FolderLock(Path({str(folder)!r}))"], cwd=REPOSITORY)  # fmt: skip
+    assert holder.returncode == 0  # another process may take the folder once the run has finished
+    assert set_aside(folder) is not None
+
+
+def test_writing_into_the_working_folder_is_refused_when_the_trainer_is_built(device, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for callbacks in ([CSVLogger("log.csv")], [Checkpoint(".")], [CSVLogger(tmp_path.parent / "log.csv")]):
+        with pytest.raises(ValueError, match="the working folder or one above it"):
+            build(callbacks, device)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_run_begun_before_folders_were_claimed_resumes_with_its_logs_in_another_folder(device, tmp_path):
+    folder, logs = tmp_path / "out", tmp_path / "logs"
+    first = build([SmoothedLoss(), CSVLogger(logs / "log.csv"), Checkpoint(folder)], device)
+    first.fit()
+    (logs / "run.json").unlink()  # as a run of the version before left its log folder
+    resumed = build([SmoothedLoss(), CSVLogger(logs / "log.csv"), Checkpoint(folder)], device, epochs=3)
+    resumed.load_checkpoint(folder)
+    resumed.fit()
+    assert [line.split(",")[0] for line in (logs / "log.csv").read_text().splitlines()] == ["epoch", "1", "2", "3"]
+    with pytest.raises(CheckpointError, match="holds log.csv but no run.json"):  # a fresh run is still refused
+        (logs / "run.json").unlink()
+        build([SmoothedLoss(), CSVLogger(logs / "log.csv"), Checkpoint(tmp_path / "other")], device).fit()
+
+
+def test_exporting_an_older_checkpoint_leaves_the_runs_files_as_they_are(device, tmp_path):
+    folder = tmp_path / "out"
+    build([SmoothedLoss(), CSVLogger(folder / "log.csv"), Checkpoint(folder, keep_last=None)], device, epochs=3).fit()
+    before = snapshot(folder)
+    older = build([SmoothedLoss(), CSVLogger(folder / "log.csv"), Checkpoint(folder, keep_last=None)], device, epochs=3)
+    older.load_checkpoint(checkpoint_files(folder)[0])
+    exported = older.save_checkpoint(tmp_path / "export.safetensors")
+    assert exported.is_file() and snapshot(folder) == before
+    with pytest.raises(CheckpointError, match="exists and is not a checkpoint of this run"):
+        (tmp_path / "weights.safetensors").write_bytes(b"the user's own model")
+        older.save_checkpoint(tmp_path / "weights.safetensors")
+    assert (tmp_path / "weights.safetensors").read_bytes() == b"the user's own model"
+    assert older.save_checkpoint(exported) == exported  # its own checkpoint may be written again

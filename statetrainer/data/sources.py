@@ -6,8 +6,9 @@
 - ``StatefulSource``: a loader with ``state_dict``/``load_state_dict`` of its
   own (the protocol of torchdata's ``StatefulDataLoader``), or an in-process
   ``DataLoader`` over an ``IterableDataset`` that has them, resumes through
-  that state: every checkpoint carries it, and it is loaded back before the
-  loader next opens.
+  that state: every checkpoint carries it, with the epoch of the pass it is
+  in, and it is loaded back as the loader next opens, to go on with that pass
+  or to start the next one.
 - ``SeededLoader``: a ``DataLoader`` (or a subclass that takes DataLoader's
   arguments) over a map-style dataset, shuffled or not, any ``num_workers``,
   is rebuilt once as its own class with the same settings and a seeded order
@@ -172,16 +173,16 @@ class StatefulSource(BatchSource):
 
     A loader's own state (torchdata's ``StatefulDataLoader``'s protocol) is
     that of its latest iterator: loading it and iterating goes on with that
-    pass. So a checkpoint also carries which epoch's pass that is (``pass_state``).
-    A resumed run that opens the phase in that epoch goes on with the saved
-    pass (saved mid-phase, or after its last batch); one that opens it in a
-    later epoch (saved at an epoch boundary, or in another phase) rebuilds the
-    spent pass's iterator, then starts a new one after it, as the uninterrupted
-    run did. The new pass's order comes from the sampler's generator, which the
-    rebuilt iterator has restored; and the loader's own ``generator``, which
-    torchdata leaves one draw short when it restores an iterator in process, is
-    saved and put back. A dataset's own state is already where its next pass
-    starts, or goes on, so it is loaded as it is.
+    pass, even when the trainer was done with it. So a checkpoint also holds
+    which epoch's pass that is (``pass_state``). A resumed run that opens the
+    phase in that epoch goes on with the saved pass (saved mid-phase, or after
+    its last batch); one that opens it in a later epoch (saved at an epoch
+    boundary, or in another phase) rebuilds the spent pass's iterator, then
+    starts a new one after it, as the uninterrupted run did. The rebuilt
+    iterator puts back the sampler generator that orders the new pass. The
+    loader's own ``generator``, which torchdata leaves one draw short when it
+    rebuilds an iterator in process, is saved and put back too. A dataset's own
+    state is where its next pass starts, or goes on, so it is loaded as it is.
 
     Attributes:
         holder: What keeps the state: the loader, or its dataset.
@@ -208,7 +209,8 @@ class StatefulSource(BatchSource):
         """What a checkpoint keeps beside ``state_dict()``: the epoch of its pass, the loader generator's state."""
         if self._pending is not None:
             return {"epoch": self._pending.epoch, "generator": self._pending.generator}
-        return {"epoch": self.pass_epoch, "generator": None if self._generator is None else self._generator.get_state()}
+        generator = None if self._generator is None else self._generator.get_state()
+        return {"epoch": self.pass_epoch, "generator": generator}
 
     def check_pass_state(self, saved: Any) -> None:
         """Raise ``CheckpointError`` unless ``saved`` is a ``pass_state()`` this loader can take."""
@@ -219,13 +221,14 @@ class StatefulSource(BatchSource):
             raise CheckpointError(f"its pass's epoch is {epoch!r}, not None or an integer >= 0")
         if generator is not None:
             if self._generator is None:
-                raise CheckpointError("the checkpoint holds the state of its loader's generator, but its loader has none")
+                raise CheckpointError("the checkpoint holds the state of its loader's generator, but it has none")
             ours = self._generator.get_state()
-            if not isinstance(generator, torch.Tensor) or (generator.dtype, generator.shape) != (ours.dtype, ours.shape):
+            same_kind = isinstance(generator, torch.Tensor) and generator.dtype == ours.dtype
+            if not same_kind or generator.shape != ours.shape:
                 raise CheckpointError("its loader generator's saved state is not a state of that generator")
 
     def load_state_dict(self, state: Any, pass_state: dict[str, Any] | None = None) -> None:
-        """Hold ``state`` and its ``pass_state()`` for the next ``open`` (none: a pass not begun, generator as it is)."""
+        """Hold ``state`` and its ``pass_state()`` for the next ``open`` (None: a pass not begun, generator as is)."""
         if state is None:
             raise ValueError("this loader keeps its own position, but the checkpoint holds none for it")
         pass_state = pass_state or {"epoch": None, "generator": None}
@@ -250,7 +253,9 @@ class StatefulSource(BatchSource):
         self.holder.load_state_dict(saved.state)
         if self.holder is not self.loader:
             return self._iterate()
-        batches = self._iterate()  # the saved pass's iterator, rebuilt
+        # The saved pass's iterator, rebuilt; a new pass's opens apart, so it draws its workers' base seed from
+        # the global generator as it stands, as the uninterrupted run's did.
+        batches = self._iterate()
         if saved.generator is not None:
             self._generator.set_state(saved.generator)  # type: ignore[union-attr]  # checked by check_pass_state
         return self._iterate() if ended else batches
@@ -396,8 +401,7 @@ class PhaseSources:
         for index, (source, saved) in enumerate(zip(self.sources, state, strict=True)):
             position = tensors_to(saved["position"], torch.device("cpu"))
             if isinstance(source, StatefulSource):  # applied when it next opens
-                pass_state = saved["pass"] if "pass" in saved else {"epoch": self._latest_pass_epoch(index),
-                                                                    "generator": None}  # fmt: skip
+                pass_state = saved.get("pass") or {"epoch": self._latest_pass_epoch(index), "generator": None}
                 source.load_state_dict(position, tensors_to(pass_state, torch.device("cpu")))
             else:
                 source.load_state_dict(position)
@@ -409,12 +413,14 @@ class PhaseSources:
     def _latest_pass_epoch(self, index: int) -> int | None:
         """The epoch of phase ``index``'s latest pass at the run's position (None: before the first).
 
-        For a checkpoint saved before the pass was: the position is loaded before the data, and every
-        phase runs once an epoch, so the phases up to the current one have run in this epoch, the others in
-        the one before. (A run saved after an error inside the start of a phase, before it opened its loader,
-        is the exception that the saved pass gets right.)
+        For a checkpoint saved before it held each loader's pass: the position is loaded before the data,
+        and every phase runs once an epoch, so the phases up to the current one have run in this epoch and
+        the others in the one before. (A run saved after an error as a phase started, before it opened its
+        loader, is the exception that the saved pass gets right.)
         """
         position = self.position
-        if position is None or index <= position.phase_position:
-            return None if position is None else position.epoch
+        if position is None:
+            return None
+        if index <= position.phase_position:
+            return position.epoch
         return position.epoch - 1 if position.epoch > 0 else None

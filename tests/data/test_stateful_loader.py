@@ -10,7 +10,7 @@ are the uninterrupted run's, one for one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,16 +63,17 @@ class NumberedSamples(Dataset):
 
 
 class NumberedStream(IterableDataset):
-    """The same samples as a stream of unknown length that keeps its own position (shared among its workers).
+    """The numbered samples as a stream of unknown length that keeps its own position.
 
-    Each pass goes through the samples in a new order, drawn from its pass number.
+    Each pass goes through them in a new order, drawn from its pass number; worker ``w`` of ``n`` takes every
+    ``n``-th sample of it from the ``w``-th.
     """
 
     def __init__(self, size: int = 23, noisy: bool = True) -> None:
         self.size, self.noisy = size, noisy
         self.passes = self.position = 0
 
-    def __iter__(self):  # noqa: ANN204 -- a generator
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         worker = get_worker_info()
         worker_id, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.passes)).tolist()
@@ -148,7 +149,9 @@ def assert_resumes_as_uninterrupted(tmp_path: Path, device: torch.device, make_t
 
 
 def assert_same_weights(expected: st.Trainer, actual: st.Trainer) -> None:
-    for (name, left), right in zip(expected.model.state_dict().items(), actual.model.state_dict().values(), strict=True):
+    """Every parameter and buffer of ``actual``'s model equals ``expected``'s, bit for bit."""
+    pairs = zip(expected.model.state_dict().items(), actual.model.state_dict().values(), strict=True)
+    for (name, left), right in pairs:
         assert torch.equal(left, right), name
 
 
@@ -164,7 +167,7 @@ def stop_workers(finished: st.Trainer) -> None:
             phase.loader.load_state_dict({})  # it lets go of its iterator, and nothing else holds that
 
 
-def shuffled_loader(workers: int, generator_seed: int | None) -> LoaderMaker:
+def shuffled_loader(workers: int, generator_seed: int | None, persistent: bool = False) -> LoaderMaker:
     """A shuffled StatefulDataLoader of ``NumberedSamples``: with its own sampler generator, or one seeded so.
 
     The samples are noisy in process only: torchdata restores no worker's generator, so a pass resumed in
@@ -173,7 +176,7 @@ def shuffled_loader(workers: int, generator_seed: int | None) -> LoaderMaker:
     def make() -> StatefulDataLoader:
         generator = None if generator_seed is None else torch.Generator().manual_seed(generator_seed)
         return StatefulDataLoader(NumberedSamples(noisy=workers == 0), batch_size=5, shuffle=True,
-                                  num_workers=workers, generator=generator)  # fmt: skip
+                                  num_workers=workers, persistent_workers=persistent, generator=generator)  # fmt: skip
     return make
 
 
@@ -181,31 +184,38 @@ def stateful_valid() -> StatefulDataLoader:
     return StatefulDataLoader(NumberedSamples(noisy=False), batch_size=8)
 
 
+def seeded_valid() -> DataLoader:
+    """A DataLoader the trainer rebuilds with a seeded order: its position is the trainer's, not its own."""
+    return DataLoader(NumberedSamples(noisy=False), batch_size=8)
+
+
 @pytest.mark.parametrize(
-    ("workers", "generator_seed"),
-    [(0, None), (0, 7), (2, None)],
-    ids=["in process", "in process, a generator given", "2 workers"],
+    ("workers", "generator_seed", "persistent"),
+    [(0, None, False), (0, 7, False), (2, None, False), (2, 7, True)],
+    ids=["in process", "in process, a generator given", "2 workers", "2 persistent workers, a generator given"],
 )
 @pytest.mark.parametrize("point", SAVE_POINTS)
 def test_a_shuffled_stateful_dataloader_resumes_as_the_uninterrupted_run(device, tmp_path, point, workers,
-                                                                        generator_seed):  # fmt: skip
+                                                                        generator_seed, persistent):  # fmt: skip
     """The next epoch's order comes from the sampler generator's state, as in the uninterrupted run; the valid
     phase's StatefulDataLoader, saved after its pass ended or before its first, starts its next pass."""
-    assert_resumes_as_uninterrupted(tmp_path, device, shuffled_loader(workers, generator_seed), stateful_valid, point)
+    make_train = shuffled_loader(workers, generator_seed, persistent)
+    assert_resumes_as_uninterrupted(tmp_path, device, make_train, stateful_valid, point)
 
 
 @pytest.mark.parametrize("dataset", ["map-style", "stream"])
 @pytest.mark.parametrize("point", PASS_ENDED_POINTS)
 def test_a_pass_begun_after_a_resume_seeds_its_workers_as_the_uninterrupted_run(device, tmp_path, point, dataset):
-    """Two workers draw the noise; a new pass draws its workers' base seed where the uninterrupted run drew it
-    (a stream's state says its iterator ran into its end, from which torchdata starts the next pass itself)."""
+    """Two workers draw the noise; a new pass draws their base seed where the uninterrupted run drew it. A
+    stream's saved state says its iterator ran into its end, from which torchdata starts the next pass by itself,
+    but after drawing the spent iterator's seed. (The valid phase is rebuilt and seeded by the trainer.)"""
 
     def make_train() -> StatefulDataLoader:
         if dataset == "stream":
             return StatefulDataLoader(NumberedStream(), batch_size=5, num_workers=2)
         return StatefulDataLoader(NumberedSamples(), batch_size=5, shuffle=True, num_workers=2)
 
-    assert_resumes_as_uninterrupted(tmp_path, device, make_train, stateful_valid, point)
+    assert_resumes_as_uninterrupted(tmp_path, device, make_train, seeded_valid, point)
 
 
 @pytest.mark.parametrize("point", ["epoch boundary", "between train and valid", "mid-train"])
@@ -213,8 +223,7 @@ def test_an_in_process_dataloader_over_a_stream_that_keeps_its_position_resumes_
     device, tmp_path, point
 ):
     """The dataset's own state is where its next pass starts, or goes on (the valid phase is rebuilt and seeded)."""
-    make_valid = lambda: DataLoader(NumberedSamples(noisy=False), batch_size=8)  # noqa: E731
-    assert_resumes_as_uninterrupted(tmp_path, device, lambda: DataLoader(NumberedStream(), batch_size=5), make_valid,
+    assert_resumes_as_uninterrupted(tmp_path, device, lambda: DataLoader(NumberedStream(), batch_size=5), seeded_valid,
                                     point)  # fmt: skip
 
 
@@ -235,9 +244,10 @@ def test_a_run_saved_again_before_its_loaders_open_keeps_their_positions(device,
     """A checkpoint taken right after a load holds the loaded positions, not those of loaders not yet opened."""
     whole = build(tmp_path / "whole", shuffled_loader(0, None), stateful_valid, device).fit()
     stopped = build(tmp_path / "run", shuffled_loader(0, None), stateful_valid, device)
-    stopped.run_until(**SAVE_POINTS["epoch boundary"])
+    stopped.run_until("epoch", epoch=2)  # the loaders' states are two passes on from their first
+    saved = stopped.save_checkpoint(tmp_path / "stopped.safetensors")  # before another trainer reseeds torch
     loaded = build(tmp_path / "run", shuffled_loader(0, None), stateful_valid, device)
-    loaded.load_checkpoint(stopped.save_checkpoint(tmp_path / "stopped.safetensors"))
+    loaded.load_checkpoint(saved)
     resaved = loaded.save_checkpoint(tmp_path / "resaved.safetensors")
     resumed = build(tmp_path / "run", shuffled_loader(0, None), stateful_valid, device)
     resumed.load_checkpoint(resaved)
@@ -265,16 +275,15 @@ FORGED_PASSES: dict[str, tuple[int, Any, str]] = {
     "a generator state of the wrong size": (0, {"epoch": 0, "generator": torch.zeros(3, dtype=torch.uint8)},
                                             "not a state of that generator"),
     "a generator state for a loader with none": (1, {"epoch": 0, "generator": torch.zeros(3, dtype=torch.uint8)},
-                                                 "its loader has none"),
+                                                 "state of its loader.s generator, but it has none"),
     "a pass for a loader that keeps no state": (1, {"epoch": 0, "generator": None}, "which this one does not"),
 }
 
 
 @pytest.mark.parametrize("forged", FORGED_PASSES)
-def test_a_forged_pass_is_refused_before_anything_loads(tmp_path, forged):
+def test_a_forged_pass_is_refused_before_anything_loads(device, tmp_path, forged):
     index, saved_pass, refusal = FORGED_PASSES[forged]
-    make_valid = stateful_valid if "keeps no state" not in forged else lambda: DataLoader(NumberedSamples(), batch_size=8)
-    device = torch.device("cpu")
+    make_valid = seeded_valid if "keeps no state" in forged else stateful_valid
     stopped = build(tmp_path / "run", shuffled_loader(0, 7), make_valid, device)
     stopped.run_until(**SAVE_POINTS["epoch boundary"])
     state = read_tree(stopped.save_checkpoint(tmp_path / "stopped.safetensors"))

@@ -299,3 +299,32 @@ def test_exporting_an_older_checkpoint_leaves_the_runs_files_as_they_are(device,
         older.save_checkpoint(tmp_path / "weights.safetensors")
     assert (tmp_path / "weights.safetensors").read_bytes() == b"the user's own model"
     assert older.save_checkpoint(exported) == exported  # its own checkpoint may be written again
+
+
+@pytest.mark.parametrize(("callback", "key", "value", "named"), [
+    ("Checkpoint", "best_value", "0.5", "best_value"), ("Checkpoint", "best_value", float("nan"), "best_value"),
+    ("Checkpoint", "best_epoch", 0, "best_epoch"), ("Checkpoint", "best_epoch", 1.5, "best_epoch"),
+    ("Checkpoint", "ranked", [[0.5, -1]], "ranked"), ("Checkpoint", "ranked", [["x", 1]], "ranked"),
+    ("CSVLogger", "epochs", {"columns": "epoch", "size": 0, "rows": 0}, "columns"),
+    ("CSVLogger", "epochs", {"columns": [], "size": -1, "rows": 0}, "size"),
+    ("CSVLogger", "batches", {"columns": [], "size": 10**6, "rows": 3}, "holds less than the checkpoint expects"),
+    ("TensorBoardLogger", "step", -5, "step"), ("TensorBoardLogger", "written", {"epoch/x": "1"}, "written"),
+])  # fmt: skip
+def test_a_forged_state_of_a_file_writing_callback_is_refused_before_anything_loads(device, tmp_path, callback, key,
+                                                                                    value, named):  # fmt: skip
+    from statetrainer.checkpoint import read_tree, write_tree
+
+    folder = tmp_path / "out"
+    made = build([SmoothedLoss(), CSVLogger(folder / "log.csv", every_batches=1), TensorBoardLogger(folder / "tb"),
+                  Checkpoint(folder, best="train_loss")], device).fit()  # fmt: skip
+    state = read_tree(checkpoint_files(folder)[-1])
+    state["callbacks"][callback][key] = value
+    forged = write_tree(tmp_path / "forged.safetensors", state, st.__version__)  # a valid checksum
+    resumed = build([SmoothedLoss(), CSVLogger(folder / "log.csv", every_batches=1), TensorBoardLogger(folder / "tb"),
+                     Checkpoint(folder, best="train_loss")], device, epochs=3)  # fmt: skip
+    weights = [parameter.detach().clone() for parameter in resumed.model.parameters()]
+    before = snapshot(folder)
+    with pytest.raises(CheckpointError, match=rf"^callbacks: {callback}: .*{named}"):
+        resumed.load_checkpoint(forged)
+    assert resumed.global_step == 0 and all(torch.equal(a, b) for a, b in zip(weights, resumed.model.parameters()))
+    assert snapshot(folder) == before and made.finished

@@ -71,6 +71,12 @@ def python_sigint_handler() -> Iterator[None]:
     signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
 
 
+def default_sigint() -> None:
+    """For ``preexec_fn``: the child starts with SIGINT at its default, as a program run from a terminal or by a
+    scheduler does, even when the test suite runs with it ignored (``nohup pytest &``), which a child inherits."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_in_a_terminal(command: list[str]) -> tuple[int, str, str]:
     """Run ``command`` with its stdin and stderr on a pseudo-terminal 160 columns wide (stdout a pipe): its status,
     what it drew on the terminal, and its stdout. Skips where there are no pseudo-terminals."""
@@ -78,7 +84,8 @@ def run_in_a_terminal(command: list[str]) -> tuple[int, str, str]:
     fcntl, termios = pytest.importorskip("fcntl"), pytest.importorskip("termios")
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
-    process = subprocess.Popen(command, stdin=follower, stdout=subprocess.PIPE, stderr=follower, text=True)
+    process = subprocess.Popen(command, stdin=follower, stdout=subprocess.PIPE, stderr=follower, text=True,
+                               preexec_fn=default_sigint)  # fmt: skip
     os.close(follower)
     drawn = b""
     while True:

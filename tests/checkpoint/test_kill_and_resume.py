@@ -17,13 +17,15 @@ import torch
 
 from statetrainer.checkpoint import checkpoint_files, read_tree
 
+from ..conftest import default_sigint
+
 SCRIPT = Path(__file__).with_name("resumable_run.py")
 
 
 def run_script(folder: Path, out: Path, *options: str) -> subprocess.CompletedProcess:
     """Run the script in a process group of its own, as a job under a scheduler runs."""
-    return subprocess.run([sys.executable, str(SCRIPT), str(folder), str(out), *options],
-                          capture_output=True, text=True, timeout=300, start_new_session=True)  # fmt: skip
+    return subprocess.run([sys.executable, str(SCRIPT), str(folder), str(out), *options], capture_output=True,
+                          text=True, timeout=300, start_new_session=True, preexec_fn=default_sigint)  # fmt: skip
 
 
 def device_options(device: torch.device, precision: str | None = None) -> tuple[str, ...]:
@@ -168,7 +170,8 @@ def signal_during_a_write(folder: Path, out: Path, options: tuple[str, ...], wri
     (rarely, the write finishes between seeing its file and the signal).
     """
     child = subprocess.Popen([sys.executable, str(SCRIPT), str(folder), str(out), *options, "--pad-mb", "16"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                             preexec_fn=default_sigint)  # fmt: skip
 
     def writing() -> bool:
         return folder.is_dir() and any(path.name.endswith(".tmp") for path in folder.iterdir())

@@ -54,6 +54,13 @@ class Phase:
         if loader_length(self.loader) == 0:
             raise ValueError(f"phase {self.name!r}: loader is empty (its length is 0)")
 
+    def batches(self, loader_batches: int | None) -> int | None:
+        """The batches an epoch of this phase runs when its loader has ``loader_batches`` (None: unknown): the
+        one place ``limit`` caps a phase's length."""
+        if self.limit is None:
+            return loader_batches
+        return self.limit if loader_batches is None else min(loader_batches, self.limit)
+
     def __eq__(self, other: object) -> bool:
         if isinstance(other, str):
             return self.name == other

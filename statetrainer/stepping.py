@@ -86,7 +86,7 @@ def _check_reachable(trainer: Trainer, state: str | None, epoch: int | None, pha
     if epoch is not None and not position.epoch <= epoch < trainer.epochs:
         raise ValueError(f"epoch={epoch} never comes: the run is at epoch {position.epoch} of epochs 0 to "
                          f"{trainer.epochs - 1}")  # fmt: skip
-    lengths = [trainer.parts["data"][names.index(each.name)].length for each in candidates]
+    lengths = [each.batches(trainer.parts["data"][names.index(each.name)].length) for each in candidates]
     if batch is not None and (batch < 0 or None not in lengths and batch >= max(lengths)):
         counts = ", ".join(f"{each.name!r} {length}" for each, length in zip(candidates, lengths))
         raise ValueError(f"batch={batch} never comes: batch indices count from 0, and the batches per phase are "
@@ -103,7 +103,7 @@ def _total_steps(trainer: Trainer) -> int | None:
     per_epoch = 0
     for index, each in enumerate(trainer.phases):
         if each.grad:
-            length = trainer.parts["data"][index].length
+            length = each.batches(trainer.parts["data"][index].length)
             if length is None:
                 return None
             per_epoch += math.ceil(length / trainer.accumulate)

@@ -169,8 +169,7 @@ class Trainer:
         """The current phase's batches per epoch in this process (its share under torchrun); None: unknown."""
         if self.phase is None:
             return None
-        length, limit = self._sources[self.position.phase_position].length, self.phase.limit
-        return length if limit is None else limit if length is None else min(length, limit)
+        return self.phase.batches(self._sources[self.position.phase_position].length)
 
     @property
     def is_global_zero(self) -> bool:

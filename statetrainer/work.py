@@ -95,10 +95,10 @@ class StateWork:
         no_contexts = grad_context is None and autocast is None
         self._contexts = None if no_contexts else (grad_context or _NO_CONTEXT, autocast or _NO_CONTEXT)
         source = self.sources[trainer.position.phase_position]
-        batches, length, limit = source.open(trainer.seed, trainer.epoch, start), source.pass_length, trainer.phase.limit
+        batches, limit = source.open(trainer.seed, trainer.epoch, start), trainer.phase.limit
         if limit is not None:  # the first ``limit`` batches of the loader's order
             batches = islice(batches, max(limit - start, 0))
-            length = None if length is None else min(length, limit)
+        length = trainer.phase.batches(source.pass_length)
         self.cursor = BatchCursor(batches, length, start)
         self._weighs_shares = getattr(source, "uneven", False)
         trainer.loss_weight = 1.0

@@ -107,3 +107,15 @@ def test_a_step_already_passed_is_refused_and_a_run_that_ends_first_says_what_it
     with pytest.raises(RuntimeError, match=r"finished before entering 'batch' \(epoch=0, phase='train', batch=1\)"):
         trainer.run_until("batch", epoch=0, phase="train", batch=1)  # passed already, which is not checked ahead
     assert trainer.finished
+
+
+def test_a_batch_past_a_phases_limit_is_refused_before_anything_runs(device):
+    model = torch.nn.Linear(3, 1)
+    trainer = st.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.functional.mse_loss,
+                         [st.Phase("train", regression_batches(8), limit=3)], epochs=2, device=device)  # fmt: skip
+    with pytest.raises(ValueError, match="batch=5 never comes.*'train' 3"):
+        trainer.run_until("batch", batch=5)
+    assert trainer.state == "idle" and trainer.global_step == 0
+    with pytest.raises(ValueError, match="step=7 never comes.*takes 6 in all"):
+        trainer.run_until(step=7)
+    assert trainer.run_until("batch", batch=2, epoch=1) == "batch" and trainer.global_step == 5  # its step is next

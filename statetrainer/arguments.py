@@ -145,7 +145,7 @@ def _check_monitored_metrics(callbacks: list[Callback], phases: list[Phase]) -> 
             return
         produced |= names
     for callback in callbacks:
-        for monitored in sorted(_names_of(callback, "monitored_metrics", callback.monitored_metrics()) or ()):
+        for monitored in sorted(_names_of(callback, "monitored_metrics", callback.monitored_metrics())):  # type: ignore[arg-type]
             if monitored in produced:
                 continue
             closest = difflib.get_close_matches(monitored, sorted(produced), 1, 0.7)

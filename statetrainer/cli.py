@@ -106,7 +106,7 @@ def _text(lines: list[str]) -> str:
 
 
 def _position_text(position: dict[str, Any]) -> str:
-    saved = Position(epoch=position["epoch"], epochs_done=position["epochs_done"], finished=position["finished"],
+    saved = Position(epochs_done=position["epochs_done"], finished=position["finished"],
                      stop_requested=position["stop_requested"])  # fmt: skip
     # From 1, as a run's messages and checkpoint names count (the JSON is the API's, from 0).
     text = f"state {position['state']!r}, epoch {saved.epoch_for_people(position['state'])}"

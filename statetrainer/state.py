@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils._pytree import KeyEntry, keystr, tree_flatten_with_path
 
 from .checkpoint import CheckpointError
+from .validation import in_interval, interval_words
 
 __all__ = ["LARGEST_COUNT", "check_flag", "check_integer", "check_keys", "check_like", "check_model_state",
            "check_real", "check_tensor", "describe", "is_real", "tensors_to", "unwrap_model"]  # fmt: skip
@@ -146,15 +147,9 @@ def check_real(name: str, value: Any, low: float = -math.inf, high: float = math
             and value.dtype != torch.bool:  # fmt: skip
         number = value.item()
     fits = is_real(number) and not math.isnan(number) and (math.isfinite(number) or not finite)
-    if fits:
-        fits = (low < number if low_open else low <= number) and (number < high if high_open else number <= high)
-    if not fits:
+    if not fits or not in_interval(number, low, high, low_open, high_open):
         kind = f"{'a finite' if finite else 'a'} {'number or 0-dim tensor' if tensor else 'number'}"
-        if high == math.inf:
-            wanted = "" if low == -math.inf else f" {'>' if low_open else '>='} {low:g}"
-        else:
-            wanted = f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise CheckpointError(f"{name} is {describe(value)}, not {kind}{wanted}")
+        raise CheckpointError(f"{name} is {describe(value)}, not {kind}{interval_words(low, high, low_open, high_open)}")
 
 
 def check_tensor(name: str, value: Any, shape: Iterable[int], dtype: torch.dtype) -> None:

@@ -16,6 +16,7 @@ from .distributed import Ranks, all_gather, gathered_states
 from .precision import make_autocast, make_grad_scaler
 from .state import (check_integer, check_keys, check_like, check_model_state, check_real, check_tensor, describe,
                     is_real, tensors_to, unwrap_model)  # fmt: skip
+from .validation import in_interval, interval_words
 
 __all__ = ["StepRunner", "check_optimizer_state", "check_scaler_state", "optimizer_class_name"]
 
@@ -176,9 +177,15 @@ def optimizer_class_name(optimizer: torch.optim.Optimizer | None) -> str | None:
 # The per-parameter state of torch's own optimizers (the keys a stepped parameter holds, given its group and the
 # parameter): loading drops none of them, and ``__setstate__`` reads ``step`` as it loads.
 _ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
+
+
+def _adam_state(group: dict[str, Any], parameter: torch.Tensor) -> tuple[str, ...]:
+    return _ADAM_STATE + (("max_exp_avg_sq",) if group.get("amsgrad") else ())
+
+
 _TORCH_OPTIMIZER_STATE: dict[str, Callable[[dict[str, Any], torch.Tensor], tuple[str, ...]]] = {
-    "Adam": lambda group, _: _ADAM_STATE + (("max_exp_avg_sq",) if group.get("amsgrad") else ()),
-    "AdamW": lambda group, _: _ADAM_STATE + (("max_exp_avg_sq",) if group.get("amsgrad") else ()),
+    "Adam": _adam_state,
+    "AdamW": _adam_state,
     "Adamax": lambda group, _: ("step", "exp_avg", "exp_inf"),
     "NAdam": lambda group, _: ("step", "mu_product", "exp_avg", "exp_avg_sq"),
     "RAdam": lambda group, _: _ADAM_STATE,
@@ -270,12 +277,13 @@ def _check_setting(name: str, key: str, saved: Any, current: Any) -> None:
     non_negative = key in _NON_NEGATIVE_SETTINGS or key.endswith("_lr")
     if key != "betas" and not non_negative:
         return
+    high = 1 if key == "betas" else math.inf
     for number in tree_leaves(saved, is_leaf=lambda node: node is None):
         if isinstance(number, torch.Tensor):
-            if bool((number < 0).any()) or key == "betas" and bool((number >= 1).any()):
-                raise CheckpointError(f"{name} holds values out of {'[0, 1)' if key == 'betas' else '[0, inf)'}")
+            if not all(in_interval(value, 0, high, high_open=key == "betas") for value in number.flatten().tolist()):
+                raise CheckpointError(f"{name} holds values out of{interval_words(0, high, high_open=key == 'betas')}")
         elif is_real(number):
-            check_real(name, number, 0, 1 if key == "betas" else math.inf, high_open=key == "betas")
+            check_real(name, number, 0, high, high_open=key == "betas")
 
 
 def _check_parameter_state(name: str, state: Any, parameter: torch.Tensor, required: tuple[str, ...],

@@ -10,7 +10,7 @@ import math
 from numbers import Real
 from typing import Any
 
-__all__ = ["check_count", "check_number"]
+__all__ = ["check_count", "check_number", "in_interval", "interval_words"]
 
 
 def check_count(name: str, value: Any, *, minimum: int = 1, optional: bool = False) -> None:
@@ -36,11 +36,18 @@ def check_number(
     if optional and value is None:
         return
     fits = isinstance(value, Real) and not isinstance(value, bool) and not math.isnan(value)
-    if fits:
-        fits = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
-    if not fits:
-        if high == math.inf:
-            wanted = f"{'>' if low_open else '>='} {low:g}"
-        else:
-            wanted = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ValueError(f"{name} must be a number {wanted}{' or None' if optional else ''}, got {value!r}")
+    if not fits or not in_interval(value, low, high, low_open, high_open):
+        wanted = interval_words(low, high, low_open, high_open)
+        raise ValueError(f"{name} must be a number{wanted}{' or None' if optional else ''}, got {value!r}")
+
+
+def in_interval(value: float, low: float, high: float, low_open: bool = False, high_open: bool = False) -> bool:
+    """Whether ``value`` lies between ``low`` and ``high`` (each excluded when open)."""
+    return (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+
+
+def interval_words(low: float, high: float, low_open: bool = False, high_open: bool = False) -> str:
+    """The interval as a message says it, with a leading space: `` >= 0``, `` in [0, 1)``; empty for every number."""
+    if high == math.inf:
+        return "" if low == -math.inf else f" {'>' if low_open else '>='} {low:g}"
+    return f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"

@@ -228,6 +228,7 @@ def terminal_screen(drawn: str) -> list[str]:
     return ["".join(line).rstrip() for line in lines]
 
 
+@pytest.mark.slow
 def test_a_stop_message_starts_on_its_own_line_under_a_progress_bar(device):
     """Ctrl-C under a pseudo-terminal: the progress bar is cleared before the message is printed."""
     script = textwrap.dedent(f"""

@@ -137,6 +137,7 @@ def fast_folder(tmp_path: Path) -> Iterator[Path]:
         yield Path(folder)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kept", ["logs", "best"])
 def test_a_kill_before_any_file_operation_then_a_resume_leaves_what_the_uninterrupted_run_leaves(
         device, fast_folder, kept):  # fmt: skip

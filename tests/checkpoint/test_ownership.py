@@ -131,6 +131,15 @@ def test_a_log_replaced_by_a_symlink_during_a_run_is_not_written_through(device,
     assert victim.read_text() == "keep me\n"
 
 
+def wait_for(path: Path, process: subprocess.Popen, never: str) -> None:
+    """Wait until ``process`` (still running, its output piped) makes ``path``; fail with ``never`` after 120 s."""
+    deadline = time.monotonic() + 120
+    while not path.exists():
+        assert process.poll() is None, process.stdout.read().decode()
+        assert time.monotonic() < deadline, never
+        time.sleep(0.1)
+
+
 SECOND_COPY = textwrap.dedent("""
     import sys, time
     from pathlib import Path
@@ -153,6 +162,7 @@ SECOND_COPY = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_second_live_copy_is_refused_naming_the_holder_and_a_killed_one_leaves_no_lock(device, tmp_path):
     folder = tmp_path / "out"
     script = tmp_path / "first_copy.py"
@@ -160,11 +170,7 @@ def test_a_second_live_copy_is_refused_naming_the_holder_and_a_killed_one_leaves
     first = subprocess.Popen([sys.executable, str(script), str(folder), str(device)], cwd=REPOSITORY,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while not (tmp_path / "ready").exists():
-            assert first.poll() is None, first.stdout.read().decode()
-            assert time.monotonic() < deadline, "the first copy never reached its second step"
-            time.sleep(0.1)
+        wait_for(tmp_path / "ready", first, "the first copy never reached its second step")
         before = snapshot(folder)
         second = logged_run(folder, device, every_steps=1)
         with pytest.raises(CheckpointError, match=rf"in use by another live process \(host {socket.gethostname()}, "
@@ -231,6 +237,7 @@ KILLED_WITH_WORKERS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_killed_run_leaves_no_lock_though_its_dataloader_workers_still_run(tmp_path):
     folder = tmp_path / "out"
     script = tmp_path / "killed.py"
@@ -238,11 +245,7 @@ def test_a_killed_run_leaves_no_lock_though_its_dataloader_workers_still_run(tmp
     run = subprocess.Popen([sys.executable, str(script), str(folder)], cwd=REPOSITORY, start_new_session=True,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while not (tmp_path / "loading").exists():
-            assert run.poll() is None, run.stdout.read().decode()
-            assert time.monotonic() < deadline, "the workers never started loading"
-            time.sleep(0.1)
+        wait_for(tmp_path / "loading", run, "the workers never started loading")
         run.send_signal(signal.SIGKILL)  # the main process alone: its workers sleep on in their batch
         run.wait(timeout=60)
         lock = FolderLock(folder)  # at once: the lock went with the process that took it

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 import statetrainer as st
-from statetrainer.stateful import Position
+from statetrainer.parts import Position
 
 
 def make_trainer(width: int, layers: int, device: torch.device) -> st.Trainer:

@@ -17,10 +17,10 @@ import time
 from collections.abc import Callable, Iterator
 
 import torch
+from timing import report
 from torch.utils.data import DataLoader, TensorDataset
 
 from statetrainer.data import batch_source
-from timing import report
 
 SAMPLES, FEATURES, BATCH = 8_000, 32, 128
 

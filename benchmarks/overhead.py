@@ -23,12 +23,11 @@ import time
 from collections.abc import Callable, Iterable
 
 import torch
+from timing import report
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import statetrainer as st
-from timing import report
-
 
 DEVICE = torch.device("cpu")  # set from --device
 
@@ -114,7 +113,9 @@ def main() -> None:
                                  "run_until": run_until_loop}  # fmt: skip
     if importlib.util.find_spec("ignite") is not None:
         loops["ignite"] = ignite_loop
-    print(f"torch {torch.__version__} on {DEVICE}, {args.batches} batches x {args.rounds} rounds, 1 thread, median us/batch")
+    print(
+        f"torch {torch.__version__} on {DEVICE}, {args.batches} batches x {args.rounds} rounds, 1 thread, median us/batch"
+    )
     for label, make_data in (("pre-built batches", lambda: batches),
                              ("shuffled DataLoader", lambda: DataLoader(dataset, batch_size=64, shuffle=True))):  # fmt: skip
         print(f"{label}:")

@@ -38,7 +38,9 @@ def main() -> None:
     print(f"median of {repeats} fresh interpreters each:")
     print(f"  python alone                    {bare:6.2f} s")
     print(f"  import torch                    {torch_only:6.2f} s")
-    print(f"  import torch, statetrainer      {with_library:6.2f} s   (statetrainer's own: {with_library - torch_only:+.2f} s)")
+    print(
+        f"  import torch, statetrainer      {with_library:6.2f} s   (statetrainer's own: {with_library - torch_only:+.2f} s)"
+    )
     print(f"  python examples/mnist.py --help {help_time:6.2f} s")
 
 

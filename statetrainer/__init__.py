@@ -1,11 +1,11 @@
 """statetrainer: a PyTorch training loop that is a finite-state machine.
 
-    import statetrainer as st
-    trainer = st.Trainer(model, optimizer, loss_fn,
-                         phases=[st.Phase("train", train_loader), st.Phase("valid", valid_loader, grad=False)],
-                         callbacks=[..., st.callbacks.Checkpoint("checkpoints/run1")], epochs=3, seed=0)
-    trainer.load_checkpoint("checkpoints/run1")   # resume exactly, if a checkpoint is there
-    trainer.fit()                    # or step: trainer.advance(), trainer.run_until("backward")
+import statetrainer as st
+trainer = st.Trainer(model, optimizer, loss_fn,
+                     phases=[st.Phase("train", train_loader), st.Phase("valid", valid_loader, grad=False)],
+                     callbacks=[..., st.callbacks.Checkpoint("checkpoints/run1")], epochs=3, seed=0)
+trainer.load_checkpoint("checkpoints/run1")   # resume exactly, if a checkpoint is there
+trainer.fit()                    # or step: trainer.advance(), trainer.run_until("backward")
 """
 
 from . import callbacks
@@ -17,7 +17,6 @@ from .preemption import Preempted
 from .rng import seed_everything
 from .trainer import Trainer, unpack_pair
 from .version import __version__
-
 
 __all__ = [
     "STATES",

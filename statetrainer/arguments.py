@@ -115,7 +115,9 @@ def _check_hook_names(callback: Callback) -> None:
     known = {*HOOK_NAMES, "on_exception"}
     for name in dir(type(callback)):
         if name.startswith("on_") and name not in known and callable(getattr(type(callback), name)):
-            closest = _HOOKS_ELSEWHERE.get(name) or next(iter(difflib.get_close_matches(name, sorted(known), 1, 0.6)), None)
+            closest = _HOOKS_ELSEWHERE.get(name) or next(
+                iter(difflib.get_close_matches(name, sorted(known), 1, 0.6)), None
+            )
             hint = f"; did you mean {closest}?" if closest else "; the hooks are on_enter_<state> and on_exit_<state>"
             raise TypeError(f"callback {callback.key} defines {name}, which is not a hook and would never be "
                             f"called{hint} (states: {', '.join(STATES)})")  # fmt: skip

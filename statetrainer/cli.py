@@ -23,7 +23,7 @@ from typing import Any
 from .checkpoint import CheckpointError, read_tree
 from .inspection import summarize_file, summarize_folder
 from .machine import DIAGRAM_FORMATS, STATES, diagram, diagram_graph
-from .stateful import Position
+from .parts import Position
 
 __all__ = ["main"]
 

@@ -26,7 +26,11 @@ class Deciders:
         self.trainer, self.position, self.work = trainer, trainer.position, work
         self.accumulate = work.step_runner.accumulate
         fire = machine.firer
-        self._start_phase, self._start_batch, self._backward = fire("start_phase"), fire("start_batch"), fire("backward")
+        self._start_phase, self._start_batch, self._backward = (
+            fire("start_phase"),
+            fire("start_batch"),
+            fire("backward"),
+        )
         self._step, self._end_batch, self._end_phase = fire("step"), fire("end_batch"), fire("end_phase")
         self._next_epoch, self._finish = fire("next_epoch"), fire("finish")
         self.by_state: dict[str, Callable[[], None]] = {
@@ -35,7 +39,7 @@ class Deciders:
 
     def decide_epoch(self) -> None:
         position = self.position
-        if not position.stop_requested and position.phase_position + 1 < len(self.trainer.phases):
+        if not position.stop_requested and position.phase_index + 1 < len(self.trainer.phases):
             self._start_phase()
             return
         position.epochs_done += 1

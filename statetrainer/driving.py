@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any
 from .callbacks.base import Callback
 from .callbacks.checkpoint import Checkpoint
 from .determinism import deterministic_algorithms
-from .machine import AT_REST
 from .distributed import StopVote
+from .machine import AT_REST
+from .parts import HalfLoadedError
 from .preemption import Preempted, SignalCatcher
 from .recovery import Recovery
-from .stateful import HalfLoadedError
 
 if TYPE_CHECKING:
     from .outputs import RunOutputs
@@ -89,8 +89,9 @@ class RunGuard:
                 f"{trainer.state!r}, so its work may be half done; build a new Trainer"
             ) from self.error
         if trainer.position.finished and trainer.parts["machine"].pending is None:
-            raise RuntimeError(f"the run has finished ({trainer.position.end_reason()}); "
-                               "there is nothing left to advance")
+            raise RuntimeError(
+                f"the run has finished ({trainer.position.end_reason()}); there is nothing left to advance"
+            )
         if self._outputs is not None:  # another run's folder, or a second live copy, is refused before any hook
             self._outputs.open(trainer)
         self.active = True

@@ -52,14 +52,20 @@ def summarize_folder(folder: Path) -> dict[str, Any]:
 
 def _describe(tree: dict[str, Any]) -> dict[str, Any]:
     position, machine, data = tree["position"], tree["machine"], tree["data"]
-    phase_index = position["phase_position"]
+    phase_index = position.get("phase_index", position.get("phase_position", -1))
     phase = data[phase_index]["phase"] if 0 <= phase_index < len(data) and machine["state"] == "phase" else None
     return {
-        "position": {"state": machine["state"], "epoch": position["epoch"], "epochs_done": position["epochs_done"],
-                     "phase": phase, "batch": position["batch_index"] if phase is not None else None,
-                     "step": position["global_step"], "finished": position["finished"],
-                     "stop_requested": position["stop_requested"],
-                     "pending": (machine.get("pending") or {}).get("event")},  # fmt: skip
+        "position": {
+            "state": machine["state"],
+            "epoch": position["epoch"],
+            "epochs_done": position["epochs_done"],
+            "phase": phase,
+            "batch": position["batch_index"] if phase is not None else None,
+            "step": position["global_step"],
+            "finished": position["finished"],
+            "stop_requested": position["stop_requested"],
+            "pending": (machine.get("pending") or {}).get("event"),
+        },  # fmt: skip
         "seed": tree["rng"]["seed"],
         "run": tree["run"]["id"],
         "world_size": tree["settings"].get("world_size", 1),

@@ -22,7 +22,7 @@ import torch
 from .callbacks.base import Callback
 from .checkpoint import FolderLock, claim_folder, mark_folder
 from .distributed import Ranks, on_every_rank
-from .stateful import RunIdentity
+from .parts import RunIdentity
 
 __all__ = ["RunOutputs"]
 

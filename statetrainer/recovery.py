@@ -78,7 +78,7 @@ def plan_recovery(trainer: Any, machine: TrainingMachine, work: StateWork) -> Re
     event = interrupted.event if interrupted is not None else None
     cursor = work.cursor
     delivered_ahead = cursor is not None and (cursor.looked_ahead or cursor.fetched > position.batch_index + 1)
-    keeps_own = position.phase_position >= 0 and work.sources[position.phase_position].keeps_own_state
+    keeps_own = position.phase_index >= 0 and work.sources[position.phase_index].keeps_own_state
     in_phase = trainer.phase is not None and machine.state not in ("idle", "epoch")
     epoch = position.epoch_for_people(machine.state)  # messages count epochs and batches from 1
     where = f"epoch {epoch}" + (f", phase {trainer.phase.name!r}" if in_phase else "")
@@ -93,7 +93,7 @@ def plan_recovery(trainer: Any, machine: TrainingMachine, work: StateWork) -> Re
         return None
     batch = position.batch_index + 1  # for people
     if event == "end_batch":  # the batch's work was done: it counts
-        missed = ", ".join(call_name(call) for call in interrupted.move.exit_calls[interrupted.index + 1:])
+        missed = ", ".join(call_name(call) for call in interrupted.move.exit_calls[interrupted.index + 1 :])
         if keeps_own and delivered_ahead:
             return Recovery("", refusal=f"the loader of {where} keeps its own position and had already read "
                                         f"the batch after batch {batch}")  # fmt: skip
@@ -106,7 +106,9 @@ def plan_recovery(trainer: Any, machine: TrainingMachine, work: StateWork) -> Re
     else:  # the step move starts after a whole backward pass; the backward move's own work is the pass
         backward_began = event == "step" or (event == "backward" and interrupted.call == work.run_backward)
     if event == "step" and interrupted.call == work.run_step:
-        refusal = f"the optimizer step of batch {batch} of {where} raised part-way, so the parameters may be half-updated"
+        refusal = (
+            f"the optimizer step of batch {batch} of {where} raised part-way, so the parameters may be half-updated"
+        )
     elif backward_began and trainer.phase.grad and batch_index % work.step_runner.accumulate:
         refusal = (f"the backward pass of batch {batch} of {where} had begun inside an accumulation window that "
                    f"started at batch {batch - batch_index % work.step_runner.accumulate}: its gradient cannot be "

@@ -13,7 +13,7 @@ import torch
 from .checkpoint import CheckpointError
 from .data.resumable import mix_seed
 from .distributed import Ranks, all_gather
-from .state import check_integer, check_keys, check_real, check_tensor, describe
+from .saved_state import check_integer, check_keys, check_real, check_tensor, describe
 
 __all__ = ["Generators", "capture_rng", "check_rng_state", "restore_rng", "seed_everything"]
 
@@ -30,8 +30,13 @@ def capture_rng(cuda_devices: Sequence[torch.device] = ()) -> dict[str, Any]:
     kind, keys, position, has_gauss, cached = np.random.get_state()
     return {
         "python": {"version": version, "state": list(python_state), "gauss": gauss},
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},  # fmt: skip
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },  # fmt: skip
         "torch": torch.get_rng_state(),
         "cuda": [torch.cuda.get_rng_state(device) for device in cuda_devices],
     }
@@ -143,10 +148,18 @@ def _unpack(packed: torch.Tensor, like: dict[str, Any]) -> dict[str, Any]:
         cuda.append(torch.from_numpy(data[offset : offset + device_state.numel()].copy()))
         offset += device_state.numel()
     return {
-        "python": {"version": int(integers[0]), "state": [int(value) for value in integers[1:-2]],
-                   "gauss": float(floats[0]) if floats[1] else None},  # fmt: skip
-        "numpy": {"kind": like["numpy"]["kind"], "keys": torch.from_numpy(keys.copy()), "position": int(integers[-2]),
-                  "has_gauss": int(integers[-1]), "cached": float(floats[2])},  # fmt: skip
+        "python": {
+            "version": int(integers[0]),
+            "state": [int(value) for value in integers[1:-2]],
+            "gauss": float(floats[0]) if floats[1] else None,
+        },  # fmt: skip
+        "numpy": {
+            "kind": like["numpy"]["kind"],
+            "keys": torch.from_numpy(keys.copy()),
+            "position": int(integers[-2]),
+            "has_gauss": int(integers[-1]),
+            "cached": float(floats[2]),
+        },  # fmt: skip
         "torch": torch_state,
         "cuda": cuda,
     }

@@ -25,23 +25,32 @@ from .arguments import check_trainer_arguments, resolve_device
 from .callbacks.base import Callback, hooks_by_state
 from .callbacks.checkpoint import Checkpoint
 from .data import PhaseSources, unpack_pair
+from .deciding import Deciders
 from .determinism import require_cublas_workspace
 from .distributed import StopVote, join_process_group, on_every_rank, wrap_model
-from .deciding import Deciders
 from .driving import RunGuard
 from .machine import AT_REST, Move, TrainingMachine
+from .optimizer_step import StepRunner
 from .outputs import RunOutputs
+from .parts import (
+    CallbackStates,
+    HalfLoadedError,
+    Metrics,
+    Position,
+    PositionField,
+    RunIdentity,
+    RunSettings,
+    StateRegistry,  # fmt: skip
+    check_position_fits,
+)
 from .phase import Phase
 from .preemption import DEFAULT_STOP_SIGNALS, resolve_signals
 from .recovery import plan_recovery
-from .stepping import stop_condition
 from .rng import Generators
-from .stateful import (CallbackStates, HalfLoadedError, Metrics, Position, PositionField, RunIdentity, RunSettings,
-                       StateRegistry, check_position_fits)  # fmt: skip
-from .step import StepRunner
+from .stop_condition import stop_condition
 from .validation import check_count
-from .work import StateWork
 from .version import __version__
+from .work import StateWork
 
 __all__ = ["Trainer", "unpack_pair"]
 
@@ -169,7 +178,7 @@ class Trainer:
         """The current phase's batches per epoch in this process (its share under torchrun); None: unknown."""
         if self.phase is None:
             return None
-        return self.phase.batches(self._sources[self.position.phase_position].length)
+        return self.phase.batches(self._sources[self.position.phase_index].length)
 
     @property
     def is_global_zero(self) -> bool:
@@ -195,7 +204,9 @@ class Trainer:
         """Run to the end, or continue a stepped or resumed run to the end (a finished run warns and returns)."""
         if self.position.finished and self._guard.error is None and self._machine.pending is None:
             self._outputs.open(self)  # a run killed as it finished still remakes its files
-            warnings.warn(f"the run has already finished ({self.position.end_reason()}); fit() has nothing to do", stacklevel=2)
+            warnings.warn(
+                f"the run has already finished ({self.position.end_reason()}); fit() has nothing to do", stacklevel=2
+            )
             return self
         deciders, machine, position, guard = self._deciders, self._machine, self.position, self._guard
         with guard.driving(self):
@@ -291,7 +302,7 @@ class Trainer:
             raise
         self._outputs.opened, self._outputs.resumed = False, True  # its files are remade when the run next opens them
         self.position.extend_to(self.epochs)  # a finished run given more epochs goes on to train them
-        self.phase = self.phases[self.position.phase_position] if self.position.phase_position >= 0 else None
+        self.phase = self.phases[self.position.phase_index] if self.position.phase_index >= 0 else None
         if self.state == "phase" and self._machine.pending is None:  # mid-phase: reopen after the last batch done
             self._work.open_phase(self, start=self.position.batch_index + 1)
 
@@ -341,7 +352,7 @@ class Trainer:
     def why_not_checkpoint_here(self) -> str | None:
         """Why the run cannot be resumed from here, inside its current phase; None when it can."""
         mid_phase = self.state == "phase" and self._machine.pending is None
-        return self._work.why_not_resumable(self.position.phase_position) if mid_phase else None
+        return self._work.why_not_resumable(self.position.phase_index) if mid_phase else None
 
     def __repr__(self) -> str:
         loss, phase = None if self.loss is None else float(self.loss.detach()), self.phase and self.phase.name

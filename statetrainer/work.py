@@ -9,15 +9,15 @@ side is the ``StepRunner``'s.
 from __future__ import annotations
 
 import contextlib
-from itertools import islice
 from collections.abc import Callable
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .data import BatchCursor, PhaseSources, to_device
-from .step import StepRunner
+from .optimizer_step import StepRunner
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -60,9 +60,9 @@ class StateWork:
             self.cursor.close()
             self.cursor = None
 
-    def why_not_resumable(self, phase_position: int) -> str | None:
+    def why_not_resumable(self, phase_index: int) -> str | None:
         """Why the open phase cannot be resumed after its current batch; None when it can."""
-        source = self.sources[phase_position]
+        source = self.sources[phase_index]
         if not source.resumable:
             return source.reason
         if source.keeps_own_state and self.cursor is not None and self.cursor.looked_ahead:
@@ -74,12 +74,12 @@ class StateWork:
         trainer.position.finished = True
 
     def prepare_epoch(self, trainer: Trainer) -> None:
-        trainer.position.epoch, trainer.position.phase_position = trainer.position.epochs_done, -1
+        trainer.position.epoch, trainer.position.phase_index = trainer.position.epochs_done, -1
         trainer.phase = None  # as a run resumed at this point has it
 
     def prepare_phase(self, trainer: Trainer) -> None:
-        trainer.position.phase_position += 1
-        trainer.phase = trainer.phases[trainer.position.phase_position]
+        trainer.position.phase_index += 1
+        trainer.phase = trainer.phases[trainer.position.phase_index]
         trainer.position.batch_index = -1
 
     def open_new_phase(self, trainer: Trainer) -> None:
@@ -94,7 +94,7 @@ class StateWork:
         grad_context = (None if torch.is_grad_enabled() else torch.enable_grad()) if grad else torch.no_grad()
         no_contexts = grad_context is None and autocast is None
         self._contexts = None if no_contexts else (grad_context or _NO_CONTEXT, autocast or _NO_CONTEXT)
-        source = self.sources[trainer.position.phase_position]
+        source = self.sources[trainer.position.phase_index]
         batches, limit = source.open(trainer.seed, trainer.epoch, start), trainer.phase.limit
         if limit is not None:  # the first ``limit`` batches of the loader's order
             batches = islice(batches, max(limit - start, 0))
@@ -123,7 +123,7 @@ class StateWork:
                 trainer.output, trainer.loss = trainer.forward(inputs, target)
         if self._weighs_shares:  # this rank's share of a global batch the ranks share unevenly
             position = trainer.position
-            trainer.loss_weight = self.sources[position.phase_position].share_weight(position.batch_index)
+            trainer.loss_weight = self.sources[position.phase_index].share_weight(position.batch_index)
 
     def ends_window(self, trainer: Trainer) -> bool:
         """Whether the current batch is the last of its accumulation window (a step follows it)."""

@@ -27,7 +27,9 @@ MNIST_DIR = Path(os.environ.get("STATETRAINER_MNIST", Path(__file__).resolve().p
 MNIST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
-def regression_batches(count: int, size: int = 4, features: int = 3, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def regression_batches(
+    count: int, size: int = 4, features: int = 3, seed: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``count`` (input, target) batches of a noisy linear problem."""
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randn(features, 1, generator=generator)

@@ -116,8 +116,13 @@ def build(options: argparse.Namespace) -> st.Trainer:
                        shuffle=True, num_workers=options.workers)  # fmt: skip
     valid = DataLoader(IndexedSamples(options.valid_samples, False, seed=1), batch_size=options.batch_size)
     folder = Path(options.folder)
-    callbacks = [cb.SmoothedLoss(), cb.Accuracy(), cb.CSVLogger(folder / "log.csv"), cb.StreamLogger(),
-                 cb.Checkpoint(folder / "checkpoints", every_steps=options.every_steps, keep_last=2)]
+    callbacks = [
+        cb.SmoothedLoss(),
+        cb.Accuracy(),
+        cb.CSVLogger(folder / "log.csv"),
+        cb.StreamLogger(),
+        cb.Checkpoint(folder / "checkpoints", every_steps=options.every_steps, keep_last=2),
+    ]
     if options.records:
         callbacks.append(Recorder(Path(options.records)))
     if options.kill:
@@ -190,8 +195,9 @@ def main() -> None:
     parser.add_argument("--own-ddp", action="store_true", help="init the process group and wrap in DDP here")
     parser.add_argument("--break-at", help="EPOCH:BATCH: a Breakpoint after that train batch (rank 0 breaks)")
     parser.add_argument("--term-at", help="EPOCH:BATCH: rank 0 sends SIGTERM to its launcher after that train batch")
-    parser.add_argument("--only-rank-zero-writes", action="store_true",
-                        help="raise if a rank other than 0 writes anything under FOLDER")
+    parser.add_argument(
+        "--only-rank-zero-writes", action="store_true", help="raise if a rank other than 0 writes anything under FOLDER"
+    )
     options = parser.parse_args()
     folder = Path(options.folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -62,7 +62,9 @@ def test_the_mermaid_diagram_parses_holds_the_machines_table_and_highlights_a_st
     assert edges == table_edges() and set(classes) == set(STATES)
     assert [state for state, style in classes.items() if style == "s_active"] == ["backward"]
     assert main(["diagram", "--state", "step"]) == 0
-    assert [state for state, style in parse_mermaid(capsys.readouterr().out)[1].items() if style == "s_active"] == ["step"]
+    assert [state for state, style in parse_mermaid(capsys.readouterr().out)[1].items() if style == "s_active"] == [
+        "step"
+    ]
 
 
 def test_the_dot_diagram_holds_the_same_edges_and_renders_where_graphviz_is_installed(tmp_path):
@@ -114,7 +116,10 @@ def test_inspect_describes_a_file_and_its_json_says_the_same(tmp_path, capsys, d
     assert "checksum: verified (format 2, statetrainer" in text
     assert "position: state 'phase', epoch 2, phase 'train' after batch 2, step 6" in text  # counted from 1
     assert f"run: {trainer.run.id}, seed 3, world size 1" in text and "train_loss=" in text
-    assert "callbacks: SmoothedLoss [active, average, batches, exact, samples]; Checkpoint [best_epoch, best_value, ranked]" in text
+    assert (
+        "callbacks: SmoothedLoss [active, average, batches, exact, samples]; Checkpoint [best_epoch, best_value, ranked]"
+        in text
+    )
     assert main(["inspect", str(newest), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["position"] == {"state": "phase", "epoch": 1, "epochs_done": 1, "phase": "train", "batch": 1,

@@ -60,7 +60,9 @@ def test_the_extras_are_declared():
     assert any(requirement.startswith("matplotlib") for requirement in extras["plots"])
     assert any(requirement.startswith("graphviz") for requirement in extras["diagram"])
     assert any(requirement.startswith("tensorboard") for requirement in extras["tensorboard"])
-    assert not [requirement for requirement in PROJECT["dependencies"] if requirement.startswith(("tqdm", "matplotlib"))]
+    assert not [
+        requirement for requirement in PROJECT["dependencies"] if requirement.startswith(("tqdm", "matplotlib"))
+    ]
 
 
 def test_importing_statetrainer_loads_no_optional_package_and_the_examples_help_loads_no_torch():

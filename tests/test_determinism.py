@@ -45,7 +45,9 @@ def restore_global_settings():
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[1], saved[2]
 
 
-def test_deterministic_mode_holds_while_the_run_drives_and_the_previous_settings_come_back(device, restore_global_settings):
+def test_deterministic_mode_holds_while_the_run_drives_and_the_previous_settings_come_back(
+    device, restore_global_settings
+):
     torch.backends.cudnn.benchmark = True  # a user's own setting, outside the run
     recorder = RecordSettings()
     trainer = build(device, [recorder], deterministic=True)

@@ -46,7 +46,7 @@ def launch(folder: Path, *options: str, processes: int = 2, device: str = "cpu",
 def rank_output(logs: Path, rank: int | None = None, stream: str = "stderr") -> str:
     """What ``rank`` (every rank for None) wrote to ``stream`` in the newest launch logged under ``logs``."""
     files = sorted(logs.glob(f"*/attempt_*/{'*' if rank is None else rank}/{stream}.log"), key=os.path.getmtime)
-    return "\n".join(path.read_text() for path in files[-(1 if rank is not None else 2):])
+    return "\n".join(path.read_text() for path in files[-(1 if rank is not None else 2) :])
 
 
 def records(folder: Path) -> list[dict]:
@@ -148,7 +148,12 @@ def test_only_rank_zero_writes_files_and_the_other_ranks_print_nothing(tmp_path,
     assert rank_output(logs, 1, "stdout") == "" and rank_output(logs, 1, "stderr") == ""
     assert "Epoch:    2 |" in rank_output(logs, 0, "stdout")
     assert sorted(path.name for path in (tmp_path / "run").iterdir()) == [  # the log's folder is claimed by rank 0
-        ".statetrainer.lock", "checkpoints", "final.safetensors", "log.csv", "run.json"]
+        ".statetrainer.lock",
+        "checkpoints",
+        "final.safetensors",
+        "log.csv",
+        "run.json",
+    ]
 
 
 KILLED = ("--samples", "40", "--batch-size", "4", "--workers", "2", "--epochs", "2", "--augment", "--dropout", "0.2",

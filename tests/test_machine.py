@@ -80,7 +80,9 @@ def test_the_compiled_moves_are_the_transitions_definition_of_the_table():
         compiled = sorted(name for name, event in machine.events.items() if state in event.by_source)
         assert compiled == sorted(machine.triggers(state)) == sorted(machine.definition.get_triggers(state))
         for name in compiled:
-            assert machine.events[name].by_source[state].dest == machine.definition.events[name].transitions[state][0].dest
+            assert (
+                machine.events[name].by_source[state].dest == machine.definition.events[name].transitions[state][0].dest
+            )
 
 
 def test_the_diagram_is_drawn_by_transitions_from_the_same_table_with_the_current_state_marked():

@@ -43,17 +43,23 @@ def test_checkpoint_best_takes_a_metric_name_and_refuses_a_flag():
 
 
 def test_checkpoint_best_on_a_metric_nothing_produces_is_refused_when_the_trainer_is_built(device, tmp_path):
-    with pytest.raises(ValueError, match=r"Checkpoint monitors 'val_loss', which no callback produces for the phases "
-                                         r"train, valid; did you mean 'valid_loss'\? The callbacks produce train_loss, "
-                                         r"valid_loss\."):
+    with pytest.raises(
+        ValueError,
+        match=r"Checkpoint monitors 'val_loss', which no callback produces for the phases "
+        r"train, valid; did you mean 'valid_loss'\? The callbacks produce train_loss, "
+        r"valid_loss\.",
+    ):
         linear_trainer(device, epochs=3, callbacks=[cb.SmoothedLoss(), cb.Checkpoint(tmp_path, best="val_loss")])
     assert not list(tmp_path.iterdir())  # refused before anything was written
 
 
 def test_early_stopping_on_a_misspelled_metric_is_refused_when_the_trainer_is_built_suggesting_the_name(device):
-    with pytest.raises(ValueError, match=r"EarlyStopping monitors 'val_los', which no callback produces for the phases "
-                                         r"train, valid; did you mean 'valid_loss'\? The callbacks produce train_loss, "
-                                         r"valid_loss\."):
+    with pytest.raises(
+        ValueError,
+        match=r"EarlyStopping monitors 'val_los', which no callback produces for the phases "
+        r"train, valid; did you mean 'valid_loss'\? The callbacks produce train_loss, "
+        r"valid_loss\.",
+    ):
         linear_trainer(device, epochs=3, callbacks=[cb.SmoothedLoss(), cb.EarlyStopping("val_los")])
 
 
@@ -63,15 +69,21 @@ def regression_phase() -> list[st.Phase]:
 
 def test_an_optimizer_built_on_another_model_is_refused_naming_the_foreign_parameters():
     model, other = nn.Linear(3, 1), nn.Linear(3, 1)
-    with pytest.raises(ValueError, match=r"the optimizer holds 2 parameters that are not the model's \(of 2\).*"
-                                         r"build it from this model: torch\.optim\.SGD\(model\.parameters\(\), \.\.\.\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"the optimizer holds 2 parameters that are not the model's \(of 2\).*"
+        r"build it from this model: torch\.optim\.SGD\(model\.parameters\(\), \.\.\.\)",
+    ):
         st.Trainer(model, torch.optim.SGD(other.parameters(), lr=0.1), F.mse_loss, regression_phase())
     twin = copy.deepcopy(model)  # equal values, other tensors: compared by identity
     with pytest.raises(ValueError, match=r"holds 2 parameters that are not the model's \(of 2\)"):
         st.Trainer(model, torch.optim.Adam(twin.parameters()), F.mse_loss, regression_phase())
     scale = nn.Parameter(torch.ones(()))  # say, a learnable loss weight kept outside the model
-    with pytest.raises(ValueError, match=r"holds 1 parameter that is not the model's \(of 3\).*"
-                                         r"torch\.optim\.Adam\(model\.parameters\(\), \.\.\.\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"holds 1 parameter that is not the model's \(of 3\).*"
+        r"torch\.optim\.Adam\(model\.parameters\(\), \.\.\.\)",
+    ):
         st.Trainer(model, torch.optim.Adam([*model.parameters(), scale]), F.mse_loss, regression_phase())
 
 
@@ -107,4 +119,3 @@ def test_a_batch_that_is_not_a_pair_without_unpack_names_unpack(device):
                          device=device)  # fmt: skip
     with pytest.raises(TypeError, match=r"unpack=lambda batch: \(input, target\) to the Trainer"):
         trainer.fit()
-

@@ -61,7 +61,9 @@ def build(device: torch.device, callbacks=(), loader=None, **options) -> st.Trai
 
 
 def assert_same_run(expected: st.Trainer, actual: st.Trainer) -> None:
-    for (name, left), right in zip(expected.model.state_dict().items(), actual.model.state_dict().values(), strict=True):
+    for (name, left), right in zip(
+        expected.model.state_dict().items(), actual.model.state_dict().values(), strict=True
+    ):
         assert torch.equal(left, right), name
     assert expected.metrics == actual.metrics and expected.global_step == actual.global_step
 
@@ -81,7 +83,9 @@ def test_a_stop_signal_saves_after_the_batch_in_flight_and_resumes_exactly(tmp_p
     whole = build(device, accumulate=accumulate).fit()
     handlers_before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     folder = tmp_path / "run"
-    stopped = build(device, [Checkpoint(folder, every_steps=2, keep_last=2), sender(where, number)], accumulate=accumulate)
+    stopped = build(
+        device, [Checkpoint(folder, every_steps=2, keep_last=2), sender(where, number)], accumulate=accumulate
+    )
     with pytest.raises(st.Preempted) as raised:
         stopped.fit()
     assert {sig: signal.getsignal(sig) for sig in handlers_before} == handlers_before
@@ -91,11 +95,13 @@ def test_a_stop_signal_saves_after_the_batch_in_flight_and_resumes_exactly(tmp_p
     saved = read_tree(preempted.checkpoint)
     position = saved["position"]
     assert (saved["machine"]["state"], position["epoch"], position["batch_index"]) == ("phase", where[0], where[2])
-    assert stopped.phases[position["phase_position"]].name == where[1]
+    assert stopped.phases[position["phase_index"]].name == where[1]
     assert f"stopped by {signal.Signals(number).name}" in str(preempted)
 
     # The same script restarted: its sender's batch is behind it now.
-    resumed = build(device, [Checkpoint(folder, every_steps=2, keep_last=2), sender(where, number)], accumulate=accumulate)
+    resumed = build(
+        device, [Checkpoint(folder, every_steps=2, keep_last=2), sender(where, number)], accumulate=accumulate
+    )
     assert resumed.load_checkpoint(folder) == preempted.checkpoint
     assert_same_run(whole, resumed.fit())
 
@@ -136,7 +142,9 @@ def test_a_signal_ignored_when_the_run_starts_stays_ignored(tmp_path, device):
     foreground program must not stop the run, as it would not stop Python itself."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        trainer = build(device, [Checkpoint(tmp_path, every_epochs=None), SendSignalOnBatch((0, "train", 1), signal.SIGINT)])
+        trainer = build(
+            device, [Checkpoint(tmp_path, every_epochs=None), SendSignalOnBatch((0, "train", 1), signal.SIGINT)]
+        )
         trainer.fit()
         assert trainer.finished and not trainer.position.stop_requested and checkpoint_files(tmp_path) == []
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
@@ -247,7 +255,8 @@ def test_a_stop_message_starts_on_its_own_line_under_a_progress_bar(device):
     screen = terminal_screen(drawn)
     stop = [line for line in screen if "statetrainer: stopped by SIGINT" in line]
     assert stop and stop[0].startswith("statetrainer: stopped by SIGINT at epoch 1, phase 'train', after batch 4"), (
-        screen)
+        screen
+    )
     assert not [line for line in screen if "epoch 1 train" in line], screen  # and the bar was cleared
 
 
@@ -263,7 +272,9 @@ def test_these_tests_pass_when_pytest_starts_with_sigint_ignored(device):
         cwd=here.parents[1], capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-4000:]
-    for test in ("test_preemption.py::test_a_second_ctrl_c_aborts_at_once",
-                 "test_preemption.py::test_a_stop_signal_saves_after_the_batch_in_flight_and_resumes_exactly",
-                 "test_recovery.py::test_ctrl_c_in_the_forward_pass_then_save_holds_the_last_batch_boundary"):
+    for test in (
+        "test_preemption.py::test_a_second_ctrl_c_aborts_at_once",
+        "test_preemption.py::test_a_stop_signal_saves_after_the_batch_in_flight_and_resumes_exactly",
+        "test_recovery.py::test_ctrl_c_in_the_forward_pass_then_save_holds_the_last_batch_boundary",
+    ):
         assert re.search(rf"{re.escape(test)}\[{device.type}[^]]*\] PASSED", result.stdout), result.stdout[-4000:]

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import statetrainer as st
 from statetrainer.callbacks import Callback, SmoothedLoss
 from statetrainer.machine import STATES
-from statetrainer.stateful import Position
+from statetrainer.parts import Position
 from statetrainer.testing import Event, EventRecorder
 
 from .conftest import regression_batches
@@ -157,13 +157,16 @@ def test_a_run_saved_after_a_callback_raised_resumes_without_skipping_or_repeati
         half_done = 0
         while half_done < len(failed_at) and failed_at[-1 - half_done][1:4] == batch[1:4]:
             half_done += 1
-        assert whole_run[: len(failed_at) - half_done] + whole_run[len(failed_at):] == reference_recorder.events
+        assert whole_run[: len(failed_at) - half_done] + whole_run[len(failed_at) :] == reference_recorder.events
         assert resumed.metrics == reference.metrics
     else:
         assert f"after batch {failed_at[-1].batch_index + 1}, which had done its work and counts as done" in said
         missed = said.split("did not run for it")[0].rsplit(", and ", 1)[-1] if "did not run" in said else ""
         skipped = missed.count("SavedRecorder.")  # the recorder's hooks after the raiser's, in the reference
-        assert whole_run == reference_recorder.events[: len(failed_at)] + reference_recorder.events[len(failed_at) + skipped:]
+        assert (
+            whole_run
+            == reference_recorder.events[: len(failed_at)] + reference_recorder.events[len(failed_at) + skipped :]
+        )
         if "SmoothedLoss" not in missed:
             assert resumed.metrics == reference.metrics
 
@@ -202,7 +205,8 @@ def test_ctrl_c_in_the_forward_pass_then_save_holds_the_last_batch_boundary(
     assert (trainer.state, trainer.batch_index) == ("batch", 2)
     path = trainer.save_checkpoint(tmp_path / "interrupted.safetensors")
     assert "epoch 2, phase 'train' after batch 2: batch 3 was discarded half-done (the forward pass raised)" in (
-        capsys.readouterr().err)
+        capsys.readouterr().err
+    )
     resumed = build(device, 1, [])
     resumed.load_checkpoint(path)
     assert (resumed.state, resumed.epoch, resumed.batch_index) == ("phase", 1, 1)
@@ -219,7 +223,9 @@ def test_a_transition_saved_half_done_is_refused_by_a_trainer_with_other_callbac
     path = trainer.save_checkpoint(tmp_path / "after_error.safetensors")
     reordered = build(device, 1, [raiser_type((1, None, -1), armed=False), SavedRecorder()])
     before = {name: tensor.clone() for name, tensor in reordered.model.state_dict().items()}
-    with pytest.raises(st.CheckpointError, match="where raiser.on_exit_epoch raised.*same callbacks, in the same order"):
+    with pytest.raises(
+        st.CheckpointError, match="where raiser.on_exit_epoch raised.*same callbacks, in the same order"
+    ):
         reordered.load_checkpoint(path)
     assert reordered.state == "idle" and reordered.position == Position()
     assert all(torch.equal(tensor, before[name]) for name, tensor in reordered.model.state_dict().items())

@@ -31,7 +31,9 @@ def linear_trainer(
     if valid_batches:
         phases.append(st.Phase("valid", regression_batches(valid_batches, seed=seed + 1), grad=False))
     options.setdefault("callbacks", [recorder])
-    trainer = st.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), F.mse_loss, phases, device=device, **options)
+    trainer = st.Trainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), F.mse_loss, phases, device=device, **options
+    )
     return trainer, recorder
 
 
@@ -227,7 +229,9 @@ def test_run_until_refuses_unknown_and_unreachable_states(device: torch.device):
     with pytest.raises(ValueError, match="unknown state 'bakward'.*idle, epoch, phase, batch, backward, step"):
         trainer.run_until("bakward")
     model = nn.Linear(3, 1)
-    evaluator = st.Trainer(model, None, F.mse_loss, [st.Phase("valid", regression_batches(2), grad=False)], device=device)
+    evaluator = st.Trainer(
+        model, None, F.mse_loss, [st.Phase("valid", regression_batches(2), grad=False)], device=device
+    )
     with pytest.raises(ValueError, match="never enters 'step'"):
         evaluator.run_until("step")
     assert evaluator.state == "idle" and not evaluator.finished
@@ -377,7 +381,9 @@ def test_mixed_precision_runs_forward_under_autocast(device: torch.device, preci
     trainer.fit()
     expected = torch.bfloat16 if precision == "bf16" else torch.float16
     assert dtypes == [expected, expected]
-    assert (trainer.step_runner.scaler is not None) == (precision == "fp16" and device.type == "cuda")  # fp16 on CUDA only
+    assert (trainer.step_runner.scaler is not None) == (
+        precision == "fp16" and device.type == "cuda"
+    )  # fp16 on CUDA only
     assert model.weight.dtype == torch.float32 and torch.isfinite(model.weight).all()
 
 

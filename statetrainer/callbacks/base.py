@@ -51,7 +51,9 @@ class TrainerView(Protocol):
 
     @property
     def metrics(self) -> dict[str, Any]: ...
+
     ranks: Ranks
+
     @property
     def phase_batches(self) -> int | None: ...
     @property

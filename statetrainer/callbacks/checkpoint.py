@@ -8,8 +8,17 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import (BEST, CheckpointError, atomic_copy, best_epoch_name, checkpoint_files, read_document,
-                          read_run_marker, remove_stale_temporaries, run_of)  # fmt: skip
+from ..checkpoint import (
+    BEST,
+    CheckpointError,
+    atomic_copy,
+    best_epoch_name,
+    checkpoint_files,
+    read_document,
+    read_run_marker,  # fmt: skip
+    remove_stale_temporaries,
+    run_of,
+)
 from ..validation import check_count
 from .base import Callback, TrainerView
 from .finite import NonFiniteError, first_non_finite

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..state import check_flag, check_integer, check_keys, check_real
+from ..saved_state import check_flag, check_integer, check_keys, check_real
 from ..validation import check_count, check_number
 from .base import Callback, TrainerView
 from .metrics import Metric

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..state import check_keys
+from ..saved_state import check_keys
 from ..validation import check_count
 from .base import Callback, TrainerView
 

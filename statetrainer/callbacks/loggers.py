@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..validation import check_count
 from ..checkpoint import CheckpointError, atomic_write, fsync_path, open_no_follow
+from ..validation import check_count
 from .base import Callback, TrainerView
 from .metrics import running_metrics
 

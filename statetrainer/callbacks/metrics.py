@@ -16,7 +16,7 @@ import torch
 from ..checkpoint import CheckpointError
 from ..distributed import Ranks, all_reduce
 from ..phase import Phase
-from ..state import check_flag, check_integer, check_keys, check_tensor
+from ..saved_state import check_flag, check_integer, check_keys, check_tensor
 from ..validation import check_count, check_number
 from .base import Callback, TrainerView
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..state import check_integer, check_keys, check_like, check_real
+from ..saved_state import check_integer, check_keys, check_like, check_real
 from ..validation import check_count, check_number
 from .base import Callback, TrainerView
 
@@ -284,7 +284,7 @@ class TorchScheduler(Callback):
 
     def check_fits(self, state: dict[str, Any]) -> None:
         """Refuse a saved state unless it is laid out as this scheduler's own, each value of its kind (see
-        ``statetrainer.state.check_like``), with its counts (``last_epoch``...) integers >= 0 and its learning
+        ``statetrainer.saved_state.check_like``), with its counts (``last_epoch``...) integers >= 0 and its learning
         rates (``base_lrs``...) finite and >= 0.
 
         torch's schedulers load any dict into their attributes unchecked (a key

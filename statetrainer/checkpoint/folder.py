@@ -28,6 +28,7 @@ def best_epoch_name(epoch: int) -> str:
     """The name of the checkpoint of ``epoch`` (from 1) kept while it ranks among the best (``keep_best``)."""
     return f"best-epoch{epoch:04d}.safetensors"
 
+
 _NAME = re.compile(r"^ckpt-(?P<sequence>\d{6,})-epoch(?P<epoch>\d+)-step(?P<step>\d+)\.safetensors$")
 
 
@@ -46,7 +47,9 @@ def next_checkpoint_path(folder: Path, epoch: int, step: int) -> Path:
     return folder / f"ckpt-{sequence:06d}-epoch{epoch:04d}-step{step:09d}.safetensors"
 
 
-def newest_valid(folder: Path, check: Callable[[dict[str, Any]], None] | None = None) -> tuple[Path, dict[str, Any]] | None:
+def newest_valid(
+    folder: Path, check: Callable[[dict[str, Any]], None] | None = None
+) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint in ``folder`` that reads and verifies, once ``check`` passes on it; None if there is none.
 
     A newest file that does not read or verify (cut short, corrupted) is
@@ -66,7 +69,9 @@ def newest_valid(folder: Path, check: Callable[[dict[str, Any]], None] | None = 
             try:
                 check(tree)
             except CheckpointError as error:
-                raise CheckpointError(f"{path.name}, the newest checkpoint in {folder}, does not fit: {error}") from error
+                raise CheckpointError(
+                    f"{path.name}, the newest checkpoint in {folder}, does not fit: {error}"
+                ) from error
         return path, tree
     if failures:
         raise CheckpointError(f"no usable checkpoint in {folder}: " + "; ".join(failures))
@@ -188,7 +193,9 @@ def find_checkpoint(
     """
     path = Path(path)
     if path.is_dir() and path.suffix == ".safetensors":
-        raise CheckpointError(f"{path} is a folder, not a checkpoint file; name a .safetensors file or a folder of them")
+        raise CheckpointError(
+            f"{path} is a folder, not a checkpoint file; name a .safetensors file or a folder of them"
+        )
     if path.is_dir():
         marker = read_run_marker(path)
         if marker is not None and accept_marker is not None:

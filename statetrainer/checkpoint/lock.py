@@ -126,5 +126,3 @@ def _read_holder(descriptor: int) -> str:
         return f"host {record['host']}, pid {record['pid']}, since {record['since']}"
     except (OSError, ValueError, KeyError, TypeError):
         return "a process that has not recorded itself yet"
-
-

@@ -18,6 +18,7 @@ from .folder import RUN_MARKER, checkpoint_files, read_run_marker
 from .lock import FolderLock
 from .serialization import CheckpointError, read_document
 
+
 def run_of(path: Path) -> str | None:
     """The run id a checkpoint file holds, read from its metadata alone; None when it does not read."""
     try:

@@ -55,7 +55,9 @@ class _Flattener:
         if isinstance(tree, dict):
             if all(isinstance(key, str) for key in tree) and not ({_TENSOR, _TUPLE, _ITEMS} & set(tree)):
                 return {key: self(value, _join(path, key)) for key, value in tree.items()}
-            return {_ITEMS: [[_check_key(key, path), self(value, _join(path, str(key)))] for key, value in tree.items()]}
+            return {
+                _ITEMS: [[_check_key(key, path), self(value, _join(path, str(key)))] for key, value in tree.items()]
+            }
         if isinstance(tree, tuple):
             return {_TUPLE: [self(value, _join(path, str(index))) for index, value in enumerate(tree)]}
         if isinstance(tree, list):
@@ -215,7 +217,9 @@ def _metadata(path: Path) -> dict[str, str]:
         with safe_open(path, framework="pt") as file:
             return file.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as error:
-        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupted?): {error}") from error
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file (truncated or corrupted?): {error}"
+        ) from error
 
 
 def _regular_file(path: str | os.PathLike[str]) -> Path:
@@ -243,7 +247,7 @@ def read_tree(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and verify a file written by ``write_tree``.
 
     The tensors are views of the memory-mapped file, so reading costs no copy;
-    copy (``statetrainer.state.tensors_to``) what must outlive a change to the file.
+    copy (``statetrainer.saved_state.tensors_to``) what must outlive a change to the file.
 
     Raises:
         CheckpointError: The file is missing, truncated, corrupted, not a
@@ -256,7 +260,9 @@ def read_tree(path: str | os.PathLike[str]) -> dict[str, Any]:
             # Views of the mapped file: whatever keeps one past the load copies it (the trainer's parts do).
             tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as error:
-        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupted?): {error}") from error
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file (truncated or corrupted?): {error}"
+        ) from error
     header = _header(metadata, path)
     if not isinstance(header.get("format"), int) or header["format"] > FORMAT_VERSION:
         raise CheckpointError(

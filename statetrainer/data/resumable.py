@@ -24,9 +24,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, Sampler
-from torch.utils.data import DistributedSampler, SequentialSampler, get_worker_info
-
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+    get_worker_info,
+)
 
 __all__ = ["SeededBatch", "SeededOrder", "SeededSamples", "mix_seed", "rebuild", "state_holder", "why_not_seeded"]
 
@@ -225,7 +233,9 @@ def why_not_seeded(loader: Iterable[Any]) -> str | None:
     return None
 
 
-def rebuild(loader: DataLoader, worker_init_fn: Any, rank: int = 0, world_size: int = 1) -> tuple[DataLoader, SeededOrder]:
+def rebuild(
+    loader: DataLoader, worker_init_fn: Any, rank: int = 0, world_size: int = 1
+) -> tuple[DataLoader, SeededOrder]:
     """The same DataLoader, of the same class, drawing this rank's share of a ``SeededOrder`` and seeding every batch.
 
     A ``DistributedSampler`` is replaced by the order, which shards the same

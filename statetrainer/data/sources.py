@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..checkpoint import CheckpointError
-from ..state import tensors_to
+from ..saved_state import tensors_to
 from .cursor import loader_length
 from .resumable import mix_seed, rebuild, state_holder, why_not_seeded
 from .workers import shield_workers, shielded_init
@@ -357,7 +357,7 @@ class PhaseSources:
 
     def _samples_done(self, index: int, source: BatchSource) -> int | None:
         position = self.position
-        if not isinstance(source, SeededLoader) or position is None or position.phase_position != index:
+        if not isinstance(source, SeededLoader) or position is None or position.phase_index != index:
             return None
         return source.samples_done(position.batch_index + 1)
 
@@ -421,6 +421,6 @@ class PhaseSources:
         position = self.position
         if position is None:
             return None
-        if index <= position.phase_position:
+        if index <= position.phase_index:
             return position.epoch
         return position.epoch - 1 if position.epoch > 0 else None

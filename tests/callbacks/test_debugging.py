@@ -42,7 +42,8 @@ def test_a_breakpoint_goes_through_pythonbreakpoint_where_its_condition_holds_an
 
 def test_a_real_pdb_session_inspects_the_loss_and_continues(tmp_path, device):
     script = tmp_path / "debugged.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
         import torch
@@ -53,7 +54,8 @@ def test_a_real_pdb_session_inspects_the_loss_and_continues(tmp_path, device):
                                     callbacks=[Breakpoint("batch", enter=False, when=lambda trainer: trainer.batch_index == 2)])
         trainer.fit()
         print("finished", trainer.finished, trainer.global_step)
-    """))
+    """)
+    )
     environment = {key: value for key, value in os.environ.items() if key != "PYTHONBREAKPOINT"}
     result = subprocess.run([sys.executable, str(script)], input="p trainer.batch_index\np round(float(loss), 6) > 0\nc\n",
                             capture_output=True, text=True, timeout=120, env=environment)  # fmt: skip

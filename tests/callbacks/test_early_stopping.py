@@ -98,9 +98,12 @@ def test_a_phase_whose_name_prefixes_another_is_told_apart(device: torch.device)
 
 
 def test_a_monitor_no_callback_produces_is_refused_when_the_trainer_is_built(device: torch.device):
-    with pytest.raises(ValueError, match=r"EarlyStopping monitors 'val_loss', which no callback produces for the "
-                                         r"phases train, valid, valid_hard; did you mean 'valid_loss'\? The callbacks "
-                                         r"produce train_loss, valid_hard_loss, valid_loss\..*metric_names\(phases\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"EarlyStopping monitors 'val_loss', which no callback produces for the "
+        r"phases train, valid, valid_hard; did you mean 'valid_loss'\? The callbacks "
+        r"produce train_loss, valid_hard_loss, valid_loss\..*metric_names\(phases\)",
+    ):
         two_valid_phases(device, EarlyStopping(monitor="val_loss"))
 
 

@@ -121,7 +121,12 @@ def test_a_fresh_run_refuses_a_log_no_run_owns_and_starts_afresh_in_its_own_fold
     restarted.fit()
     batches = read_rows(tmp_path / "log_batches.csv")
     assert [(row["epoch"], row["phase"], row["batch"]) for row in batches][:5] == [
-        ("1", "train", "1"), ("1", "train", "2"), ("1", "train", "3"), ("1", "train", "4"), ("1", "valid", "1")]
+        ("1", "train", "1"),
+        ("1", "train", "2"),
+        ("1", "train", "3"),
+        ("1", "train", "4"),
+        ("1", "valid", "1"),
+    ]
     assert [row["epoch"] for row in read_rows(path)] == ["1", "2"]
 
 
@@ -132,7 +137,9 @@ class FakeTerminal(io.StringIO):
 
 def test_progress_bar_draws_on_a_terminal_and_stays_quiet_otherwise(device: torch.device):
     terminal, pipe = FakeTerminal(), io.StringIO()
-    classifier_trainer([SmoothedLoss(), ProgressBar(refresh_every=2, stream=terminal, mininterval=0)], device, epochs=1).fit()
+    classifier_trainer(
+        [SmoothedLoss(), ProgressBar(refresh_every=2, stream=terminal, mininterval=0)], device, epochs=1
+    ).fit()
     classifier_trainer([SmoothedLoss(), ProgressBar(stream=pipe)], device, epochs=1).fit()
     drawn = terminal.getvalue()
     assert "epoch 1 train" in drawn and "4/4" in drawn and "train_loss=" in drawn and "epoch 1 valid" in drawn
@@ -228,7 +235,8 @@ def test_the_progress_bar_on_a_real_terminal_shows_the_metrics_of_its_last_refre
     """Under a pseudo-terminal: the training bar's last metrics are the phase's final running values, and the
     evaluation bar shows its own."""
     script = tmp_path / "bar.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
         import torch
@@ -244,7 +252,8 @@ def test_the_progress_bar_on_a_real_terminal_shows_the_metrics_of_its_last_refre
         trainer = classifier_trainer([SmoothedLoss(), LastRefresh(), ProgressBar(refresh_every=3, mininterval=0,
                                      leave=True)], torch.device({device.type!r}), epochs=1)
         trainer.fit()
-    """))
+    """)
+    )
     returncode, screen, stdout = run_in_a_terminal([sys.executable, str(script)])
     assert returncode == 0
     refreshes = [line.split(" ", 2) for line in stdout.splitlines() if line.startswith("refreshed")]

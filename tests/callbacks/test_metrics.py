@@ -149,8 +149,8 @@ def sorted_validation_trainer(device: torch.device) -> st.Trainer:
     generator = torch.Generator().manual_seed(0)
     inputs, labels = torch.randn(60, 4, generator=generator), torch.arange(60) % 3
     order = labels.argsort(stable=True)  # sorted by class: a moving average would weigh the last class most
-    valid = [(inputs[order][start:start + 7], labels[order][start:start + 7]) for start in range(0, 60, 7)]
-    train = [(inputs[start:start + 10], labels[start:start + 10]) for start in range(0, 60, 10)]
+    valid = [(inputs[order][start : start + 7], labels[order][start : start + 7]) for start in range(0, 60, 7)]
+    train = [(inputs[start : start + 10], labels[start : start + 10]) for start in range(0, 60, 10)]
     torch.manual_seed(0)
     model = nn.Linear(4, 3)
     return st.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.5), nn.functional.cross_entropy,

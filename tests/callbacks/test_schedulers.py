@@ -49,10 +49,14 @@ def torch_values(make_scheduler, steps: int, key="lr", optimizer_cls=torch.optim
 
 def test_cosine_warm_restarts_matches_torch(device: torch.device):
     steps = 70
-    ours = [s[0]["lr"] for s in schedule_seen(CosineWarmRestarts(0.1, period=10, min_value=0.001, t_mult=2), steps, device)]
+    ours = [
+        s[0]["lr"] for s in schedule_seen(CosineWarmRestarts(0.1, period=10, min_value=0.001, t_mult=2), steps, device)
+    ]
     theirs = torch_values(
-        lambda opt: [g.update(lr=0.1) for g in opt.param_groups]
-        and torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=10, T_mult=2, eta_min=0.001),
+        lambda opt: (
+            [g.update(lr=0.1) for g in opt.param_groups]
+            and torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=10, T_mult=2, eta_min=0.001)
+        ),
         steps,
     )
     assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-12)
@@ -84,8 +88,11 @@ def test_one_cycle_linear_matches_torch_linear_and_cycles_adam_betas(device: tor
     ours = schedule_seen(OneCycle(0.01, total_steps=steps, warmup="linear", anneal="linear", cycle_momentum=True),
                          steps, device, optimizer_cls=torch.optim.Adam)  # fmt: skip
     make = lambda opt: torch.optim.lr_scheduler.OneCycleLR(  # noqa: E731
-        opt, max_lr=0.01, total_steps=steps, pct_start=0.25, anneal_strategy="linear")
-    assert [s[0]["lr"] for s in ours] == pytest.approx(torch_values(make, steps, optimizer_cls=torch.optim.Adam), rel=1e-9)
+        opt, max_lr=0.01, total_steps=steps, pct_start=0.25, anneal_strategy="linear"
+    )
+    assert [s[0]["lr"] for s in ours] == pytest.approx(
+        torch_values(make, steps, optimizer_cls=torch.optim.Adam), rel=1e-9
+    )
     betas = torch_values(make, steps, key="beta1", optimizer_cls=torch.optim.Adam)
     assert [s[0]["betas"][0] for s in ours] == pytest.approx(betas, rel=1e-9)
     assert all(s[0]["betas"][1] == 0.999 for s in ours)

@@ -21,7 +21,11 @@ def build(folder: Path, device: torch.device) -> st.Trainer:
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
     phases = [st.Phase("train", regression_batches(5)), st.Phase("valid", regression_batches(2, seed=1), grad=False)]
-    callbacks = [SmoothedLoss(), TensorBoardLogger(folder / "tb", every_steps=2), Checkpoint(folder / "ckpt", every_steps=3)]
+    callbacks = [
+        SmoothedLoss(),
+        TensorBoardLogger(folder / "tb", every_steps=2),
+        Checkpoint(folder / "ckpt", every_steps=3),
+    ]
     return st.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05), F.mse_loss, phases, callbacks=callbacks,
                       epochs=3, device=device)  # fmt: skip
 

@@ -31,10 +31,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import statetrainer as st
 from statetrainer.callbacks import Accuracy, EarlyStopping, OneCycle, SmoothedLoss, StopOnNonFinite, TorchScheduler
-from statetrainer.checkpoint import CheckpointError, read_tree
-from statetrainer.checkpoint import serialization
+from statetrainer.checkpoint import CheckpointError, read_tree, serialization
+from statetrainer.parts import Position
 from statetrainer.rng import capture_rng
-from statetrainer.stateful import Position
 
 _GENERATOR = torch.Generator().manual_seed(0)
 DATA = TensorDataset(torch.randn(48, 3, generator=_GENERATOR), torch.randint(2, (48,), generator=_GENERATOR))
@@ -75,7 +74,9 @@ def _same(left: Any, right: Any) -> bool:
     if isinstance(left, torch.Tensor) or isinstance(right, torch.Tensor):
         return isinstance(left, torch.Tensor) and isinstance(right, torch.Tensor) and left.dtype == right.dtype \
             and torch.equal(left, right)  # fmt: skip
-    return left == right or (isinstance(left, float) and isinstance(right, float) and math.isnan(left) and math.isnan(right))
+    return left == right or (
+        isinstance(left, float) and isinstance(right, float) and math.isnan(left) and math.isnan(right)
+    )
 
 
 def mutants(data: bytes, seed: int) -> list[tuple[str, bytes]]:
@@ -235,39 +236,76 @@ def forged_states(tree: dict, seed: int) -> list[Forgery]:
         index, key = some_moment()
         shape = tuple(tree["step"]["optimizer"]["state"][index][key].shape)
         wrong = choose.choice([(*shape, 1), (shape[0] + choose.randint(1, 3), *shape[1:]), (), shape[::-1] + (2,)])
-        forge(f"state[{index}][{key!r}] of shape {wrong}", "step", f"state[{index}]['{key}']",
-              put((*optimizer, "state", index, key), torch.randn(wrong)))
+        forge(
+            f"state[{index}][{key!r}] of shape {wrong}",
+            "step",
+            f"state[{index}]['{key}']",
+            put((*optimizer, "state", index, key), torch.randn(wrong)),
+        )
     for _ in range(8):  # ... of another dtype
         index, key = some_moment()
         dtype = choose.choice([torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8,
                                torch.bool])  # fmt: skip
         moment = tree["step"]["optimizer"]["state"][index][key]
-        forge(f"state[{index}][{key!r}] as {dtype}", "step", f"state[{index}]['{key}']",
-              put((*optimizer, "state", index, key), moment.to(dtype)))
+        forge(
+            f"state[{index}][{key!r}] as {dtype}",
+            "step",
+            f"state[{index}]['{key}']",
+            put((*optimizer, "state", index, key), moment.to(dtype)),
+        )
     for value in (0.0, 1, "exp_avg", None, [0.1, 0.2], {"a": 1.0}, True):  # ... not a tensor at all
         index, key = some_moment()
-        forge(f"state[{index}][{key!r}] = {value!r}", "step", f"state[{index}]['{key}']",
-              put((*optimizer, "state", index, key), value))
+        forge(
+            f"state[{index}][{key!r}] = {value!r}",
+            "step",
+            f"state[{index}]['{key}']",
+            put((*optimizer, "state", index, key), value),
+        )
     for key in ("step", "exp_avg", "exp_avg_sq"):
         index = choose.choice(parameters)
-        forge(f"state[{index}] without {key!r}", "step", f"state[{index}] has no {key}",
-              drop((*optimizer, "state", index, key)))
+        forge(
+            f"state[{index}] without {key!r}",
+            "step",
+            f"state[{index}] has no {key}",
+            drop((*optimizer, "state", index, key)),
+        )
     for value in (torch.tensor(-1.0), torch.tensor(NAN), torch.tensor(INF), -3, "3", True, torch.ones(2),
                   torch.tensor(True), NAN, None):  # fmt: skip
         index = choose.choice(parameters)
-        forge(f"state[{index}]['step'] = {value!r}", "step", f"state[{index}]['step']",
-              put((*optimizer, "state", index, "step"), value))
+        forge(
+            f"state[{index}]['step'] = {value!r}",
+            "step",
+            f"state[{index}]['step']",
+            put((*optimizer, "state", index, "step"), value),
+        )
     for index in (len(parameters), 99, -1, "0", 2.5):  # state of a parameter the optimizer does not have
-        forge(f"state for parameter {index!r}", "step", "optimizer: state holds an entry for",
-              put((*optimizer, "state", index), copy.deepcopy(tree["step"]["optimizer"]["state"][parameters[0]])))
+        forge(
+            f"state for parameter {index!r}",
+            "step",
+            "optimizer: state holds an entry for",
+            put((*optimizer, "state", index), copy.deepcopy(tree["step"]["optimizer"]["state"][parameters[0]])),
+        )
     for index in (True, 1.0):  # parameter 1's state under a key that only compares equal to 1
-        forge(f"state of parameter 1 under {index!r}", "step", "optimizer: state holds an entry for",
-              put((*optimizer, "state"), {index if number == 1 else number: value
-                                          for number, value in tree["step"]["optimizer"]["state"].items()}))
+        forge(
+            f"state of parameter 1 under {index!r}",
+            "step",
+            "optimizer: state holds an entry for",
+            put(
+                (*optimizer, "state"),
+                {
+                    index if number == 1 else number: value
+                    for number, value in tree["step"]["optimizer"]["state"].items()
+                },
+            ),
+        )
     for value in ("bar", NAN, INF):
         index = choose.choice(parameters)
-        forge(f"state[{index}]['foo'] = {value!r}", "step", f"state[{index}]['foo']",
-              put((*optimizer, "state", index, "foo"), value))
+        forge(
+            f"state[{index}]['foo'] = {value!r}",
+            "step",
+            f"state[{index}]['foo']",
+            put((*optimizer, "state", index, "foo"), value),
+        )
 
     group = (*optimizer, "param_groups", 0)
     for key, values in (("lr", (-INF, NAN, -1, "0.1", True, None, [0.1], INF)),
@@ -276,19 +314,26 @@ def forged_states(tree: dict, seed: int) -> list[Forgery]:
                         ("eps", (-1e-8, NAN, "1e-8")), ("weight_decay", (-0.01, INF)), ("initial_lr", (-0.01,)),
                         ("amsgrad", (1, "yes", None)), ("foreach", ([1], NAN))):  # fmt: skip
         for value in values:
-            forge(f"param_groups[0][{key!r}] = {value!r}", "step", f"param_groups[0]['{key}']",
-                  put((*group, key), value))
+            forge(
+                f"param_groups[0][{key!r}] = {value!r}", "step", f"param_groups[0]['{key}']", put((*group, key), value)
+            )
     forge("a setting Adam does not have", "step", "unexpected key(s) 'momentum'", put((*group, "momentum"), 0.9))
     forge("no lr", "step", "no key 'lr'", drop((*group, "lr")))
     count = len(parameters)
     for params in ([0, 0, *range(2, count)], [*range(count - 1), 9], list(range(count - 1)), [-1, *range(1, count)],
                    [0.0, *range(1, count)], [False, True, *range(2, count)], [1, 0, *range(2, count)],
                    "".join(map(str, range(count)))):  # fmt: skip
-        forge(f"param_groups[0]['params'] = {params!r}", "step", "param_groups[0]['params']",
-              put((*group, "params"), params))
+        forge(
+            f"param_groups[0]['params'] = {params!r}",
+            "step",
+            "param_groups[0]['params']",
+            put((*group, "params"), params),
+        )
     only = tree["step"]["optimizer"]["param_groups"][0]
     for groups in ([], [only, only], ["x"]):
-        forge(f"param_groups = {len(groups)} group(s)", "step", "param_groups", put((*optimizer, "param_groups"), groups))
+        forge(
+            f"param_groups = {len(groups)} group(s)", "step", "param_groups", put((*optimizer, "param_groups"), groups)
+        )
 
     model = tree["step"]["model"]
     name = choose.choice(sorted(model))
@@ -297,11 +342,19 @@ def forged_states(tree: dict, seed: int) -> list[Forgery]:
     grads = tree["step"]["grads"][0]
     name = choose.choice(sorted(grads))
     for value in (grads[name].double(), 0.0, torch.zeros(grads[name].numel() + 1)):
-        forge(f"grads[0][{name!r}] = {type(value).__name__}", "step", f"grads[0]['{name}']",
-              put(("step", "grads", 0, name), value))
+        forge(
+            f"grads[0][{name!r}] = {type(value).__name__}",
+            "step",
+            f"grads[0]['{name}']",
+            put(("step", "grads", 0, name), value),
+        )
     for index in (str(len(parameters)), "-1", "01", " 1", "x"):
-        forge(f"a gradient for {index!r}", "step", "grads[0] holds a gradient for",
-              put(("step", "grads", 0, index), grads[name]))
+        forge(
+            f"a gradient for {index!r}",
+            "step",
+            "grads[0] holds a gradient for",
+            put(("step", "grads", 0, index), grads[name]),
+        )
 
     for value in ("0.5", [0.5], True, None, {"a": 1.0}, torch.zeros(2), torch.tensor(True)):
         forge(f"metrics['train_loss'] = {value!r}", "metrics", "train_loss", put(("metrics", "train_loss"), value))
@@ -315,16 +368,32 @@ def forged_states(tree: dict, seed: int) -> list[Forgery]:
                         ("exact", (1, "yes", None)), ("samples", (-1, 1.5, True, "3", 2**70)),
                         ("batches", (-3, "4", 2.5)), ("active", (1, None))):  # fmt: skip
         for value in values:
-            forge(f"SmoothedLoss[{key!r}] = {value!r}", "callbacks", f"SmoothedLoss: rank 0: {key}",
-                  put((*loss, key), value))
-    forge("SmoothedLoss without its average", "callbacks", "SmoothedLoss: rank 0: the saved state has no key 'average'",
-          drop((*loss, "average")))
-    forge("SmoothedLoss with a key of its own", "callbacks", "SmoothedLoss: rank 0: the saved state has unexpected",
-          put((*loss, "extra"), 1))
+            forge(
+                f"SmoothedLoss[{key!r}] = {value!r}",
+                "callbacks",
+                f"SmoothedLoss: rank 0: {key}",
+                put((*loss, key), value),
+            )
+    forge(
+        "SmoothedLoss without its average",
+        "callbacks",
+        "SmoothedLoss: rank 0: the saved state has no key 'average'",
+        drop((*loss, "average")),
+    )
+    forge(
+        "SmoothedLoss with a key of its own",
+        "callbacks",
+        "SmoothedLoss: rank 0: the saved state has unexpected",
+        put((*loss, "extra"), 1),
+    )
     forge("SmoothedLoss with no ranks", "callbacks", "SmoothedLoss", put((*callbacks, "SmoothedLoss", "ranks"), []))
     saved_rank = tree["callbacks"]["SmoothedLoss"]["ranks"][0]
-    forge("a second rank of SmoothedLoss forged", "callbacks", "SmoothedLoss: rank 1: samples",
-          put((*callbacks, "SmoothedLoss", "ranks"), [saved_rank, {**saved_rank, "samples": -2}]))
+    forge(
+        "a second rank of SmoothedLoss forged",
+        "callbacks",
+        "SmoothedLoss: rank 1: samples",
+        put((*callbacks, "SmoothedLoss", "ranks"), [saved_rank, {**saved_rank, "samples": -2}]),
+    )
     accuracy = (*callbacks, "Accuracy", "ranks", 0)
     total = tree["callbacks"]["Accuracy"]["ranks"][0]["total"]
     for key, value in (("correct", torch.tensor(3.0)), ("correct", torch.zeros(1, dtype=torch.int64)),
@@ -332,30 +401,58 @@ def forged_states(tree: dict, seed: int) -> list[Forgery]:
                        ("total", 2.5), ("total", True)):  # fmt: skip
         forge(f"Accuracy[{key!r}] = {value!r}", "callbacks", f"Accuracy: rank 0: {key}", put((*accuracy, key), value))
     for value in (-1, 1, 2.5, True, "20", None):
-        forge(f"OneCycle total_steps = {value!r}", "callbacks", "OneCycle: total_steps",
-              put((*callbacks, "OneCycle", "total_steps"), value))
-    forge("OneCycle with a key of its own", "callbacks", "OneCycle: the saved state has unexpected",
-          put((*callbacks, "OneCycle", "cycle"), 2))
+        forge(
+            f"OneCycle total_steps = {value!r}",
+            "callbacks",
+            "OneCycle: total_steps",
+            put((*callbacks, "OneCycle", "total_steps"), value),
+        )
+    forge(
+        "OneCycle with a key of its own",
+        "callbacks",
+        "OneCycle: the saved state has unexpected",
+        put((*callbacks, "OneCycle", "cycle"), 2),
+    )
     scheduler = (*callbacks, "TorchScheduler", "scheduler")
     for key, values in (("last_epoch", (-3, 2.5, True, "0")), ("_step_count", (-1, 1.5)),
                         ("base_lrs", ([-0.1], [NAN], ["x"], [], [0.01, 0.01])), ("gamma", ("0.1", INF)),
                         ("_is_initial", (1,))):  # fmt: skip
         for value in values:
             forge(f"StepLR[{key!r}] = {value!r}", "callbacks", "TorchScheduler: ", put((*scheduler, key), value))
-    forge("StepLR given an optimizer", "callbacks", "TorchScheduler: scheduler is not laid out",
-          put((*scheduler, "optimizer"), {}))
-    forge("StepLR without step_size", "callbacks", "TorchScheduler: scheduler is not laid out",
-          drop((*scheduler, "step_size")))
+    forge(
+        "StepLR given an optimizer",
+        "callbacks",
+        "TorchScheduler: scheduler is not laid out",
+        put((*scheduler, "optimizer"), {}),
+    )
+    forge(
+        "StepLR without step_size",
+        "callbacks",
+        "TorchScheduler: scheduler is not laid out",
+        drop((*scheduler, "step_size")),
+    )
     stopping = (*callbacks, "EarlyStopping")
     for key, values in (("best", (NAN, "inf", True, None, [1.0])), ("bad_checks", (-1, 1.5, True, "0")),
                         ("checked_this_epoch", (0, "no", None))):  # fmt: skip
         for value in values:
-            forge(f"EarlyStopping[{key!r}] = {value!r}", "callbacks", f"EarlyStopping: {key}",
-                  put((*stopping, key), value))
-    forge("EarlyStopping without best", "callbacks", "EarlyStopping: the saved state has no key 'best'",
-          drop((*stopping, "best")))
-    forge("StopOnNonFinite with a state", "callbacks", "StopOnNonFinite: the saved state has unexpected",
-          put((*callbacks, "StopOnNonFinite", "x"), 1))
+            forge(
+                f"EarlyStopping[{key!r}] = {value!r}",
+                "callbacks",
+                f"EarlyStopping: {key}",
+                put((*stopping, key), value),
+            )
+    forge(
+        "EarlyStopping without best",
+        "callbacks",
+        "EarlyStopping: the saved state has no key 'best'",
+        drop((*stopping, "best")),
+    )
+    forge(
+        "StopOnNonFinite with a state",
+        "callbacks",
+        "StopOnNonFinite: the saved state has unexpected",
+        put((*callbacks, "StopOnNonFinite", "x"), 1),
+    )
 
     rank = ("rng", "ranks", 0)
     words = len(tree["rng"]["ranks"][0]["python"]["state"])

@@ -140,7 +140,7 @@ SIGNAL_POINTS = [
 def newest_position(folder: Path) -> tuple[str, int, str, int]:
     saved = read_tree(checkpoint_files(folder)[-1])
     position = saved["position"]
-    phase = ("train", "valid")[position["phase_position"]]
+    phase = ("train", "valid")[position["phase_index"]]
     return saved["machine"]["state"], position["epoch"], phase, position["batch_index"]
 
 
@@ -191,7 +191,9 @@ def signal_during_a_write(folder: Path, out: Path, options: tuple[str, ...], wri
     finally:
         returncode = child.wait(timeout=60)
     expected = -number if number == signal.SIGKILL else 128 + number
-    assert returncode == expected, f"the run ended before a write could be caught, or not by the signal: {child.stderr.read()}"
+    assert returncode == expected, (
+        f"the run ended before a write could be caught, or not by the signal: {child.stderr.read()}"
+    )
     return returncode, caught and (number != signal.SIGKILL or writing())
 
 

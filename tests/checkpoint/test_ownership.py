@@ -33,7 +33,10 @@ def build(callbacks: list[st.Callback], device: torch.device, seed: int = 0, epo
           train: object = None) -> st.Trainer:  # fmt: skip
     torch.manual_seed(seed)
     model = nn.Linear(4, 3)
-    phases = [st.Phase("train", batches(4, 0) if train is None else train), st.Phase("valid", batches(2, 1), grad=False)]
+    phases = [
+        st.Phase("train", batches(4, 0) if train is None else train),
+        st.Phase("valid", batches(2, 1), grad=False),
+    ]
     return st.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), F.cross_entropy, phases,
                       callbacks=callbacks, epochs=epochs, device=device, seed=seed)  # fmt: skip
 

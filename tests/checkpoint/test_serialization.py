@@ -13,8 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from statetrainer.checkpoint import FORMAT_VERSION, CheckpointError, read_tree, write_tree
-from statetrainer.checkpoint import atomic, serialization
+from statetrainer.checkpoint import FORMAT_VERSION, CheckpointError, atomic, read_tree, serialization, write_tree
 
 
 def sample_tree():
@@ -125,7 +124,8 @@ def test_the_threaded_checksum_of_large_files_matches_the_reader(tmp_path, monke
         lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt),
         lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.9**step),
         lambda opt: torch.optim.lr_scheduler.SequentialLR(
-            opt, [torch.optim.lr_scheduler.LinearLR(opt), torch.optim.lr_scheduler.ExponentialLR(opt, 0.9)], [2]),
+            opt, [torch.optim.lr_scheduler.LinearLR(opt), torch.optim.lr_scheduler.ExponentialLR(opt, 0.9)], [2]
+        ),
     ],
 )
 def test_torch_optimizer_and_scheduler_states_round_trip(tmp_path, make):
@@ -160,9 +160,13 @@ def test_only_half_written_files_of_dead_writers_are_removed(tmp_path):
 def test_the_file_is_synced_before_its_rename_and_the_folder_after(tmp_path, monkeypatch):
     events = []
     real_fsync_path, real_replace = atomic.fsync_path, atomic.os.replace
-    monkeypatch.setattr(atomic, "fsync_path", lambda path: (events.append(("fsync", Path(path).name)), real_fsync_path(path)))
+    monkeypatch.setattr(
+        atomic, "fsync_path", lambda path: (events.append(("fsync", Path(path).name)), real_fsync_path(path))
+    )
     # the file is fsynced in the writer's private folder, then renamed into place
-    monkeypatch.setattr(atomic.os, "replace", lambda a, b: (events.append(("rename", Path(b).name)), real_replace(a, b)))
+    monkeypatch.setattr(
+        atomic.os, "replace", lambda a, b: (events.append(("rename", Path(b).name)), real_replace(a, b))
+    )
     write_tree(tmp_path / "a.safetensors", sample_tree(), "test")
     assert events == [("fsync", "a.safetensors"), ("rename", "a.safetensors"), ("fsync", tmp_path.name)]
     assert [path.name for path in tmp_path.iterdir()] == ["a.safetensors"]  # the private folder is gone
@@ -293,7 +297,9 @@ def test_a_forged_document_raises_checkpoint_error(tmp_path, header, document, m
         read_tree(path)
 
 
-@pytest.mark.parametrize(("code", "advice"), [(28, "the disk is full"), (30, "the file system is read-only"), (13, "permission denied")])
+@pytest.mark.parametrize(
+    ("code", "advice"), [(28, "the disk is full"), (30, "the file system is read-only"), (13, "permission denied")]
+)
 def test_a_failed_save_names_the_file_and_what_to_do_and_keeps_the_previous_one(tmp_path, monkeypatch, code, advice):
     path = write_tree(tmp_path / "a.safetensors", {"x": torch.ones(2)}, "test")
 

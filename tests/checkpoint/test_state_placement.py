@@ -52,7 +52,9 @@ def assert_state_on(trainer: st.Trainer, device: torch.device) -> None:
     where.update({f"optimizer[{index}]": tensor.device
                   for index, tensor in enumerate(tensors_of(trainer.optimizer.state_dict()["state"]))
                   if tensor.dim()})  # Adam's step counts stay on the CPU by design  # fmt: skip
-    where.update({f"grad[{index}]": p.grad.device for index, p in enumerate(trainer.model.parameters()) if p.grad is not None})
+    where.update(
+        {f"grad[{index}]": p.grad.device for index, p in enumerate(trainer.model.parameters()) if p.grad is not None}
+    )
     assert any(name.startswith("MeanConfidence") for name in where)
     wrong = {name: placed for name, placed in where.items() if placed.type != device.type}
     assert not wrong, f"not on {device}: {wrong}"
@@ -101,7 +103,9 @@ def test_a_checkpoint_moves_between_cpu_and_cuda(tmp_path, written_on, loaded_on
     first = build(written_on)
     advance_to_mid_phase(first)
     path = first.save_checkpoint(tmp_path)
-    assert len(read_tree(path)["rng"]["ranks"][0]["cuda"]) == (1 if written_on == "cuda" else 0)  # the generators of the run's devices
+    assert len(read_tree(path)["rng"]["ranks"][0]["cuda"]) == (
+        1 if written_on == "cuda" else 0
+    )  # the generators of the run's devices
     second = build(loaded_on)
     second.load_checkpoint(path)
     assert_state_on(second, torch.device(loaded_on))

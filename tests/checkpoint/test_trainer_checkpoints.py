@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import statetrainer as st
 from statetrainer.callbacks import Accuracy, Checkpoint, SmoothedLoss
 from statetrainer.checkpoint import CheckpointError, checkpoint_files, write_tree
-from statetrainer.version import __version__
 from statetrainer.testing import EventRecorder
+from statetrainer.version import __version__
 
 from ..data.test_resumable import Augmented
 from ..test_trainer import UnsizedLoader
@@ -37,7 +37,10 @@ def build(callbacks=(), model=None, loader=None, *, device: torch.device | str, 
 
 
 def advance_to(trainer: st.Trainer, epoch: int, phase: str, batch_index: int) -> None:
-    while not (trainer.state == "phase" and (trainer.epoch, trainer.phase.name, trainer.batch_index) == (epoch, phase, batch_index)):
+    while not (
+        trainer.state == "phase"
+        and (trainer.epoch, trainer.phase.name, trainer.batch_index) == (epoch, phase, batch_index)
+    ):
         trainer.advance()
 
 
@@ -97,7 +100,9 @@ def test_resume_loads_no_sample_it_already_saw(device: torch.device, tmp_path):
 def test_auto_resume_recipe_with_the_checkpoint_callback(device: torch.device, tmp_path):
     folder = tmp_path / "run"
     whole = build(epochs=3, device=device).fit()
-    assert build([Checkpoint(folder)], device=device).load_checkpoint(folder) is None  # nothing there yet: a fresh start
+    assert (
+        build([Checkpoint(folder)], device=device).load_checkpoint(folder) is None
+    )  # nothing there yet: a fresh start
     first = build([Checkpoint(folder, every_steps=4, keep_last=2)], epochs=3, device=device)
     advance_to(first, 1, "train", 5)  # "killed" here
     kept = checkpoint_files(folder)
@@ -114,7 +119,9 @@ def test_auto_resume_recipe_with_the_checkpoint_callback(device: torch.device, t
 
 
 def test_best_checkpoint_is_kept_apart(device: torch.device, tmp_path):
-    trainer = build([Checkpoint(tmp_path, every_epochs=None, keep_last=1, best="valid_accuracy")], epochs=3, device=device).fit()
+    trainer = build(
+        [Checkpoint(tmp_path, every_epochs=None, keep_last=1, best="valid_accuracy")], epochs=3, device=device
+    ).fit()
     best = build([Checkpoint(tmp_path, every_epochs=None, keep_last=1, best="valid_accuracy")], epochs=3, device=device)
     best.load_checkpoint(tmp_path / "best.safetensors")
     callback = trainer.callbacks[-1]
@@ -211,7 +218,10 @@ def test_resume_on_cuda_is_exact_with_mixed_precision(tmp_path, precision):
     assert_same_weights(whole, second)
     assert whole.metrics == second.metrics
     if precision == "fp16":
-        assert second.step_runner.scaler is not None and second.step_runner.scaler.get_scale() == whole.step_runner.scaler.get_scale()
+        assert (
+            second.step_runner.scaler is not None
+            and second.step_runner.scaler.get_scale() == whole.step_runner.scaler.get_scale()
+        )
 
 
 def test_a_checkpoint_path_of_another_kind_is_refused_not_made_a_folder(tmp_path, device):
@@ -308,7 +318,9 @@ def test_a_folder_named_like_a_checkpoint_file_is_refused(device: torch.device, 
         build(device=device).load_checkpoint(tmp_path / "x.safetensors")
 
 
-def test_a_checkpoint_of_a_run_with_another_seed_is_refused_unless_the_seed_is_left_open(device: torch.device, tmp_path):
+def test_a_checkpoint_of_a_run_with_another_seed_is_refused_unless_the_seed_is_left_open(
+    device: torch.device, tmp_path
+):
     saved = build(device=device)
     advance_to(saved, 0, "train", 2)
     path = saved.save_checkpoint(tmp_path / "seed3.safetensors")
@@ -413,7 +425,9 @@ class LoadsBadly(st.Callback):
         raise ValueError("cannot take this state")
 
 
-def test_a_part_that_fails_to_load_after_the_checks_leaves_a_trainer_that_refuses_to_go_on(device: torch.device, tmp_path):
+def test_a_part_that_fails_to_load_after_the_checks_leaves_a_trainer_that_refuses_to_go_on(
+    device: torch.device, tmp_path
+):
     build([LoadsBadly(), Checkpoint(tmp_path, every_epochs=1)], device=device).fit()
     resumed = build([LoadsBadly(), Checkpoint(tmp_path, every_epochs=1)], device=device, epochs=3)
     with pytest.raises(CheckpointError, match="callbacks: loading raised ValueError.*build a new one"):

@@ -25,7 +25,13 @@ def test_sized_loader_is_never_read_ahead():
     loader = [10, 11, 12]
     cursor = BatchCursor(loader, length=3)
     assert cursor.length == 3
-    assert [cursor.next(), cursor.is_last(), cursor.next(), cursor.next(), cursor.is_last()] == [10, False, 11, 12, True]
+    assert [cursor.next(), cursor.is_last(), cursor.next(), cursor.next(), cursor.is_last()] == [
+        10,
+        False,
+        11,
+        12,
+        True,
+    ]
     assert cursor.next() is END
 
 

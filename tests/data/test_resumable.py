@@ -9,7 +9,15 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, SubsetRandomSampler, TensorDataset
 
-from statetrainer.data import BatchSource, EpochSource, SeededLoader, SequenceSource, StatefulSource, batch_source, mix_seed
+from statetrainer.data import (
+    BatchSource,
+    EpochSource,
+    SeededLoader,
+    SequenceSource,
+    StatefulSource,
+    batch_source,
+    mix_seed,
+)
 
 
 class Augmented(Dataset):
@@ -128,7 +136,9 @@ class GaussAugmented(Augmented):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         self.loads += 1
-        return torch.tensor([float(index), float(np.random.randn()), float(np.random.randn()), float(np.random.randn())])
+        return torch.tensor(
+            [float(index), float(np.random.randn()), float(np.random.randn()), float(np.random.randn())]
+        )
 
 
 def test_gaussian_numpy_augmentation_is_the_same_in_process_and_in_workers():
@@ -238,7 +248,11 @@ def test_a_stream_with_its_own_state_resumes_from_it():
 
 def test_a_stream_with_state_in_worker_processes_says_why_it_cannot_resume():
     source = batch_source(DataLoader(CountingStream(), batch_size=4, num_workers=2), 0)
-    assert isinstance(source, EpochSource) and not source.resumable and "num_workers=0 or torchdata's StatefulDataLoader" in source.reason
+    assert (
+        isinstance(source, EpochSource)
+        and not source.resumable
+        and "num_workers=0 or torchdata's StatefulDataLoader" in source.reason
+    )
 
 
 def test_torchdatas_stateful_dataloader_resumes_through_its_own_state():
@@ -253,7 +267,9 @@ def test_torchdatas_stateful_dataloader_resumes_through_its_own_state():
     restarted = batch_source(make(), 0)
     restarted.load_state_dict(saved)
     assert [batch.tolist() for batch in restarted.open(seed=1, epoch=0, start=3)] == rest
-    assert sorted(value for batch in seen + [torch.tensor(b) for b in rest] for value in batch.tolist()) == list(range(40))
+    assert sorted(value for batch in seen + [torch.tensor(b) for b in rest] for value in batch.tolist()) == list(
+        range(40)
+    )
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -95,7 +95,7 @@ def test_a_distributed_sampler_is_recognised_and_its_shuffle_seed_and_drop_last_
 
 def test_the_saved_data_position_is_the_global_sample_and_a_changed_world_size_resumes_from_it():
     class AtBatch:
-        phase_position, batch_index = 0, 1  # two batches of the phase done
+        phase_index, batch_index = 0, 1  # two batches of the phase done
 
     dataset = TensorDataset(torch.arange(43.0))
     saved = PhaseSources.for_phases([type("P", (), {"name": "train", "loader": DataLoader(dataset, batch_size=4,

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 import statetrainer as st
 from statetrainer.callbacks import Callback, Checkpoint
 from statetrainer.checkpoint import CheckpointError, read_tree
-from statetrainer.stateful import Position
+from statetrainer.parts import Position
 
 StatefulDataLoader = pytest.importorskip("torchdata.stateful_dataloader").StatefulDataLoader
 
@@ -173,10 +173,12 @@ def shuffled_loader(workers: int, generator_seed: int | None, persistent: bool =
     The samples are noisy in process only: torchdata restores no worker's generator, so a pass resumed in
     worker processes draws other noise.
     """
+
     def make() -> StatefulDataLoader:
         generator = None if generator_seed is None else torch.Generator().manual_seed(generator_seed)
         return StatefulDataLoader(NumberedSamples(noisy=workers == 0), batch_size=5, shuffle=True,
                                   num_workers=workers, persistent_workers=persistent, generator=generator)  # fmt: skip
+
     return make
 
 
@@ -272,10 +274,16 @@ FORGED_PASSES: dict[str, tuple[int, Any, str]] = {
     "not a dict": (0, [1, None], "not a dict of its epoch"),
     "a negative epoch": (0, {"epoch": -1, "generator": None}, "not None or an integer >= 0"),
     "a boolean epoch": (0, {"epoch": True, "generator": None}, "not None or an integer >= 0"),
-    "a generator state of the wrong size": (0, {"epoch": 0, "generator": torch.zeros(3, dtype=torch.uint8)},
-                                            "not a state of that generator"),
-    "a generator state for a loader with none": (1, {"epoch": 0, "generator": torch.zeros(3, dtype=torch.uint8)},
-                                                 "state of its loader.s generator, but it has none"),
+    "a generator state of the wrong size": (
+        0,
+        {"epoch": 0, "generator": torch.zeros(3, dtype=torch.uint8)},
+        "not a state of that generator",
+    ),
+    "a generator state for a loader with none": (
+        1,
+        {"epoch": 0, "generator": torch.zeros(3, dtype=torch.uint8)},
+        "state of its loader.s generator, but it has none",
+    ),
     "a pass for a loader that keeps no state": (1, {"epoch": 0, "generator": None}, "which this one does not"),
 }
 

@@ -13,8 +13,8 @@ from torch import nn
 
 from statetrainer.checkpoint import CheckpointError, read_tree, write_tree
 from statetrainer.distributed import Ranks
-from statetrainer.stateful import StateRegistry
-from statetrainer.step import StepRunner, check_optimizer_state
+from statetrainer.optimizer_step import StepRunner, check_optimizer_state
+from statetrainer.parts import StateRegistry
 
 
 def runner_on(ranks: Ranks) -> tuple[nn.Linear, StepRunner]:
@@ -49,7 +49,9 @@ def test_window_gradients_of_another_number_of_ranks_become_their_mean_on_every_
     for ranks in (Ranks(), Ranks(rank=2, world_size=3)):
         model, runner = runner_on(ranks)
         runner.load_state_dict(window_state(1.0, 3.0))
-        assert torch.equal(model.weight.grad, torch.full((1, 2), 2.0)) and torch.equal(model.bias.grad, torch.full((1,), 2.0))
+        assert torch.equal(model.weight.grad, torch.full((1, 2), 2.0)) and torch.equal(
+            model.bias.grad, torch.full((1,), 2.0)
+        )
 
 
 # ---------------------------------------------------------------- a saved optimizer state checked against its parameters
@@ -82,6 +84,7 @@ def _edit(path: tuple, value: object) -> Callable[[dict], None]:
         for key in path[:-1]:
             node = node[key]
         node[path[-1]] = value
+
     return edit
 
 

@@ -23,9 +23,9 @@ import torch
 from .checkpoint import CheckpointError
 from .distributed import Ranks, gather_tree
 from .machine import AT_REST
+from .optimizer_step import optimizer_class_name
 from .rng import Generators
-from .state import check_flag, check_integer, check_keys, describe, is_real, tensors_to, unwrap_model
-from .step import optimizer_class_name
+from .saved_state import check_flag, check_integer, check_keys, describe, is_real, tensors_to, unwrap_model
 
 if TYPE_CHECKING:
     from .callbacks.base import Callback
@@ -106,9 +106,11 @@ class StateRegistry:
             try:
                 part.load_state_dict(state[name])
             except Exception as error:  # a part (a user's own) whose check let through what it cannot load
-                raise HalfLoadedError(f"{name}: loading raised {error!r} after every check passed, so the parts "
-                                      "before it are loaded and the rest are not: this trainer cannot be used; build "
-                                      f"a new one, and give the part a check_fits that refuses this state") from error
+                raise HalfLoadedError(
+                    f"{name}: loading raised {error!r} after every check passed, so the parts "
+                    "before it are loaded and the rest are not: this trainer cannot be used; build "
+                    f"a new one, and give the part a check_fits that refuses this state"
+                ) from error
 
 
 class HalfLoadedError(CheckpointError):
@@ -122,7 +124,7 @@ class Position:
     Attributes:
         epoch: The current epoch, from 0.
         epochs_done: Epochs finished.
-        phase_position: Index of the current phase in the epoch; -1 before the first.
+        phase_index: Index of the current phase in the epoch; -1 before the first.
         batch_index: Index of the current batch in its phase; -1 before the first.
         global_step: Optimizer steps taken.
         finished: Whether the run has ended.
@@ -131,7 +133,7 @@ class Position:
 
     epoch: int = 0
     epochs_done: int = 0
-    phase_position: int = -1
+    phase_index: int = -1
     batch_index: int = -1
     global_step: int = 0
     finished: bool = False
@@ -154,14 +156,19 @@ class Position:
         return dataclasses.asdict(self)
 
     def check_fits(self, state: dict[str, Any]) -> None:
-        """Refuse a saved position whose fields are missing or not of their kind (flags, counts)."""
+        """Refuse a saved position whose fields are missing or not of their kind (flags, counts).
+
+        A position saved before ``phase_position`` was renamed ``phase_index`` is read under the new name.
+        """
+        if isinstance(state, dict) and "phase_position" in state and "phase_index" not in state:
+            state["phase_index"] = state.pop("phase_position")
         check_keys("the saved position", state, [field.name for field in dataclasses.fields(self)])
         for field in dataclasses.fields(self):
             value = state[field.name]
             if field.type == "bool":
                 check_flag(field.name, value)
             else:  # the phase and the batch are -1 before the first
-                check_integer(field.name, value, -1 if field.name in ("phase_position", "batch_index") else 0)
+                check_integer(field.name, value, -1 if field.name in ("phase_index", "batch_index") else 0)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for field in dataclasses.fields(self):
@@ -178,7 +185,7 @@ def check_position_fits(epochs: int, state: dict[str, Any]) -> None:
     """
     phase_lengths = [phase["batches"] for phase in state["data"]]
     position, where = state["position"], state["machine"]["state"]
-    phase, batch = position["phase_position"], position["batch_index"]
+    phase, batch = position["phase_index"], position["batch_index"]
     if where not in AT_REST:
         raise CheckpointError(f"the run was saved in state {where!r}, inside a batch; a run is saved between batches")
     if not -1 <= phase < len(phase_lengths) or (where == "phase" and phase < 0):
@@ -344,7 +351,9 @@ class RunIdentity:
     def for_run(cls, phase_layout: list[tuple[str, int | None]], model: torch.nn.Module,
                 optimizer: torch.optim.Optimizer | None, generators: Generators) -> RunIdentity:  # fmt: skip
         """The identity of a new run of these phases (name, batches), model and optimizer."""
-        tensors = [(key, list(value.shape), str(value.dtype)) for key, value in unwrap_model(model).state_dict().items()]
+        tensors = [
+            (key, list(value.shape), str(value.dtype)) for key, value in unwrap_model(model).state_dict().items()
+        ]
         described = json.dumps([phase_layout, tensors, optimizer_class_name(optimizer)]).encode()
         return cls(hashlib.blake2b(described, digest_size=8).hexdigest(), generators)
 

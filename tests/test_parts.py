@@ -12,10 +12,19 @@ from torch import nn
 from torch.nn import functional as F
 
 import statetrainer as st
-from statetrainer.callbacks import (Accuracy, Callback, Checkpoint, EarlyStopping, OneCycle, SmoothedLoss,
-                                    StopOnNonFinite, TorchScheduler, TrainerView)  # fmt: skip
+from statetrainer.callbacks import (
+    Accuracy,
+    Callback,
+    Checkpoint,
+    EarlyStopping,
+    OneCycle,
+    SmoothedLoss,
+    StopOnNonFinite,  # fmt: skip
+    TorchScheduler,
+    TrainerView,
+)
 from statetrainer.checkpoint import CheckpointError
-from statetrainer.stateful import CallbackStates, Position, StateRegistry
+from statetrainer.parts import CallbackStates, Position, StateRegistry
 
 from .conftest import regression_batches
 
@@ -134,7 +143,7 @@ def test_hooks_have_resolvable_type_hints_against_the_narrow_trainer_view():
     ("edit", "message"),
     [
         (lambda state: state["machine"].update(state="batch"), "saved in state 'batch', inside a batch"),
-        (lambda state: state["position"].update(phase_position=3), "phase index 3 is not one of this run's 1"),
+        (lambda state: state["position"].update(phase_index=3), "phase index 3 is not one of this run's 1"),
         (lambda state: state["position"].update(batch_index=6), "batch index 6 is past the 6 batches"),
         (lambda state: state["position"].update(epoch=1), "epoch 1 and epochs done 0 disagree"),
     ],
@@ -216,16 +225,22 @@ def test_a_callback_state_that_cannot_load_is_refused_before_the_model_and_optim
     """The issue's half-loaded trainer: a callback's state that cannot load (a log cut short) used to fail after the
     model, optimizer and position were loaded; its ``check_fits`` now refuses it first."""
     state = saved_mid_phase(device, [ShortLog(size=82)])
-    assert_refused_and_unchanged(build_with_callbacks(device, [ShortLog(size=0)]), state,
-                                 "^callbacks: ShortLog: the log holds 0 bytes but the checkpoint expects 82$")
+    assert_refused_and_unchanged(
+        build_with_callbacks(device, [ShortLog(size=0)]),
+        state,
+        "^callbacks: ShortLog: the log holds 0 bytes but the checkpoint expects 82$",
+    )
 
 
 def test_a_callback_check_that_raises_a_plain_error_is_reported_as_a_checkpoint_error_naming_the_callback(
         device: torch.device):  # fmt: skip
     state = saved_mid_phase(device, [ShortLog(size=82)])
     del state["callbacks"]["ShortLog"]["size"]
-    assert_refused_and_unchanged(build_with_callbacks(device, [ShortLog()]), state,
-                                 r"^callbacks: ShortLog: the saved state does not fit this callback: KeyError\('size'\)$")
+    assert_refused_and_unchanged(
+        build_with_callbacks(device, [ShortLog()]),
+        state,
+        r"^callbacks: ShortLog: the saved state does not fit this callback: KeyError\('size'\)$",
+    )
 
 
 def test_only_the_callbacks_this_process_runs_check_their_state():

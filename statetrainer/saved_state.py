@@ -1,7 +1,7 @@
 """Helpers for ``Trainer.state_dict``: unwrapping models, checking a saved state fits, placing it.
 
 The ``check_*`` helpers let each part of a run check a saved state before
-anything is loaded (see ``statetrainer.stateful``): each raises
+anything is loaded (see ``statetrainer.parts``): each raises
 ``CheckpointError`` naming the key and saying what it holds and what it must
 hold, and none changes anything. A checkpoint's document is JSON, so a forged
 file can put any number, string, list or dict where a tensor belongs; a bool
@@ -149,7 +149,9 @@ def check_real(name: str, value: Any, low: float = -math.inf, high: float = math
     fits = is_real(number) and not math.isnan(number) and (math.isfinite(number) or not finite)
     if not fits or not in_interval(number, low, high, low_open, high_open):
         kind = f"{'a finite' if finite else 'a'} {'number or 0-dim tensor' if tensor else 'number'}"
-        raise CheckpointError(f"{name} is {describe(value)}, not {kind}{interval_words(low, high, low_open, high_open)}")
+        raise CheckpointError(
+            f"{name} is {describe(value)}, not {kind}{interval_words(low, high, low_open, high_open)}"
+        )
 
 
 def check_tensor(name: str, value: Any, shape: Iterable[int], dtype: torch.dtype) -> None:

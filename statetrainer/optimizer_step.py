@@ -14,8 +14,18 @@ from torch.utils._pytree import tree_leaves
 from .checkpoint import CheckpointError
 from .distributed import Ranks, all_gather, gathered_states
 from .precision import make_autocast, make_grad_scaler
-from .state import (check_integer, check_keys, check_like, check_model_state, check_real, check_tensor, describe,
-                    is_real, tensors_to, unwrap_model)  # fmt: skip
+from .saved_state import (
+    check_integer,
+    check_keys,
+    check_like,
+    check_model_state,
+    check_real,
+    check_tensor,
+    describe,
+    is_real,  # fmt: skip
+    tensors_to,
+    unwrap_model,
+)
 from .validation import in_interval, interval_words
 
 __all__ = ["StepRunner", "check_optimizer_state", "check_scaler_state", "optimizer_class_name"]

@@ -79,7 +79,7 @@ def measure(label: str, width: int, layers: int, folder: Path, repeats: int, dev
 
     def our_load() -> None:
         fresh.position.load_state_dict(Position().state_dict())  # reuse one fresh trainer: reset what a load set
-        fresh._machine.restore("idle")
+        fresh._core.machine.restore("idle")
         fresh.load_checkpoint(ours)
 
     def torch_load() -> None:

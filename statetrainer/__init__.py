@@ -10,10 +10,9 @@ trainer.fit()                    # or step: trainer.advance(), trainer.run_until
 
 from . import callbacks
 from .callbacks import Callback
-from .checkpoint import CheckpointError
-from .machine import STATES, TRANSITIONS, InvalidMove, Move, diagram
+from .errors import CheckpointError, InvalidMove, Preempted
+from .machine import STATES, TRANSITIONS, Move, diagram
 from .phase import Phase
-from .preemption import Preempted
 from .rng import seed_everything
 from .trainer import Trainer, unpack_pair
 from .version import __version__

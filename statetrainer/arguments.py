@@ -112,7 +112,7 @@ _HOOKS_ELSEWHERE = {
 
 def _check_hook_names(callback: Callback) -> None:
     """Raise ``TypeError`` for a method named like a hook that is none (it would never be called)."""
-    known = {*HOOK_NAMES, "on_exception"}
+    known = {*HOOK_NAMES, "on_exception", "on_close"}
     for name in dir(type(callback)):
         if name.startswith("on_") and name not in known and callable(getattr(type(callback), name)):
             closest = _HOOKS_ELSEWHERE.get(name) or next(

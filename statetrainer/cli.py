@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointError, read_tree
+from .checkpoint import read_tree
+from .errors import CheckpointError
 from .inspection import summarize_file, summarize_folder
 from .machine import DIAGRAM_FORMATS, STATES, diagram, diagram_graph
 from .parts import Position
@@ -123,7 +124,7 @@ def _metrics_text(metrics: dict[str, Any]) -> str:
                      for name, value in metrics.items()) or "none yet"  # fmt: skip
 
 
-def _size(count: int) -> str:
+def _size(count: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if count < 1024 or unit == "GiB":
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"

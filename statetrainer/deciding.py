@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from .data import END
 from .machine import TrainingMachine
 from .work import StateWork
-
-if TYPE_CHECKING:
-    from .trainer import Trainer
 
 __all__ = ["Deciders"]
 
@@ -20,11 +16,16 @@ class Deciders:
 
     ``fit()`` and ``advance()`` both call ``by_state[machine.state]()``, so a
     stepped run and a fitted run make the same transitions.
+
+    Args:
+        machine: The machine whose transitions are fired.
+        work: The states' work: the position, the phases and the open phase's batches.
+        epochs: How many epochs the run has.
     """
 
-    def __init__(self, trainer: Trainer, machine: TrainingMachine, work: StateWork) -> None:
-        self.trainer, self.position, self.work = trainer, trainer.position, work
-        self.accumulate = work.step_runner.accumulate
+    def __init__(self, machine: TrainingMachine, work: StateWork, epochs: int) -> None:
+        self.work, self.position, self.epochs = work, work.position, epochs
+        self.phase_count, self.accumulate = len(work.phases), work.step_runner.accumulate
         fire = machine.firer
         self._start_phase, self._start_batch, self._backward = (
             fire("start_phase"),
@@ -39,36 +40,38 @@ class Deciders:
 
     def decide_epoch(self) -> None:
         position = self.position
-        if not position.stop_requested and position.phase_index + 1 < len(self.trainer.phases):
+        if not position.stop_requested and position.phase_index + 1 < self.phase_count:
             self._start_phase()
             return
         position.epochs_done += 1
-        if position.stop_requested or position.epochs_done >= self.trainer.epochs:
+        if position.stop_requested or position.epochs_done >= self.epochs:
             self._finish()
         else:
             self._next_epoch()
 
     def decide_phase(self) -> None:
         work = self.work
+        cursor = work.cursor
+        assert cursor is not None
         if not self.position.stop_requested:
-            batch = work.cursor.next()
+            batch = cursor.next()
             if batch is not END:
                 work.incoming = batch
                 self._start_batch()
                 return
-            if work.cursor.fetched == 0:
-                raise ValueError(f"phase {self.trainer.phase.name!r}: its loader yielded no batches")
+            if cursor.fetched == 0:
+                raise ValueError(f"phase {work.phase.name!r}: its loader yielded no batches")  # type: ignore[union-attr]
         work.cursor = None  # lets a DataLoader's workers shut down
         self._end_phase()
 
     def decide_batch(self) -> None:
-        if self.trainer.phase.grad:
+        if self.work.phase.grad:  # type: ignore[union-attr]
             self._backward()
         else:
             self._end_batch()
 
     def decide_backward(self) -> None:
-        if (self.position.batch_index + 1) % self.accumulate == 0 or self.work.cursor.is_last():
+        if (self.position.batch_index + 1) % self.accumulate == 0 or self.work.cursor.is_last():  # type: ignore[union-attr]
             self._step()
         else:
             self._end_batch()

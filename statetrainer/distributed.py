@@ -26,8 +26,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .checkpoint import CheckpointError
+from .errors import CheckpointError
 
 __all__ = ["Ranks", "StopVote", "agree", "all_gather", "all_reduce", "gather_tree", "gathered_states",
            "join_process_group", "launched_by_torchrun", "on_every_rank", "wrap_model"]  # fmt: skip
@@ -194,7 +195,9 @@ class StopVote:
 
     def __init__(self, ranks: Ranks) -> None:
         self.ranks = ranks
-        self.group = dist.new_group(backend="gloo") if ranks.backend != "gloo" else None
+        group = dist.new_group(backend="gloo") if ranks.backend != "gloo" else None
+        assert not isinstance(group, int)  # not GroupMember.NON_GROUP_MEMBER: every rank is in a group of all ranks
+        self.group = group
         self.received = 0  # this rank's signal, set by its handler
         self._outgoing = torch.zeros(1, dtype=torch.int32)
         self._pending: dist.Work | None = None
@@ -235,37 +238,20 @@ def gather_tree(tree: Any, ranks: Ranks, device: torch.device) -> list[Any]:
     """
     if not ranks.distributed:
         return [tree]
-    leaves: list[torch.Tensor] = []
-    skeleton = _flatten(tree, leaves)
-    per_rank = gathered_states(leaves, ranks, device)
-    return [_rebuild(skeleton, iter(rank_leaves)) for rank_leaves in per_rank]
+    leaves, spec = tree_flatten(tree)
+    sent = [_as_tensor(leaf) for leaf in leaves if isinstance(leaf, (torch.Tensor, bool, int, float))]
+    return [tree_unflatten(_received(leaves, iter(rank_leaves)), spec)
+            for rank_leaves in gathered_states(sent, ranks, device)]  # fmt: skip
 
 
-def _flatten(node: Any, leaves: list[torch.Tensor]) -> Any:
-    if isinstance(node, torch.Tensor):
-        leaves.append(node)
-        return _Leaf(None)
-    if isinstance(node, (bool, int, float)):
-        leaves.append(torch.tensor(node, dtype=torch.float64 if isinstance(node, float) else torch.int64))
-        return _Leaf(type(node))
-    if isinstance(node, dict):
-        return {key: _flatten(value, leaves) for key, value in node.items()}
-    if isinstance(node, (list, tuple)):
-        return type(node)(_flatten(value, leaves) for value in node)
-    return node
+def _as_tensor(leaf: torch.Tensor | float) -> torch.Tensor:
+    if isinstance(leaf, torch.Tensor):
+        return leaf
+    return torch.tensor(leaf, dtype=torch.float64 if isinstance(leaf, float) else torch.int64)
 
 
-def _rebuild(node: Any, leaves: Iterator[torch.Tensor]) -> Any:
-    if isinstance(node, _Leaf):
-        value = next(leaves)
-        return value if node.kind is None else node.kind(value.item())
-    if isinstance(node, dict):
-        return {key: _rebuild(value, leaves) for key, value in node.items()}
-    if isinstance(node, (list, tuple)):
-        return type(node)(_rebuild(value, leaves) for value in node)
-    return node
-
-
-@dataclass(frozen=True)
-class _Leaf:
-    kind: type | None  # None: a tensor; else the number's type
+def _received(leaves: list[Any], received: Iterator[torch.Tensor]) -> list[Any]:
+    """``leaves`` with each tensor and number replaced by the next of ``received`` (a number as its own type)."""
+    return [next(received) if isinstance(leaf, torch.Tensor)
+            else type(leaf)(next(received).item()) if isinstance(leaf, (bool, int, float)) else leaf
+            for leaf in leaves]  # fmt: skip

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_leaves
 
-from .checkpoint import CheckpointError, checkpoint_files, read_header, read_run_marker, read_tree
+from .checkpoint import checkpoint_files, read_header, read_run_marker, read_tree
+from .errors import CheckpointError
 
 __all__ = ["summarize_file", "summarize_folder"]
 
@@ -87,16 +89,5 @@ def _state_keys(state: Any) -> list[str]:
 
 
 def _tensor_totals(tree: Any) -> dict[str, int]:
-    tensors = list(_tensors(tree))
+    tensors = [leaf for leaf in tree_leaves(tree) if isinstance(leaf, torch.Tensor)]
     return {"tensors": len(tensors), "bytes": sum(tensor.numel() * tensor.element_size() for tensor in tensors)}
-
-
-def _tensors(tree: Any) -> Any:
-    if isinstance(tree, torch.Tensor):
-        yield tree
-    elif isinstance(tree, dict):
-        for value in tree.values():
-            yield from _tensors(value)
-    elif isinstance(tree, (list, tuple)):
-        for value in tree:
-            yield from _tensors(value)

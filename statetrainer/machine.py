@@ -59,10 +59,10 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from transitions import Machine, MachineError
+from transitions import Machine
 from transitions.extensions import GraphMachine
 
-from .checkpoint import CheckpointError
+from .errors import CheckpointError, InvalidMove
 from .optional import require
 
 __all__ = [
@@ -148,13 +148,6 @@ def entered_and_exited(source: str, dest: str) -> tuple[list[str], list[str]]:
     exited = source_chain[: source_chain.index(common)] if common else source_chain
     entered = dest_chain[: dest_chain.index(common)] if common else dest_chain
     return exited, entered[::-1]
-
-
-class InvalidMove(MachineError):
-    """An event was fired from a state that has no transition for it."""
-
-    def __str__(self) -> str:
-        return str(self.value)
 
 
 class _CompiledMove:

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from .checkpoint import CheckpointError
 from .distributed import Ranks, all_gather, gathered_states
+from .errors import CheckpointError
 from .precision import make_autocast, make_grad_scaler
 from .saved_state import (
     check_integer,
@@ -65,6 +65,7 @@ class StepRunner:
         self.parameters = [p for group in optimizer.param_groups for p in group["params"]] if optimizer else []
 
     def zero_grad(self) -> None:
+        assert self.optimizer is not None  # only a phase with gradients, which has an optimizer, zeroes them
         self.optimizer.zero_grad(set_to_none=True)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -79,11 +80,12 @@ class StepRunner:
         """Before a step after ``batches`` batches: make a ragged last window the mean of its own batches."""
         if batches != self.accumulate:
             gradients = [p.grad for p in self.parameters if p.grad is not None]
-            torch._foreach_mul_(gradients, self.accumulate / batches)
+            torch._foreach_mul_(gradients, self.accumulate / batches)  # pyright: ignore[reportPrivateImportUsage]  # not re-exported by torch's stubs
 
     def step(self) -> None:
         """Clip, step (through the GradScaler under fp16) and zero the gradients."""
         optimizer, scaler = self.optimizer, self.scaler
+        assert optimizer is not None  # a step runs in a phase with gradients, which has an optimizer
         if self.grad_clip is not None:
             if scaler is not None:
                 scaler.unscale_(optimizer)
@@ -162,7 +164,7 @@ class StepRunner:
         anywhere = torch.stack(all_gather(has_grad, self.ranks, self.device)).amax(0).tolist()
         indices = [index for index, present in enumerate(anywhere) if present]
         local = [self._grad_or_zeros(index) for index in indices]
-        return [{str(index): grad for index, grad in zip(indices, grads)}
+        return [{str(index): grad for index, grad in zip(indices, grads, strict=True)}
                 for grads in gathered_states(local, self.ranks, self.device)]  # fmt: skip
 
     def _grad_or_zeros(self, index: int) -> torch.Tensor:
@@ -175,7 +177,8 @@ class StepRunner:
         if len(saved) == self.ranks.world_size:
             return saved[self.ranks.rank]
         indices = sorted({index for rank_grads in saved for index in rank_grads}, key=int)
-        return {index: sum(rank_grads[index].float() for rank_grads in saved if index in rank_grads) / len(saved)
+        zero = torch.zeros(())  # sum's start (its 0, as a tensor)
+        return {index: sum((rank_grads[index].float() for rank_grads in saved if index in rank_grads), zero) / len(saved)
                 for index in indices}  # fmt: skip
 
 
@@ -256,7 +259,9 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, saved: Any) -> None:
         raise CheckpointError(f"optimizer: param_groups is {describe(groups)}, not a list of this optimizer's "
                               f"{len(our_groups)} param group(s)")  # fmt: skip
     owners: dict[int, tuple[dict[str, Any], torch.Tensor]] = {}  # parameter index -> its saved group, parameter
-    for number, (group, our_group, live_group) in enumerate(zip(groups, our_groups, optimizer.param_groups)):
+    for number, (group, our_group, live_group) in enumerate(
+        zip(groups, our_groups, optimizer.param_groups, strict=True)
+    ):
         where = f"optimizer: param_groups[{number}]"
         check_keys(where, group, our_group)
         params = group["params"]
@@ -267,7 +272,9 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, saved: Any) -> None:
         for key in our_group:
             if key != "params":
                 _check_setting(f"{where}[{key!r}]", key, group[key], our_group[key])
-        owners.update((index, (group, parameter)) for index, parameter in zip(params, live_group["params"]))
+        owners.update(
+            (index, (group, parameter)) for index, parameter in zip(params, live_group["params"], strict=True)
+        )
     states = saved["state"]
     if not isinstance(states, dict):
         raise CheckpointError(f"optimizer: state is {describe(states)}, not a dict of parameter indices")

@@ -14,14 +14,14 @@ import dataclasses
 import hashlib
 import json
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
-from .checkpoint import CheckpointError
 from .distributed import Ranks, gather_tree
+from .errors import CheckpointError, HalfLoadedError
 from .machine import AT_REST
 from .optimizer_step import optimizer_class_name
 from .rng import Generators
@@ -30,7 +30,7 @@ from .saved_state import check_flag, check_integer, check_keys, describe, is_rea
 if TYPE_CHECKING:
     from .callbacks.base import Callback
 
-__all__ = ["CallbackStates", "HalfLoadedError", "Metrics", "Position", "RunIdentity", "RunSettings", "StateRegistry",
+__all__ = ["CallbackStates", "Metrics", "Position", "RunIdentity", "RunSettings", "StateRegistry",
            "Stateful", "check_position_fits", "is_metric_value"]  # fmt: skip
 
 
@@ -111,10 +111,6 @@ class StateRegistry:
                     "before it are loaded and the rest are not: this trainer cannot be used; build "
                     f"a new one, and give the part a check_fits that refuses this state"
                 ) from error
-
-
-class HalfLoadedError(CheckpointError):
-    """A part failed to load after every check passed: the trainer holds part of a checkpoint and cannot be used."""
 
 
 @dataclass
@@ -203,14 +199,21 @@ def check_position_fits(epochs: int, state: dict[str, Any]) -> None:
                               f"epochs={position['epochs_done'] + (not position['finished'])}")  # fmt: skip
 
 
-class PositionField:
-    """A read-only attribute that shows a field of its owner's ``position``."""
+class Shown:
+    """A read-only attribute that shows the attribute of the same name of one of its owner's parts.
+
+    Args:
+        part: The owner's attribute that holds the part (``"position"``).
+    """
+
+    def __init__(self, part: str) -> None:
+        self.part = part
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
-        return self if instance is None else getattr(instance.position, self.name)
+        return self if instance is None else getattr(getattr(instance, self.part), self.name)
 
 
 class Metrics(dict):  # type: ignore[type-arg]
@@ -403,6 +406,10 @@ class RunSettings:
 
     def __init__(self, settings: dict[str, Any]) -> None:
         self.settings, self.allowed = settings, frozenset[str]()
+
+    def allow(self, names: Iterable[str]) -> None:
+        """Let the settings ``names`` differ from a checkpoint's (``load_checkpoint``'s ``allow_changes``)."""
+        self.allowed = frozenset(names)
 
     @classmethod
     def for_run(cls, phases: Sequence[Any], accumulate: int, precision: str | None, world_size: int = 1) -> RunSettings:

@@ -13,38 +13,15 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
-__all__ = ["DEFAULT_STOP_SIGNALS", "Preempted", "SignalCatcher", "resolve_signals"]
+__all__ = ["DEFAULT_STOP_SIGNALS", "SignalCatcher", "resolve_signals"]
 
 DEFAULT_STOP_SIGNALS: tuple[str, ...] = ("SIGTERM", "SIGINT")
 _UNCATCHABLE = {signal.SIGKILL, signal.SIGSTOP}
 
 
-class Preempted(SystemExit):
-    """The run stopped on a signal, at a batch boundary, after saving its position if it could.
-
-    A ``SystemExit``: left uncaught, it ends the process with status 128 + the
-    signal's number (143 for SIGTERM, 130 for SIGINT), as if the signal had
-    killed it, and code after ``fit()`` (an evaluation, an export) does not
-    run on a half-trained model. Catch it to do something else.
-
-    Attributes:
-        signal: The signal that stopped the run.
-        checkpoint: The checkpoint written at the stop, or None if nothing was saved.
-        message: What happened, and where a restart resumes.
-    """
-
-    def __init__(self, received: signal.Signals, checkpoint: Path | None, message: str) -> None:
-        super().__init__(128 + int(received))
-        self.signal = received
-        self.checkpoint = checkpoint
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 def resolve_signals(signals: Iterable[str | int | signal.Signals] | None) -> tuple[signal.Signals, ...]:

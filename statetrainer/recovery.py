@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .machine import Interruption, TrainingMachine, call_name
-
-if TYPE_CHECKING:
-    from .work import StateWork
+from .work import StateWork
 
 __all__ = ["Recovery", "plan_recovery"]
 
@@ -53,35 +51,35 @@ class Recovery:
     pending: Interruption | None = None
     applied: bool = False
 
-    def apply(self, trainer: Any) -> None:
-        """Put the stopped run at the recovery point (once), saying where; ``RuntimeError`` if there is none."""
+    def apply(self, machine: TrainingMachine, work: StateWork, speak: bool) -> None:
+        """Put the stopped run at the recovery point (once), saying where if ``speak``; ``RuntimeError`` if there
+        is none."""
         if self.refusal is not None:
             raise RuntimeError(f"no consistent checkpoint can be taken after this error: {self.refusal}; "
                                "resume from the newest checkpoint saved before it")  # fmt: skip
         if self.applied:
             return
-        machine = trainer.parts["machine"]
         if self.state is not None:
             machine.restore(self.state)
         if self.batch_index is not None:
-            trainer.position.batch_index = self.batch_index
+            work.position.batch_index = self.batch_index
         if self.drop_gradients:
-            trainer.step_runner.zero_grad()
+            work.step_runner.zero_grad()
         machine.pending, self.applied = self.pending, True
-        if trainer.is_global_zero:
+        if speak:
             print(f"statetrainer: saving after the error: {self.summary}", file=sys.stderr, flush=True)
 
 
-def plan_recovery(trainer: Any, machine: TrainingMachine, work: StateWork) -> Recovery | None:
-    """Decide what a checkpoint of ``trainer``, just stopped by an error, can hold; None: the run is as it is."""
-    interrupted, position = machine.interrupted, trainer.position
+def plan_recovery(machine: TrainingMachine, work: StateWork) -> Recovery | None:
+    """Decide what a checkpoint of the run, just stopped by an error, can hold; None: the run is as it is."""
+    interrupted, position, phase = machine.interrupted, work.position, work.phase
     event = interrupted.event if interrupted is not None else None
     cursor = work.cursor
     delivered_ahead = cursor is not None and (cursor.looked_ahead or cursor.fetched > position.batch_index + 1)
     keeps_own = position.phase_index >= 0 and work.sources[position.phase_index].keeps_own_state
-    in_phase = trainer.phase is not None and machine.state not in ("idle", "epoch")
+    in_phase = phase is not None and machine.state not in ("idle", "epoch")
     epoch = position.epoch_for_people(machine.state)  # messages count epochs and batches from 1
-    where = f"epoch {epoch}" + (f", phase {trainer.phase.name!r}" if in_phase else "")
+    where = f"epoch {epoch}" + (f", phase {phase.name!r}" if phase is not None and in_phase else "")
     if event is not None and event not in _IN_BATCH_EVENTS:
         name = _describe(interrupted.call, work)
         return Recovery(f"the checkpoint holds {where} in the middle of {event!r}, where {name} raised; "
@@ -109,7 +107,7 @@ def plan_recovery(trainer: Any, machine: TrainingMachine, work: StateWork) -> Re
         refusal = (
             f"the optimizer step of batch {batch} of {where} raised part-way, so the parameters may be half-updated"
         )
-    elif backward_began and trainer.phase.grad and batch_index % work.step_runner.accumulate:
+    elif backward_began and phase is not None and phase.grad and batch_index % work.step_runner.accumulate:
         refusal = (f"the backward pass of batch {batch} of {where} had begun inside an accumulation window that "
                    f"started at batch {batch - batch_index % work.step_runner.accumulate}: its gradient cannot be "
                    "taken out")  # fmt: skip

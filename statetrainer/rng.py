@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import random
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError
 from .data.resumable import mix_seed
 from .distributed import Ranks, all_gather
+from .errors import CheckpointError
 from .saved_state import check_integer, check_keys, check_real, check_tensor, describe
 
 __all__ = ["Generators", "capture_rng", "check_rng_state", "restore_rng", "seed_everything"]
@@ -27,7 +27,9 @@ def capture_rng(cuda_devices: Sequence[torch.device] = ()) -> dict[str, Any]:
     process of a multi-GPU run never touches another process's device.
     """
     version, python_state, gauss = random.getstate()
-    kind, keys, position, has_gauss, cached = np.random.get_state()
+    legacy = np.random.get_state(legacy=True)  # the default, which numpy's stubs type as the dict form
+    assert isinstance(legacy, tuple)  # the global generator is an MT19937, whose legacy state is a tuple
+    kind, keys, position, has_gauss, cached = legacy
     return {
         "python": {"version": version, "state": list(python_state), "gauss": gauss},
         "numpy": {
@@ -65,7 +67,7 @@ def restore_rng(state: dict[str, Any], cuda_devices: Sequence[torch.device] = ()
             "CUDA device(s); random draws on the GPU (dropout) will not repeat the original run's",
             stacklevel=3,
         )
-    for device, device_state in zip(cuda_devices, saved):
+    for device, device_state in zip(cuda_devices, saved, strict=False):  # as many as both have (warned above)
         torch.cuda.set_rng_state(device_state.cpu(), device)
 
 
@@ -190,19 +192,22 @@ class Generators:
         cuda_devices: The CUDA devices whose generators the run draws from.
         chosen: Whether the user chose the seed (an open one takes the checkpoint's).
         ranks: This process's place among the run's processes.
+        global_step: The run's optimizer steps once its position is loaded: a rank without a saved state mixes
+            them into its seed.
     """
 
     def __init__(self, seed: int, cuda_devices: Sequence[torch.device] = (), chosen: bool = True,
-                 ranks: Ranks = Ranks()) -> None:  # fmt: skip
+                 ranks: Ranks = Ranks(), global_step: Callable[[], int] = lambda: 0) -> None:  # fmt: skip
         self.seed, self.cuda_devices, self.chosen, self.ranks = seed, tuple(cuda_devices), chosen, ranks
-        self.global_step = lambda: 0  # what a rank without a saved state mixes into its seed
+        self.global_step = global_step
 
     @classmethod
-    def for_run(cls, seed: int | None, device: torch.device, ranks: Ranks = Ranks()) -> Generators:
+    def for_run(cls, seed: int | None, device: torch.device, ranks: Ranks = Ranks(),
+                global_step: Callable[[], int] = lambda: 0) -> Generators:  # fmt: skip
         """The generators of a run on ``device``; a None seed takes ``torch.initial_seed()`` until a checkpoint's."""
         chosen = seed is not None
         seed = int(seed) if chosen else torch.initial_seed() % 2**63
-        return cls(seed, (device,) if device.type == "cuda" else (), chosen, ranks)
+        return cls(seed, (device,) if device.type == "cuda" else (), chosen, ranks, global_step)
 
     def state_dict(self) -> dict[str, Any]:
         own = capture_rng(self.cuda_devices)

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import KeyEntry, keystr, tree_flatten_with_path
+from torch.utils._pytree import KeyEntry, keystr, tree_flatten_with_path, tree_map_only
 
-from .checkpoint import CheckpointError
+from .errors import CheckpointError
 from .validation import in_interval, interval_words
 
 __all__ = ["LARGEST_COUNT", "check_flag", "check_integer", "check_keys", "check_like", "check_model_state",
@@ -44,15 +44,10 @@ def tensors_to(tree: Any, device: torch.device) -> Any:
 
     Loaded state goes back where the run keeps it, and never aliases the file it
     was read from (a memory-mapped checkpoint that is later pruned or replaced).
+    The containers walked are pytree's (dicts, lists, tuples, namedtuples,
+    ``OrderedDict``...); each is rebuilt, so the copy shares no container with ``tree``.
     """
-    if isinstance(tree, torch.Tensor):
-        return tree.to(device, copy=True)
-    if isinstance(tree, dict):
-        return {key: tensors_to(value, device) for key, value in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        moved = [tensors_to(value, device) for value in tree]
-        return moved if isinstance(tree, list) else tuple(moved)
-    return tree
+    return tree_map_only(torch.Tensor, lambda tensor: tensor.to(device, copy=True), tree)
 
 
 def check_model_state(expected: Mapping[str, torch.Tensor], saved: Any) -> None:

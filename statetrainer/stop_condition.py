@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .machine import STATES
-
-if TYPE_CHECKING:
-    from .trainer import Trainer
+from .work import StateWork
 
 __all__ = ["stop_condition"]
 
 
 def stop_condition(
-    trainer: Trainer,
+    work: StateWork,
+    epochs: int,
+    view: Any,
     state: str | None,
     *,
     epoch: int | None = None,
@@ -35,7 +35,9 @@ def stop_condition(
     where ``run_until`` stops; None when the state alone decides.
 
     Args:
-        trainer: The run.
+        work: The run's work: its position, phases and current phase.
+        epochs: The run's epochs.
+        view: What ``when`` is given (the trainer).
         state: The state whose entry stops the run; None: stop at the first transition after which the
             conditions hold.
         epoch, phase, batch, step: What ``trainer.epoch``, ``trainer.phase.name``, ``trainer.batch_index``
@@ -46,26 +48,26 @@ def stop_condition(
         ValueError: A state or phase that does not exist, or a condition this run can never meet.
         TypeError: ``when`` is not callable, or a number is not an integer.
     """
-    _check_reachable(trainer, state, epoch, phase, batch, step, when)
-    position = trainer.position
+    _check_reachable(work, epochs, state, epoch, phase, batch, step, when)
+    position = work.position
     checks: list[Callable[[], bool]] = []
     if epoch is not None:
         checks.append(lambda: position.epoch == epoch)
     if phase is not None:
-        checks.append(lambda: trainer.phase is not None and trainer.phase.name == phase)
+        checks.append(lambda: work.phase is not None and work.phase.name == phase)
     if batch is not None:
-        checks.append(lambda: trainer.phase is not None and position.batch_index == batch)
+        checks.append(lambda: work.phase is not None and position.batch_index == batch)
     if step is not None:
         checks.append(lambda: position.global_step == step)
     if when is not None:
-        checks.append(lambda: bool(when(trainer)))
+        checks.append(lambda: bool(when(view)))
     if not checks:
         return None  # the state alone decides
     return lambda: all(check() for check in checks)
 
 
-def _check_reachable(trainer: Trainer, state: str | None, epoch: int | None, phase: str | None, batch: int | None,
-                     step: int | None, when: Any) -> None:  # fmt: skip
+def _check_reachable(work: StateWork, epochs: int, state: str | None, epoch: int | None, phase: str | None,
+                     batch: int | None, step: int | None, when: Any) -> None:  # fmt: skip
     if state is not None and state not in STATES:
         raise ValueError(f"unknown state {state!r}; states are {', '.join(STATES)}")
     if state is None and all(value is None for value in (epoch, phase, batch, step, when)):
@@ -75,36 +77,35 @@ def _check_reachable(trainer: Trainer, state: str | None, epoch: int | None, pha
     for name, value in (("epoch", epoch), ("batch", batch), ("step", step)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise TypeError(f"{name} must be an integer, got {value!r}")
-    names = [each.name for each in trainer.phases]
+    names = [each.name for each in work.phases]
     if phase is not None and phase not in names:
         raise ValueError(f"this run has no phase {phase!r}; its phases are {', '.join(map(repr, names))}")
-    candidates = [each for each in trainer.phases if phase is None or each.name == phase]
+    candidates = [each for each in work.phases if phase is None or each.name == phase]
     if state in ("backward", "step") and not any(each.grad for each in candidates):
         where = f"phase {phase!r} has grad=False" if phase is not None else "no phase has grad=True"
         raise ValueError(f"this run never enters {state!r}: {where}")
-    position = trainer.position
-    if epoch is not None and not position.epoch <= epoch < trainer.epochs:
-        raise ValueError(f"epoch={epoch} never comes: the run is at epoch {position.epoch} of epochs 0 to "
-                         f"{trainer.epochs - 1}")  # fmt: skip
-    lengths = [each.batches(trainer.parts["data"][names.index(each.name)].length) for each in candidates]
-    if batch is not None and (batch < 0 or None not in lengths and batch >= max(lengths)):
-        counts = ", ".join(f"{each.name!r} {length}" for each, length in zip(candidates, lengths))
+    position = work.position
+    if epoch is not None and not position.epoch <= epoch < epochs:
+        raise ValueError(f"epoch={epoch} never comes: the run is at epoch {position.epoch} of epochs 0 to {epochs - 1}")
+    lengths = [each.batches(work.sources[names.index(each.name)].length) for each in candidates]
+    if batch is not None and (batch < 0 or None not in lengths and batch >= max(lengths)):  # type: ignore[type-var]
+        counts = ", ".join(f"{each.name!r} {length}" for each, length in zip(candidates, lengths, strict=True))
         raise ValueError(f"batch={batch} never comes: batch indices count from 0, and the batches per phase are "
                          f"{counts}")  # fmt: skip
     if step is not None:
-        total = _total_steps(trainer)
+        total = _total_steps(work, epochs)
         if step < position.global_step or (total is not None and step > total):
             reach = f", and the run takes {total} in all" if total is not None else ""
             raise ValueError(f"step={step} never comes: {position.global_step} optimizer steps are done{reach}")
 
 
-def _total_steps(trainer: Trainer) -> int | None:
+def _total_steps(work: StateWork, epochs: int) -> int | None:
     """The optimizer steps of the whole run, when every training phase knows its length; else None."""
     per_epoch = 0
-    for index, each in enumerate(trainer.phases):
+    for index, each in enumerate(work.phases):
         if each.grad:
-            length = each.batches(trainer.parts["data"][index].length)
+            length = each.batches(work.sources[index].length)
             if length is None:
                 return None
-            per_epoch += math.ceil(length / trainer.accumulate)
-    return per_epoch * trainer.epochs
+            per_epoch += math.ceil(length / work.step_runner.accumulate)
+    return per_epoch * epochs

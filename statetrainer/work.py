@@ -1,26 +1,27 @@
 """What each state does on entry, around its callbacks: the run's bookkeeping, the data, the step.
 
 The machine calls a state's *prepare* before its ``on_enter`` callbacks (so
-they see the new batch index) and its *work* after them. Each call receives
-the trainer, whose position and current batch it updates; the optimizer's
-side is the ``StepRunner``'s.
+they see the new batch index) and its *work* after them. Every call receives
+the machine's target (the trainer, for the callbacks) and ignores it: the work
+updates the run's ``Position`` and its own current phase and batch; the
+optimizer's side is the ``StepRunner``'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from itertools import islice
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .data import BatchCursor, PhaseSources, to_device
 from .optimizer_step import StepRunner
-
-if TYPE_CHECKING:
-    from .trainer import Trainer
+from .parts import Position
+from .phase import Phase
+from .rng import Generators
 
 __all__ = ["StateWork"]
 
@@ -28,31 +29,66 @@ _NO_CONTEXT = contextlib.nullcontext()
 
 
 class StateWork:
-    """The states' work for one trainer, and the open phase's batches.
+    """The states' work for one run: the current phase and batch, and the open phase's batches.
+
+    Args:
+        phases: The run's phases, in order.
+        sources: Their batch sources.
+        step_runner: Runs backward and the optimizer step.
+        generators: The run's generators (their seed orders the loaders).
+        position: The run's position, which the work advances.
+        forward: ``forward(inputs, target)`` gives ``(output, loss)`` (the trainer's, which a subclass overrides).
+        unpack: Turns a batch into ``(inputs, target)``.
 
     Attributes:
+        phase, batch, target, output, loss: The current phase, batch (on the device) and its results.
+        loss_weight: How much this rank's loss weighs in its global batch's mean, times the world size.
         cursor: The open phase's batches; None between phases.
         incoming: The batch the next ``start_batch`` makes current.
     """
 
-    def __init__(self, sources: PhaseSources, step_runner: StepRunner, device: torch.device) -> None:
-        self.sources, self.step_runner, self.device = sources, step_runner, device
+    def __init__(
+        self,
+        phases: Sequence[Phase],
+        sources: PhaseSources,
+        step_runner: StepRunner,
+        generators: Generators,
+        position: Position,
+        forward: Callable[[Any, Any], tuple[Any, torch.Tensor]],
+        unpack: Callable[[Any], tuple[Any, Any]],
+    ) -> None:
+        self.phases, self.sources, self.step_runner, self.generators = phases, sources, step_runner, generators
+        self.position, self.forward, self.unpack = position, forward, unpack
+        self.device = step_runner.device
+        self.phase: Phase | None = None
+        self.batch: Any = None
+        self.target: Any = None
+        self.output: Any = None
+        self.loss: torch.Tensor | None = None
+        self.loss_weight = 1.0
         self.cursor: BatchCursor | None = None
         self.incoming: Any = None
-        self._move_batches = device.type != "cpu"
+        self._move_batches = self.device.type != "cpu"
         self._contexts: tuple[Any, Any] | None = None
         model, accumulate = step_runner.model, step_runner.accumulate
         # Under DDP, a batch that does not end its accumulation window skips the gradient all-reduce.
         self._no_sync = model.no_sync if isinstance(model, DistributedDataParallel) and accumulate > 1 else None
         self._weighs_shares = False  # the open phase's ranks hold shares of different sizes in some batch
 
-    def prepare_calls(self) -> dict[str, Callable[[Trainer], None]]:
+    def prepare_calls(self) -> dict[str, Callable[[Any], None]]:
         return {"idle": self.prepare_idle, "epoch": self.prepare_epoch, "phase": self.prepare_phase,
                 "batch": self.prepare_batch, "step": self.prepare_step}  # fmt: skip
 
-    def work_calls(self) -> dict[str, Callable[[Trainer], None]]:
+    def work_calls(self) -> dict[str, Callable[[Any], None]]:
         return {"phase": self.open_new_phase, "batch": self.run_batch, "backward": self.run_backward,
                 "step": self.run_step}  # fmt: skip
+
+    @property
+    def phase_batches(self) -> int | None:
+        """The current phase's batches per epoch in this process (its share under torchrun); None: unknown."""
+        if self.phase is None:
+            return None
+        return self.phase.batches(self.sources[self.position.phase_index].length)
 
     def release(self) -> None:
         """Let go of the open phase's loader, so a DataLoader's workers shut down now."""
@@ -60,9 +96,9 @@ class StateWork:
             self.cursor.close()
             self.cursor = None
 
-    def why_not_resumable(self, phase_index: int) -> str | None:
+    def why_not_resumable(self) -> str | None:
         """Why the open phase cannot be resumed after its current batch; None when it can."""
-        source = self.sources[phase_index]
+        source = self.sources[self.position.phase_index]
         if not source.resumable:
             return source.reason
         if source.keeps_own_state and self.cursor is not None and self.cursor.looked_ahead:
@@ -70,72 +106,82 @@ class StateWork:
                     "so the loader's saved position would skip that batch")  # fmt: skip
         return None
 
-    def prepare_idle(self, trainer: Trainer) -> None:
-        trainer.position.finished = True
+    def prepare_idle(self, _target: Any) -> None:
+        self.position.finished = True
 
-    def prepare_epoch(self, trainer: Trainer) -> None:
-        trainer.position.epoch, trainer.position.phase_index = trainer.position.epochs_done, -1
-        trainer.phase = None  # as a run resumed at this point has it
+    def prepare_epoch(self, _target: Any) -> None:
+        position = self.position
+        position.epoch, position.phase_index = position.epochs_done, -1
+        self.phase = None  # as a run resumed at this point has it
 
-    def prepare_phase(self, trainer: Trainer) -> None:
-        trainer.position.phase_index += 1
-        trainer.phase = trainer.phases[trainer.position.phase_index]
-        trainer.position.batch_index = -1
+    def prepare_phase(self, _target: Any) -> None:
+        self.position.phase_index += 1
+        self.phase = self.phases[self.position.phase_index]
+        self.position.batch_index = -1
 
-    def open_new_phase(self, trainer: Trainer) -> None:
-        if trainer.phase.grad:
+    def open_new_phase(self, _target: Any) -> None:
+        assert self.phase is not None
+        if self.phase.grad:
             self.step_runner.zero_grad()
-        self.open_phase(trainer, start=0)
+        self.open_phase(start=0)
 
-    def open_phase(self, trainer: Trainer, start: int) -> None:
+    def resume_phase(self) -> None:
+        """After a load: the current phase as the position says, reopened after its last batch done if mid-phase."""
+        index = self.position.phase_index
+        self.phase = self.phases[index] if index >= 0 else None
+
+    def open_phase(self, start: int) -> None:
         """Set train/eval and grad mode and open the phase's batches at batch ``start``."""
-        grad, autocast = trainer.phase.grad, self.step_runner.autocast
-        trainer.model.train(grad)
-        grad_context = (None if torch.is_grad_enabled() else torch.enable_grad()) if grad else torch.no_grad()
+        phase, autocast = self.phase, self.step_runner.autocast
+        assert phase is not None
+        self.step_runner.model.train(phase.grad)
+        grad_context = (None if torch.is_grad_enabled() else torch.enable_grad()) if phase.grad else torch.no_grad()
         no_contexts = grad_context is None and autocast is None
         self._contexts = None if no_contexts else (grad_context or _NO_CONTEXT, autocast or _NO_CONTEXT)
-        source = self.sources[trainer.position.phase_index]
-        batches, limit = source.open(trainer.seed, trainer.epoch, start), trainer.phase.limit
-        if limit is not None:  # the first ``limit`` batches of the loader's order
-            batches = islice(batches, max(limit - start, 0))
-        length = trainer.phase.batches(source.pass_length)
-        self.cursor = BatchCursor(batches, length, start)
+        source = self.sources[self.position.phase_index]
+        batches = source.open(self.generators.seed, self.position.epoch, start)
+        if phase.limit is not None:  # the first ``limit`` batches of the loader's order
+            batches = islice(batches, max(phase.limit - start, 0))
+        self.cursor = BatchCursor(batches, phase.batches(source.pass_length), start)
         self._weighs_shares = getattr(source, "uneven", False)
-        trainer.loss_weight = 1.0
+        self.loss_weight = 1.0
 
-    def prepare_batch(self, trainer: Trainer) -> None:
-        trainer.position.batch_index += 1
-        trainer.batch, self.incoming = self.incoming, None
-        trainer.target = trainer.output = trainer.loss = None
+    def prepare_batch(self, _target: Any) -> None:
+        self.position.batch_index += 1
+        self.batch, self.incoming = self.incoming, None
+        self.target = self.output = self.loss = None
 
-    def run_batch(self, trainer: Trainer) -> None:
+    def run_batch(self, _target: Any) -> None:
         if self._move_batches:
-            trainer.batch = to_device(trainer.batch, self.device, non_blocking=True)
-        inputs, target = trainer.unpack(trainer.batch)
-        trainer.target = target
+            self.batch = to_device(self.batch, self.device, non_blocking=True)
+        inputs, target = self.unpack(self.batch)
+        self.target = target
         contexts = self._contexts
-        if self._no_sync is not None and trainer.phase.grad and not self.ends_window(trainer):
+        if self._no_sync is not None and self.phase.grad and not self.ends_window():  # type: ignore[union-attr]
             contexts = (self._no_sync(), *(contexts or (_NO_CONTEXT, _NO_CONTEXT)))
         if contexts is None:
-            trainer.output, trainer.loss = trainer.forward(inputs, target)
+            self.output, self.loss = self.forward(inputs, target)
         else:
             with contexts[0], contexts[1], contexts[2] if len(contexts) > 2 else _NO_CONTEXT:
-                trainer.output, trainer.loss = trainer.forward(inputs, target)
+                self.output, self.loss = self.forward(inputs, target)
         if self._weighs_shares:  # this rank's share of a global batch the ranks share unevenly
-            position = trainer.position
-            trainer.loss_weight = self.sources[position.phase_index].share_weight(position.batch_index)
+            position = self.position
+            self.loss_weight = self.sources[position.phase_index].share_weight(position.batch_index)
 
-    def ends_window(self, trainer: Trainer) -> bool:
+    def ends_window(self) -> bool:
         """Whether the current batch is the last of its accumulation window (a step follows it)."""
-        return (trainer.position.batch_index + 1) % self.step_runner.accumulate == 0 or self.cursor.is_last()
+        cursor = self.cursor
+        assert cursor is not None
+        return (self.position.batch_index + 1) % self.step_runner.accumulate == 0 or cursor.is_last()
 
-    def run_backward(self, trainer: Trainer) -> None:
-        weight = trainer.loss_weight  # so the step follows the mean of a global batch shared unevenly
-        self.step_runner.backward(trainer.loss if weight == 1.0 else trainer.loss * weight)
+    def run_backward(self, _target: Any) -> None:
+        weight, loss = self.loss_weight, self.loss  # so the step follows the mean of a global batch shared unevenly
+        assert loss is not None
+        self.step_runner.backward(loss if weight == 1.0 else loss * weight)
 
-    def prepare_step(self, trainer: Trainer) -> None:
-        self.step_runner.close_window(trainer.position.batch_index % self.step_runner.accumulate + 1)
+    def prepare_step(self, _target: Any) -> None:
+        self.step_runner.close_window(self.position.batch_index % self.step_runner.accumulate + 1)
 
-    def run_step(self, trainer: Trainer) -> None:
+    def run_step(self, _target: Any) -> None:
         self.step_runner.step()
-        trainer.position.global_step += 1
+        self.position.global_step += 1

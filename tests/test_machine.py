@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from statetrainer.machine import STATES, TRANSITIONS, InvalidMove, Move, TrainingMachine, entered_and_exited
+from statetrainer.errors import InvalidMove
+from statetrainer.machine import STATES, TRANSITIONS, Move, TrainingMachine, entered_and_exited
 
 
 class Target:

@@ -328,7 +328,7 @@ def test_hooks_nobody_overrides_are_not_dispatched(device: torch.device):
             OnlyBatches.calls += 1
 
     trainer, _ = linear_trainer(device, callbacks=[OnlyBatches()])
-    for event in trainer._machine.events.values():
+    for event in trainer._core.machine.events.values():
         for move in event.by_source.values():
             names = [getattr(call, "__name__", "") for call in move.exit_calls + move.enter_calls]
             assert names.count("on_enter_batch") == (move.dest == "batch")
@@ -345,7 +345,7 @@ def test_grad_clip_bounds_the_update(device: torch.device):
     trainer = st.Trainer(model, torch.optim.SGD(model.parameters(), lr=1.0), F.mse_loss,
                          [st.Phase("train", batches)], grad_clip=0.5, device=device)  # fmt: skip
     trainer.fit()
-    update = torch.cat([(p.detach().cpu() - b).flatten() for p, b in zip(model.parameters(), before)])
+    update = torch.cat([(p.detach().cpu() - b).flatten() for p, b in zip(model.parameters(), before, strict=True)])
     torch.testing.assert_close(update.norm(), torch.tensor(0.5))
 
 

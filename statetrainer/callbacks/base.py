@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -14,7 +14,15 @@ from ..distributed import Ranks
 from ..machine import STATES
 from ..phase import Phase
 
-__all__ = ["HOOK_NAMES", "Callback", "TrainerView", "hooks_by_state", "overridden_hooks"]
+__all__ = [
+    "HOOK_NAMES",
+    "Callback",
+    "CheckpointSaver",
+    "TrainerView",
+    "checkpoint_savers",
+    "hooks_by_state",
+    "overridden_hooks",
+]
 
 HOOK_NAMES: tuple[str, ...] = tuple(f"on_{kind}_{state}" for state in STATES for kind in ("enter", "exit"))
 
@@ -178,6 +186,13 @@ class Callback:
         warning, so the original error is the one that propagates.
         """
 
+    def on_close(self, trainer: TrainerView) -> None:
+        """Driving has ended for good (the run finished, or an error stopped it): close writers, let go of files.
+
+        Runs once, after ``on_enter_idle`` or ``on_exception``. After an error, an
+        exception raised here is reported as a warning.
+        """
+
     def on_enter_idle(self, trainer: TrainerView) -> None:
         """The run has ended (after the last epoch, or after ``stop()``)."""
 
@@ -232,3 +247,21 @@ def hooks_by_state(callbacks: Sequence[Callback]) -> tuple[dict[str, list[Any]],
             _, kind, state = hook.split("_", 2)
             (enter if kind == "enter" else exit)[state].append(method)
     return enter, exit
+
+
+@runtime_checkable
+class CheckpointSaver(Protocol):
+    """A callback that saves the run's checkpoints into ``folder`` (``Checkpoint``).
+
+    A stop signal saves through the first one, and ``load_checkpoint`` takes its
+    folder, not made yet, for a first run rather than a typo.
+    """
+
+    folder: Path
+
+    def save(self, trainer: Any) -> Path: ...
+
+
+def checkpoint_savers(callbacks: Sequence[Callback]) -> list[CheckpointSaver]:
+    """The callbacks that save the run's checkpoints, in order."""
+    return [callback for callback in callbacks if isinstance(callback, CheckpointSaver)]

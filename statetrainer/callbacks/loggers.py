@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..checkpoint import CheckpointError, atomic_write, fsync_path, open_no_follow
-from ..validation import check_count
+from ..checkpoint import atomic_write, fsync_path, open_no_follow
+from ..errors import CheckpointError
 from .base import Callback, TrainerView
 from .metrics import running_metrics
+from .periodic import check_every, due
 
 __all__ = ["CSVLogger", "StreamLogger", "learning_rates"]
 
@@ -225,7 +226,7 @@ class CSVLogger(Callback):
     rank_zero_only = True  # under torchrun, rank 0 alone speaks
 
     def __init__(self, path: str | os.PathLike[str], every_batches: int | None = None, name: str | None = None) -> None:
-        check_count("CSVLogger: every_batches", every_batches, optional=True)
+        check_every("CSVLogger: every_batches", every_batches, never=True)
         self.path = Path(path)
         self.every_batches = every_batches
         self.name = name
@@ -240,7 +241,8 @@ class CSVLogger(Callback):
             log.open()
 
     def on_exit_batch(self, trainer: TrainerView) -> None:
-        if self.every_batches is not None and (trainer.batch_index + 1) % self.every_batches == 0:
+        if due(trainer.batch_index + 1, self.every_batches):
+            assert trainer.phase is not None  # a batch's exit, inside its phase
             row = {"epoch": trainer.epoch + 1, "phase": trainer.phase.name, "batch": trainer.batch_index + 1,
                    "step": trainer.global_step, **running_metrics(trainer), **learning_rates(trainer)}  # fmt: skip
             self.batches.append(row)

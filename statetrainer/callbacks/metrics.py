@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import CheckpointError
 from ..distributed import Ranks, all_reduce
+from ..errors import CheckpointError
 from ..phase import Phase
 from ..saved_state import check_flag, check_integer, check_keys, check_tensor
 from ..validation import check_count, check_number
@@ -46,6 +46,7 @@ class Metric(Callback):
 
     def key_for(self, trainer: TrainerView) -> str:
         """The ``trainer.metrics`` name this metric publishes in the current phase."""
+        assert trainer.phase is not None  # called while a phase runs
         return self.key_for_phase(trainer.phase.name)
 
     def key_for_phase(self, phase: str) -> str:
@@ -74,6 +75,7 @@ class Metric(Callback):
         return float(self.compute()) if self.batches else float("nan")
 
     def on_enter_phase(self, trainer: TrainerView) -> None:
+        assert trainer.phase is not None  # the phase that starts
         self.active = self.measures(trainer.phase.name)
         self.batches = 0
         if self.active:
@@ -131,10 +133,12 @@ class SmoothedLoss(Metric):
         self.exact, self.samples = False, 0
 
     def reset(self, trainer: TrainerView) -> None:
+        assert trainer.phase is not None  # reset as a phase starts
         self.average = torch.zeros((), device=trainer.device)
         self.exact, self.samples = not trainer.phase.grad, 0
 
     def update(self, trainer: TrainerView) -> None:
+        assert trainer.loss is not None  # a batch's exit: its forward gave the loss
         loss = trainer.loss.detach()
         if self.exact:
             target = trainer.target
@@ -184,7 +188,8 @@ class SmoothedLoss(Metric):
             total, samples = sum(state["average"] for state in states), sum(int(state["samples"]) for state in states)
             empty = {**first, "average": torch.zeros_like(first["average"]), "samples": 0}
             return [{**first, "average": total, "samples": samples}] + [empty] * (world_size - 1)
-        mean = sum(state["average"].double() for state in states) / len(states)
+        zero = torch.zeros((), dtype=torch.float64)  # sum's start (its 0, as a tensor)
+        mean = sum((state["average"].double() for state in states), zero) / len(states)
         return [{**first, "average": mean.to(first["average"].dtype)} for _ in range(world_size)]
 
 

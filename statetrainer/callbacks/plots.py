@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import CheckpointError, atomic_write
+from ..checkpoint import atomic_write
+from ..errors import CheckpointError
 from ..optional import require
 from .base import Callback, TrainerView
 
@@ -41,6 +42,7 @@ class Plots(Callback):
             self.write()
 
     def on_exit_step(self, trainer: TrainerView) -> None:
+        assert trainer.optimizer is not None  # a step: a phase with gradients, which has an optimizer
         self.learning_rates.append(trainer.optimizer.param_groups[0]["lr"])
 
     def on_exit_epoch(self, trainer: TrainerView) -> None:
@@ -61,7 +63,7 @@ class Plots(Callback):
         FigureCanvasAgg(figure)
         axes = figure.subplots(1, max(len(groups), 1), squeeze=False)
         epochs = range(1, len(self.epochs) + 1)
-        for axis, group in zip(axes[0], groups):
+        for axis, group in zip(axes[0], groups, strict=False):  # no metrics yet: one empty axis, no group
             for metric in group:
                 axis.plot(epochs, [epoch.get(metric, float("nan")) for epoch in self.epochs], marker="o", label=metric)
             axis.set_xlabel("epoch")

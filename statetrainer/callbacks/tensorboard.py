@@ -7,12 +7,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import CheckpointError
+from ..errors import CheckpointError
 from ..optional import require
-from ..validation import check_count
 from .base import Callback, TrainerView
 from .loggers import learning_rates
 from .metrics import running_metrics
+from .periodic import check_every, due
 
 __all__ = ["TensorBoardLogger"]
 
@@ -41,7 +41,7 @@ class TensorBoardLogger(Callback):
     rank_zero_only = True
 
     def __init__(self, log_dir: str | os.PathLike[str], every_steps: int = 10, name: str | None = None) -> None:
-        check_count("TensorBoardLogger: every_steps", every_steps)
+        check_every("TensorBoardLogger: every_steps", every_steps)
         require("tensorboard", "tensorboard", "TensorBoardLogger")  # what torch.utils.tensorboard needs
         self._writer_class = importlib.import_module("torch.utils.tensorboard").SummaryWriter
         self.log_dir, self.every_steps, self.name = Path(log_dir), every_steps, name
@@ -53,6 +53,7 @@ class TensorBoardLogger(Callback):
     def _write(self, values: dict[str, float], step: int) -> None:
         if self.writer is None:
             self._open()
+            assert self.writer is not None  # _open made it
         if step != self._step:
             self._step, self._written = step, {}
         for tag, value in values.items():
@@ -70,7 +71,7 @@ class TensorBoardLogger(Callback):
             self._write(written, step)  # the points of the newest step written before the checkpoint, purged too
 
     def on_exit_step(self, trainer: TrainerView) -> None:
-        self._stepped = trainer.global_step % self.every_steps == 0
+        self._stepped = due(trainer.global_step, self.every_steps)
 
     def on_exit_batch(self, trainer: TrainerView) -> None:
         if self._stepped:  # once the batch's metrics are updated (list the logger after them)

@@ -1,5 +1,6 @@
 """Checkpoints: all file I/O of the library. What goes in comes from ``Trainer.state_dict``."""
 
+from ..errors import CheckpointError
 from .atomic import atomic_copy, atomic_write, fsync_path, open_no_follow, remove_stale_temporaries, temporary_path
 from .folder import (
     BEST,
@@ -19,7 +20,7 @@ from .folder import (
 )
 from .lock import LOCK_FILE, FolderLock
 from .ownership import claim_folder, mark_folder, refuse_overwrite, run_of
-from .serialization import FORMAT_VERSION, CheckpointError, read_document, read_header, read_tree, write_tree
+from .serialization import FORMAT_VERSION, read_document, read_header, read_tree, write_tree
 
 __all__ = [
     "BEST",

@@ -11,9 +11,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ..errors import CheckpointError
 from .atomic import fsync_path
 from .lock import LOCK_FILE, FolderLock
-from .serialization import CheckpointError, read_tree
+from .serialization import read_tree
 
 __all__ = ["BEST", "DEFAULT_CHECKPOINT_FOLDER", "EARLIER_RUNS", "RUN_MARKER", "best_epoch_name", "best_files",
            "checkpoint_files", "discard_run", "find_checkpoint", "newest_valid", "next_checkpoint_path",

@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import ClassVar
 
-from .serialization import CheckpointError
+from ..errors import CheckpointError
 
 try:
     import fcntl

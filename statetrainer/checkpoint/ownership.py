@@ -13,10 +13,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ..errors import CheckpointError
 from .atomic import atomic_write
 from .folder import RUN_MARKER, checkpoint_files, read_run_marker
 from .lock import FolderLock
-from .serialization import CheckpointError, read_document
+from .serialization import read_document
 
 
 def run_of(path: Path) -> str | None:

@@ -28,17 +28,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..errors import CheckpointError
 from .atomic import atomic_write
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "read_document", "read_header", "read_tree", "write_tree"]
+__all__ = ["read_document", "read_header", "read_tree", "write_tree"]
 
 FORMAT_VERSION = 2  # 2: the run's state as registry parts, the checksum covering dtypes and shapes
 _METADATA_KEY = "statetrainer"
 _TENSOR, _TUPLE, _ITEMS = "__tensor__", "__tuple__", "__items__"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file cannot be used; the message says why."""
 
 
 class _Flattener:
@@ -158,7 +155,7 @@ def _checksum(document: str, tensors: dict[str, torch.Tensor]) -> str:
     else:
         crcs = [data_crc(key) for key in keys]
     crc = zlib.crc32(document.encode())
-    for key, data in zip(keys, crcs):
+    for key, data in zip(keys, crcs, strict=True):
         tensor = tensors[key]
         described = f"{key}\0{_DTYPES.get(tensor.dtype, tensor.dtype)}\0{list(tensor.shape)}\0{data:08x}\0"
         crc = zlib.crc32(described.encode(), crc)

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..checkpoint import CheckpointError
+from ..errors import CheckpointError
 from ..saved_state import tensors_to
 from .cursor import loader_length
 from .resumable import mix_seed, rebuild, state_holder, why_not_seeded
@@ -336,7 +336,7 @@ class PhaseSources:
         sources = [batch_source(phase.loader, index, worker_signals, rank, world_size)
                    for index, phase in enumerate(phases)]  # fmt: skip
         if world_size > 1 and rank == 0:
-            for phase, source in zip(phases, sources):
+            for phase, source in zip(phases, sources, strict=True):
                 sampler = getattr(getattr(phase.loader, "batch_sampler", None), "sampler", None)
                 if not isinstance(source, SeededLoader) and not isinstance(sampler, DistributedSampler):
                     warnings.warn(f"phase {phase.name!r}: its loader is not sharded between the {world_size} "
@@ -346,11 +346,11 @@ class PhaseSources:
 
     def layout(self) -> list[tuple[str, int | None]]:
         """Each phase's name and batches per epoch in this process (None: unknown)."""
-        return [(name, source.length) for name, source in zip(self.names, self.sources)]
+        return [(name, source.length) for name, source in zip(self.names, self.sources, strict=True)]
 
     def global_layout(self) -> list[tuple[str, int | None]]:
         """Each phase's name and batches per epoch in one process: the same whatever the number of processes."""
-        return [(name, source.global_length) for name, source in zip(self.names, self.sources)]
+        return [(name, source.global_length) for name, source in zip(self.names, self.sources, strict=True)]
 
     def __getitem__(self, position: int) -> BatchSource:
         return self.sources[position]
@@ -366,14 +366,14 @@ class PhaseSources:
                  "shards": self.world_size if isinstance(source, SeededLoader) else 1,
                  "samples_done": self._samples_done(index, source), "position": source.state_dict(),
                  "pass": source.pass_state() if isinstance(source, StatefulSource) else None}
-                for index, (name, source) in enumerate(zip(self.names, self.sources))]  # fmt: skip
+                for index, (name, source) in enumerate(zip(self.names, self.sources, strict=True))]  # fmt: skip
 
     def check_fits(self, state: list[dict[str, Any]]) -> None:
         saved = [(phase["phase"], phase["global_batches"]) for phase in state]
         ours = self.global_layout()
         if saved != ours:
             raise CheckpointError(f"the checkpoint's phases (name, batches) are {saved}, this trainer's {ours}")
-        for phase, source in zip(state, self.sources):
+        for phase, source in zip(state, self.sources, strict=True):  # as many: the layouts are equal
             if phase["shards"] == (self.world_size if isinstance(source, SeededLoader) else 1):
                 if phase["batches"] != source.length:
                     raise CheckpointError(f"phase {phase['phase']!r} has {phase['batches']} batches in the checkpoint, "
@@ -384,7 +384,7 @@ class PhaseSources:
                                       f" processes, which this run cannot take over")  # fmt: skip
         if [phase["position"] is None for phase in state] != [not source.keeps_own_state for source in self.sources]:
             raise CheckpointError("the checkpoint's loaders and this trainer's disagree on which keep their own state")
-        for phase, source in zip(state, self.sources):
+        for phase, source in zip(state, self.sources, strict=True):
             if "pass" not in phase:  # a checkpoint saved before the pass was
                 continue
             if not isinstance(source, StatefulSource):

@@ -448,3 +448,55 @@ def test_the_diagram_marks_where_a_stepped_run_is(device: torch.device):
     trainer, _ = linear_trainer(device)
     trainer.run_until("backward")
     assert "Class backward s_active" in trainer.diagram() and "batch --> backward: backward" in trainer.diagram()
+
+
+class Closes(st.Callback):
+    """Records its on_close calls, and holds an output folder so the run locks it."""
+
+    def __init__(self, folder, fail_at_batch: int | None = None) -> None:
+        self.folder, self.fail_at_batch, self.closed = folder, fail_at_batch, []
+
+    def output_files(self):
+        return [self.folder / "log.txt"]
+
+    def on_exit_batch(self, trainer):
+        if trainer.batch_index == self.fail_at_batch:
+            raise ValueError("a callback failed")
+
+    def on_close(self, trainer):
+        self.closed.append((trainer.state, trainer.finished))
+
+
+def held(folder) -> bool:
+    """Whether this process holds ``folder``'s lock (an exclusive hold is then refused)."""
+    try:
+        st.checkpoint.FolderLock(folder, exclusive=True).release()
+    except st.CheckpointError:
+        return True
+    return False
+
+
+def test_on_close_runs_once_when_the_run_finishes_and_the_folders_are_let_go(device: torch.device, tmp_path):
+    closes = Closes(tmp_path / "logs")
+    trainer, _ = linear_trainer(device, callbacks=[closes])
+    trainer.run_until("batch")
+    assert closes.closed == [] and held(tmp_path / "logs")  # a stepped run is still driven
+    trainer.fit()
+    assert closes.closed == [("idle", True)] and not held(tmp_path / "logs")
+    with pytest.warns(UserWarning, match="already finished"):
+        trainer.fit()
+    assert closes.closed == [("idle", True)] and not held(tmp_path / "logs")
+
+
+def test_on_close_runs_once_after_an_error_and_its_own_error_is_a_warning(device: torch.device, tmp_path):
+    class FailsToClose(Closes):
+        def on_close(self, trainer):
+            super().on_close(trainer)
+            raise OSError("the writer would not close")
+
+    closes = FailsToClose(tmp_path / "logs", fail_at_batch=1)
+    trainer, _ = linear_trainer(device, callbacks=[closes])
+    with pytest.raises(ValueError, match="a callback failed"), pytest.warns(UserWarning, match="would not close"):
+        trainer.fit()
+    # the error came exiting the step state, so the machine is still in it
+    assert closes.closed == [("step", False)] and not held(tmp_path / "logs")

@@ -83,13 +83,10 @@ class TensorBoardLogger(Callback):
     def on_exit_epoch(self, trainer: TrainerView) -> None:
         self._write({f"epoch/{name}": float(value) for name, value in trainer.metrics.items()}, trainer.global_step)
 
-    def on_enter_idle(self, trainer: TrainerView) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-
-    def on_exception(self, trainer: TrainerView, error: BaseException) -> None:
-        if self.writer is not None:
-            self.writer.flush()
+    def on_close(self, trainer: TrainerView) -> None:
+        if self.writer is not None:  # the run has ended, or an error stopped it: flushed and its file closed
+            self.writer.close()
+            self.writer = None
 
     def state_dict(self) -> dict[str, Any]:
         """The newest step written and its points, once they are on disk (a checkpoint must not get ahead)."""

@@ -46,7 +46,7 @@ class Checkpointer:
         ranks, folder = self.ranks, checkpoint.save_folder(path)
         with on_every_rank(ranks, self.device, "claim the checkpoint folder"):
             if ranks.is_global_zero and folder.suffix != ".safetensors":
-                self.outputs.claim(folder, ["ckpt-*.safetensors"])
+                self.outputs.claim(folder, [checkpoint.CheckpointFolder.CHECKPOINTS])
             elif ranks.is_global_zero:
                 checkpoint.refuse_overwrite(folder, self.run.id)
             target = checkpoint.save_target(path, epoch, step)

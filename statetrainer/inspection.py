@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_leaves
 
-from .checkpoint import checkpoint_files, read_header, read_run_marker, read_tree
+from .checkpoint import CheckpointFolder, read_header, read_tree
 from .errors import CheckpointError
 
 __all__ = ["summarize_file", "summarize_folder"]
@@ -41,11 +41,12 @@ def summarize_file(path: Path) -> dict[str, Any]:
 def summarize_folder(folder: Path) -> dict[str, Any]:
     """Every checkpoint of a folder, newest first, and the one ``load_checkpoint`` starts from (the newest that
     verifies; a trainer also checks that it fits)."""
-    files = [summarize_file(path) for path in reversed(checkpoint_files(folder))]
+    layout = CheckpointFolder(folder)
+    files = [summarize_file(path) for path in reversed(layout.checkpoints())]
     picked = next((entry["path"] for entry in files if entry["verified"]), None)
-    best = folder / "best.safetensors"
+    best = layout.best
     try:
-        marker = read_run_marker(folder)
+        marker = layout.read_marker()
     except CheckpointError as error:
         marker = {"error": str(error)}
     return {"folder": str(folder), "run_marker": marker, "checkpoints": files, "picked": picked,

@@ -8,20 +8,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import (
-    BEST,
-    CheckpointError,
-    atomic_copy,
-    best_epoch_name,
-    checkpoint_files,
-    read_document,
-    read_run_marker,  # fmt: skip
-    remove_stale_temporaries,
-    run_of,
-)
+from ..checkpoint import CheckpointError, CheckpointFolder, atomic_copy, read_document, remove_stale_temporaries, run_of
 from ..validation import check_count
 from .base import Callback, TrainerView
 from .finite import NonFiniteError, first_non_finite
+from .periodic import check_every, due
 
 __all__ = ["Checkpoint"]
 
@@ -66,8 +57,9 @@ class Checkpoint(Callback):
         keep_best: int | None = None,
         name: str | None = None,
     ) -> None:
-        for label, value in (("every_steps", every_steps), ("every_epochs", every_epochs), ("keep_last", keep_last),
-                             ("keep_best", keep_best)):  # fmt: skip
+        check_every("Checkpoint: every_steps", every_steps, never=True)
+        check_every("Checkpoint: every_epochs", every_epochs, never=True)
+        for label, value in (("keep_last", keep_last), ("keep_best", keep_best)):
             check_count(f"Checkpoint: {label}", value, optional=True)
         if keep_best is not None and best is None:
             raise ValueError("Checkpoint: keep_best needs best='<metric>' to rank the checkpoints by")
@@ -91,15 +83,20 @@ class Checkpoint(Callback):
         self._runs: dict[Path, str | None] = {}  # the run of each checkpoint file read so far
 
     @property
+    def layout(self) -> CheckpointFolder:
+        """The folder's layout: which file is which."""
+        return CheckpointFolder(self.folder)
+
+    @property
     def best_path(self) -> Path:
-        return self.folder / BEST
+        return self.layout.best
 
     def best_epoch_path(self, epoch: int) -> Path:
         """Where the checkpoint of ``epoch`` (from 1) is kept while it ranks among the best."""
-        return self.folder / best_epoch_name(epoch)
+        return self.layout.best_of_epoch(epoch)
 
     def output_files(self) -> list[Path]:
-        return [self.folder / "ckpt-*.safetensors", self.folder / "best*.safetensors"]
+        return self.layout.written()
 
     def monitored_metrics(self) -> set[str]:
         return set() if self.best is None else {self.best}
@@ -109,10 +106,10 @@ class Checkpoint(Callback):
         remove_stale_temporaries(self.folder)
         if self.best is not None:
             self._update_best_copies(None)
-        self._prune((read_run_marker(self.folder) or {}).get("run"))  # a run killed before it pruned
+        self._prune((self.layout.read_marker() or {}).get("run"))  # a run killed before it pruned
 
     def on_exit_step(self, trainer: TrainerView) -> None:
-        if self.every_steps is not None and trainer.global_step % self.every_steps == 0:
+        if due(trainer.global_step, self.every_steps):
             self._request(trainer)
 
     def on_exit_epoch(self, trainer: TrainerView) -> None:
@@ -128,7 +125,7 @@ class Checkpoint(Callback):
                 self._request(trainer)
             if self.keep_best is not None and self._ranks_among_best(value, epoch):
                 self._request(trainer)
-        if self.every_epochs is not None and (trainer.epoch + 1) % self.every_epochs == 0:
+        if due(trainer.epoch + 1, self.every_epochs):
             self._request(trainer)
 
     def _request(self, trainer: TrainerView) -> None:
@@ -161,7 +158,7 @@ class Checkpoint(Callback):
             return self._last_saved[1]
         bad = first_non_finite(dict(trainer.model.named_parameters()))
         if bad is not None:  # never save, nor prune the good ones for, a run that has gone to NaN
-            kept = checkpoint_files(self.folder)
+            kept = self.layout.checkpoints()
             raise NonFiniteError(f"Checkpoint: parameter {bad!r} is not finite, so the run is not saved; the last "
                                  f"checkpoint, {kept[-1] if kept else 'none'}, is kept")  # fmt: skip
         path = trainer.save_checkpoint(self.folder)
@@ -177,7 +174,7 @@ class Checkpoint(Callback):
         """Delete all but the newest ``keep_last`` checkpoints of run ``run`` (never another run's)."""
         if self.keep_last is None:
             return
-        ours = [path for path in checkpoint_files(self.folder) if run is not None and self._run_of(path) == run]
+        ours = [path for path in self.layout.checkpoints() if run is not None and self._run_of(path) == run]
         for old in ours[: -self.keep_last]:
             old.unlink(missing_ok=True)
             self._runs.pop(old, None)
@@ -200,19 +197,19 @@ class Checkpoint(Callback):
         wanted = {self.best_epoch_path(epoch): epoch for _, epoch in self.ranked}
         if self.best_epoch is not None:
             wanted[self.best_path] = self.best_epoch
-        run = (read_run_marker(self.folder) or {}).get("run")
+        run = (self.layout.read_marker() or {}).get("run")
         for target, epoch in wanted.items():
             if _ends_epoch(target, epoch, run):
                 continue
             sources = [newest] if newest is not None else []
-            sources += [path for path in reversed(checkpoint_files(self.folder)) if f"-epoch{epoch:04d}-" in path.name]
+            sources += reversed(self.layout.checkpoints(epoch))
             source = next((path for path in sources if _ends_epoch(path, epoch, run)), None)
             if source is None:
                 warnings.warn(f"Checkpoint: {target} cannot be made: no checkpoint of the end of epoch {epoch} is left "
                               f"in {self.folder}", stacklevel=3)  # fmt: skip
                 continue
             atomic_copy(source, target)
-        for old in self.folder.glob("best-epoch*.safetensors"):
+        for old in self.layout.ranked_copies():
             if old not in wanted:  # dropped out, or written by a run killed after its newest checkpoint
                 old.unlink(missing_ok=True)
 

@@ -6,6 +6,7 @@ from .folder import (
     BEST,
     DEFAULT_CHECKPOINT_FOLDER,
     RUN_MARKER,
+    CheckpointFolder,
     best_epoch_name,
     best_files,
     checkpoint_files,
@@ -24,6 +25,7 @@ from .serialization import FORMAT_VERSION, read_document, read_header, read_tree
 
 __all__ = [
     "BEST",
+    "CheckpointFolder",
     "DEFAULT_CHECKPOINT_FOLDER",
     "FORMAT_VERSION",
     "LOCK_FILE",

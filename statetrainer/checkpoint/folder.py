@@ -16,36 +16,105 @@ from .atomic import fsync_path
 from .lock import LOCK_FILE, FolderLock
 from .serialization import read_tree
 
-__all__ = ["BEST", "DEFAULT_CHECKPOINT_FOLDER", "EARLIER_RUNS", "RUN_MARKER", "best_epoch_name", "best_files",
+__all__ = ["BEST", "CheckpointFolder", "DEFAULT_CHECKPOINT_FOLDER", "EARLIER_RUNS", "RUN_MARKER", "best_epoch_name", "best_files",
            "checkpoint_files", "discard_run", "find_checkpoint", "newest_valid", "next_checkpoint_path",
            "read_run_marker", "save_folder", "save_target", "set_aside"]  # fmt: skip
 
 DEFAULT_CHECKPOINT_FOLDER = Path("checkpoints")
 RUN_MARKER = "run.json"  # which run a folder of checkpoints belongs to
 BEST = "best.safetensors"  # the checkpoint of the best epoch, kept by a Checkpoint callback with best=
-
-
-def best_epoch_name(epoch: int) -> str:
-    """The name of the checkpoint of ``epoch`` (from 1) kept while it ranks among the best (``keep_best``)."""
-    return f"best-epoch{epoch:04d}.safetensors"
-
+EARLIER_RUNS = "earlier-runs"  # where set_aside moves a folder's earlier run
 
 _NAME = re.compile(r"^ckpt-(?P<sequence>\d{6,})-epoch(?P<epoch>\d+)-step(?P<step>\d+)\.safetensors$")
 
 
+class CheckpointFolder:
+    """The layout of a folder of checkpoints, all in this class::
+
+        ckpt-000012-epoch0003-step000000450.safetensors   the numbered checkpoints (sequence, epoch, step)
+        best.safetensors                                  the best epoch's (a Checkpoint callback with best=)
+        best-epoch0003.safetensors                        the k best epochs' (with keep_best=k)
+        run.json                                          the run the folder belongs to
+        .statetrainer.lock                                held by the live process that writes here
+        earlier-runs/20261201-143000-1a2b3c4d/            a run that set_aside moved out of the way
+
+    Args:
+        path: The folder (it need not exist yet).
+    """
+
+    CHECKPOINTS = "ckpt-*.safetensors"  # the names a save claims in the folder
+    BEST_COPIES = "best*.safetensors"
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    @property
+    def best(self) -> Path:
+        return self.path / BEST
+
+    @property
+    def marker(self) -> Path:
+        return self.path / RUN_MARKER
+
+    def best_of_epoch(self, epoch: int) -> Path:
+        """The copy of the checkpoint of ``epoch`` (from 1) kept while it ranks among the best (``keep_best``)."""
+        return self.path / f"best-epoch{epoch:04d}.safetensors"
+
+    def written(self) -> list[Path]:
+        """What a ``Checkpoint`` callback writes here, as patterns: the numbered checkpoints and the best copies."""
+        return [self.path / self.CHECKPOINTS, self.path / self.BEST_COPIES]
+
+    def checkpoints(self, epoch: int | None = None) -> list[Path]:
+        """The numbered checkpoints, oldest first (by their sequence number); those saved in ``epoch`` if given."""
+        if not self.path.is_dir():
+            return []
+        found = [(int(match["sequence"]), int(match["epoch"]), path) for path in self.path.iterdir()
+                 if (match := _NAME.match(path.name))]  # fmt: skip
+        return [path for _, saved_in, path in sorted(found) if epoch is None or saved_in == epoch]
+
+    def next_checkpoint(self, epoch: int, step: int) -> Path:
+        """A name after every checkpoint already here."""
+        files = self.checkpoints()
+        match = _NAME.match(files[-1].name) if files else None
+        sequence = int(match["sequence"]) + 1 if match else 0
+        return self.path / f"ckpt-{sequence:06d}-epoch{epoch:04d}-step{step:09d}.safetensors"
+
+    def ranked_copies(self) -> list[Path]:
+        """The ``best-epoch*`` copies here."""
+        return sorted(self.path.glob("best-epoch*.safetensors"))
+
+    def best_copies(self) -> list[Path]:
+        """Every best copy here: ``best.safetensors`` and the ``best-epoch*`` files."""
+        return ([self.best] if self.best.exists() else []) + self.ranked_copies()
+
+    def read_marker(self) -> dict[str, Any] | None:
+        """The run marker, or None when the folder has none; ``CheckpointError`` for one that is not a marker."""
+        if not self.marker.is_file():
+            return None
+        try:
+            content = json.loads(self.marker.read_text())
+        except (OSError, ValueError) as error:
+            raise CheckpointError(
+                f"{self.marker} is unreadable ({error}); it names the run this folder belongs to"
+            ) from error
+        if not isinstance(content, dict):
+            raise CheckpointError(f"{self.marker} is not a run marker; it should name the run this folder belongs to")
+        return content
+
+
+def best_epoch_name(epoch: int) -> str:
+    """The name of the checkpoint of ``epoch`` (from 1) kept while it ranks among the best (``keep_best``)."""
+    return CheckpointFolder("").best_of_epoch(epoch).name
+
+
 def checkpoint_files(folder: Path) -> list[Path]:
     """The folder's checkpoints, oldest first (by their sequence number)."""
-    if not folder.is_dir():
-        return []
-    found = [(int(match["sequence"]), path) for path in folder.iterdir() if (match := _NAME.match(path.name))]
-    return [path for _, path in sorted(found)]
+    return CheckpointFolder(folder).checkpoints()
 
 
 def next_checkpoint_path(folder: Path, epoch: int, step: int) -> Path:
     """A name after every checkpoint already in ``folder``."""
-    files = checkpoint_files(folder)
-    sequence = int(_NAME.match(files[-1].name)["sequence"]) + 1 if files else 0
-    return folder / f"ckpt-{sequence:06d}-epoch{epoch:04d}-step{step:09d}.safetensors"
+    return CheckpointFolder(folder).next_checkpoint(epoch, step)
 
 
 def newest_valid(
@@ -107,22 +176,12 @@ def save_folder(path: str | os.PathLike[str] | None) -> Path:
 
 def read_run_marker(folder: Path) -> dict[str, Any] | None:
     """The run marker of ``folder``, or None when it has none."""
-    marker = folder / RUN_MARKER
-    if not marker.is_file():
-        return None
-    try:
-        content = json.loads(marker.read_text())
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{marker} is unreadable ({error}); it names the run this folder belongs to") from error
-    if not isinstance(content, dict):
-        raise CheckpointError(f"{marker} is not a run marker; it should name the run this folder belongs to")
-    return content
+    return CheckpointFolder(folder).read_marker()
 
 
 def best_files(folder: Path) -> list[Path]:
     """The best checkpoints a ``Checkpoint`` callback keeps in ``folder``: ``best.safetensors`` and ``best-epoch*``."""
-    found = [folder / BEST] if (folder / BEST).exists() else []
-    return found + sorted(folder.glob("best-epoch*.safetensors"))
+    return CheckpointFolder(folder).best_copies()
 
 
 def discard_run(folder: Path) -> list[Path]:
@@ -135,7 +194,8 @@ def discard_run(folder: Path) -> list[Path]:
         CheckpointError: A live process holds the folder (see ``FolderLock``).
     """
     lock = FolderLock(folder, exclusive=True) if folder.is_dir() else None
-    doomed = [*checkpoint_files(folder), *best_files(folder), folder / RUN_MARKER]
+    layout = CheckpointFolder(folder)
+    doomed = [*layout.checkpoints(), *layout.best_copies(), layout.marker]
     removed = [path for path in doomed if path.exists()]
     for path in removed:
         path.unlink()
@@ -144,9 +204,6 @@ def discard_run(folder: Path) -> list[Path]:
     if lock is not None:
         lock.release()
     return removed
-
-
-EARLIER_RUNS = "earlier-runs"  # where set_aside moves a folder's earlier run
 
 
 def set_aside(folder: Path) -> Path | None:

@@ -371,9 +371,10 @@ def test_discard_run_lets_a_fresh_run_start_in_the_folder(device: torch.device, 
     from statetrainer.checkpoint import discard_run
 
     folder = tmp_path / "run"
-    build([Checkpoint(folder, every_epochs=1, best="valid_accuracy")], device=device, seed=7).fit()
+    build([Checkpoint(folder, every_epochs=1, best="valid_accuracy", keep_best=2)], device=device, seed=7).fit()
+    assert (folder / "best.safetensors").exists() and list(folder.glob("best-epoch*.safetensors"))
     discard_run(folder)
-    assert not checkpoint_files(folder) and not (folder / "run.json").exists()
+    assert sorted(path.name for path in folder.iterdir()) == [".statetrainer.lock"]  # the best copies went too
     build([Checkpoint(folder, every_epochs=1)], device=device, seed=8).fit()
     assert len(checkpoint_files(folder)) == 2
 

@@ -11,7 +11,7 @@ from statetrainer.validation import check_count, check_number
 
 REFUSED = [
     (lambda: cb.CSVLogger("log.csv", every_batches=True), "CSVLogger: every_batches"),
-    (lambda: cb.ProgressBar(refresh_every=True), "ProgressBar: refresh_every"),
+    (lambda: cb.ProgressBar(every_batches=True), "ProgressBar: every_batches"),
     (lambda: cb.EarlyStopping(patience=True), "EarlyStopping: patience"),
     (lambda: cb.EarlyStopping(patience=2.5), "EarlyStopping: patience"),
     (lambda: cb.Checkpoint("x", keep_last=False), "Checkpoint: keep_last"),

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 
 from ..saved_state import check_keys
-from ..validation import check_count
 from .base import Callback, TrainerView
+from .periodic import check_every, due
 
 __all__ = ["NonFiniteError", "StopOnNonFinite", "first_non_finite"]
 
@@ -43,7 +43,7 @@ class StopOnNonFinite(Callback):
     """
 
     def __init__(self, every_batches: int = 50, gradients: bool = True, name: str | None = None) -> None:
-        check_count("StopOnNonFinite: every_batches", every_batches)
+        check_every("StopOnNonFinite: every_batches", every_batches)
         self.every_batches, self.gradients, self.name = every_batches, gradients, name
         self._batches = 0  # batches seen in this process, counted on the host
         self._seen: torch.Tensor | None = None  # the same count, on the device
@@ -62,7 +62,7 @@ class StopOnNonFinite(Callback):
         self._seen += 1
         self._where[self._batches] = (trainer.epoch, trainer.phase.name, trainer.batch_index, trainer.global_step)
         self._flag(~torch.isfinite(trainer.loss.detach()).all())
-        if self._batches % self.every_batches == 0:
+        if due(self._batches, self.every_batches):
             self._read()
 
     def on_enter_step(self, trainer: TrainerView) -> None:

@@ -138,7 +138,7 @@ class FakeTerminal(io.StringIO):
 def test_progress_bar_draws_on_a_terminal_and_stays_quiet_otherwise(device: torch.device):
     terminal, pipe = FakeTerminal(), io.StringIO()
     classifier_trainer(
-        [SmoothedLoss(), ProgressBar(refresh_every=2, stream=terminal, mininterval=0)], device, epochs=1
+        [SmoothedLoss(), ProgressBar(every_batches=2, stream=terminal, mininterval=0)], device, epochs=1
     ).fit()
     classifier_trainer([SmoothedLoss(), ProgressBar(stream=pipe)], device, epochs=1).fit()
     drawn = terminal.getvalue()
@@ -147,7 +147,7 @@ def test_progress_bar_draws_on_a_terminal_and_stays_quiet_otherwise(device: torc
 
 
 def test_progress_bar_shows_metrics_from_its_first_refresh(device: torch.device):
-    terminal = FakeTerminal()  # refresh_every=20: more than the phase's 4 batches
+    terminal = FakeTerminal()  # every_batches=20: more than the phase's 4 batches
     classifier_trainer([SmoothedLoss(), ProgressBar(stream=terminal, mininterval=0)], device, epochs=1).fit()
     draws = [draw for draw in terminal.getvalue().split("\r") if draw.startswith("epoch 1 train")]
     after_first_batch = [draw for draw in draws if "| 1/4 " in draw]
@@ -249,7 +249,7 @@ def test_the_progress_bar_on_a_real_terminal_shows_the_metrics_of_its_last_refre
                 if (trainer.batch_index + 1) % 3 == 0 or trainer.batch_index + 1 == trainer.phase_batches:
                     print("refreshed", trainer.phase.name, running_metrics(trainer), file=sys.stdout, flush=True)
 
-        trainer = classifier_trainer([SmoothedLoss(), LastRefresh(), ProgressBar(refresh_every=3, mininterval=0,
+        trainer = classifier_trainer([SmoothedLoss(), LastRefresh(), ProgressBar(every_batches=3, mininterval=0,
                                      leave=True)], torch.device({device.type!r}), epochs=1)
         trainer.fit()
     """)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from statetrainer import distributed
 from statetrainer.checkpoint import read_tree
 
 SCRIPT = Path(__file__).with_name("distributed_run.py")
@@ -228,3 +229,17 @@ def test_a_breakpoint_under_torchrun_breaks_on_rank_zero_while_the_others_wait(t
            stdin="up\np trainer.batch_index\np trainer.world_size\nc\n")  # fmt: skip
     assert "(Pdb) 2\n(Pdb) 2\n" in rank_output(logs, 0, "stdout")  # in the Breakpoint's frame: batch 2, 2 ranks
     assert "Pdb" not in rank_output(logs, 1, "stdout") and (tmp_path / "run" / "final.safetensors").is_file()
+
+
+def test_gather_tree_gives_each_ranks_tensors_and_numbers_in_the_trees_own_shape(monkeypatch):
+    """Without a launch: rank r's leaves are this rank's plus r, as ``gathered_states`` would bring them."""
+    monkeypatch.setattr(distributed, "gathered_states", lambda local, ranks, device: [
+        [tensor + rank for tensor in local] for rank in range(ranks.world_size)])  # fmt: skip
+    tree = {"average": torch.tensor(0.5), "batches": 3, "exact": False, "rate": 0.25, "name": "loss", "none": None,
+            "pairs": [(torch.ones(2), 1)], "empty": {}}  # fmt: skip
+    assert distributed.gather_tree(tree, distributed.Ranks(), torch.device("cpu"))[0] is tree  # one process
+    first, second = distributed.gather_tree(tree, distributed.Ranks(world_size=2), torch.device("cpu"))
+    assert_trees_equal(first, tree)
+    assert_trees_equal(second, {"average": torch.tensor(1.5), "batches": 4, "exact": True, "rate": 1.25,
+                                "name": "loss", "none": None, "pairs": [(torch.full((2,), 2.0), 2)], "empty": {}})  # fmt: skip
+    assert type(second["batches"]) is int and type(second["exact"]) is bool and type(second["pairs"][0]) is tuple

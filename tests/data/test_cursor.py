@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import namedtuple
+from types import MappingProxyType
 
 import torch
 
@@ -53,3 +55,23 @@ def test_to_device_moves_nested_batches_and_keeps_their_shape():
     assert moved["a"][0].device.type == "meta" and moved["a"][1][0].device.type == "meta"
     assert isinstance(moved["a"], list) and isinstance(moved["a"][1], tuple) and moved["a"][1][1] == "label"
     assert isinstance(moved["b"], Pair) and moved["b"].x.device.type == "meta" and moved["b"].y == 4
+
+
+def test_to_device_walks_every_mapping_and_sequence_and_leaves_other_objects():
+    """The containers a batch may come in: any Mapping becomes a dict, a list or tuple subclass keeps its type, and
+    an object of any other kind (a dataclass, a set) is handed over untouched, tensors inside it and all."""
+
+    class Tokens(list):
+        pass
+
+    @dataclasses.dataclass
+    class Sample:
+        x: torch.Tensor
+
+    sample = Sample(torch.ones(1))
+    batch = (MappingProxyType({"ids": torch.ones(2)}), Tokens([torch.zeros(1)]), sample, {1, 2}, None)
+    moved = to_device(batch, torch.device("meta"))
+    assert type(moved[0]) is dict and moved[0]["ids"].device.type == "meta"
+    assert type(moved[1]) is Tokens and moved[1][0].device.type == "meta"
+    assert moved[2] is sample and sample.x.device.type == "cpu"
+    assert moved[3] == {1, 2} and moved[4] is None

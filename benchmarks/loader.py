@@ -43,9 +43,12 @@ def main() -> None:
         options = {"persistent_workers": True} if workers else {}
         loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers, **options)
         source = batch_source(DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers, **options), 0)
-        loops = {"DataLoader": lambda epoch: iter(loader), "statetrainer": lambda epoch: source.open(0, epoch)}
+        loops = {  # each binds this round's loader and source
+            "DataLoader": lambda epoch, loader=loader: iter(loader),
+            "statetrainer": lambda epoch, source=source: source.open(0, epoch),
+        }
         times: dict[str, list[float]] = {name: [] for name in loops}
-        for name, open_epoch in loops.items():  # warm-up (starts persistent workers)
+        for open_epoch in loops.values():  # warm-up (starts persistent workers)
             epoch_time(open_epoch, 0)
         for epoch in range(args.rounds):
             for name, open_epoch in loops.items():

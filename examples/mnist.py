@@ -34,10 +34,16 @@ from pathlib import Path
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", type=Path, default=Path("data"),
-                        help="MNIST's original .gz files (train and/or t10k), or torchvision's MNIST folder")
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        default=Path("data"),
+        help="MNIST's original .gz files (train and/or t10k), or torchvision's MNIST folder",
+    )
     parser.add_argument("--offline", action="store_true", help="do not try to download MNIST")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs of the run (more than a finished run's: train on)")
+    parser.add_argument(
+        "--epochs", type=int, default=3, help="epochs of the run (more than a finished run's: train on)"
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="training batch size")
     parser.add_argument("--lr", type=float, default=5e-3, help="the one-cycle's peak learning rate (Adam)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1...; default: CUDA when available")
@@ -45,10 +51,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     parser.add_argument("--limit", type=int, default=None, help="use at most this many samples of each set")
     parser.add_argument("--out", type=Path, default=Path("checkpoints/mnist"), help="checkpoints, logs, plots")
-    parser.add_argument("--progress", action="store_true",
-                        help="draw the progress bar even when stderr is not a terminal (under | tee)")
-    parser.add_argument("--fresh", action="store_true",
-                        help="start over instead of resuming (the earlier run moves to --out/earlier-runs/)")
+    parser.add_argument(
+        "--progress", action="store_true", help="draw the progress bar even when stderr is not a terminal (under | tee)"
+    )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start over instead of resuming (the earlier run moves to --out/earlier-runs/)",
+    )
     return parser.parse_args(argv)
 
 
@@ -65,8 +75,8 @@ from torchvision.transforms import v2 as transforms
 from torchvision.transforms.v2 import functional as TF
 
 import statetrainer as st
-from statetrainer.checkpoint import set_aside
 from statetrainer import callbacks as cb
+from statetrainer.checkpoint import set_aside
 
 MEAN, STD = 0.1307, 0.3081
 
@@ -146,8 +156,10 @@ class RenderedDigits(Dataset):
         return (self.transform(image) if self.transform else image), label
 
 
-MNIST_GZ = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-            "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+MNIST_GZ = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
 
 
 def read_gz_pair(folder: Path, names: tuple[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,7 +187,11 @@ def load_data(root: Path, download: bool, seed: int) -> tuple[Dataset, Dataset, 
         train = ImageTensors(train_images, train_labels, train_transform())
         if present["test"]:
             test_images, test_labels = read_gz_pair(root, MNIST_GZ["test"])
-            return train, ImageTensors(test_images, test_labels, eval_transform()), f"MNIST from the .gz files in {root}"
+            return (
+                train,
+                ImageTensors(test_images, test_labels, eval_transform()),
+                f"MNIST from the .gz files in {root}",
+            )
         train, valid = holdout_split(train_images, train_labels, seed=seed)
         return train, valid, f"MNIST's training set from {root}, split {len(train)}/{len(valid)} into train/valid"
     if present["test"]:

@@ -22,8 +22,6 @@ DEFAULT_STOP_SIGNALS: tuple[str, ...] = ("SIGTERM", "SIGINT")
 _UNCATCHABLE = {signal.SIGKILL, signal.SIGSTOP}
 
 
-
-
 def resolve_signals(signals: Iterable[str | int | signal.Signals] | None) -> tuple[signal.Signals, ...]:
     """Signals from names (``"SIGTERM"``, ``"TERM"``), numbers or ``signal.Signals``.
 

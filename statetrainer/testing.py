@@ -56,8 +56,11 @@ def _recording_hook(kind: str, state: str):  # noqa: ANN202
     return record
 
 
-# One recording method per hook, written out by a loop rather than twelve near-copies.
-for _state in STATES:
-    for _kind in ("enter", "exit"):
-        setattr(EventRecorder, f"on_{_kind}_{_state}", _recording_hook(_kind, _state))
-del _state, _kind
+def _add_recording_hooks() -> None:
+    """One recording method per hook, written out by a loop rather than twelve near-copies."""
+    for state in STATES:
+        for kind in ("enter", "exit"):
+            setattr(EventRecorder, f"on_{kind}_{state}", _recording_hook(kind, state))
+
+
+_add_recording_hooks()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from numbers import Real
-from typing import Any
+from typing import Any, TypeGuard
 
 __all__ = ["check_count", "check_number", "in_interval", "interval_words"]
 
@@ -35,10 +35,16 @@ def check_number(
     """Raise ``ValueError`` unless ``value`` is a real number (not a bool) in the interval, or None if ``optional``."""
     if optional and value is None:
         return
-    fits = isinstance(value, Real) and not isinstance(value, bool) and not math.isnan(value)
+    fits = _is_real(value) and not math.isnan(value)
     if not fits or not in_interval(value, low, high, low_open, high_open):
         wanted = interval_words(low, high, low_open, high_open)
         raise ValueError(f"{name} must be a number{wanted}{' or None' if optional else ''}, got {value!r}")
+
+
+def _is_real(value: Any) -> TypeGuard[float]:
+    """Whether ``value`` is a ``numbers.Real`` (NumPy's numbers too) but not a bool; typed as ``float``, the
+    static type of a real number (typeshed's ``Real`` does not compare with floats)."""
+    return isinstance(value, Real) and not isinstance(value, bool)
 
 
 def in_interval(value: float, low: float, high: float, low_open: bool = False, high_open: bool = False) -> bool:

@@ -78,7 +78,7 @@ def assert_trees_equal(first, second, path: str = "") -> None:
             assert_trees_equal(first[key], second[key], f"{path}/{key}")
     elif isinstance(first, (list, tuple)):
         assert len(first) == len(second), f"{path}: lengths differ"
-        for index, (left, right) in enumerate(zip(first, second)):
+        for index, (left, right) in enumerate(zip(first, second, strict=True)):
             assert_trees_equal(left, right, f"{path}/{index}")
     else:
         assert first == second, f"{path}: {first!r} != {second!r}"

@@ -159,7 +159,7 @@ OPTIMIZERS = {
     "Rprop": torch.optim.Rprop, "Adafactor": torch.optim.Adafactor,
     "Adam with a tensor lr": lambda params: torch.optim.Adam(params, lr=torch.tensor(0.01)),
     "Adam, two groups": lambda params: torch.optim.Adam([{"params": params[:1], "lr": 0.1}, {"params": params[1:]}]),
-    "SGD, named parameters": lambda params: torch.optim.SGD(list(zip("abc", params)), lr=0.1, momentum=0.5),
+    "SGD, named parameters": lambda params: torch.optim.SGD(list(zip("abc", params, strict=True)), lr=0.1, momentum=0.5),
 }  # fmt: skip
 
 

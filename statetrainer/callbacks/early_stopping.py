@@ -64,6 +64,7 @@ class EarlyStopping(Callback):
         self.checked_this_epoch = False
 
     def on_exit_phase(self, trainer: TrainerView) -> None:
+        assert trainer.phase is not None  # the phase that ends
         if self._produced_in(trainer) == trainer.phase.name:
             self._check_order(trainer)
             self._check(trainer, f"which phase {trainer.phase.name!r} did not produce")
@@ -74,6 +75,7 @@ class EarlyStopping(Callback):
 
     def _produced_in(self, trainer: TrainerView) -> str | None:
         """The phase whose end publishes ``monitor``, or None when only the epoch's end can tell."""
+        assert trainer.phase is not None  # called as a phase ends
         metrics = [callback for callback in trainer.callbacks if isinstance(callback, Metric)]
         if any(metric.active and metric.key_for(trainer) == self.monitor for metric in metrics):
             return trainer.phase.name

@@ -23,7 +23,7 @@ def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
     if not floating:
         return None
     finite = torch.stack([torch.isfinite(tensor).all() for tensor in floating.values()]).cpu()
-    return next((name for name, ok in zip(floating, finite.tolist()) if not ok), None)
+    return next((name for name, ok in zip(floating, finite.tolist(), strict=True) if not ok), None)
 
 
 class StopOnNonFinite(Callback):
@@ -58,6 +58,7 @@ class StopOnNonFinite(Callback):
     def on_exit_batch(self, trainer: TrainerView) -> None:
         if trainer.loss is None:
             return
+        assert self._seen is not None and trainer.phase is not None  # made as the phase started
         self._batches += 1
         self._seen += 1
         self._where[self._batches] = (trainer.epoch, trainer.phase.name, trainer.batch_index, trainer.global_step)
@@ -70,7 +71,7 @@ class StopOnNonFinite(Callback):
             return
         grads = [p.grad for group in trainer.optimizer.param_groups for p in group["params"] if p.grad is not None]
         if grads:
-            norms = torch._foreach_norm(grads)
+            norms = torch._foreach_norm(grads)  # pyright: ignore[reportPrivateImportUsage]  # not re-exported by torch's stubs
             self._flag(~torch.isfinite(torch.stack(norms).sum()), offset=1)
 
     def on_exit_phase(self, trainer: TrainerView) -> None:
@@ -78,8 +79,10 @@ class StopOnNonFinite(Callback):
 
     def _flag(self, bad: torch.Tensor, offset: int = 0) -> None:
         """Record the batch's count as the first bad one, unless one is recorded: all on the device."""
-        count = self._seen + offset if offset else self._seen  # a step precedes its batch's exit: the next count
-        self._first_bad = torch.where(bad & (self._first_bad < 0), count, self._first_bad)
+        seen, first_bad = self._seen, self._first_bad
+        assert seen is not None and first_bad is not None  # made as the phase started
+        count = seen + offset if offset else seen  # a step precedes its batch's exit: the next count
+        self._first_bad = torch.where(bad & (first_bad < 0), count, first_bad)
 
     def _read(self) -> None:
         if self._first_bad is None:

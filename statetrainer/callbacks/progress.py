@@ -78,6 +78,7 @@ class ProgressBar(Callback):
         stream = self.stream or sys.stderr
         if not (self.force or (hasattr(stream, "isatty") and stream.isatty())):
             return
+        assert trainer.phase is not None  # opened as the phase starts, or at its first batch
         self.bar = self._tqdm(
             total=trainer.phase_batches, initial=done, file=stream,
             desc=f"epoch {trainer.epoch + 1} {trainer.phase.name}", **self.tqdm_options,

@@ -62,6 +62,7 @@ class ParamScheduler(Callback):
         raise NotImplementedError
 
     def on_enter_step(self, trainer: TrainerView) -> None:
+        assert trainer.optimizer is not None  # a step: a phase with gradients, which has an optimizer
         param_groups = trainer.optimizer.param_groups
         indices = range(len(param_groups)) if self.groups is None else self.groups
         for group_index, value in zip(indices, self.values(trainer.global_step, len(indices)), strict=True):
@@ -141,7 +142,10 @@ class CosineWarmRestarts(ParamScheduler):
         cycle, position, length = self.cycle_position(step)
         peaks = _per_group(self.max_value, group_count, "CosineWarmRestarts max_value")
         floors = _per_group(self.min_value, group_count, "CosineWarmRestarts min_value")
-        return [anneal(peak * self.decay**cycle, floor, position / length) for peak, floor in zip(peaks, floors)]
+        return [
+            anneal(peak * self.decay**cycle, floor, position / length)
+            for peak, floor in zip(peaks, floors, strict=True)
+        ]
 
 
 class OneCycle(ParamScheduler):
@@ -224,6 +228,7 @@ class OneCycle(ParamScheduler):
     def on_enter_step(self, trainer: TrainerView) -> None:
         super().on_enter_step(trainer)
         if self.cycle_momentum:
+            assert trainer.optimizer is not None  # a step: a phase with gradients, which has an optimizer
             param_groups = trainer.optimizer.param_groups
             momentum = self.momentum(trainer.global_step)
             for index in range(len(param_groups)) if self.groups is None else self.groups:

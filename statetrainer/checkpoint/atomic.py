@@ -133,7 +133,8 @@ _ADVICE = {
 
 def explained(error: OSError, path: Path) -> OSError:
     """``error`` as an ``OSError`` of the same errno whose message names ``path`` and what to do."""
-    advice = _ADVICE.get(error.errno, error.strerror or str(error))
+    known = _ADVICE.get(error.errno) if error.errno is not None else None
+    advice = known or error.strerror or str(error)
     return OSError(error.errno, f"could not write {path}: {advice}; the previous file there, if any, is intact")
 
 

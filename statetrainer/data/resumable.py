@@ -19,11 +19,12 @@ from __future__ import annotations
 import hashlib
 import random
 import struct
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator, Sized
+from typing import Any, cast
 
 import numpy as np
 import torch
+from numpy.random import mtrand  # the global generator's bit-generator swap, which numpy.random's stubs omit
 from torch.utils.data import (
     BatchSampler,
     DataLoader,
@@ -170,7 +171,7 @@ class SeededSamples(Dataset):
         self._numpy_for_loading: np.random.MT19937 | None = None
 
     def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
+        return map_length(self.dataset)
 
     def __getitem__(self, batch: SeededBatch) -> Any:
         """One sample, for a DataLoader without automatic batching: ``batch`` holds its index alone."""
@@ -181,12 +182,12 @@ class SeededSamples(Dataset):
             return self._load(batch)
         if self._numpy_for_loading is None:
             self._numpy_for_loading = np.random.MT19937()
-        torch_state, training_numpy = torch.default_generator.get_state(), np.random.get_bit_generator()
-        np.random.set_bit_generator(self._numpy_for_loading)
+        torch_state, training_numpy = torch.default_generator.get_state(), mtrand.get_bit_generator()
+        mtrand.set_bit_generator(self._numpy_for_loading)
         try:
             return self._load(batch)
         finally:
-            np.random.set_bit_generator(training_numpy)
+            mtrand.set_bit_generator(training_numpy)
             torch.default_generator.set_state(torch_state)
 
     def _load(self, batch: SeededBatch) -> list[Any]:
@@ -198,6 +199,11 @@ class SeededSamples(Dataset):
             return self._load_many(list(batch))
         dataset = self.dataset
         return [dataset[index] for index in batch]
+
+
+def map_length(dataset: Dataset) -> int:
+    """The length of a map-style dataset, which a sampler needs (``Dataset`` itself declares no ``__len__``)."""
+    return len(cast(Sized, dataset))
 
 
 def has_state(candidate: Any) -> bool:
@@ -226,7 +232,9 @@ def why_not_seeded(loader: Iterable[Any]) -> str | None:
     sampler = loader.sampler
     if type(sampler) not in (SequentialSampler, RandomSampler, DistributedSampler):
         return f"it uses a custom sampler ({type(sampler).__name__})"
-    if isinstance(sampler, RandomSampler) and (sampler.replacement or sampler.num_samples != len(loader.dataset)):
+    if isinstance(sampler, RandomSampler) and (
+        sampler.replacement or sampler.num_samples != map_length(loader.dataset)
+    ):
         return "its RandomSampler draws with replacement or a custom number of samples"
     if loader.batch_sampler is not None and type(loader.batch_sampler) is not BatchSampler:
         return f"it uses a custom batch sampler ({type(loader.batch_sampler).__name__})"
@@ -254,7 +262,7 @@ def rebuild(
                              f"processes, but this run has {world_size}; build it in the run's process group")  # fmt: skip
         shuffle, drop_last = sampler.shuffle, drop_last or sampler.drop_last
     batched = loader.batch_size is not None  # else no automatic batching: the collate_fn sees single samples
-    order = SeededOrder(len(loader.dataset), shuffle, loader.batch_size or 1, drop_last, rank, world_size)
+    order = SeededOrder(map_length(loader.dataset), shuffle, loader.batch_size or 1, drop_last, rank, world_size)
     options: dict[str, Any] = {
         "num_workers": loader.num_workers,
         "collate_fn": loader.collate_fn,

@@ -65,12 +65,12 @@ def fingerprint(trainer: st.Trainer) -> list:
 
 
 def same(left: list, right: list) -> bool:
-    return len(left) == len(right) and all(_same(a, b) for a, b in zip(left, right))
+    return len(left) == len(right) and all(_same(a, b) for a, b in zip(left, right, strict=True))
 
 
 def _same(left: Any, right: Any) -> bool:
     if isinstance(left, tuple) and isinstance(right, tuple):
-        return len(left) == len(right) and all(_same(a, b) for a, b in zip(left, right))
+        return len(left) == len(right) and all(_same(a, b) for a, b in zip(left, right, strict=True))
     if isinstance(left, torch.Tensor) or isinstance(right, torch.Tensor):
         return isinstance(left, torch.Tensor) and isinstance(right, torch.Tensor) and left.dtype == right.dtype \
             and torch.equal(left, right)  # fmt: skip

@@ -56,7 +56,7 @@ def assert_trees_equal(expected, actual, path="") -> None:
             assert_trees_equal(expected[key], actual[key], f"{path}/{key}")
     elif isinstance(expected, (list, tuple)):
         assert len(expected) == len(actual), path
-        for index, (left, right) in enumerate(zip(expected, actual)):
+        for index, (left, right) in enumerate(zip(expected, actual, strict=True)):
             assert_trees_equal(left, right, f"{path}/{index}")
     else:
         assert expected == actual, path

@@ -113,7 +113,7 @@ def same(left: dict[str, Any], right: dict[str, Any]) -> bool:
     if left["best"].keys() != right["best"].keys():
         return False
     return all(left["best"][name][:2] == right["best"][name][:2]
-               and all(torch.equal(a, b) for a, b in zip(left["best"][name][2], right["best"][name][2]))
+               and all(torch.equal(a, b) for a, b in zip(left["best"][name][2], right["best"][name][2], strict=True))
                for name in left["best"])  # fmt: skip
 
 

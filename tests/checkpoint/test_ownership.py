@@ -116,7 +116,8 @@ def test_a_symlink_planted_for_a_log_is_refused_and_its_target_untouched(device,
     with pytest.raises(CheckpointError, match="log_batches.csv is not a regular file"):
         resumed.load_checkpoint(folder)
     assert victim.read_text() == "the user's own file\n" * 50
-    assert resumed.global_step == 0 and all(torch.equal(a, b) for a, b in zip(model_before, resumed.model.parameters()))
+    assert resumed.global_step == 0
+    assert all(torch.equal(a, b) for a, b in zip(model_before, resumed.model.parameters(), strict=True))
 
 
 def test_a_log_replaced_by_a_symlink_during_a_run_is_not_written_through(device, tmp_path):
@@ -332,5 +333,6 @@ def test_a_forged_state_of_a_file_writing_callback_is_refused_before_anything_lo
     before = snapshot(folder)
     with pytest.raises(CheckpointError, match=rf"^callbacks: {callback}: .*{named}"):
         resumed.load_checkpoint(forged)
-    assert resumed.global_step == 0 and all(torch.equal(a, b) for a, b in zip(weights, resumed.model.parameters()))
+    assert resumed.global_step == 0
+    assert all(torch.equal(a, b) for a, b in zip(weights, resumed.model.parameters(), strict=True))
     assert snapshot(folder) == before and made.finished

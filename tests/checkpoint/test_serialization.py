@@ -258,7 +258,7 @@ def test_keys_that_collide_once_flattened_round_trip(tmp_path, tree):
         if isinstance(left, dict):
             return list(left) == list(right) and all(same(left[key], right[key]) for key in left)
         if isinstance(left, list):
-            return len(left) == len(right) and all(same(a, b) for a, b in zip(left, right))
+            return len(left) == len(right) and all(same(a, b) for a, b in zip(left, right, strict=True))
         return left == right
 
     assert same(tree, loaded)

@@ -40,7 +40,7 @@ def test_every_sample_goes_to_exactly_one_rank_and_every_rank_has_as_many_batche
 def test_the_ranks_batches_are_the_global_order_cut_in_global_batches(size, batch_size, world_size, drop_last):
     """Rank shares of global batch ``k`` put side by side are the one-process order's samples of that global batch."""
     ranks = passes(size, batch_size, world_size, drop_last)
-    together = [index for step in zip(*ranks) for batch in step for index in batch]
+    together = [index for step in zip(*ranks, strict=True) for batch in step for index in batch]
     one_process = [index for batch in passes(size, batch_size * world_size, 1, drop_last)[0] for index in batch]
     assert together == one_process[: len(together)]
 

@@ -60,18 +60,19 @@ class Deciders:
                 self._start_batch()
                 return
             if cursor.fetched == 0:
-                raise ValueError(f"phase {work.phase.name!r}: its loader yielded no batches")  # type: ignore[union-attr]
+                name = work.phase.name if work.phase is not None else None
+                raise ValueError(f"phase {name!r}: its loader yielded no batches")
         work.cursor = None  # lets a DataLoader's workers shut down
         self._end_phase()
 
     def decide_batch(self) -> None:
-        if self.work.phase.grad:  # type: ignore[union-attr]
+        if self.work.grad:
             self._backward()
         else:
             self._end_batch()
 
     def decide_backward(self) -> None:
-        if (self.position.batch_index + 1) % self.accumulate == 0 or self.work.cursor.is_last():  # type: ignore[union-attr]
+        if (self.position.batch_index + 1) % self.accumulate == 0 or self.work.ends_phase():
             self._step()
         else:
             self._end_batch()

@@ -62,7 +62,7 @@ class RunGuard:
         machine: TrainingMachine,
         position: Position,
         callbacks: Sequence[Callback],
-        stop_signals: Sequence[signal.Signals],
+        stop_signals: tuple[signal.Signals, ...],
         deterministic: bool,
         on_error: Callable[[], None],
         recover: Callable[[], Recovery | None],

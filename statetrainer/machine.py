@@ -57,6 +57,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from transitions import Machine
@@ -212,7 +213,8 @@ def call_name(call: Call) -> str:
     return f"{key}.{name}" if isinstance(key, str) else getattr(call, "__qualname__", name)
 
 
-class Interruption(NamedTuple):
+@dataclass(frozen=True)
+class Interruption:
     """Where a transition stopped: the move, the side (``exit`` or ``enter``) and the index of the call that raised.
 
     Exit calls run before the machine changes state and enter calls after, so
@@ -308,7 +310,7 @@ class TrainingMachine:
                                   auto_transitions=False)  # fmt: skip
         self.events: dict[str, _CompiledEvent] = {}
         for name, event in self.definition.events.items():
-            moves = {source: _CompiledMove(self, name, source, transitions[0].dest)
+            moves = {source: _CompiledMove(self, name, source, str(transitions[0].dest))
                      for source, transitions in event.transitions.items()}  # fmt: skip
             self.events[name] = _CompiledEvent(self, name, moves)
         self.compile(prepare or {}, enter or {}, work or {}, exit or {})

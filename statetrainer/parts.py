@@ -14,7 +14,7 @@ import dataclasses
 import hashlib
 import json
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -84,8 +84,8 @@ class StateRegistry:
         missing = [name for name in self._parts if name not in state]
         if missing:
             raise CheckpointError(f"the checkpoint has no state for part(s) {', '.join(missing)} of this run")
-        checks = [(f"{name}: ", part.check_fits, state[name]) for name, part in self._parts.items()
-                  if hasattr(part, "check_fits")]  # fmt: skip
+        checks = [(f"{name}: ", check, state[name]) for name, part in self._parts.items()
+                  if (check := getattr(part, "check_fits", None)) is not None]  # fmt: skip
         checks += [("", check, state) for check in self._checks]  # across parts, once each part fits
         for label, check, saved in checks:
             try:
@@ -418,10 +418,9 @@ class RunSettings:
         settings: dict[str, Any] = {"accumulate": accumulate, "precision": precision, "world_size": world_size}
         for phase in phases:
             dataset = getattr(phase.loader, "dataset", None)
-            sized = dataset is not None and hasattr(dataset, "__len__")
             settings[f"{phase.name}.batch_size"] = getattr(phase.loader, "batch_size", None)
             settings[f"{phase.name}.limit"] = phase.limit
-            settings[f"{phase.name}.samples"] = len(dataset) if sized else None
+            settings[f"{phase.name}.samples"] = len(dataset) if isinstance(dataset, Sized) else None
         return cls(settings)
 
     def state_dict(self) -> dict[str, Any]:

@@ -74,14 +74,15 @@ def plan_recovery(machine: TrainingMachine, work: StateWork) -> Recovery | None:
     """Decide what a checkpoint of the run, just stopped by an error, can hold; None: the run is as it is."""
     interrupted, position, phase = machine.interrupted, work.position, work.phase
     event = interrupted.event if interrupted is not None else None
+    call = interrupted.call if interrupted is not None else None  # the call that raised
     cursor = work.cursor
     delivered_ahead = cursor is not None and (cursor.looked_ahead or cursor.fetched > position.batch_index + 1)
     keeps_own = position.phase_index >= 0 and work.sources[position.phase_index].keeps_own_state
     in_phase = phase is not None and machine.state not in ("idle", "epoch")
     epoch = position.epoch_for_people(machine.state)  # messages count epochs and batches from 1
     where = f"epoch {epoch}" + (f", phase {phase.name!r}" if phase is not None and in_phase else "")
-    if event is not None and event not in _IN_BATCH_EVENTS:
-        name = _describe(interrupted.call, work)
+    if interrupted is not None and event not in _IN_BATCH_EVENTS:
+        name = _describe(call, work)
         return Recovery(f"the checkpoint holds {where} in the middle of {event!r}, where {name} raised; "
                         f"a resume first runs the rest of {event!r}, from that call on", pending=interrupted)  # fmt: skip
     if event is None and machine.state not in _IN_BATCH_STATES:
@@ -90,20 +91,20 @@ def plan_recovery(machine: TrainingMachine, work: StateWork) -> Recovery | None:
                                         f"the batch after batch {position.batch_index + 1}")  # fmt: skip
         return None
     batch = position.batch_index + 1  # for people
-    if event == "end_batch":  # the batch's work was done: it counts
-        missed = ", ".join(call_name(call) for call in interrupted.move.exit_calls[interrupted.index + 1 :])
+    if interrupted is not None and event == "end_batch":  # the batch's work was done: it counts
+        missed = ", ".join(call_name(skipped) for skipped in interrupted.move.exit_calls[interrupted.index + 1 :])
         if keeps_own and delivered_ahead:
             return Recovery("", refusal=f"the loader of {where} keeps its own position and had already read "
                                         f"the batch after batch {batch}")  # fmt: skip
         return Recovery(f"the checkpoint holds {where} after batch {batch}, which had done its work and counts "
-                        f"as done; {_describe(interrupted.call, work)} raised ending it"
+                        f"as done; {_describe(call, work)} raised ending it"
                         + (f", and {missed} did not run for it" if missed else ""), state="phase")  # fmt: skip
     batch_index = position.batch_index
     if event is None:  # every transition had finished: the error came after the last one
         backward_began = machine.state in ("backward", "step")
     else:  # the step move starts after a whole backward pass; the backward move's own work is the pass
-        backward_began = event == "step" or (event == "backward" and interrupted.call == work.run_backward)
-    if event == "step" and interrupted.call == work.run_step:
+        backward_began = event == "step" or (event == "backward" and call == work.run_backward)
+    if event == "step" and call == work.run_step:
         refusal = (
             f"the optimizer step of batch {batch} of {where} raised part-way, so the parameters may be half-updated"
         )
@@ -116,7 +117,7 @@ def plan_recovery(machine: TrainingMachine, work: StateWork) -> Recovery | None:
     else:
         refusal = None
     before = f"after batch {batch - 1}" if batch > 1 else "before its first batch"
-    raised = "an error after its last transition" if interrupted is None else _describe(interrupted.call, work)
+    raised = "an error after its last transition" if interrupted is None else _describe(call, work)
     return Recovery(f"the checkpoint holds {where} {before}: batch {batch} was discarded half-done ({raised} "
                     "raised), and a resume runs it again; hooks that had seen it see it again",
                     refusal=refusal, state="phase", batch_index=batch_index - 1, drop_gradients=backward_began)  # fmt: skip

@@ -68,7 +68,7 @@ class Run:
         forward: Callable[[Any, Any], Any],
         unpack: Callable[[Any], tuple[Any, Any]],
         callbacks: Sequence[Callback],
-        stop_signals: Sequence[signal.Signals],
+        stop_signals: tuple[signal.Signals, ...],
         deterministic: bool,
         outputs: RunOutputs,
         ranks: Ranks,
@@ -167,7 +167,8 @@ class Run:
                                f"{state!r}; advance to the end of the batch first")  # fmt: skip
         why_not = self.why_not_checkpoint_here()
         if why_not is not None:
-            raise RuntimeError(f"phase {self.work.phase.name!r} cannot be resumed mid-phase here ({why_not}); "  # type: ignore[union-attr]
+            name = self.work.phase.name if self.work.phase is not None else None
+            raise RuntimeError(f"phase {name!r} cannot be resumed mid-phase here ({why_not}); "
                                "checkpoint it at an epoch boundary instead")  # fmt: skip
 
     def loaded(self, error: HalfLoadedError | None = None) -> None:
@@ -197,7 +198,7 @@ class Run:
             outcome = ("nothing was saved, because the trainer has no Checkpoint callback; "
                        "add statetrainer.callbacks.Checkpoint(folder) to resume from a stop")  # fmt: skip
         elif why_not is not None:
-            outcome = (f"nothing was saved, because phase {phase.name!r} cannot be resumed mid-phase here "  # type: ignore[union-attr]
+            outcome = (f"nothing was saved, because phase {phase and phase.name!r} cannot be resumed mid-phase here "
                        f"({why_not}); a restart resumes from the newest checkpoint in {self.savers[0].folder}")  # fmt: skip
         else:
             saved = self.savers[0].save(target)

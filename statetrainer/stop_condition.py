@@ -88,7 +88,8 @@ def _check_reachable(work: StateWork, epochs: int, state: str | None, epoch: int
     if epoch is not None and not position.epoch <= epoch < epochs:
         raise ValueError(f"epoch={epoch} never comes: the run is at epoch {position.epoch} of epochs 0 to {epochs - 1}")
     lengths = [each.batches(work.sources[names.index(each.name)].length) for each in candidates]
-    if batch is not None and (batch < 0 or None not in lengths and batch >= max(lengths)):  # type: ignore[type-var]
+    known = [length for length in lengths if length is not None]
+    if batch is not None and (batch < 0 or len(known) == len(lengths) and batch >= max(known)):
         counts = ", ".join(f"{each.name!r} {length}" for each, length in zip(candidates, lengths, strict=True))
         raise ValueError(f"batch={batch} never comes: batch indices count from 0, and the batches per phase are "
                          f"{counts}")  # fmt: skip

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from .data import BatchCursor, PhaseSources, to_device
+from .data import BatchCursor, PhaseSources, SeededLoader, to_device
 from .optimizer_step import StepRunner
 from .parts import Position
 from .phase import Phase
@@ -61,6 +61,7 @@ class StateWork:
         self.position, self.forward, self.unpack = position, forward, unpack
         self.device = step_runner.device
         self.phase: Phase | None = None
+        self.grad = False  # whether the current phase trains (read per batch)
         self.batch: Any = None
         self.target: Any = None
         self.output: Any = None
@@ -73,7 +74,8 @@ class StateWork:
         model, accumulate = step_runner.model, step_runner.accumulate
         # Under DDP, a batch that does not end its accumulation window skips the gradient all-reduce.
         self._no_sync = model.no_sync if isinstance(model, DistributedDataParallel) and accumulate > 1 else None
-        self._weighs_shares = False  # the open phase's ranks hold shares of different sizes in some batch
+        # The open phase's ranks hold shares of different sizes in some batch: this rank's share's weight.
+        self._share_weight: Callable[[int], float] | None = None
 
     def prepare_calls(self) -> dict[str, Callable[[Any], None]]:
         return {"idle": self.prepare_idle, "epoch": self.prepare_epoch, "phase": self.prepare_phase,
@@ -112,11 +114,12 @@ class StateWork:
     def prepare_epoch(self, _target: Any) -> None:
         position = self.position
         position.epoch, position.phase_index = position.epochs_done, -1
-        self.phase = None  # as a run resumed at this point has it
+        self.phase, self.grad = None, False  # as a run resumed at this point has it
 
     def prepare_phase(self, _target: Any) -> None:
         self.position.phase_index += 1
         self.phase = self.phases[self.position.phase_index]
+        self.grad = self.phase.grad
         self.position.batch_index = -1
 
     def open_new_phase(self, _target: Any) -> None:
@@ -129,6 +132,7 @@ class StateWork:
         """After a load: the current phase as the position says, reopened after its last batch done if mid-phase."""
         index = self.position.phase_index
         self.phase = self.phases[index] if index >= 0 else None
+        self.grad = self.phase is not None and self.phase.grad
 
     def open_phase(self, start: int) -> None:
         """Set train/eval and grad mode and open the phase's batches at batch ``start``."""
@@ -143,7 +147,7 @@ class StateWork:
         if phase.limit is not None:  # the first ``limit`` batches of the loader's order
             batches = islice(batches, max(phase.limit - start, 0))
         self.cursor = BatchCursor(batches, phase.batches(source.pass_length), start)
-        self._weighs_shares = getattr(source, "uneven", False)
+        self._share_weight = source.share_weight if isinstance(source, SeededLoader) and source.uneven else None
         self.loss_weight = 1.0
 
     def prepare_batch(self, _target: Any) -> None:
@@ -157,16 +161,19 @@ class StateWork:
         inputs, target = self.unpack(self.batch)
         self.target = target
         contexts = self._contexts
-        if self._no_sync is not None and self.phase.grad and not self.ends_window():  # type: ignore[union-attr]
+        if self._no_sync is not None and self.grad and not self.ends_window():
             contexts = (self._no_sync(), *(contexts or (_NO_CONTEXT, _NO_CONTEXT)))
         if contexts is None:
             self.output, self.loss = self.forward(inputs, target)
         else:
             with contexts[0], contexts[1], contexts[2] if len(contexts) > 2 else _NO_CONTEXT:
                 self.output, self.loss = self.forward(inputs, target)
-        if self._weighs_shares:  # this rank's share of a global batch the ranks share unevenly
-            position = self.position
-            self.loss_weight = self.sources[position.phase_index].share_weight(position.batch_index)
+        if self._share_weight is not None:  # this rank's share of a global batch the ranks share unevenly
+            self.loss_weight = self._share_weight(self.position.batch_index)
+
+    def ends_phase(self) -> bool:
+        """Whether the current batch is the open phase's last."""
+        return self.cursor is not None and self.cursor.is_last()
 
     def ends_window(self) -> bool:
         """Whether the current batch is the last of its accumulation window (a step follows it)."""

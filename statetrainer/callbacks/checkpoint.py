@@ -136,6 +136,7 @@ class Checkpoint(Callback):
     def _save(self, trainer: TrainerView) -> None:
         self._due = False
         if trainer.state == "phase" and not trainer.can_checkpoint_here():
+            assert trainer.phase is not None  # in the phase state
             if not self._warned:
                 self._warned = True
                 warnings.warn(

@@ -121,7 +121,7 @@ def _unflatten(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    return tensor.reshape(-1).view(torch.uint8).numpy().data
 
 
 # torch dtype -> safetensors dtype name (the format's own spelling), for every dtype both know

@@ -32,7 +32,9 @@ class TrainerView(Protocol):
 
     Callbacks may also change ``model``'s and ``optimizer``'s settings (a
     scheduler sets learning rates) and write ``metrics``; they never drive the
-    machine (``fit``, ``advance``).
+    machine (``fit``, ``advance``). Where the run stands is ``state``, ``epoch``, ``batch_index``,
+    ``global_step`` and ``phase``; the current batch and its results are ``batch``, ``target``, ``output``,
+    ``loss`` and ``loss_weight``; this process's place among the ranks is ``ranks``.
     """
 
     @property
@@ -44,7 +46,6 @@ class TrainerView(Protocol):
     @property
     def global_step(self) -> int: ...
 
-    epochs: int
     phase: Phase | None
     phases: Sequence[Phase]
     callbacks: Sequence[Callback]
@@ -64,10 +65,6 @@ class TrainerView(Protocol):
 
     @property
     def phase_batches(self) -> int | None: ...
-    @property
-    def is_global_zero(self) -> bool: ...
-    @property
-    def world_size(self) -> int: ...
 
     def stop(self) -> None: ...
     def defer(self, action: Callable[[Any], None]) -> None: ...

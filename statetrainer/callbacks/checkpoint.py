@@ -164,7 +164,7 @@ class Checkpoint(Callback):
                                  f"checkpoint, {kept[-1] if kept else 'none'}, is kept")  # fmt: skip
         path = trainer.save_checkpoint(self.folder)
         self._last_saved = position, path
-        if not trainer.is_global_zero:  # under torchrun, rank 0 alone touches the folder
+        if not trainer.ranks.is_global_zero:  # under torchrun, rank 0 alone touches the folder
             return path
         if self.best is not None:  # made from the checkpoints, so a kill at any point leaves them remade on resume
             self._update_best_copies(path)

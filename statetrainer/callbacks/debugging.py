@@ -54,7 +54,7 @@ class Breakpoint(Callback):
         if self.when is not None and not self.when(trainer):
             return
         batch, output, loss, model = trainer.batch, trainer.output, trainer.loss, trainer.model  # noqa: F841 -- for the debugger
-        if trainer.world_size > 1:
+        if trainer.ranks.world_size > 1:
             dist.breakpoint(rank=self.rank)
         else:
             breakpoint()

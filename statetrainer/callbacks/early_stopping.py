@@ -99,7 +99,7 @@ class EarlyStopping(Callback):
         self.bad_checks += 1
         if self.bad_checks >= self.patience:
             self.stopped_epoch = trainer.epoch
-            if trainer.is_global_zero:
+            if trainer.ranks.is_global_zero:
                 print(f"EarlyStopping: {self.monitor} has not improved on {self.best:.6g} for {self.patience} "
                       f"check(s); stopping after epoch {trainer.epoch + 1}", flush=True)  # fmt: skip
             trainer.stop()

@@ -160,15 +160,14 @@ class Trainer:
         return self.state
 
     def run_until(self, state: str | None = None, *, epoch: int | None = None, phase: str | None = None,
-                  batch: int | None = None, step: int | None = None, when: Callable[[Trainer], bool] | None = None,
-                  ) -> str:  # fmt: skip
+                  batch: int | None = None, step: int | None = None,
+                  when: Callable[[Trainer], bool] | None = None) -> str:  # fmt: skip
         """Advance until ``state`` is next entered where every given condition holds; return the state.
 
         ``epoch``, ``phase``, ``batch`` and ``step`` are what ``trainer.epoch``, ``trainer.phase.name``,
-        ``trainer.batch_index`` and ``trainer.global_step`` must be there, read once the transition and its
-        work are done; ``when`` is any predicate of the trainer. Without a state it stops after the first
-        transition where the conditions hold, for example
-        ``run_until(when=lambda trainer: not trainer.loss.isfinite())``.
+        ``trainer.batch_index`` and ``trainer.global_step`` must be there, once the transition and its work are
+        done; ``when`` is any predicate of the trainer. Without a state it stops after the first transition where
+        the conditions hold: ``run_until(when=lambda trainer: not trainer.loss.isfinite())``.
 
         Raises:
             ValueError: No such state or phase, or a condition this run can never meet (checked first).
@@ -192,9 +191,7 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """Every part's state, taken between batches; ``load_state_dict`` on a fresh, same trainer continues here.
-
-        Under torchrun every rank must call it at the same point: it gathers every rank's generators, window
-        gradients and metric accumulators."""
+        Under torchrun every rank calls it at the same point: it gathers the ranks' generators, gradients, metrics."""
         self._core.check_at_rest("state_dict()")
         return self.parts.state_dict()
 

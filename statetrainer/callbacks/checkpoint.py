@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import CheckpointError, CheckpointFolder, atomic_copy, read_document, remove_stale_temporaries, run_of
+from ..saved_state import check_integer, check_real
 from ..validation import check_count
 from .base import Callback, TrainerView
 from .finite import NonFiniteError, first_non_finite
@@ -46,17 +47,9 @@ class Checkpoint(Callback):
         name: The callback's unique name (defaults to the class name).
     """
 
-    def __init__(
-        self,
-        folder: str | os.PathLike[str] = "checkpoints",
-        every_steps: int | None = None,
-        every_epochs: int | None = 1,
-        keep_last: int | None = 3,
-        best: str | None = None,
-        best_mode: str = "auto",
-        keep_best: int | None = None,
-        name: str | None = None,
-    ) -> None:
+    def __init__(self, folder: str | os.PathLike[str] = "checkpoints", every_steps: int | None = None,
+                 every_epochs: int | None = 1, keep_last: int | None = 3, best: str | None = None,
+                 best_mode: str = "auto", keep_best: int | None = None, name: str | None = None) -> None:  # fmt: skip
         check_every("Checkpoint: every_steps", every_steps, never=True)
         check_every("Checkpoint: every_epochs", every_epochs, never=True)
         for label, value in (("keep_last", keep_last), ("keep_best", keep_best)):
@@ -193,48 +186,50 @@ class Checkpoint(Callback):
         return (value, epoch) in self.ranked
 
     def _update_best_copies(self, newest: Path | None) -> None:
-        """Make ``best.safetensors`` and the ``keep_best`` files the checkpoints of the epochs the state names, from
-        the folder's checkpoints (``newest`` first), and delete the best-epoch files that dropped out."""
+        """Make ``best.safetensors`` and the ``keep_best`` files the checkpoints of the epochs the state names."""
         wanted = {self.best_epoch_path(epoch): epoch for _, epoch in self.ranked}
         if self.best_epoch is not None:
             wanted[self.best_path] = self.best_epoch
-        run = (self.layout.read_marker() or {}).get("run")
-        for target, epoch in wanted.items():
-            if _ends_epoch(target, epoch, run):
-                continue
-            sources = [newest] if newest is not None else []
-            sources += reversed(self.layout.checkpoints(epoch))
-            source = next((path for path in sources if _ends_epoch(path, epoch, run)), None)
-            if source is None:
-                warnings.warn(f"Checkpoint: {target} cannot be made: no checkpoint of the end of epoch {epoch} is left "
-                              f"in {self.folder}", stacklevel=3)  # fmt: skip
-                continue
-            atomic_copy(source, target)
-        for old in self.layout.ranked_copies():
-            if old not in wanted:  # dropped out, or written by a run killed after its newest checkpoint
-                old.unlink(missing_ok=True)
+        remake_best_copies(self.layout, wanted, newest)
 
     def state_dict(self) -> dict[str, Any]:
         return {"best_value": self.best_value, "best_epoch": self.best_epoch,
                 "ranked": [[value, epoch] for value, epoch in self.ranked]}  # fmt: skip
 
     def check_fits(self, state: dict[str, Any]) -> None:
-        best_value, best_epoch, ranked = state["best_value"], state.get("best_epoch"), state["ranked"]
-        if isinstance(best_value, bool) or not isinstance(best_value, (int, float)) or math.isnan(best_value):
-            raise CheckpointError(f"best_value is {best_value!r}, not a number")
-        if best_epoch is not None and (isinstance(best_epoch, bool) or not isinstance(best_epoch, int)
-                                       or best_epoch < 1):  # fmt: skip
-            raise CheckpointError(f"best_epoch is {best_epoch!r}, not an epoch counted from 1")
-        if not isinstance(ranked, list) or not all(
-            isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], (int, float))
-            and not isinstance(entry[0], bool) and not math.isnan(entry[0])
-            and isinstance(entry[1], int) and not isinstance(entry[1], bool) and entry[1] >= 1 for entry in ranked
-        ):  # fmt: skip
+        check_real("best_value", state["best_value"], finite=False)
+        if state.get("best_epoch") is not None:
+            check_integer("best_epoch", state["best_epoch"], minimum=1)
+        ranked = state["ranked"]
+        if not isinstance(ranked, list) or not all(isinstance(entry, list) and len(entry) == 2 for entry in ranked):
             raise CheckpointError(f"ranked is {ranked!r}, not a list of [value, epoch from 1] pairs")
+        for index, (value, epoch) in enumerate(ranked):
+            check_real(f"ranked[{index}] value", value, finite=False)
+            check_integer(f"ranked[{index}] epoch", epoch, minimum=1)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best_value, self.best_epoch = float(state["best_value"]), state.get("best_epoch")
         self.ranked = [(float(value), int(epoch)) for value, epoch in state["ranked"]][: self.keep_best]
+
+
+def remake_best_copies(layout: CheckpointFolder, wanted: dict[Path, int], newest: Path | None) -> None:
+    """Make each best copy in ``wanted`` the run's checkpoint of the end of its epoch (from 1), taken from the
+    folder's checkpoints (``newest`` first), and delete the best-epoch copies not wanted."""
+    run = (layout.read_marker() or {}).get("run")
+    for target, epoch in wanted.items():
+        if _ends_epoch(target, epoch, run):
+            continue
+        sources = [newest] if newest is not None else []
+        sources += reversed(layout.checkpoints(epoch))
+        source = next((path for path in sources if _ends_epoch(path, epoch, run)), None)
+        if source is None:
+            warnings.warn(f"Checkpoint: {target} cannot be made: no checkpoint of the end of epoch {epoch} is left "
+                          f"in {layout.path}", stacklevel=4)  # fmt: skip
+            continue
+        atomic_copy(source, target)
+    for old in layout.ranked_copies():
+        if old not in wanted:  # dropped out, or written by a run killed after its newest checkpoint
+            old.unlink(missing_ok=True)
 
 
 def _ends_epoch(path: Path, epoch: int, run: str | None) -> bool:

@@ -3,7 +3,14 @@
 Each test launches ``tests/distributed_run.py`` with ``torchrun`` (or plainly, for
 one process) under a timeout, so a hang fails the test. Each runs on the CPU
 (gloo) and, where there is one, on CUDA: NCCL with a GPU per rank, gloo when
-the two ranks share one GPU.
+the two ranks share one GPU. ``--standalone`` has each launch's rendezvous on a
+free port, so launches may run side by side (pytest-xdist).
+
+A launch takes 5-15 s on two CPU cores, so the default run keeps two tests:
+the sharding check (one launch) and one rank killed inside an accumulation
+window (three); every other case is marked ``slow`` (``pytest -m slow``).
+Runs with the same options are launched once per device and shared between
+the tests that read them.
 """
 
 from __future__ import annotations
@@ -95,11 +102,33 @@ def same_run(first: Path, second: Path) -> None:
 
 
 SHARDED = ("--samples", "43", "--batch-size", "4", "--workers", "2", "--epochs", "2")
+_LAUNCHED: dict[tuple, Path] = {}
 
 
-def test_two_ranks_see_every_sample_of_every_epoch_exactly_once(tmp_path, device):
-    launch(tmp_path / "run", *SHARDED, "--records", str(tmp_path / "records"), device=device.type)
-    found = records(tmp_path / "records")
+def launched_once(tmp_path_factory: pytest.TempPathFactory, *options: str, processes: int = 2,
+                  device: str = "cpu") -> Path:  # fmt: skip
+    """The folder ``run`` of a run with ``options``, launched once per device (the tests that share it only read
+    it); ``{records}`` in ``options`` stands for the folder's sibling ``records``, and each rank's output is in
+    the sibling ``logs``."""
+    key = (options, processes, device)
+    if key not in _LAUNCHED:
+        base = tmp_path_factory.mktemp(f"shared-{device}")
+        options = tuple(option.format(records=base / "records") for option in options)
+        launch(base / "run", *options, processes=processes, device=device, logs=base / "logs")
+        _LAUNCHED[key] = base / "run"
+    return _LAUNCHED[key]
+
+
+@pytest.fixture
+def sharded(tmp_path_factory, device) -> Path:
+    """SHARDED on two ranks, every rank's batches recorded (outside its folder), a checkpoint every 3 steps and
+    rank 1 forbidden to write under its folder: the sharding, own-process-group and rank-zero tests read it."""
+    return launched_once(tmp_path_factory, *SHARDED, "--every-steps", "3", "--only-rank-zero-writes",
+                         "--records", "{records}", device=device.type)  # fmt: skip
+
+
+def test_two_ranks_see_every_sample_of_every_epoch_exactly_once(sharded):
+    found = records(sharded.parent / "records")
     assert {record["rank"] for record in found} == {0, 1}
     for epoch in (0, 1):
         assert samples_of(found, epoch) == Counter(range(43)), f"epoch {epoch}"
@@ -113,6 +142,7 @@ def test_two_ranks_see_every_sample_of_every_epoch_exactly_once(tmp_path, device
     assert orders[0] != orders[1]  # shuffled anew each epoch
 
 
+@pytest.mark.slow
 def test_metrics_are_the_same_on_every_rank_and_gradients_sync_once_per_accumulation_window(tmp_path, device):
     records = tmp_path / "records"
     launch(tmp_path / "run", *SHARDED, "--accumulate", "2", "--records", str(records), device=device.type)
@@ -122,14 +152,16 @@ def test_metrics_are_the_same_on_every_rank_and_gradients_sync_once_per_accumula
     assert summaries[0]["synced_backwards"] == summaries[1]["synced_backwards"] == 6  # of 12 backward passes
 
 
-def test_a_model_and_process_group_the_script_made_are_used_as_they_are(tmp_path, device):
+@pytest.mark.slow
+def test_a_model_and_process_group_the_script_made_are_used_as_they_are(tmp_path, device, request):
     if device.type == "cuda":
         pytest.skip("the script's own process group is gloo on the CPU")
-    launch(tmp_path / "own", *SHARDED, "--own-ddp")
-    launch(tmp_path / "ours", *SHARDED)
-    assert_trees_equal(final_state(tmp_path / "own")["step"], final_state(tmp_path / "ours")["step"])
+    ours = request.getfixturevalue("sharded")  # the same run, its process group and DDP made by the trainer
+    launch(tmp_path / "own", *SHARDED, "--every-steps", "3", "--own-ddp")
+    assert_trees_equal(final_state(tmp_path / "own")["step"], final_state(ours)["step"])
 
 
+@pytest.mark.slow
 def test_two_ranks_train_as_one_process_with_the_same_global_batch(tmp_path, device):
     """Same data, same global batch (2 x 4 against 1 x 8, the last one short and split 1/2): the same run."""
     common = ("--samples", "43", "--epochs", "2", "--optimizer", "adam")
@@ -143,12 +175,12 @@ def test_two_ranks_train_as_one_process_with_the_same_global_batch(tmp_path, dev
         assert two["metrics"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
 
 
-def test_only_rank_zero_writes_files_and_the_other_ranks_print_nothing(tmp_path, device):
-    logs = tmp_path / "logs"
-    launch(tmp_path / "run", *SHARDED, "--every-steps", "3", "--only-rank-zero-writes", logs=logs, device=device.type)
+@pytest.mark.slow
+def test_only_rank_zero_writes_files_and_the_other_ranks_print_nothing(sharded):
+    logs = sharded.parent / "logs"  # rank 1 ran with every write under the run's folder refused
     assert rank_output(logs, 1, "stdout") == "" and rank_output(logs, 1, "stderr") == ""
     assert "Epoch:    2 |" in rank_output(logs, 0, "stdout")
-    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == [  # the log's folder is claimed by rank 0
+    assert sorted(path.name for path in sharded.iterdir()) == [  # the log's folder is claimed by rank 0
         ".statetrainer.lock",
         "checkpoints",
         "final.safetensors",
@@ -172,8 +204,11 @@ def uninterrupted(tmp_path_factory, device) -> Path:
     return _UNINTERRUPTED[device.type]
 
 
-@pytest.mark.parametrize("kill", ["1:0:2", "0:0:3", "1:1:4"], ids=["rank1-inside-a-window", "rank0-after-a-step",
-                                                                 "rank1-epoch2"])  # fmt: skip
+@pytest.mark.parametrize("kill", [
+    pytest.param("1:0:2", id="rank1-inside-a-window"),  # the default run's torchrun kill
+    pytest.param("0:0:3", id="rank0-after-a-step", marks=pytest.mark.slow),
+    pytest.param("1:1:4", id="rank1-epoch2", marks=pytest.mark.slow),
+])  # fmt: skip
 def test_a_rank_killed_anywhere_resumes_bit_identical_with_the_same_torchrun_command(tmp_path, uninterrupted, kill,
                                                                                     device):  # fmt: skip
     folder = tmp_path / "run"
@@ -183,6 +218,7 @@ def test_a_rank_killed_anywhere_resumes_bit_identical_with_the_same_torchrun_com
     same_run(folder, uninterrupted)
 
 
+@pytest.mark.slow
 def test_a_sigterm_to_torchrun_stops_every_rank_at_one_batch_and_the_rerun_is_exact(tmp_path, uninterrupted, device):
     folder, logs = tmp_path / "run", tmp_path / "logs"
     stopped = launch(folder, *KILLED, "--term-at", "0:3", check=False, logs=logs, device=device.type)
@@ -193,9 +229,10 @@ def test_a_sigterm_to_torchrun_stops_every_rank_at_one_batch_and_the_rerun_is_ex
     same_run(folder, uninterrupted)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("saved_on", "resumed_on", "save_at"), [(2, 1, "0:2"), (1, 2, "0:3"), (1, 2, "0:6")])
 def test_a_checkpoint_resumes_on_another_number_of_ranks_without_skipping_or_repeating_a_sample(
-        tmp_path, saved_on, resumed_on, save_at, device):  # fmt: skip
+        tmp_path, tmp_path_factory, saved_on, resumed_on, save_at, device):  # fmt: skip
     """Saved inside an accumulation window (accumulate=2) and resumed on another world size: the remaining samples
     of the epoch are each loaded once, and later epochs keep the seeded order."""
     common = ("--samples", "43", "--batch-size", "4", "--epochs", "2", "--accumulate", "2")
@@ -206,13 +243,16 @@ def test_a_checkpoint_resumes_on_another_number_of_ranks_without_skipping_or_rep
            processes=resumed_on, device=device.type)  # fmt: skip
     before, after = records(first / "records"), records(second / "records")
     assert samples_of(before, 0) + samples_of(after, 0) == Counter(range(43))
-    reference = tmp_path / "reference"  # an uninterrupted run on the resumed world size
-    launch(reference, *common, "--records", str(reference / "records"), processes=resumed_on, device=device.type)
+    # An uninterrupted run on the resumed world size (the two cases resumed on 2 ranks share it).
+    reference = launched_once(tmp_path_factory, *common, "--records", "{records}", processes=resumed_on,
+                              device=device.type)  # fmt: skip
     later = [(r["rank"], r["batch"], r["indices"]) for r in after if r["epoch"] == 1]
-    assert later == [(r["rank"], r["batch"], r["indices"]) for r in records(reference / "records") if r["epoch"] == 1]
+    assert later == [(r["rank"], r["batch"], r["indices"]) for r in records(reference.parent / "records")
+                     if r["epoch"] == 1]  # fmt: skip
     assert final_state(second)["position"]["finished"]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_model_is_refused_on_every_rank_without_a_hang(tmp_path, device):
     first, logs = tmp_path / "first", tmp_path / "logs"
     launch(first, "--save-at", "0:1", device=device.type)
@@ -223,6 +263,7 @@ def test_a_checkpoint_of_another_model_is_refused_on_every_rank_without_a_hang(t
         assert "CheckpointError: the checkpoint does not fit this model" in rank_output(logs, rank)
 
 
+@pytest.mark.slow
 def test_a_breakpoint_under_torchrun_breaks_on_rank_zero_while_the_others_wait(tmp_path, device):
     logs = tmp_path / "logs"
     launch(tmp_path / "run", "--break-at", "0:2", logs=logs, device=device.type,

@@ -1,4 +1,8 @@
-"""The main job, examples/mnist.py: offline end to end, and its recipe on real MNIST."""
+"""The main job, examples/mnist.py: offline end to end, and its recipe on real MNIST.
+
+Each run of the example is a fresh interpreter (3-7 s with torchvision and matplotlib on two CPU cores): the default
+run keeps the end-to-end test; the fresh-start test and the real-MNIST training (15 s on two idle cores, minutes on
+busy ones) are marked ``slow``."""
 
 from __future__ import annotations
 
@@ -7,8 +11,10 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
+import pytest
 import torch
 
 from .conftest import MNIST_DIR
@@ -69,6 +75,7 @@ def test_rendered_digits_are_fixed_per_index_and_labelled():
     assert len({digits[i][1] for i in range(20)}) > 5
 
 
+@pytest.mark.slow
 def test_the_example_trains_on_the_original_gz_files_and_reaches_97_percent(
     device: torch.device, mnist_test_set: tuple[torch.Tensor, torch.Tensor], tmp_path: Path, capsys
 ):
@@ -81,6 +88,7 @@ def test_the_example_trains_on_the_original_gz_files_and_reaches_97_percent(
     assert trainer.metrics["valid_accuracy"] >= 0.97, trainer.metrics
 
 
+@pytest.mark.slow
 def test_fresh_moves_the_earlier_run_aside_and_a_fresh_run_killed_early_restarts_clean(tmp_path: Path, device):
     out = tmp_path / "out"
     assert run_offline(tmp_path, out, device).returncode == 0  # a finished run
@@ -88,10 +96,17 @@ def test_fresh_moves_the_earlier_run_aside_and_a_fresh_run_killed_early_restarts
     command = [sys.executable, str(EXAMPLE), "--offline", "--data-root", str(tmp_path / "data"), "--epochs", "1",
                "--limit", "256", "--workers", "0", "--out", str(out), "--device", str(device), "--fresh"]  # fmt: skip
     fresh = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=tmp_path)
-    for line in fresh.stdout:  # killed as soon as the old run is set aside: before its first checkpoint
-        if line.startswith("starting afresh"):
-            fresh.kill()
-            break
+    hung = threading.Timer(300, fresh.kill)  # a run that hangs before its line is killed, and the test fails
+    hung.start()
+    try:
+        for line in fresh.stdout:  # killed as soon as the old run is set aside: before its first checkpoint
+            if line.startswith("starting afresh"):
+                fresh.kill()
+                break
+        else:
+            raise AssertionError("the fresh run ended, or hung, without saying it starts afresh")
+    finally:
+        hung.cancel()
     fresh.wait(timeout=60)
     assert fresh.returncode == -signal.SIGKILL
     assert not list(out.glob("ckpt-*.safetensors"))  # nothing of the old run where the new one writes

@@ -268,7 +268,8 @@ def test_these_tests_pass_when_pytest_starts_with_sigint_ignored(device):
     ignore_sigint = "import signal, sys, pytest; signal.signal(signal.SIGINT, signal.SIG_IGN); sys.exit(pytest.main())"
     result = subprocess.run(
         [sys.executable, "-c", ignore_sigint, str(here), str(here.with_name("test_recovery.py")), "-v",
-         "-p", "no:cacheprovider", "-k", f"{device.type} and (ctrl_c or SIGINT) and not starts_with_sigint_ignored"],
+         "-p", "no:cacheprovider", "-o", "addopts=",  # the -k alone chooses: no marker filter, no xdist
+         "-k", f"{device.type} and (ctrl_c or SIGINT) and not starts_with_sigint_ignored"],
         cwd=here.parents[1], capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-4000:]

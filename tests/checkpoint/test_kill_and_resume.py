@@ -1,5 +1,9 @@
 """Must show: a run SIGKILLed or preempted (SIGTERM, SIGINT) at any batch, or during a checkpoint write,
-resumes bit-identical. On CUDA the runs use ``deterministic=True`` and each precision."""
+resumes bit-identical. On CUDA the runs use ``deterministic=True`` and each precision.
+
+Each case runs the script two or three times (3-7 s each on two CPU cores), so the default run keeps one SIGKILL
+and one SIGTERM case (they share one uninterrupted run); every other kill point, signal and loader is marked
+``slow`` (``pytest -m slow``)."""
 
 from __future__ import annotations
 
@@ -80,13 +84,14 @@ def baseline(tmp_path_factory) -> Callable[..., tuple[Path, Path]]:
 
 
 _CHOOSE = random.Random(20261127)  # a fixed seed: the same "random" batches in every collection
+slow = pytest.mark.slow
 KILL_POINTS = [
     # (accumulate, epoch:phase:batch) -- 30 train batches and 3 valid batches per epoch
-    (1, "0:train:7"),  # mid-epoch, between checkpoints
-    (1, "1:valid:1"),  # inside the validation phase
-    (1, f"{_CHOOSE.randrange(3)}:train:{_CHOOSE.randrange(30)}"),  # an arbitrary batch
-    (2, "1:train:12"),  # first batch of an accumulation window: gradients pending
-    (2, "2:train:29"),  # the last (ragged-free) window's end, just before the epoch checkpoint
+    (1, "0:train:7"),  # mid-epoch, between checkpoints (the default run's SIGKILL case)
+    pytest.param(1, "1:valid:1", marks=slow),  # inside the validation phase
+    pytest.param(1, f"{_CHOOSE.randrange(3)}:train:{_CHOOSE.randrange(30)}", marks=slow),  # an arbitrary batch
+    pytest.param(2, "1:train:12", marks=slow),  # first batch of an accumulation window: gradients pending
+    pytest.param(2, "2:train:29", marks=slow),  # the last (ragged-free) window's end, before the epoch checkpoint
 ]
 
 
@@ -103,6 +108,7 @@ def test_sigkill_at_a_batch_then_restart_ends_bit_identical(baseline, tmp_path, 
     assert_same_run(*baseline(*options), folder, out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("loader", "accumulate", "kill_at"),
     [("stream", 1, "0:train:7"), ("stream", 2, "1:train:20"), ("stream", 2, "2:train:13"),
@@ -128,12 +134,12 @@ def test_a_loader_that_keeps_its_own_position_resumes_mid_epoch_bit_identical(ba
 
 SIGNAL_POINTS = [
     # (accumulate, epoch:phase:batch, signal) -- checkpoints come every 3 steps and at each epoch's end
-    (1, "0:train:7", "SIGTERM"),  # between two step checkpoints
-    (2, "1:train:12", "SIGTERM"),  # first batch of an accumulation window: its gradients are saved
-    (1, "1:valid:1", "SIGTERM"),  # inside the validation phase
-    (1, f"{_CHOOSE.randrange(3)}:train:{_CHOOSE.randrange(30)}", "SIGTERM"),  # an arbitrary batch
-    (1, "2:train:16", "SIGINT"),  # Ctrl-C: reaches the DataLoader workers too
-    (2, "0:train:3", "SIGINT"),
+    (1, "0:train:7", "SIGTERM"),  # between two step checkpoints (the default run's SIGTERM case)
+    pytest.param(2, "1:train:12", "SIGTERM", marks=slow),  # first batch of an accumulation window: gradients saved
+    pytest.param(1, "1:valid:1", "SIGTERM", marks=slow),  # inside the validation phase
+    pytest.param(1, f"{_CHOOSE.randrange(3)}:train:{_CHOOSE.randrange(30)}", "SIGTERM", marks=slow),  # arbitrary
+    pytest.param(1, "2:train:16", "SIGINT", marks=slow),  # Ctrl-C: reaches the DataLoader workers too
+    pytest.param(2, "0:train:3", "SIGINT", marks=slow),
 ]
 
 
@@ -197,6 +203,7 @@ def signal_during_a_write(folder: Path, out: Path, options: tuple[str, ...], wri
     return returncode, caught and (number != signal.SIGKILL or writing())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("number", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_a_signal_during_a_checkpoint_write_leaves_only_whole_checkpoints(baseline, tmp_path, device, number):
     options = ("--accumulate", "1", *device_options(device))
@@ -216,6 +223,7 @@ def test_a_signal_during_a_checkpoint_write_leaves_only_whole_checkpoints(baseli
     assert not [path for path in folder.iterdir() if path.name.endswith(".tmp")]  # the leftovers were cleaned
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("precision", [None, "bf16", "fp16"])
 def test_cuda_deterministic_runs_resume_bit_identical_in_every_precision(baseline, tmp_path, precision):

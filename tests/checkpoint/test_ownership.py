@@ -266,7 +266,7 @@ def test_a_finished_run_releases_its_folders_and_a_live_trainer_keeps_its_own(de
         set_aside(folder)  # the running trainer would go on writing into a moved folder
     trainer.fit()
     holder = subprocess.run([sys.executable, "-c", f"from pathlib import Path; from statetrainer.checkpoint import "
-                             f"FolderLock; FolderLock(Path({str(folder)!r}))"], cwd=REPOSITORY)  # fmt: skip
+                             f"FolderLock; FolderLock(Path({str(folder)!r}))"], cwd=REPOSITORY, timeout=120)  # fmt: skip
     assert holder.returncode == 0  # another process may take the folder once the run has finished
     assert set_aside(folder) is not None
 

@@ -35,8 +35,12 @@ LEFT_OPEN = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("ending", ["exit", "raise"])
-@pytest.mark.parametrize("order", ["shuffled", "persistent", "custom-sampler"])
+@pytest.mark.parametrize(("order", "ending"), [
+    ("shuffled", "exit"),  # the default run's case: each case is a fresh interpreter with two workers (about 6 s)
+    *(pytest.param(order, ending, marks=pytest.mark.slow) for order, ending in [
+        ("shuffled", "raise"), ("persistent", "exit"), ("persistent", "raise"), ("custom-sampler", "exit"),
+        ("custom-sampler", "raise")]),
+])  # fmt: skip
 def test_a_script_ending_with_its_loader_open_exits_instead_of_waiting_on_its_workers(device, ending, order):
     result = subprocess.run([sys.executable, "-c", LEFT_OPEN, ending, order, str(device)],
                             capture_output=True, text=True, timeout=120)  # fmt: skip

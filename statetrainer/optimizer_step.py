@@ -22,7 +22,7 @@ from .saved_state import (
     check_real,
     check_tensor,
     describe,
-    is_real,  # fmt: skip
+    is_real,
     tensors_to,
     unwrap_model,
 )

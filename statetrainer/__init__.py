@@ -16,6 +16,7 @@ from .phase import Phase
 from .rng import seed_everything
 from .trainer import Trainer, unpack_pair
 from .version import __version__
+from .weights import export_weights, load_weights
 
 __all__ = [
     "STATES",
@@ -30,6 +31,8 @@ __all__ = [
     "__version__",
     "callbacks",
     "diagram",
+    "export_weights",
+    "load_weights",
     "seed_everything",
     "unpack_pair",
 ]

@@ -25,6 +25,7 @@ from .errors import CheckpointError
 from .inspection import summarize_file, summarize_folder
 from .machine import DIAGRAM_FORMATS, STATES, diagram, diagram_graph
 from .parts import Position
+from .weights import export_weights
 
 __all__ = ["main"]
 
@@ -47,9 +48,15 @@ def main(arguments: Sequence[str] | None = None) -> int:
     inspecting = commands.add_parser("inspect", help="describe a checkpoint file, or every checkpoint of a folder")
     inspecting.add_argument("path", type=Path, help="a .safetensors checkpoint or a folder of them")
     inspecting.add_argument("--json", action="store_true", help="print the summary as JSON")
+    exporting = commands.add_parser("export", help="write a checkpoint's model weights as a plain safetensors file")
+    exporting.add_argument(
+        "checkpoint", type=Path, help="a checkpoint file, best.safetensors, or a folder (its newest)"
+    )
+    exporting.add_argument("out", type=Path, help="the new .safetensors file: the model's state_dict(), its own keys")
     options = parser.parse_args(arguments)
     try:
-        status = _diagram(options) if options.command == "diagram" else _inspect(options)
+        run = {"diagram": _diagram, "inspect": _inspect, "export": _export}[options.command]
+        status = run(options)
         sys.stdout.flush()  # a closed pipe shows here, not as a traceback when Python exits
         return status
     except BrokenPipeError:  # before OSError: a reader that has seen enough (`| head`) is no error
@@ -83,6 +90,12 @@ def _diagram(options: argparse.Namespace) -> int:
         raise OSError(f"could not render {options.output} ({error}); rendering needs Graphviz's dot program "
                       "(apt install graphviz, brew install graphviz)") from error  # fmt: skip
     print(f"wrote {options.output}")
+    return 0
+
+
+def _export(options: argparse.Namespace) -> int:
+    source = export_weights(options.checkpoint, options.out)
+    print(_printable(f"wrote {options.out}: the model weights of {source}"))
     return 0
 
 

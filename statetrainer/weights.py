@@ -1,0 +1,91 @@
+"""A run's model weights, taken out of its checkpoints: into a plain model, or into a plain safetensors file.
+
+A checkpoint holds the whole run; its model weights are the bare model's
+``state_dict()`` (a DDP or ``torch.compile`` wrapper's own prefix is never
+saved). ``load_weights`` puts them into any module with the same keys, and
+``export_weights`` writes them as a safetensors file of the model's own keys,
+the format model hubs use: ``safetensors.torch.load_file`` and
+``model.load_state_dict`` read it with no statetrainer installed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .checkpoint import atomic_write, newest_valid, read_tree
+from .errors import CheckpointError
+from .saved_state import check_model_state, unwrap_model
+
+__all__ = ["checkpoint_weights", "export_weights", "load_weights"]
+
+
+def checkpoint_weights(path: str | os.PathLike[str]) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The model weights of the checkpoint ``path`` (a file, ``best.safetensors``, or a folder's newest good one)
+    and the file they came from.
+
+    Raises:
+        CheckpointError: No readable checkpoint there, or one that holds no model weights.
+    """
+    path = Path(path)
+    if path.is_dir():
+        found = newest_valid(path)
+        if found is None:
+            raise CheckpointError(f"{path} holds no checkpoint")
+        source, tree = found
+    else:
+        source, tree = path, read_tree(path)
+    step = tree.get("step")
+    weights = step.get("model") if isinstance(step, dict) else None
+    if not isinstance(weights, dict) or not all(
+        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in weights.items()
+    ):
+        raise CheckpointError(
+            f"{source} holds no model weights (its step/model part): is it a statetrainer checkpoint?"
+        )
+    return source, weights
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> Path:
+    """Load the model weights of the checkpoint ``path`` into ``model`` (bare, DDP or compiled); return the file.
+
+    Every key is checked first (missing, unexpected, shape, dtype), so a model that does not fit is left as it
+    was.
+
+    Raises:
+        CheckpointError: No usable checkpoint there, or weights that do not fit ``model``; the message names the
+            missing and unexpected keys.
+    """
+    source, weights = checkpoint_weights(path)
+    bare = unwrap_model(model)
+    try:
+        check_model_state(bare.state_dict(), weights)
+    except CheckpointError as error:
+        raise CheckpointError(f"{source}: {error}") from error
+    bare.load_state_dict(weights)
+    return source
+
+
+def export_weights(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+    """Write the model weights of ``checkpoint`` to ``out``, a new ``.safetensors`` file of the model's own keys
+    (written atomically); return the checkpoint file they came from.
+
+    Raises:
+        ValueError: ``out`` does not end in ``.safetensors``, or exists already (it is never overwritten).
+        CheckpointError: No usable checkpoint at ``checkpoint``.
+    """
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"export to {out}: name a file ending in '.safetensors'")
+    if out.exists() or out.is_symlink():
+        raise ValueError(f"export to {out}: it exists already; choose another name, or remove it first")
+    source, weights = checkpoint_weights(checkpoint)
+    # Each tensor its own contiguous copy: safetensors refuses tensors that share memory (tied weights).
+    plain = {key: tensor.detach().contiguous().clone() for key, tensor in weights.items()}
+    with atomic_write(out) as temporary:
+        save_file(plain, str(temporary), metadata={"format": "pt"})
+    return source

@@ -224,7 +224,7 @@ def build_trainer(
     model = shallow_cnn()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     callbacks: list[st.Callback] = [
-        cb.OneCycle(lr, total_steps=epochs * len(train_loader), cycle_momentum=True),
+        cb.OneCycle(lr, cycle_momentum=True),  # over the run's total_steps, on any number of processes
         cb.SmoothedLoss(),
         cb.Accuracy(),
         cb.StreamLogger(),
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> st.Trainer:
     if resumed is not None:
         print(f"resumed from {resumed} (epoch {trainer.epoch + 1}, step {trainer.global_step})", flush=True)
         schedule = trainer.callbacks[0]
-        if schedule.resized is not None:
+        if schedule.total_steps != trainer.total_steps:
             print(f"training on to {args.epochs} epochs: the one-cycle schedule keeps its length of "
                   f"{schedule.total_steps} steps, so steps after it run at its final learning rate", flush=True)  # fmt: skip
     trainer.fit()

@@ -87,6 +87,12 @@ class Run:
                               stop=self._stop_on_signal, outputs=outputs, speak=ranks.is_global_zero, vote=vote)  # fmt: skip
         self.deciders = Deciders(self.machine, self.work, epochs).by_state
 
+    @property
+    def total_steps(self) -> int | None:
+        """The run's optimizer steps over all its epochs; None when an epoch's are unknown."""
+        per_epoch = self.work.steps_per_epoch
+        return None if per_epoch is None else per_epoch * self.epochs
+
     def fit(self) -> None:
         """Run to the end, or continue a stepped or resumed run to the end (a finished run warns and returns)."""
         deciders, machine, position, guard, target = self.deciders, self.machine, self.position, self.guard, self.target

@@ -9,7 +9,6 @@ yet at its stop runs as ``fit()`` does.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -94,19 +93,8 @@ def _check_reachable(work: StateWork, epochs: int, state: str | None, epoch: int
         raise ValueError(f"batch={batch} never comes: batch indices count from 0, and the batches per phase are "
                          f"{counts}")  # fmt: skip
     if step is not None:
-        total = _total_steps(work, epochs)
+        per_epoch = work.steps_per_epoch
+        total = None if per_epoch is None else per_epoch * epochs
         if step < position.global_step or (total is not None and step > total):
             reach = f", and the run takes {total} in all" if total is not None else ""
             raise ValueError(f"step={step} never comes: {position.global_step} optimizer steps are done{reach}")
-
-
-def _total_steps(work: StateWork, epochs: int) -> int | None:
-    """The optimizer steps of the whole run, when every training phase knows its length; else None."""
-    per_epoch = 0
-    for index, each in enumerate(work.phases):
-        if each.grad:
-            length = each.batches(work.sources[index].length)
-            if length is None:
-                return None
-            per_epoch += math.ceil(length / work.step_runner.accumulate)
-    return per_epoch * epochs

@@ -84,13 +84,15 @@ class Trainer:
         is_global_zero, world_size: Whether this process is rank 0, the one that writes checkpoints and logs
             (True in one process), and how many processes train together (1 unless launched by torchrun).
         seed: The run's seed (a resumed run's is the checkpoint's).
-        phase_batches: The current phase's batches per epoch in this process (its share under torchrun); None:
-            unknown.
+        phase_batches: The current phase's batches per epoch in this process (its share under torchrun).
+        steps_per_epoch, total_steps: The optimizer steps of an epoch and of the whole run, counting ``limit``,
+            ``accumulate`` and the world size (every rank takes as many); None when a phase's length is unknown.
     """
 
     epoch, batch_index, global_step, finished = (Shown("position") for _ in range(4))
-    phase, batch, target, output, loss, loss_weight, unpack, phase_batches = (Shown("_work") for _ in range(8))
-    is_global_zero, world_size, seed = Shown("ranks"), Shown("ranks"), Shown("_generators")
+    phase, batch, target, output, loss, loss_weight, unpack = (Shown("_work") for _ in range(7))
+    phase_batches, steps_per_epoch = Shown("_work"), Shown("_work")
+    is_global_zero, world_size, seed, total_steps = Shown("ranks"), Shown("ranks"), Shown("_generators"), Shown("_core")
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                  loss_fn: Callable[[Any, Any], torch.Tensor], phases: Sequence[Phase], *,
@@ -144,8 +146,7 @@ class Trainer:
         return list(self._core.machine.history)
 
     def diagram(self, format: str = "mermaid") -> str:
-        """The state diagram drawn by ``transitions`` from the table the machine runs, the current state
-        highlighted: Mermaid source, or ``"dot"`` (Graphviz, with the ``diagram`` extra)."""
+        """The state diagram of the table the machine runs, current state highlighted: Mermaid, or ``"dot"``."""
         return self._core.machine.diagram(format)
 
     def fit(self) -> Trainer:

@@ -10,6 +10,7 @@ optimizer's side is the ``StepRunner``'s.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from itertools import islice
 from typing import Any
@@ -91,6 +92,19 @@ class StateWork:
         if self.phase is None:
             return None
         return self.phase.batches(self.sources[self.position.phase_index].length)
+
+    @property
+    def steps_per_epoch(self) -> int | None:
+        """The optimizer steps of an epoch in this process (every rank takes as many), counting each training
+        phase's ``limit`` and ``accumulate``; None when a training phase's length is unknown."""
+        steps = 0
+        for index, phase in enumerate(self.phases):
+            if phase.grad:
+                length = phase.batches(self.sources[index].length)
+                if length is None:
+                    return None
+                steps += math.ceil(length / self.step_runner.accumulate)
+        return steps
 
     def release(self) -> None:
         """Let go of the open phase's loader, so a DataLoader's workers shut down now."""

@@ -500,3 +500,24 @@ def test_on_close_runs_once_after_an_error_and_its_own_error_is_a_warning(device
         trainer.fit()
     # the error came exiting the step state, so the machine is still in it
     assert closes.closed == [("step", False)] and not held(tmp_path / "logs")
+
+
+@pytest.mark.parametrize(("accumulate", "limit", "epochs"), [(1, None, 1), (3, None, 3), (2, 5, 2), (3, 4, 3)])
+def test_total_steps_is_known_before_the_run_and_is_the_steps_it_takes(device, accumulate, limit, epochs):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    phases = [st.Phase("train", regression_batches(7), limit=limit), st.Phase("valid", regression_batches(2),
+              grad=False), st.Phase("more", regression_batches(2, seed=3))]  # fmt: skip
+    trainer = st.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), F.mse_loss, phases,
+                         accumulate=accumulate, epochs=epochs, device=device)  # fmt: skip
+    total, per_epoch = trainer.total_steps, trainer.steps_per_epoch
+    assert total == per_epoch * epochs
+    trainer.fit()
+    assert trainer.global_step == total
+
+
+def test_total_steps_is_none_when_a_training_phase_has_no_length(device):
+    model = nn.Linear(3, 1)
+    trainer = st.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), F.mse_loss,
+                         [st.Phase("train", UnsizedLoader(regression_batches(3)))], device=device)  # fmt: skip
+    assert trainer.total_steps is None and trainer.steps_per_epoch is None

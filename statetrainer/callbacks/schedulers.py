@@ -160,6 +160,10 @@ class OneCycle(ParamScheduler):
     values are those of torch's ``OneCycleLR``; with both set to ``"linear"``,
     those of ``OneCycleLR(anneal_strategy="linear")``.
 
+    Without ``total_steps`` the cycle is the whole run: ``trainer.total_steps``,
+    read at the first step (the steps of every epoch, counting ``accumulate``,
+    ``limit`` and the world size).
+
     The cycle's length is part of the run: a checkpoint keeps ``total_steps``,
     and a run resumed with more epochs goes on along the cycle it began (at the
     floor once it is over) rather than jumping onto a longer one; ``resized``
@@ -169,7 +173,7 @@ class OneCycle(ParamScheduler):
     def __init__(
         self,
         max_value: float | Sequence[float],
-        total_steps: int,
+        total_steps: int | None = None,
         pct_start: float = 0.25,
         div_factor: float = 25.0,
         final_div_factor: float = 1e4,
@@ -183,7 +187,7 @@ class OneCycle(ParamScheduler):
         name: str | None = None,
     ) -> None:
         super().__init__(param, groups, name)
-        check_count("OneCycle: total_steps", total_steps, minimum=2)
+        check_count("OneCycle: total_steps", total_steps, minimum=2, optional=True)
         check_number("OneCycle: pct_start", pct_start, 0, 1, low_open=True, high_open=True)
         self.max_value, self.total_steps, self.pct_start = max_value, total_steps, pct_start
         self.div_factor, self.final_div_factor = div_factor, final_div_factor
@@ -192,7 +196,7 @@ class OneCycle(ParamScheduler):
         self.resized: int | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"total_steps": self.total_steps}
+        return {} if self.total_steps is None else {"total_steps": self.total_steps}
 
     def check_fits(self, state: dict[str, Any]) -> None:
         """Refuse a saved state other than ``{"total_steps": n}`` with an integer n >= 2 (or ``{}``: a checkpoint
@@ -202,14 +206,25 @@ class OneCycle(ParamScheduler):
             check_integer("total_steps", state["total_steps"], minimum=2)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = int(state.get("total_steps", self.total_steps))
-        if saved != self.total_steps:
-            self.resized, self.total_steps = self.total_steps, saved
+        saved = state.get("total_steps", self.total_steps)
+        if saved is not None and saved != self.total_steps:
+            self.resized, self.total_steps = self.total_steps, int(saved)
+
+    def _take_length(self, trainer: TrainerView) -> None:
+        """At the first step of a cycle given no length: the run's, which must be known."""
+        if trainer.total_steps is None:
+            raise ValueError("OneCycle: the run's total_steps is unknown (a training phase has no length); "
+                             "give OneCycle(total_steps=...)")  # fmt: skip
+        if trainer.total_steps < 2:
+            raise ValueError(f"OneCycle: the run takes {trainer.total_steps} step(s); a cycle needs at least 2")
+        self.total_steps = trainer.total_steps
 
     def _shape(self, step: int, start: float, peak: float, end: float) -> float:
         """torch's OneCycleLR phases: the peak is reached at step ``pct_start * total - 1``."""
-        peak_step = self.pct_start * self.total_steps - 1
-        last_step = self.total_steps - 1
+        total = self.total_steps
+        assert total is not None  # taken from the run at its first step
+        peak_step = self.pct_start * total - 1
+        last_step = total - 1
         step = min(step, last_step)
         if step <= peak_step:  # (a warm-up shorter than one step starts at the peak)
             return anneal(start, peak, step / peak_step if peak_step > 0 else 1.0, self.warmup)
@@ -226,6 +241,8 @@ class OneCycle(ParamScheduler):
         return self._shape(step, self.max_momentum, self.base_momentum, self.max_momentum)
 
     def on_enter_step(self, trainer: TrainerView) -> None:
+        if self.total_steps is None:
+            self._take_length(trainer)
         super().on_enter_step(trainer)
         if self.cycle_momentum:
             assert trainer.optimizer is not None  # a step: a phase with gradients, which has an optimizer

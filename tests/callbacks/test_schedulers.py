@@ -243,3 +243,47 @@ def test_a_plateau_scheduler_on_a_metric_nothing_produces_is_refused_when_the_tr
         st.Trainer(model, optimizer, F.mse_loss, [st.Phase("train", regression_batches(2)),
                    st.Phase("valid", regression_batches(1), grad=False)],
                    callbacks=[SmoothedLoss(), TorchScheduler(plateau, monitor="valid_los")], device=device)  # fmt: skip
+
+
+def test_one_cycle_without_a_length_spans_the_runs_total_steps(device: torch.device):
+    def learning_rates(schedule: OneCycle, epochs: int) -> tuple[list[float], st.Trainer]:
+        model, seen = nn.Linear(3, 1), []
+
+        class Recorder(st.Callback):
+            def on_exit_step(self, trainer):
+                seen.append(trainer.optimizer.param_groups[0]["lr"])
+
+        trainer = st.Trainer(model, torch.optim.SGD(model.parameters(), lr=1.0), F.mse_loss,
+                             [st.Phase("train", regression_batches(5))], callbacks=[schedule, Recorder()],
+                             accumulate=2, epochs=epochs, device=device)  # fmt: skip
+        trainer.fit()
+        return seen, trainer
+
+    taken, trainer = learning_rates(OneCycle(1.0), epochs=3)
+    assert len(taken) == trainer.total_steps == 9  # 3 steps an epoch: ceil(5 / 2)
+    assert taken == learning_rates(OneCycle(1.0, total_steps=9), epochs=3)[0]
+    assert taken[-1] == pytest.approx(1.0 / 25.0 / 1e4)  # the floor, at the run's last step
+
+
+class Unsized:
+    """Batches without a length, as a stream gives them."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        yield from self.batches
+
+
+@pytest.mark.parametrize(
+    ("loader", "error"),
+    [(regression_batches(1), "takes 1 step.*at least 2"), (Unsized(regression_batches(3)), "total_steps is unknown")],
+    ids=["one-step", "no-length"],
+)
+def test_one_cycle_without_a_length_refuses_a_run_it_cannot_span(device: torch.device, loader, error):
+    model = nn.Linear(3, 1)
+    trainer = st.Trainer(model, torch.optim.SGD(model.parameters(), lr=1.0), F.mse_loss, [st.Phase("train", loader)],
+                         callbacks=[OneCycle(1.0)], device=device)  # fmt: skip
+    with pytest.raises(ValueError, match=error):
+        trainer.fit()
+    assert trainer.global_step == 0

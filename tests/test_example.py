@@ -38,6 +38,29 @@ def run_offline(tmp_path: Path, out: Path, device: torch.device, *options: str) 
     )  # fmt: skip
 
 
+FLOOR = 5e-3 / 25 / 1e4  # the one-cycle's last value: the default peak over div_factor and final_div_factor
+
+
+def final_learning_rate(out: Path) -> float:
+    header, *rows = (out / "log.csv").read_text().splitlines()
+    return float(rows[-1].split(",")[header.split(",").index("lr")])
+
+
+@pytest.mark.slow
+def test_under_torchrun_the_one_cycle_spans_the_runs_steps_and_ends_at_its_last_value(tmp_path: Path):
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(EXAMPLE),
+         "--offline", "--data-root", str(tmp_path / "data"), "--epochs", "2", "--limit", "256", "--workers", "0",
+         "--out", str(out), "--device", "cpu"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = [int(row.split(",")[1]) for row in (out / "log.csv").read_text().splitlines()[1:]]
+    assert steps == [2, 4]  # 256 samples, batches of 64, two ranks: 2 steps an epoch
+    assert final_learning_rate(out) == pytest.approx(FLOOR)
+
+
 def test_example_runs_end_to_end_offline(device: torch.device, tmp_path: Path):
     out = tmp_path / "out"
     result = run_offline(tmp_path, out, device)
@@ -46,6 +69,7 @@ def test_example_runs_end_to_end_offline(device: torch.device, tmp_path: Path):
     assert lines[0].startswith("offline: MNIST is not in") and "rendered with Pillow" in lines[0]
     assert lines[1].startswith("Epoch:    1 | train_loss=") and "valid_accuracy=" in lines[1]
     assert (out / "log.csv").read_text().splitlines()[0].startswith("epoch,step,train_loss,train_accuracy")
+    assert final_learning_rate(out) == pytest.approx(FLOOR)  # the one-cycle ends with the run
     for plot in ("metrics.png", "lr.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
     assert (out / "best.safetensors").is_file()

@@ -98,7 +98,7 @@ class Run:
         deciders, machine, position, guard, target = self.deciders, self.machine, self.position, self.guard, self.target
         if position.finished and guard.error is None and machine.pending is None:
             self.outputs.open(target)  # a run killed as it finished still remakes its files
-            self.outputs.release()
+            self.guard.close(target)  # and closes them (once: a run that finished here has closed already)
             warnings.warn(f"the run has already finished ({position.end_reason()}); fit() has nothing to do",
                           stacklevel=3)  # fmt: skip
             return

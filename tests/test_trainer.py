@@ -521,3 +521,31 @@ def test_total_steps_is_none_when_a_training_phase_has_no_length(device):
     trainer = st.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), F.mse_loss,
                          [st.Phase("train", UnsizedLoader(regression_batches(3)))], device=device)  # fmt: skip
     assert trainer.total_steps is None and trainer.steps_per_epoch is None
+
+
+def test_a_callback_with_a_folder_and_a_save_method_is_not_taken_for_a_checkpoint_saver(device, tmp_path):
+    class Samples(st.Callback):  # saves pictures, not the run
+        def __init__(self, folder):
+            self.folder = folder
+
+        def save(self, trainer):
+            return self.folder / "samples.png"
+
+    trainer, _ = linear_trainer(device, callbacks=[Samples(tmp_path / "samples")])
+    with pytest.raises(st.CheckpointError, match="no checkpoint file or folder|does not exist|no checkpoint"):
+        trainer.load_checkpoint(tmp_path / "samples")  # not made yet, and no Checkpoint's folder: a typo
+    assert st.callbacks.base.checkpoint_savers(trainer.callbacks) == []
+    saver = st.callbacks.Checkpoint(tmp_path / "ckpt")
+    assert st.callbacks.base.checkpoint_savers([Samples(tmp_path), saver]) == [saver]
+
+
+def test_a_finished_run_loaded_and_fitted_again_closes_the_files_it_opened(device, tmp_path):
+    closes = Closes(tmp_path / "logs")
+    trainer, _ = linear_trainer(device, callbacks=[closes, st.callbacks.Checkpoint(tmp_path / "ckpt")])
+    trainer.fit()
+    again = Closes(tmp_path / "logs")
+    loaded, _ = linear_trainer(device, callbacks=[again, st.callbacks.Checkpoint(tmp_path / "ckpt")])
+    assert loaded.load_checkpoint(tmp_path / "ckpt") is not None and loaded.finished
+    with pytest.warns(UserWarning, match="already finished"):
+        loaded.fit()
+    assert again.closed == [("idle", True)] and not held(tmp_path / "logs")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -105,6 +105,7 @@ class Callback:
     name: str | None = None
     rank_zero_only: bool = False
     state_per_rank: bool = False
+    saves_checkpoints: bool = False  # True: a CheckpointSaver, through which a stop signal saves
 
     @classmethod
     def regroup_states(cls, states: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
@@ -248,9 +249,9 @@ def hooks_by_state(callbacks: Sequence[Callback]) -> tuple[dict[str, list[Any]],
     return enter, exit
 
 
-@runtime_checkable
 class CheckpointSaver(Protocol):
-    """A callback that saves the run's checkpoints into ``folder`` (``Checkpoint``).
+    """A callback that saves the run's checkpoints into ``folder`` (``Checkpoint``); it says so by setting
+    ``saves_checkpoints = True``, so a callback that merely has a ``folder`` and a ``save`` is none.
 
     A stop signal saves through the first one, and ``load_checkpoint`` takes its
     folder, not made yet, for a first run rather than a typo.
@@ -262,5 +263,5 @@ class CheckpointSaver(Protocol):
 
 
 def checkpoint_savers(callbacks: Sequence[Callback]) -> list[CheckpointSaver]:
-    """The callbacks that save the run's checkpoints, in order."""
-    return [callback for callback in callbacks if isinstance(callback, CheckpointSaver)]
+    """The callbacks that save the run's checkpoints (``saves_checkpoints``), in order."""
+    return [cast(CheckpointSaver, callback) for callback in callbacks if callback.saves_checkpoints]

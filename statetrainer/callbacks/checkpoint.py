@@ -47,6 +47,8 @@ class Checkpoint(Callback):
         name: The callback's unique name (defaults to the class name).
     """
 
+    saves_checkpoints = True
+
     def __init__(self, folder: str | os.PathLike[str] = "checkpoints", every_steps: int | None = None,
                  every_epochs: int | None = 1, keep_last: int | None = 3, best: str | None = None,
                  best_mode: str = "auto", keep_best: int | None = None, name: str | None = None) -> None:  # fmt: skip

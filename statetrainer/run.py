@@ -121,7 +121,7 @@ class Run:
             ValueError, TypeError: Conditions that can never hold (before anything runs).
             RuntimeError: The run ended first.
         """
-        check = stop_condition(self.work, self.epochs, self.target, state, **conditions)
+        check = stop_condition(self.work, self.epochs, self.total_steps, self.target, state, **conditions)
         with self.guard.driving(self.target):
             stopped = self._drive(state, check)
         if not stopped:

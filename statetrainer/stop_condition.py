@@ -21,6 +21,7 @@ __all__ = ["stop_condition"]
 def stop_condition(
     work: StateWork,
     epochs: int,
+    total_steps: int | None,
     view: Any,
     state: str | None,
     *,
@@ -36,6 +37,7 @@ def stop_condition(
     Args:
         work: The run's work: its position, phases and current phase.
         epochs: The run's epochs.
+        total_steps: The run's optimizer steps, None when unknown (``Run.total_steps``).
         view: What ``when`` is given (the trainer).
         state: The state whose entry stops the run; None: stop at the first transition after which the
             conditions hold.
@@ -47,7 +49,7 @@ def stop_condition(
         ValueError: A state or phase that does not exist, or a condition this run can never meet.
         TypeError: ``when`` is not callable, or a number is not an integer.
     """
-    _check_reachable(work, epochs, state, epoch, phase, batch, step, when)
+    _check_reachable(work, epochs, total_steps, state, epoch, phase, batch, step, when)
     position = work.position
     checks: list[Callable[[], bool]] = []
     if epoch is not None:
@@ -65,7 +67,7 @@ def stop_condition(
     return lambda: all(check() for check in checks)
 
 
-def _check_reachable(work: StateWork, epochs: int, state: str | None, epoch: int | None, phase: str | None,
+def _check_reachable(work: StateWork, epochs: int, total: int | None, state: str | None, epoch: int | None, phase: str | None,
                      batch: int | None, step: int | None, when: Any) -> None:  # fmt: skip
     if state is not None and state not in STATES:
         raise ValueError(f"unknown state {state!r}; states are {', '.join(STATES)}")
@@ -93,8 +95,6 @@ def _check_reachable(work: StateWork, epochs: int, state: str | None, epoch: int
         raise ValueError(f"batch={batch} never comes: batch indices count from 0, and the batches per phase are "
                          f"{counts}")  # fmt: skip
     if step is not None:
-        per_epoch = work.steps_per_epoch
-        total = None if per_epoch is None else per_epoch * epochs
         if step < position.global_step or (total is not None and step > total):
             reach = f", and the run takes {total} in all" if total is not None else ""
             raise ValueError(f"step={step} never comes: {position.global_step} optimizer steps are done{reach}")

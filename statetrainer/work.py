@@ -143,7 +143,7 @@ class StateWork:
         self.open_phase(start=0)
 
     def resume_phase(self) -> None:
-        """After a load: the current phase as the position says, reopened after its last batch done if mid-phase."""
+        """After a load: the current phase as the position says (the run core reopens its batches mid-phase)."""
         index = self.position.phase_index
         self.phase = self.phases[index] if index >= 0 else None
         self.grad = self.phase is not None and self.phase.grad
@@ -191,9 +191,7 @@ class StateWork:
 
     def ends_window(self) -> bool:
         """Whether the current batch is the last of its accumulation window (a step follows it)."""
-        cursor = self.cursor
-        assert cursor is not None
-        return (self.position.batch_index + 1) % self.step_runner.accumulate == 0 or cursor.is_last()
+        return (self.position.batch_index + 1) % self.step_runner.accumulate == 0 or self.ends_phase()
 
     def run_backward(self, _target: Any) -> None:
         weight, loss = self.loss_weight, self.loss  # so the step follows the mean of a global batch shared unevenly

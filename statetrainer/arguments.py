@@ -25,6 +25,7 @@ def check_trainer_arguments(
     callbacks: Iterable[Callback],
     *,
     epochs: Any,
+    max_steps: Any = None,
     accumulate: Any,
     grad_clip: Any,
     deterministic: Any,
@@ -36,7 +37,10 @@ def check_trainer_arguments(
         raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    check_count("epochs", epochs)
+    check_count("epochs", epochs, optional=True)
+    check_count("max_steps", max_steps, optional=True)
+    if epochs is None and max_steps is None:
+        raise ValueError("epochs=None runs until max_steps, so give max_steps=N too (or a number of epochs)")
     check_count("accumulate", accumulate)
     check_number("grad_clip", grad_clip, 0, low_open=True, optional=True)
     if not isinstance(deterministic, bool):
@@ -44,6 +48,8 @@ def check_trainer_arguments(
     if optimizer is not None:
         _check_optimizer_parameters(model, optimizer)
     phases, callbacks = _check_phases(phases, optimizer), _check_callbacks(callbacks)
+    if max_steps is not None and not any(phase.grad for phase in phases):
+        raise ValueError(f"max_steps={max_steps} counts optimizer steps, but no phase trains (grad=True)")
     _check_monitored_metrics(callbacks, phases)
     return phases, callbacks
 

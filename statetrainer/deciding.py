@@ -20,10 +20,10 @@ class Deciders:
     Args:
         machine: The machine whose transitions are fired.
         work: The states' work: the position, the phases and the open phase's batches.
-        epochs: How many epochs the run has.
+        epochs: How many epochs the run has; None: until the work's ``max_steps``.
     """
 
-    def __init__(self, machine: TrainingMachine, work: StateWork, epochs: int) -> None:
+    def __init__(self, machine: TrainingMachine, work: StateWork, epochs: int | None) -> None:
         self.work, self.position, self.epochs = work, work.position, epochs
         self.phase_count, self.accumulate = len(work.phases), work.step_runner.accumulate
         fire = machine.firer
@@ -39,12 +39,13 @@ class Deciders:
             "batch": self.decide_batch, "backward": self.decide_backward, "step": self._end_batch}  # fmt: skip
 
     def decide_epoch(self) -> None:
-        position = self.position
-        if not position.stop_requested and position.phase_index + 1 < self.phase_count:
+        position, work = self.position, self.work
+        if not position.stop_requested and work.next_phase_index() < self.phase_count:
             self._start_phase()
             return
         position.epochs_done += 1
-        if position.stop_requested or position.epochs_done >= self.epochs:
+        epochs_done = self.epochs is not None and position.epochs_done >= self.epochs
+        if position.stop_requested or epochs_done or work.steps_done:
             self._finish()
         else:
             self._next_epoch()

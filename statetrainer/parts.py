@@ -136,18 +136,24 @@ class Position:
     finished: bool = False
     stop_requested: bool = False
 
-    def extend_to(self, epochs: int) -> None:
-        """Let a run that finished all its epochs (not stopped) go on, when it now has more."""
-        if self.finished and not self.stop_requested and self.epochs_done < epochs:
+    def extend_to(self, epochs: int | None, max_steps: int | None = None) -> None:
+        """Let a run that finished all its epochs or steps (not stopped) go on, when it now has more."""
+        more_epochs = epochs is None or self.epochs_done < epochs
+        more_steps = max_steps is None or self.global_step < max_steps
+        if self.finished and not self.stop_requested and more_epochs and more_steps:
             self.finished = False
 
     def epoch_for_people(self, state: str) -> int:
         """The epoch a person would name, counted from 1: the one under way inside an epoch, else the last done."""
         return self.epochs_done if state in ("epoch", "idle") else self.epochs_done + 1
 
-    def end_reason(self) -> str:
+    def end_reason(self, max_steps: int | None = None) -> str:
         """Why a finished run ended, in words."""
-        return "stopped" if self.stop_requested else f"all {self.epochs_done} epoch(s) done"
+        if self.stop_requested:
+            return "stopped"
+        if max_steps is not None and self.global_step >= max_steps:
+            return f"max_steps={max_steps} taken"
+        return f"all {self.epochs_done} epoch(s) done"
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -172,15 +178,17 @@ class Position:
             setattr(self, field.name, state[field.name])
 
 
-def check_position_fits(epochs: int, state: dict[str, Any]) -> None:
+def check_position_fits(epochs: int | None, state: dict[str, Any], max_steps: int | None = None) -> None:
     """Raise ``CheckpointError`` unless the saved position is one this run can be at, between batches.
 
     Args:
-        epochs: The run's epochs (a finished run may be given more, not fewer).
+        epochs: The run's epochs (a finished run may be given more, not fewer); None: no limit.
         state: A whole saved state (its ``position``, ``machine`` and ``data`` parts; the data part, already
             checked against this run, gives the batches of each phase where the run was saved).
+        max_steps: The run's ``max_steps`` (the checkpoint's steps may not be more); None: no limit.
     """
-    phase_lengths = [phase["batches"] for phase in state["data"]]
+    # A phase that streams takes a set number of batches an epoch, which the settings compare.
+    phase_lengths = [None if phase.get("stream") else phase["batches"] for phase in state["data"]]
     position, where = state["position"], state["machine"]["state"]
     phase, batch = position["phase_index"], position["batch_index"]
     if where not in AT_REST:
@@ -193,6 +201,11 @@ def check_position_fits(epochs: int, state: dict[str, Any]) -> None:
     if position["epoch"] > position["epochs_done"] or position["epochs_done"] > position["epoch"] + 1:
         raise CheckpointError(f"the saved epoch {position['epoch']} and epochs done {position['epochs_done']} disagree")
     finishing = (state["machine"].get("pending") or {}).get("event") == "finish"  # saved as the run ended
+    if max_steps is not None and position["global_step"] > max_steps:
+        raise CheckpointError(f"the checkpoint is from a run past max_steps={max_steps} (it has taken "
+                              f"{position['global_step']} steps); resume with at least that many")  # fmt: skip
+    if epochs is None:
+        return
     if position["epochs_done"] > epochs or (position["epochs_done"] == epochs and not position["finished"]
                                             and not finishing):  # fmt: skip
         raise CheckpointError(f"the checkpoint is from a run of more than epochs={epochs} (it is at epoch "
@@ -424,6 +437,7 @@ class RunSettings:
             dataset = getattr(phase.loader, "dataset", None)
             settings[f"{phase.name}.batch_size"] = getattr(phase.loader, "batch_size", None)
             settings[f"{phase.name}.limit"] = phase.limit
+            settings[f"{phase.name}.batches"] = phase.batches
             settings[f"{phase.name}.samples"] = len(dataset) if isinstance(dataset, Sized) else None
         return cls(settings)
 

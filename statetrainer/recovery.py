@@ -61,7 +61,8 @@ class Recovery:
             return
         if self.state is not None:
             machine.restore(self.state)
-        if self.batch_index is not None:
+        if self.batch_index is not None:  # the batch is discarded: a resume takes it from its loader again
+            work.take_back_batch()
             work.position.batch_index = self.batch_index
         if self.drop_gradients:
             work.step_runner.zero_grad()

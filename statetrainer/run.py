@@ -41,7 +41,8 @@ class Run:
     Args:
         target: What every hook, deferred action and ``when`` predicate receives (the trainer).
         phases: The phases of every epoch, in order.
-        epochs: How many epochs to run.
+        epochs: How many epochs to run; None: until ``max_steps``.
+        max_steps: The run ends after this optimizer step (see ``StateWork``); None: no limit.
         sources: The phases' batch sources.
         step_runner: Runs backward and the optimizer step.
         generators: The run's generators.
@@ -60,7 +61,8 @@ class Run:
         target: Any,
         *,
         phases: Sequence[Phase],
-        epochs: int,
+        epochs: int | None,
+        max_steps: int | None,
         sources: PhaseSources,
         step_runner: StepRunner,
         generators: Generators,
@@ -73,8 +75,14 @@ class Run:
         outputs: RunOutputs,
         ranks: Ranks,
     ) -> None:
-        self.target, self.epochs, self.position, self.outputs = target, epochs, position, outputs
-        self.work = StateWork(phases, sources, step_runner, generators, position, forward, unpack)
+        self.target, self.epochs, self.max_steps, self.position, self.outputs = (
+            target,
+            epochs,
+            max_steps,
+            position,
+            outputs,
+        )
+        self.work = StateWork(phases, sources, step_runner, generators, position, forward, unpack, max_steps)
         self.savers = checkpoint_savers(callbacks)
         vote = StopVote(ranks) if ranks.distributed and stop_signals else None
         enter, exit = hooks_by_state(callbacks)
@@ -89,9 +97,15 @@ class Run:
 
     @property
     def total_steps(self) -> int | None:
-        """The run's optimizer steps over all its epochs; None when an epoch's are unknown."""
+        """The run's optimizer steps over all its epochs, up to ``max_steps``; None when they cannot be known (an
+        epoch's steps are unknown, and the epochs may end before ``max_steps``)."""
+        if self.epochs is None:
+            return self.max_steps
         per_epoch = self.work.steps_per_epoch
-        return None if per_epoch is None else per_epoch * self.epochs
+        if per_epoch is None:
+            return None
+        whole = per_epoch * self.epochs
+        return whole if self.max_steps is None else min(whole, self.max_steps)
 
     def fit(self) -> None:
         """Run to the end, or continue a stepped or resumed run to the end (a finished run warns and returns)."""
@@ -99,7 +113,7 @@ class Run:
         if position.finished and guard.error is None and machine.pending is None:
             self.outputs.open(target)  # a run killed as it finished still remakes its files
             self.guard.close(target)  # and closes them (once: a run that finished here has closed already)
-            warnings.warn(f"the run has already finished ({position.end_reason()}); fit() has nothing to do",
+            warnings.warn(f"the run has already finished ({position.end_reason(self.max_steps)}); fit() has nothing to do",
                           stacklevel=3)  # fmt: skip
             return
         with guard.driving(target):
@@ -152,7 +166,7 @@ class Run:
     def why_not_checkpoint_here(self) -> str | None:
         """Why the run cannot be resumed from here, inside its current phase; None when it can."""
         mid_phase = self.machine.state == "phase" and self.machine.pending is None
-        return self.work.why_not_resumable() if mid_phase else None
+        return self.work.sources.why_not_resumable() or (self.work.why_not_resumable() if mid_phase else None)
 
     def check_at_rest(self, what: str) -> None:
         """Raise ``RuntimeError`` unless the run can be saved now (``what`` names the call, for the message).
@@ -183,7 +197,7 @@ class Run:
             self.guard.error = error  # neither driven nor saved again: build a new trainer
             return
         self.outputs.opened, self.outputs.resumed = False, True  # its files are remade when the run next opens them
-        self.position.extend_to(self.epochs)  # a finished run given more epochs goes on to train them
+        self.position.extend_to(self.epochs, self.max_steps)  # a finished run given more epochs or steps goes on
         self.work.resume_phase()
         if self.machine.state == "phase" and self.machine.pending is None:  # mid-phase: after the last batch done
             self.work.open_phase(start=self.position.batch_index + 1)

@@ -20,7 +20,7 @@ __all__ = ["stop_condition"]
 
 def stop_condition(
     work: StateWork,
-    epochs: int,
+    epochs: int | None,
     total_steps: int | None,
     view: Any,
     state: str | None,
@@ -67,7 +67,7 @@ def stop_condition(
     return lambda: all(check() for check in checks)
 
 
-def _check_reachable(work: StateWork, epochs: int, total: int | None, state: str | None, epoch: int | None, phase: str | None,
+def _check_reachable(work: StateWork, epochs: int | None, total: int | None, state: str | None, epoch: int | None, phase: str | None,
                      batch: int | None, step: int | None, when: Any) -> None:  # fmt: skip
     if state is not None and state not in STATES:
         raise ValueError(f"unknown state {state!r}; states are {', '.join(STATES)}")
@@ -86,9 +86,10 @@ def _check_reachable(work: StateWork, epochs: int, total: int | None, state: str
         where = f"phase {phase!r} has grad=False" if phase is not None else "no phase has grad=True"
         raise ValueError(f"this run never enters {state!r}: {where}")
     position = work.position
-    if epoch is not None and not position.epoch <= epoch < epochs:
-        raise ValueError(f"epoch={epoch} never comes: the run is at epoch {position.epoch} of epochs 0 to {epochs - 1}")
-    lengths = [each.batches(work.sources[names.index(each.name)].length) for each in candidates]
+    if epoch is not None and not (position.epoch <= epoch and (epochs is None or epoch < epochs)):
+        last = "on" if epochs is None else f"to {epochs - 1}"
+        raise ValueError(f"epoch={epoch} never comes: the run is at epoch {position.epoch} of epochs 0 {last}")
+    lengths = [each.epoch_length(work.sources[names.index(each.name)].length) for each in candidates]
     known = [length for length in lengths if length is not None]
     if batch is not None and (batch < 0 or len(known) == len(lengths) and batch >= max(known)):
         counts = ", ".join(f"{each.name!r} {length}" for each, length in zip(candidates, lengths, strict=True))

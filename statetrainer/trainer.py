@@ -54,7 +54,9 @@ class Trainer:
         loss_fn: ``loss_fn(output, target)`` gives the batch's scalar loss.
         phases: The phases of every epoch, run in order.
         callbacks: Observers of the machine's states; their names must be unique.
-        epochs: How many epochs to run.
+        epochs: How many epochs to run; None runs until ``max_steps``.
+        max_steps: End the run after this optimizer step: the training phase ends there, the epoch's
+            remaining evaluation phases run on the final weights, and the run finishes. None: no limit.
         device: Where the model and batches go; None picks CUDA when available.
         accumulate: Batches per step, which follows the window's mean gradient (a short last window's own).
         grad_clip: Clip the gradients' total 2-norm to this before each step.
@@ -86,7 +88,8 @@ class Trainer:
         seed: The run's seed (a resumed run's is the checkpoint's).
         phase_batches: The current phase's batches per epoch in this process (its share under torchrun).
         steps_per_epoch, total_steps: The optimizer steps of an epoch and of the whole run, counting ``limit``,
-            ``accumulate`` and the world size (every rank takes as many); None when a phase's length is unknown.
+            ``batches``, ``accumulate``, ``max_steps`` and the world size (every rank takes as many); None when
+            they cannot be known (a training phase's length is unknown).
     """
 
     epoch, batch_index, global_step, finished = (Shown("position") for _ in range(4))
@@ -96,14 +99,16 @@ class Trainer:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                  loss_fn: Callable[[Any, Any], torch.Tensor], phases: Sequence[Phase], *,
-                 callbacks: Iterable[Callback] = (), epochs: int = 1, device: str | torch.device | None = None,
+                 callbacks: Iterable[Callback] = (), epochs: int | None = 1, max_steps: int | None = None,
+                 device: str | torch.device | None = None,
                  accumulate: int = 1, grad_clip: float | None = None, precision: str | None = None,
                  unpack: Callable[[Any], tuple[Any, Any]] = unpack_pair, seed: int | None = None,
                  deterministic: bool = False,
                  stop_signals: Iterable[str | int | signal.Signals] | None = DEFAULT_STOP_SIGNALS) -> None:  # fmt: skip
         self.phases, self.callbacks = check_trainer_arguments(
             model, optimizer, loss_fn, phases, callbacks,
-            epochs=epochs, accumulate=accumulate, grad_clip=grad_clip, deterministic=deterministic)  # fmt: skip
+            epochs=epochs, max_steps=max_steps, accumulate=accumulate, grad_clip=grad_clip,
+            deterministic=deterministic)  # fmt: skip
         self.stop_signals = resolve_signals(stop_signals)
         device = resolve_device(device)
         if deterministic and device.type == "cuda":
@@ -111,6 +116,7 @@ class Trainer:
         self.ranks, self.device = ranks, _ = join_process_group(device)  # under torchrun: this rank's GPU
         self.model = wrap_model(model.to(self.device), ranks, self.device)
         self.optimizer, self.loss_fn, self.epochs, self.accumulate = optimizer, loss_fn, epochs, accumulate
+        self.max_steps = max_steps
         self.step_runner = StepRunner(self.model, optimizer, self.device, accumulate, grad_clip, precision, ranks)
         position, self.metrics = Position(), Metrics()
         self._generators = Generators.for_run(seed, self.device, ranks, global_step=lambda: position.global_step)
@@ -118,7 +124,8 @@ class Trainer:
         speaking = [callback for callback in self.callbacks if ranks.is_global_zero or not callback.rank_zero_only]
         self.run = RunIdentity.for_run(sources.global_layout(), self.model, optimizer, self._generators)
         self._settings = RunSettings.for_run(self.phases, accumulate, precision, ranks.world_size)
-        self._core = Run(self, phases=self.phases, epochs=epochs, sources=sources, step_runner=self.step_runner,
+        self._core = Run(self, phases=self.phases, epochs=epochs, max_steps=max_steps, sources=sources,
+                         step_runner=self.step_runner,
                          generators=self._generators, position=position, forward=self.forward, unpack=unpack,
                          callbacks=speaking, stop_signals=self.stop_signals, deterministic=deterministic,
                          outputs=RunOutputs(speaking, self.run, ranks, self.device), ranks=ranks)  # fmt: skip
@@ -126,7 +133,7 @@ class Trainer:
             run=self.run, position=position, machine=self._core.machine, data=sources, settings=self._settings,
             step=self.step_runner, metrics=self.metrics,
             callbacks=CallbackStates(self.callbacks, self.device, speaking, ranks), rng=self._generators)  # fmt: skip
-        self.parts.add_check(partial(check_position_fits, epochs))
+        self.parts.add_check(partial(check_position_fits, epochs, max_steps=max_steps))
         self._work = self._core.work
         self._checkpointer = Checkpointer(self.parts, self.run, self._core.outputs, ranks, self.device)
 

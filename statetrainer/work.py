@@ -12,13 +12,14 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 from itertools import islice
 from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from .data import BatchCursor, PhaseSources, SeededLoader, to_device
+from .data import BatchCursor, PassStream, PhaseSources, SeededLoader, to_device
 from .optimizer_step import StepRunner
 from .parts import Position
 from .phase import Phase
@@ -40,6 +41,8 @@ class StateWork:
         position: The run's position, which the work advances.
         forward: ``forward(inputs, target)`` gives ``(output, loss)`` (the trainer's, which a subclass overrides).
         unpack: Turns a batch into ``(inputs, target)``.
+        max_steps: The run ends after this optimizer step: a training phase ends there and later ones are
+            passed over. None: no limit.
 
     Attributes:
         phase, batch, target, output, loss: The current phase, batch (on the device) and its results.
@@ -57,9 +60,10 @@ class StateWork:
         position: Position,
         forward: Callable[[Any, Any], tuple[Any, torch.Tensor]],
         unpack: Callable[[Any], tuple[Any, Any]],
+        max_steps: int | None = None,
     ) -> None:
         self.phases, self.sources, self.step_runner, self.generators = phases, sources, step_runner, generators
-        self.position, self.forward, self.unpack = position, forward, unpack
+        self.position, self.forward, self.unpack, self.max_steps = position, forward, unpack, max_steps
         self.device = step_runner.device
         self.phase: Phase | None = None
         self.grad = False  # whether the current phase trains (read per batch)
@@ -91,26 +95,47 @@ class StateWork:
         """The current phase's batches per epoch in this process (its share under torchrun); None: unknown."""
         if self.phase is None:
             return None
-        return self.phase.batches(self.sources[self.position.phase_index].length)
+        return self.phase.epoch_length(self.sources[self.position.phase_index].length)
 
     @property
     def steps_per_epoch(self) -> int | None:
         """The optimizer steps of an epoch in this process (every rank takes as many), counting each training
-        phase's ``limit`` and ``accumulate``; None when a training phase's length is unknown."""
+        phase's ``limit`` or ``batches`` and ``accumulate``; None when a training phase's length is unknown."""
         steps = 0
         for index, phase in enumerate(self.phases):
             if phase.grad:
-                length = phase.batches(self.sources[index].length)
+                length = phase.epoch_length(self.sources[index].length)
                 if length is None:
                     return None
                 steps += math.ceil(length / self.step_runner.accumulate)
         return steps
 
+    @property
+    def steps_done(self) -> bool:
+        """Whether the run has taken its ``max_steps``."""
+        return self.max_steps is not None and self.position.global_step >= self.max_steps
+
+    def next_phase_index(self) -> int:
+        """The index of the epoch's next phase to run (the phase count: none); training phases are passed over
+        once ``max_steps`` are taken."""
+        index = self.position.phase_index + 1
+        if self.steps_done:
+            while index < len(self.phases) and self.phases[index].grad:
+                index += 1
+        return index
+
     def release(self) -> None:
-        """Let go of the open phase's loader, so a DataLoader's workers shut down now."""
+        """Let go of the open phase's loader and the streams, so DataLoaders' workers shut down now."""
         if self.cursor is not None:
             self.cursor.close()
             self.cursor = None
+        self.sources.close_streams()
+
+    def take_back_batch(self) -> None:
+        """Put the current batch back into its phase's stream (an error discarded it; a resume runs it again)."""
+        stream = self.sources.streams[self.position.phase_index]
+        if stream is not None:
+            stream.take_back()
 
     def why_not_resumable(self) -> str | None:
         """Why the open phase cannot be resumed after its current batch; None when it can."""
@@ -124,6 +149,7 @@ class StateWork:
 
     def prepare_idle(self, _target: Any) -> None:
         self.position.finished = True
+        self.sources.close_streams()
 
     def prepare_epoch(self, _target: Any) -> None:
         position = self.position
@@ -131,7 +157,7 @@ class StateWork:
         self.phase, self.grad = None, False  # as a run resumed at this point has it
 
     def prepare_phase(self, _target: Any) -> None:
-        self.position.phase_index += 1
+        self.position.phase_index = self.next_phase_index()
         self.phase = self.phases[self.position.phase_index]
         self.grad = self.phase.grad
         self.position.batch_index = -1
@@ -156,13 +182,34 @@ class StateWork:
         grad_context = (None if torch.is_grad_enabled() else torch.enable_grad()) if phase.grad else torch.no_grad()
         no_contexts = grad_context is None and autocast is None
         self._contexts = None if no_contexts else (grad_context or _NO_CONTEXT, autocast or _NO_CONTEXT)
-        source = self.sources[self.position.phase_index]
-        batches = source.open(self.generators.seed, self.position.epoch, start)
-        if phase.limit is not None:  # the first ``limit`` batches of the loader's order
-            batches = islice(batches, max(phase.limit - start, 0))
-        self.cursor = BatchCursor(batches, phase.batches(source.pass_length), start)
-        self._share_weight = source.share_weight if isinstance(source, SeededLoader) and source.uneven else None
+        index = self.position.phase_index
+        source, stream = self.sources[index], self.sources.streams[index]
+        if stream is not None:  # the stream goes on where it stands: its next ``phase.batches``
+            batches, length = stream.batches(self.generators.seed), phase.batches
+        else:  # pass ``epoch``, from batch ``start``
+            batches = source.open(self.generators.seed, self.position.epoch, start)
+            if phase.limit is not None:  # the first ``limit`` batches of the loader's order
+                batches = islice(batches, max(phase.limit - start, 0))
+            length = phase.epoch_length(source.pass_length)
+        stop = self._last_step_batch(start) if phase.grad else None
+        if stop is not None:  # max_steps ends the phase at the end of a window
+            if length is None:
+                batches = islice(batches, max(stop - start, 0))
+            else:
+                length = min(length, stop)
+        self.cursor = BatchCursor(batches, length, start)
+        self._share_weight = None
+        if isinstance(source, SeededLoader) and source.uneven:
+            self._share_weight = source.share_weight if stream is None else partial(_stream_share_weight, stream)
         self.loss_weight = 1.0
+
+    def _last_step_batch(self, start: int) -> int | None:
+        """The batch count after which the run's ``max_steps``-th step is taken, in a training phase opened at
+        batch ``start``; None without ``max_steps``."""
+        if self.max_steps is None:
+            return None
+        accumulate = self.step_runner.accumulate
+        return accumulate * (start // accumulate + self.max_steps - self.position.global_step)
 
     def prepare_batch(self, _target: Any) -> None:
         self.position.batch_index += 1
@@ -204,3 +251,10 @@ class StateWork:
     def run_step(self, _target: Any) -> None:
         self.step_runner.step()
         self.position.global_step += 1
+
+
+def _stream_share_weight(stream: PassStream, _batch_index: int) -> float:
+    """This rank's weight of the stream's current batch, whose index in its pass is the stream's own count."""
+    source = stream.source
+    assert isinstance(source, SeededLoader)
+    return source.share_weight(stream.taken - 1)

@@ -1,16 +1,17 @@
 """Data: batch sources that start anywhere, walking them batch by batch, moving batches to the device."""
 
 from .cursor import END, BatchCursor, loader_length
+from .phases import PhaseSources
 from .resumable import SeededOrder, SeededSamples, mix_seed
 from .sources import (
     BatchSource,
     EpochSource,
-    PhaseSources,
     SeededLoader,
     SequenceSource,
     StatefulSource,
     batch_source,
 )
+from .stream import PassStream
 from .transfer import to_device, unpack_pair
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "BatchCursor",
     "BatchSource",
     "EpochSource",
+    "PassStream",
     "PhaseSources",
     "SeededLoader",
     "SeededOrder",

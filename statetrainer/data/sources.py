@@ -1,4 +1,8 @@
-"""Batch sources: one phase's loader, opened at any batch of any epoch, one implementation per kind.
+"""Batch sources: one phase's loader, opened at any batch of any pass, one implementation per kind.
+
+A phase that runs one whole pass an epoch opens pass ``e`` in epoch ``e``; a
+phase that takes the next K batches of a stream opens its passes one after
+another (``statetrainer.data.stream``).
 
 ``batch_source(loader, ...)`` picks the kind:
 
@@ -6,7 +10,7 @@
 - ``StatefulSource``: a loader with ``state_dict``/``load_state_dict`` of its
   own (the protocol of torchdata's ``StatefulDataLoader``), or an in-process
   ``DataLoader`` over an ``IterableDataset`` that has them, resumes through
-  that state: every checkpoint carries it, with the epoch of the pass it is
+  that state: every checkpoint carries it, with the number of the pass it is
   in, and it is loaded back as the loader next opens, to go on with that pass
   or to start the next one.
 - ``SeededLoader``: a ``DataLoader`` (or a subclass that takes DataLoader's
@@ -21,7 +25,6 @@
 
 from __future__ import annotations
 
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -32,20 +35,18 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..errors import CheckpointError
-from ..saved_state import tensors_to
 from .cursor import loader_length
 from .resumable import mix_seed, rebuild, state_holder, why_not_seeded
 from .workers import shield_workers, shielded_init
 
-__all__ = ["BatchSource", "EpochSource", "PhaseSources", "SeededLoader", "SequenceSource", "StatefulSource",
-           "batch_source"]  # fmt: skip
+__all__ = ["BatchSource", "EpochSource", "SeededLoader", "SequenceSource", "StatefulSource", "batch_source"]
 
 
 class BatchSource(ABC):
-    """One phase's batches: ``open`` gives an iterator from batch ``start`` of an epoch.
+    """One phase's batches: ``open`` gives an iterator from batch ``start`` of a pass.
 
     Attributes:
-        length: Batches per epoch, or None when unknown.
+        length: Batches per pass, or None when unknown.
         reason: Why ``open`` cannot start past batch 0; None when it can.
         keeps_own_state: Whether the position is the loader's own state, which
             checkpoints carry, rather than a batch index the trainer computes.
@@ -67,12 +68,12 @@ class BatchSource(ABC):
 
     @property
     def global_length(self) -> int | None:
-        """Batches per epoch in one process: what identifies the phase whatever the number of processes."""
+        """Batches per pass in one process: what identifies the phase whatever the number of processes."""
         return self.length
 
     @abstractmethod
-    def open(self, seed: int, epoch: int, start: int = 0) -> Iterator[Any]:
-        """The batches of epoch ``epoch`` of a run seeded ``seed``, from batch ``start``."""
+    def open(self, seed: int, pass_index: int, start: int = 0) -> Iterator[Any]:
+        """The batches of pass ``pass_index`` of a run seeded ``seed``, from batch ``start``."""
 
     def state_dict(self) -> Any:
         """The loader's own position; None for sources whose position the trainer computes."""
@@ -87,7 +88,7 @@ class BatchSource(ABC):
 class SequenceSource(BatchSource):
     """A list or tuple of batches: starting at batch ``k`` is index arithmetic."""
 
-    def open(self, seed: int, epoch: int, start: int = 0) -> Iterator[Any]:
+    def open(self, seed: int, pass_index: int, start: int = 0) -> Iterator[Any]:
         return islice(self.loader, start, None)
 
 
@@ -142,9 +143,9 @@ class SeededLoader(BatchSource):
         """Samples a whole pass consumes over all ranks (fewer than ``samples`` with ``drop_last``)."""
         return sum(self._order.batch_sizes(0))
 
-    def open(self, seed: int, epoch: int, start: int = 0) -> Iterator[Any]:
+    def open(self, seed: int, pass_index: int, start: int = 0) -> Iterator[Any]:
         first_sample, self._resume_at = self._resume_at, None
-        self._order.position(mix_seed(seed, self.phase_index, epoch, *self._order_salt), start, first_sample)
+        self._order.position(mix_seed(seed, self.phase_index, pass_index, *self._order_salt), start, first_sample)
         return iter(self._rebuilt)
 
     def samples_done(self, batches: int) -> int:
@@ -164,7 +165,7 @@ class _Saved(NamedTuple):
     """A stateful source's saved position, held from ``load_state_dict`` until it next opens."""
 
     state: Any  # the loader's (or its dataset's) own state
-    epoch: int | None  # the epoch of the pass that state is in; None: before the first
+    pass_index: int | None  # the pass that state is in; None: before the first
     generator: torch.Tensor | None  # the state of the loader's generator, or None to leave it as it is
 
 
@@ -174,10 +175,9 @@ class StatefulSource(BatchSource):
     A loader's own state (torchdata's ``StatefulDataLoader``'s protocol) is
     that of its latest iterator: loading it and iterating goes on with that
     pass, even when the trainer was done with it. So a checkpoint also holds
-    which epoch's pass that is (``pass_state``). A resumed run that opens the
-    phase in that epoch goes on with the saved pass (saved mid-phase, or after
-    its last batch); one that opens it in a later epoch (saved at an epoch
-    boundary, or in another phase) rebuilds the spent pass's iterator, then
+    which pass that is (``pass_state``). A resumed run that opens that pass
+    goes on with it (saved mid-phase, or after its last batch); one that opens
+    a later pass (saved at an epoch boundary, or in another phase) rebuilds the spent pass's iterator, then
     starts a new one after it, as the uninterrupted run did. The rebuilt
     iterator puts back the sampler generator that orders the new pass. The
     loader's own ``generator``, which torchdata leaves one draw short when it
@@ -186,7 +186,7 @@ class StatefulSource(BatchSource):
 
     Attributes:
         holder: What keeps the state: the loader, or its dataset.
-        pass_epoch: The epoch whose pass the loader's state is in; None before the first.
+        pass_index: The pass the loader's state is in; None before the first.
     """
 
     keeps_own_state = True
@@ -194,7 +194,7 @@ class StatefulSource(BatchSource):
     def __init__(self, loader: Iterable[Any], holder: Any) -> None:
         super().__init__(loader)
         self.holder = holder
-        self.pass_epoch: int | None = None
+        self.pass_index: int | None = None
         generator = getattr(loader, "generator", None) if holder is loader else None
         self._generator: torch.Generator | None = generator if isinstance(generator, torch.Generator) else None
         self._pending: _Saved | None = None
@@ -206,19 +206,19 @@ class StatefulSource(BatchSource):
             return self.holder.state_dict()
 
     def pass_state(self) -> dict[str, Any]:
-        """What a checkpoint keeps beside ``state_dict()``: the epoch of its pass, the loader generator's state."""
+        """What a checkpoint keeps beside ``state_dict()``: the number of its pass, the loader generator's state."""
         if self._pending is not None:
-            return {"epoch": self._pending.epoch, "generator": self._pending.generator}
+            return {"index": self._pending.pass_index, "generator": self._pending.generator}
         generator = None if self._generator is None else self._generator.get_state()
-        return {"epoch": self.pass_epoch, "generator": generator}
+        return {"index": self.pass_index, "generator": generator}
 
     def check_pass_state(self, saved: Any) -> None:
         """Raise ``CheckpointError`` unless ``saved`` is a ``pass_state()`` this loader can take."""
-        if not isinstance(saved, dict) or sorted(saved) != ["epoch", "generator"]:
-            raise CheckpointError(f"its pass is {saved!r}, not a dict of its epoch and its loader's generator")
-        epoch, generator = saved["epoch"], saved["generator"]
-        if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0):
-            raise CheckpointError(f"its pass's epoch is {epoch!r}, not None or an integer >= 0")
+        if not isinstance(saved, dict) or sorted(saved) not in (["generator", "index"], ["epoch", "generator"]):
+            raise CheckpointError(f"its pass is {saved!r}, not a dict of its number and its loader's generator")
+        index, generator = saved.get("index", saved.get("epoch")), saved["generator"]  # "epoch": saved before streams
+        if index is not None and (isinstance(index, bool) or not isinstance(index, int) or index < 0):
+            raise CheckpointError(f"its pass's number is {index!r}, not None or an integer >= 0")
         if generator is not None:
             if self._generator is None:
                 raise CheckpointError("the checkpoint holds the state of its loader's generator, but it has none")
@@ -231,25 +231,26 @@ class StatefulSource(BatchSource):
         """Hold ``state`` and its ``pass_state()`` for the next ``open`` (None: a pass not begun, generator as is)."""
         if state is None:
             raise ValueError("this loader keeps its own position, but the checkpoint holds none for it")
-        pass_state = pass_state or {"epoch": None, "generator": None}
-        self._pending = _Saved(state, pass_state["epoch"], pass_state["generator"])
+        pass_state = pass_state or {"index": None, "generator": None}
+        index = pass_state.get("index", pass_state.get("epoch"))
+        self._pending = _Saved(state, index, pass_state["generator"])
 
-    def open(self, seed: int, epoch: int, start: int = 0) -> Iterator[Any]:
+    def open(self, seed: int, pass_index: int, start: int = 0) -> Iterator[Any]:
         if self._pending is not None:
-            batches = self._resume(self._pending, epoch, start)
+            batches = self._resume(self._pending, pass_index, start)
         elif start:
             raise RuntimeError(f"this loader starts at batch {start} only from its saved state")
         else:
             batches = self._iterate()
-        self._pending, self.pass_epoch = None, epoch
+        self._pending, self.pass_index = None, pass_index
         return batches
 
-    def _resume(self, saved: _Saved, epoch: int, start: int) -> Iterator[Any]:
-        """The batches of epoch ``epoch`` from batch ``start``, the first pass after loading ``saved``."""
-        ended = saved.epoch is not None and saved.epoch != epoch  # the trainer is done with the saved pass
+    def _resume(self, saved: _Saved, pass_index: int, start: int) -> Iterator[Any]:
+        """The batches of pass ``pass_index`` from batch ``start``, the first pass after loading ``saved``."""
+        ended = saved.pass_index is not None and saved.pass_index != pass_index  # the trainer is done with it
         if ended and start:
-            raise RuntimeError(f"the loader's state was saved in its pass of epoch {saved.epoch}, so it cannot "
-                               f"start epoch {epoch} at batch {start}")  # fmt: skip
+            raise RuntimeError(f"the loader's state was saved in its pass {saved.pass_index}, so it cannot "
+                               f"start pass {pass_index} at batch {start}")  # fmt: skip
         self.holder.load_state_dict(saved.state)
         if self.holder is not self.loader:
             return self._iterate()
@@ -280,7 +281,7 @@ def _global_generator_kept() -> Iterator[None]:
 class EpochSource(BatchSource):
     """A loader whose order is its own: it starts at batch 0 only."""
 
-    def open(self, seed: int, epoch: int, start: int = 0) -> Iterator[Any]:
+    def open(self, seed: int, pass_index: int, start: int = 0) -> Iterator[Any]:
         if start:
             raise RuntimeError(f"this loader cannot start at batch {start}: {self.reason}")
         return iter(self.loader)
@@ -308,119 +309,3 @@ def batch_source(loader: Iterable[Any], phase_index: int, worker_signals: Iterab
     if holder is not None:
         return StatefulSource(loader, holder)
     return EpochSource(loader, why_not_stateful or reason)
-
-
-class PhaseSources:
-    """Every phase's batch source: a part of the run's state (the phases' layout and the data position).
-
-    The saved position of a rebuilt DataLoader is global: the samples of the
-    epoch's order that all ranks together have consumed. A run resumed on
-    another number of processes goes on from that sample, so no sample is
-    skipped or seen twice. A loader that keeps its own state saves that.
-
-    Args:
-        names: The phases' names, in order.
-        sources: Their batch sources.
-        position: The run's position (which phase is open, how many of its batches are done).
-        world_size: How many processes share each rebuilt DataLoader.
-    """
-
-    def __init__(self, names: Sequence[str], sources: Sequence[BatchSource], position: Any = None,
-                 world_size: int = 1) -> None:  # fmt: skip
-        self.names, self.sources, self.position, self.world_size = list(names), list(sources), position, world_size
-
-    @classmethod
-    def for_phases(cls, phases: Sequence[Any], worker_signals: Iterable[int] = (), position: Any = None,
-                   rank: int = 0, world_size: int = 1) -> PhaseSources:  # fmt: skip
-        """The batch sources of ``phases`` (``Phase`` objects), in order."""
-        sources = [batch_source(phase.loader, index, worker_signals, rank, world_size)
-                   for index, phase in enumerate(phases)]  # fmt: skip
-        if world_size > 1 and rank == 0:
-            for phase, source in zip(phases, sources, strict=True):
-                sampler = getattr(getattr(phase.loader, "batch_sampler", None), "sampler", None)
-                if not isinstance(source, SeededLoader) and not isinstance(sampler, DistributedSampler):
-                    warnings.warn(f"phase {phase.name!r}: its loader is not sharded between the {world_size} "
-                                  "processes, so each one goes through all of it; give it a DistributedSampler, or "
-                                  "a DataLoader over a map-style dataset, which the trainer shards", stacklevel=4)  # fmt: skip
-        return cls([phase.name for phase in phases], sources, position, world_size)
-
-    def layout(self) -> list[tuple[str, int | None]]:
-        """Each phase's name and batches per epoch in this process (None: unknown)."""
-        return [(name, source.length) for name, source in zip(self.names, self.sources, strict=True)]
-
-    def global_layout(self) -> list[tuple[str, int | None]]:
-        """Each phase's name and batches per epoch in one process: the same whatever the number of processes."""
-        return [(name, source.global_length) for name, source in zip(self.names, self.sources, strict=True)]
-
-    def __getitem__(self, position: int) -> BatchSource:
-        return self.sources[position]
-
-    def _samples_done(self, index: int, source: BatchSource) -> int | None:
-        position = self.position
-        if not isinstance(source, SeededLoader) or position is None or position.phase_index != index:
-            return None
-        return source.samples_done(position.batch_index + 1)
-
-    def state_dict(self) -> list[dict[str, Any]]:
-        return [{"phase": name, "batches": source.length, "global_batches": source.global_length,
-                 "shards": self.world_size if isinstance(source, SeededLoader) else 1,
-                 "samples_done": self._samples_done(index, source), "position": source.state_dict(),
-                 "pass": source.pass_state() if isinstance(source, StatefulSource) else None}
-                for index, (name, source) in enumerate(zip(self.names, self.sources, strict=True))]  # fmt: skip
-
-    def check_fits(self, state: list[dict[str, Any]]) -> None:
-        saved = [(phase["phase"], phase["global_batches"]) for phase in state]
-        ours = self.global_layout()
-        if saved != ours:
-            raise CheckpointError(f"the checkpoint's phases (name, batches) are {saved}, this trainer's {ours}")
-        for phase, source in zip(state, self.sources, strict=True):  # as many: the layouts are equal
-            if phase["shards"] == (self.world_size if isinstance(source, SeededLoader) else 1):
-                if phase["batches"] != source.length:
-                    raise CheckpointError(f"phase {phase['phase']!r} has {phase['batches']} batches in the checkpoint, "
-                                          f"{source.length} here")  # fmt: skip
-            elif not isinstance(source, SeededLoader) or phase["samples_done"] is not None and (
-                    isinstance(phase["samples_done"], bool) or not 0 <= phase["samples_done"] <= source.samples):  # fmt: skip
-                raise CheckpointError(f"phase {phase['phase']!r} was saved with its data shared between {phase['shards']}"
-                                      f" processes, which this run cannot take over")  # fmt: skip
-        if [phase["position"] is None for phase in state] != [not source.keeps_own_state for source in self.sources]:
-            raise CheckpointError("the checkpoint's loaders and this trainer's disagree on which keep their own state")
-        for phase, source in zip(state, self.sources, strict=True):
-            if "pass" not in phase:  # a checkpoint saved before the pass was
-                continue
-            if not isinstance(source, StatefulSource):
-                if phase["pass"] is not None:
-                    raise CheckpointError(f"phase {phase['phase']!r}: the checkpoint holds a pass of a loader "
-                                          "that keeps its own state, which this one does not")  # fmt: skip
-                continue
-            try:
-                source.check_pass_state(phase["pass"])
-            except CheckpointError as error:
-                raise CheckpointError(f"phase {phase['phase']!r}: {error}") from error
-
-    def load_state_dict(self, state: list[dict[str, Any]]) -> None:
-        for index, (source, saved) in enumerate(zip(self.sources, state, strict=True)):
-            position = tensors_to(saved["position"], torch.device("cpu"))
-            if isinstance(source, StatefulSource):  # applied when it next opens
-                pass_state = saved.get("pass") or {"epoch": self._latest_pass_epoch(index), "generator": None}
-                source.load_state_dict(position, tensors_to(pass_state, torch.device("cpu")))
-            else:
-                source.load_state_dict(position)
-            done = saved["samples_done"]
-            if isinstance(source, SeededLoader) and saved["shards"] != self.world_size and done:
-                if done < source.epoch_samples:  # saved mid-phase: go on from that sample
-                    source.resume_at(done)
-
-    def _latest_pass_epoch(self, index: int) -> int | None:
-        """The epoch of phase ``index``'s latest pass at the run's position (None: before the first).
-
-        For a checkpoint saved before it held each loader's pass: the position is loaded before the data,
-        and every phase runs once an epoch, so the phases up to the current one have run in this epoch and
-        the others in the one before. (A run saved after an error as a phase started, before it opened its
-        loader, is the exception that the saved pass gets right.)
-        """
-        position = self.position
-        if position is None:
-            return None
-        if index <= position.phase_index:
-            return position.epoch
-        return position.epoch - 1 if position.epoch > 0 else None

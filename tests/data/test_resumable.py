@@ -260,13 +260,13 @@ def test_torchdatas_stateful_dataloader_resumes_through_its_own_state():
     make = lambda: stateful_dataloader.StatefulDataLoader(list(range(40)), batch_size=4, shuffle=True)  # noqa: E731
     source = batch_source(make(), 0)
     assert isinstance(source, StatefulSource) and source.resumable and source.keeps_own_state
-    iterator = source.open(seed=1, epoch=0)
+    iterator = source.open(seed=1, pass_index=0)
     seen = [next(iterator) for _ in range(3)]
     saved = source.state_dict()
     rest = [batch.tolist() for batch in iterator]
     restarted = batch_source(make(), 0)
     restarted.load_state_dict(saved)
-    assert [batch.tolist() for batch in restarted.open(seed=1, epoch=0, start=3)] == rest
+    assert [batch.tolist() for batch in restarted.open(seed=1, pass_index=0, start=3)] == rest
     assert sorted(value for batch in seen + [torch.tensor(b) for b in rest] for value in batch.tolist()) == list(
         range(40)
     )

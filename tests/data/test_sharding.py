@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from statetrainer.data import SeededLoader, SeededOrder, batch_source
-from statetrainer.data.sources import PhaseSources
+from statetrainer import Phase
+from statetrainer.data import PhaseSources, SeededLoader, SeededOrder, batch_source
 
 CASES = [(40, 4, 2, False), (43, 4, 2, False), (41, 4, 2, False), (41, 4, 2, True), (10, 3, 3, False), (7, 2, 4, False),
          (100, 8, 3, False), (5, 4, 1, False), (5, 4, 1, True)]  # fmt: skip
@@ -98,13 +98,15 @@ def test_the_saved_data_position_is_the_global_sample_and_a_changed_world_size_r
         phase_index, batch_index = 0, 1  # two batches of the phase done
 
     dataset = TensorDataset(torch.arange(43.0))
-    saved = PhaseSources.for_phases([type("P", (), {"name": "train", "loader": DataLoader(dataset, batch_size=4,
-                                     shuffle=True)})()], position=AtBatch(), rank=0, world_size=2)  # fmt: skip
+    saved = PhaseSources.for_phases(
+        [Phase("train", DataLoader(dataset, batch_size=4, shuffle=True))], position=AtBatch(), rank=0, world_size=2
+    )
     saved.sources[0].open(1, 0, 0)
     state = saved.state_dict()
     assert state[0]["samples_done"] == 16 and state[0]["shards"] == 2 and state[0]["global_batches"] == 11
-    resumed = PhaseSources.for_phases([type("P", (), {"name": "train", "loader": DataLoader(dataset, batch_size=4,
-                                       shuffle=True)})()], position=AtBatch(), rank=0, world_size=1)  # fmt: skip
+    resumed = PhaseSources.for_phases(
+        [Phase("train", DataLoader(dataset, batch_size=4, shuffle=True))], position=AtBatch(), rank=0, world_size=1
+    )
     resumed.check_fits(state)
     resumed.load_state_dict(state)
     rest = [int(index) for batch in resumed.sources[0].open(1, 0, 2) for index in batch[0]]

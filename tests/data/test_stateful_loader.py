@@ -271,20 +271,20 @@ def test_a_checkpoint_before_a_stateful_loader_first_opens_leaves_the_run_as_it_
 
 FORGED_PASSES: dict[str, tuple[int, Any, str]] = {
     # name: (phase index, its saved pass, what the refusal says)
-    "not a dict": (0, [1, None], "not a dict of its epoch"),
-    "a negative epoch": (0, {"epoch": -1, "generator": None}, "not None or an integer >= 0"),
-    "a boolean epoch": (0, {"epoch": True, "generator": None}, "not None or an integer >= 0"),
+    "not a dict": (0, [1, None], "not a dict of its number"),
+    "a negative pass number": (0, {"index": -1, "generator": None}, "not None or an integer >= 0"),
+    "a boolean pass number": (0, {"index": True, "generator": None}, "not None or an integer >= 0"),
     "a generator state of the wrong size": (
         0,
-        {"epoch": 0, "generator": torch.zeros(3, dtype=torch.uint8)},
+        {"index": 0, "generator": torch.zeros(3, dtype=torch.uint8)},
         "not a state of that generator",
     ),
     "a generator state for a loader with none": (
         1,
-        {"epoch": 0, "generator": torch.zeros(3, dtype=torch.uint8)},
+        {"index": 0, "generator": torch.zeros(3, dtype=torch.uint8)},
         "state of its loader.s generator, but it has none",
     ),
-    "a pass for a loader that keeps no state": (1, {"epoch": 0, "generator": None}, "which this one does not"),
+    "a pass for a loader that keeps no state": (1, {"index": 0, "generator": None}, "which this one does not"),
 }
 
 

@@ -164,9 +164,21 @@ class Run:
             made += 1
 
     def why_not_checkpoint_here(self) -> str | None:
-        """Why the run cannot be resumed from here, inside its current phase; None when it can."""
+        """Why the run cannot be resumed from here (a stream that cannot start again where it stands, or a phase
+        that cannot be resumed mid-phase); None when it can."""
         mid_phase = self.machine.state == "phase" and self.machine.pending is None
         return self.work.sources.why_not_resumable() or (self.work.why_not_resumable() if mid_phase else None)
+
+    def _refusal(self) -> str | None:
+        """``why_not_checkpoint_here()`` as a clause of a message, with what to do."""
+        stream = self.work.sources.why_not_resumable()
+        if stream is not None:
+            return f"the run cannot be resumed from here: {stream}"
+        why_not = self.why_not_checkpoint_here()
+        if why_not is None:
+            return None
+        name = self.work.phase.name if self.work.phase is not None else None
+        return f"phase {name!r} cannot be resumed mid-phase here ({why_not})"
 
     def check_at_rest(self, what: str) -> None:
         """Raise ``RuntimeError`` unless the run can be saved now (``what`` names the call, for the message).
@@ -185,11 +197,10 @@ class Run:
         if state not in AT_REST:
             raise RuntimeError(f"{what} needs the machine between batches (idle, epoch or phase), but it is in "
                                f"{state!r}; advance to the end of the batch first")  # fmt: skip
-        why_not = self.why_not_checkpoint_here()
-        if why_not is not None:
-            name = self.work.phase.name if self.work.phase is not None else None
-            raise RuntimeError(f"phase {name!r} cannot be resumed mid-phase here ({why_not}); "
-                               "checkpoint it at an epoch boundary instead")  # fmt: skip
+        refusal = self._refusal()
+        if refusal is not None:
+            remedy = "" if self.work.sources.why_not_resumable() else "; checkpoint it at an epoch boundary instead"
+            raise RuntimeError(f"{what}: {refusal}{remedy}")
 
     def loaded(self, error: HalfLoadedError | None = None) -> None:
         """A checkpoint was loaded into the run (``error``: only part of it): continue from where it stands."""
@@ -213,13 +224,13 @@ class Run:
             where = f"epoch {epoch}, phase {phase.name!r}, after batch {position.batch_index + 1}"
         else:
             where = f"the end of epoch {epoch}" if epoch else "the start of the run"
-        saved, why_not = None, self.why_not_checkpoint_here()
+        saved, refusal = None, self._refusal()
         if not self.savers:
             outcome = ("nothing was saved, because the trainer has no Checkpoint callback; "
                        "add statetrainer.callbacks.Checkpoint(folder) to resume from a stop")  # fmt: skip
-        elif why_not is not None:
-            outcome = (f"nothing was saved, because phase {phase and phase.name!r} cannot be resumed mid-phase here "
-                       f"({why_not}); a restart resumes from the newest checkpoint in {self.savers[0].folder}")  # fmt: skip
+        elif refusal is not None:
+            outcome = (f"nothing was saved, because {refusal}; a restart resumes from the newest checkpoint in "
+                       f"{self.savers[0].folder}")  # fmt: skip
         else:
             saved = self.savers[0].save(target)
             outcome = f"saved {saved}"

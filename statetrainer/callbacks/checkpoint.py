@@ -31,9 +31,11 @@ class Checkpoint(Callback):
 
     Resuming is ``trainer.load_checkpoint(folder)`` before ``trainer.fit()``.
 
-    In a phase whose loader cannot be resumed mid-phase (see
-    ``statetrainer.data.resumable``), step checkpoints are skipped with a
-    warning, so such a run resumes from an epoch boundary.
+    Where the run cannot be resumed (``trainer.why_not_checkpoint_here()``),
+    the checkpoint is skipped with a warning: in a phase whose loader cannot
+    be resumed mid-phase (see ``statetrainer.data.resumable``) the step
+    checkpoints are, so such a run resumes from an epoch boundary; once a
+    stream that cannot start again where it stands has begun, all are.
 
     Args:
         folder: Where the checkpoints go.
@@ -130,15 +132,12 @@ class Checkpoint(Callback):
 
     def _save(self, trainer: TrainerView) -> None:
         self._due = False
-        if trainer.state == "phase" and not trainer.can_checkpoint_here():
-            assert trainer.phase is not None  # in the phase state
+        why_not = trainer.why_not_checkpoint_here()
+        if why_not is not None:
             if not self._warned:
                 self._warned = True
-                warnings.warn(
-                    f"Checkpoint: phase {trainer.phase.name!r} cannot be resumed mid-phase; "
-                    "its step checkpoints are skipped, so this run resumes from an epoch boundary",
-                    stacklevel=2,
-                )
+                warnings.warn(f"Checkpoint: the checkpoints this run cannot be resumed from are skipped ({why_not}); "
+                              "a restart resumes from the newest one saved", stacklevel=2)  # fmt: skip
             return
         self.save(trainer)
 

@@ -12,7 +12,8 @@ resumes from the newest checkpoint there; at the end rank 0 writes
 SIGKILL itself after that train batch (once: a marker file remembers it);
 ``--save-at EPOCH:BATCH`` steps the run to the end of that train batch, saves
 ``FOLDER/mid.safetensors`` and exits; ``--resume PATH`` starts from that file,
-allowing another world size.
+allowing another world size. ``--train-batches K`` makes every epoch train on the next K batches of the
+loader's stream; ``--limit``, ``--max-steps`` and ``--epochs none`` shape the run in steps.
 """
 
 from __future__ import annotations
@@ -138,8 +139,10 @@ def build(options: argparse.Namespace) -> st.Trainer:
     if options.own_ddp:  # the script makes the process group and wraps the model itself
         dist.init_process_group("gloo")
         model = nn.parallel.DistributedDataParallel(model)
-    return st.Trainer(model, optimizer, F.cross_entropy, [st.Phase("train", train), st.Phase("valid", valid, grad=False)],
-                      callbacks=callbacks, epochs=options.epochs, accumulate=options.accumulate, unpack=unpack,
+    phases = [st.Phase("train", train, limit=options.limit, batches=options.train_batches),
+              st.Phase("valid", valid, grad=False)]  # fmt: skip
+    return st.Trainer(model, optimizer, F.cross_entropy, phases, callbacks=callbacks, epochs=options.epochs,
+                      max_steps=options.max_steps, accumulate=options.accumulate, unpack=unpack,
                       device=options.device, seed=options.seed, deterministic=options.deterministic)  # fmt: skip
 
 
@@ -177,7 +180,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=48, help="train samples")
     parser.add_argument("--valid-samples", type=int, default=20, help="validation samples")
     parser.add_argument("--batch-size", type=int, default=4, help="batch size of each process")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=lambda value: None if value == "none" else int(value), default=2)
+    parser.add_argument("--train-batches", type=int, help="each epoch trains on the next this many batches")
+    parser.add_argument("--limit", type=int, help="train on at most this many batches an epoch")
+    parser.add_argument("--max-steps", type=int, help="end the run after this optimizer step")
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--dropout", type=float, default=0.0)
@@ -215,12 +221,13 @@ def main() -> None:
             trainer.advance()
         trainer.save_checkpoint(folder / "mid.safetensors")
         return
-    synced_backwards = count_gradient_all_reduces(trainer)
+    synced_backwards, total_steps = count_gradient_all_reduces(trainer), trainer.total_steps
     trainer.fit()
     trainer.save_checkpoint(folder / "final.safetensors")
     if options.records:  # what each rank ended with
         summary = {"metrics": dict(trainer.metrics), "synced_backwards": synced_backwards["count"],
-                   "global_step": trainer.global_step, "world_size": trainer.world_size}  # fmt: skip
+                   "global_step": trainer.global_step, "world_size": trainer.world_size,
+                   "total_steps": total_steps}  # fmt: skip
         (Path(options.records) / f"summary-rank{os.environ.get('RANK', 0)}.json").write_text(json.dumps(summary))
     if trainer.is_global_zero:
         print(f"world_size={trainer.world_size} done", file=sys.stderr)

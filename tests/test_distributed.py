@@ -252,6 +252,45 @@ def test_a_checkpoint_resumes_on_another_number_of_ranks_without_skipping_or_rep
     assert final_state(second)["position"]["finished"]
 
 
+def stream_order(found: list[dict]) -> list[int]:
+    """The training samples in the order the run took them: batch by batch, each global batch rank by rank."""
+    train = sorted((r for r in found if r["phase"] == "train"), key=lambda r: (r["epoch"], r["batch"], r["rank"]))
+    return [index for record in train for index in record["indices"]]
+
+
+def test_a_stream_saved_on_two_ranks_and_resumed_on_one_sees_each_sample_once_per_pass(tmp_path, device):
+    """Epochs of the next 4 batches of a 48-sample loader: 6 global batches a pass on 2 ranks, 12 on 1. Saved on 2
+    ranks after epoch 1's first batch (40 samples of pass 1 done) and resumed on 1 process, the run takes pass 1's
+    last 8 samples, then goes on into pass 2 within the same epoch."""
+    common = ("--samples", "48", "--batch-size", "4", "--epochs", "3", "--train-batches", "4")
+    run, before, after = tmp_path / "run", tmp_path / "before", tmp_path / "after"  # one folder: its CSV log goes on
+    launch(run, *common, "--save-at", "1:0", "--records", str(before), device=device.type)
+    launch(run, *common, "--resume", str(run / "mid.safetensors"), "--records", str(after), processes=1,
+           device=device.type)  # fmt: skip
+    taken = stream_order(records(before)) + stream_order(records(after))
+    assert len(taken) == 5 * 8 + 7 * 4  # 5 global batches of 8 on 2 ranks, then 7 batches of 4
+    assert sorted(taken[:48]) == list(range(48))  # the first pass: each sample once
+    assert len(set(taken[48:])) == len(taken[48:]) == 20  # the second pass: 5 batches of it, none twice
+    assert taken[48:] != taken[:20]  # in a new order
+    assert final_state(run)["position"]["global_step"] == 12
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [("--train-batches", "5", "--accumulate", "2"),
+     pytest.param(("--limit", "5", "--accumulate", "3"), marks=pytest.mark.slow),
+     pytest.param(("--epochs", "none", "--max-steps", "7", "--train-batches", "4"), marks=pytest.mark.slow)],
+)  # fmt: skip
+def test_total_steps_on_two_ranks_are_the_steps_each_rank_takes(tmp_path, device, shape):
+    records_folder = tmp_path / "records"
+    launch(tmp_path / "run", "--samples", "43", "--batch-size", "4", *shape, "--records", str(records_folder),
+           device=device.type)  # fmt: skip
+    summaries = [json.loads((records_folder / f"summary-rank{rank}.json").read_text()) for rank in (0, 1)]
+    for summary in summaries:
+        assert summary["total_steps"] == summary["global_step"] > 0, summary
+    assert summaries[0]["global_step"] == summaries[1]["global_step"]
+
+
 @pytest.mark.slow
 def test_a_checkpoint_of_another_model_is_refused_on_every_rank_without_a_hang(tmp_path, device):
     first, logs = tmp_path / "first", tmp_path / "logs"

@@ -2,7 +2,8 @@
 
 A tiny MLP (32-64-1), batch 64, one thread: the model's own work is a few tens
 of microseconds, so what a trainer adds on top shows. ``run_until`` is statetrainer stepped to the
-end by ``trainer.run_until("idle")`` rather than ``fit()``. Each loop is timed on
+end by ``trainer.run_until("idle")`` rather than ``fit()``; ``batches=K`` trains on the same batches
+as 4 epochs each taking the next quarter of the loader's stream (``Phase(..., batches=K)``). Each loop is timed on
 pre-built batches (the loop alone) and on a shuffled in-process DataLoader over
 a ``TensorDataset`` of the same data (the loop and the data path: statetrainer
 rebuilds that loader into its resumable, seeded one). The loops run
@@ -70,6 +71,15 @@ def run_until_loop(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Call
     return lambda: trainer.run_until("idle")
 
 
+def stream_loop(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], None]:
+    """statetrainer over the same batches as 4 epochs of ``Phase(..., batches=K)``: the stream's per-batch cost."""
+    model, optimizer = make_model()
+    per_epoch = len(batches) // 4  # type: ignore[arg-type]  # the lists and DataLoaders here have a length
+    phases = [st.Phase("train", batches, batches=per_epoch)]
+    trainer = st.Trainer(model, optimizer, nn.MSELoss(), phases, epochs=4, device=DEVICE)
+    return trainer.fit
+
+
 def ignite_loop(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], None]:
     from ignite.engine import create_supervised_trainer
 
@@ -110,7 +120,7 @@ def main() -> None:
     dataset = TensorDataset(*(torch.cat(parts).cpu() for parts in zip(*batches, strict=True)))
     synchronize = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)
     loops: dict[str, Factory] = {"hand-written": hand_loop, "statetrainer": statetrainer_loop,
-                                 "run_until": run_until_loop}  # fmt: skip
+                                 "run_until": run_until_loop, "batches=K": stream_loop}  # fmt: skip
     if importlib.util.find_spec("ignite") is not None:
         loops["ignite"] = ignite_loop
     print(

@@ -54,6 +54,9 @@ class Run:
         deterministic: Deterministic algorithms while driving.
         outputs: The run's output folders.
         ranks: This process's place among the run's processes.
+        evaluation: A one-off evaluation or prediction beside the training run (``statetrainer.evaluation``):
+            only the callbacks' phase and batch hooks run (it is no epoch: nothing is checkpointed, scheduled
+            or logged per epoch), and no ``on_close``.
     """
 
     def __init__(
@@ -74,23 +77,22 @@ class Run:
         deterministic: bool,
         outputs: RunOutputs,
         ranks: Ranks,
+        evaluation: bool = False,
     ) -> None:
-        self.target, self.epochs, self.max_steps, self.position, self.outputs = (
-            target,
-            epochs,
-            max_steps,
-            position,
-            outputs,
-        )
+        self.target, self.epochs, self.max_steps, self.position = target, epochs, max_steps, position
+        self.outputs, self.deterministic, self.ranks = outputs, deterministic, ranks
         self.work = StateWork(phases, sources, step_runner, generators, position, forward, unpack, max_steps)
         self.savers = checkpoint_savers(callbacks)
         vote = StopVote(ranks) if ranks.distributed and stop_signals else None
         enter, exit = hooks_by_state(callbacks)
+        if evaluation:
+            for hooks in (enter, exit):
+                hooks["idle"], hooks["epoch"] = [], []
         if vote is not None:  # after every batch, the ranks share whether a stop signal came
             exit["batch"].append(self._exchange_stop_vote)
         self.machine = TrainingMachine(target, prepare=self.work.prepare_calls(), enter=enter,
                                        work=self.work.work_calls(), exit=exit)  # fmt: skip
-        self.guard = RunGuard(self.machine, position, callbacks, stop_signals, deterministic,
+        self.guard = RunGuard(self.machine, position, () if evaluation else callbacks, stop_signals, deterministic,
                               on_error=self.work.release, recover=lambda: plan_recovery(self.machine, self.work),
                               stop=self._stop_on_signal, outputs=outputs, speak=ranks.is_global_zero, vote=vote)  # fmt: skip
         self.deciders = Deciders(self.machine, self.work, epochs).by_state
@@ -201,6 +203,19 @@ class Run:
         if refusal is not None:
             remedy = "" if self.work.sources.why_not_resumable() else "; checkpoint it at an epoch boundary instead"
             raise RuntimeError(f"{what}: {refusal}{remedy}")
+
+    def check_between_epochs(self, what: str) -> None:
+        """Raise ``RuntimeError`` unless the run is between epochs or phases (or not started, or finished), not
+        driving, and not stopped by an error: where a one-off evaluation may run beside it."""
+        if self.guard.active:
+            raise RuntimeError(f"{what} was called from a callback, while the trainer advances; call it between "
+                               "fit(), advance() or run_until() calls")  # fmt: skip
+        if self.guard.error is not None:
+            raise RuntimeError(f"{what}: an earlier transition raised {self.guard.error!r}, so the model may be half "
+                               "updated; load a checkpoint into a new Trainer")  # fmt: skip
+        if self.machine.state not in ("idle", "epoch") or self.machine.pending is not None:
+            raise RuntimeError(f"{what} runs between epochs or phases, but the run is in {self.machine.state!r}; "
+                               "advance to the end of the phase first: trainer.run_until('epoch')")  # fmt: skip
 
     def loaded(self, error: HalfLoadedError | None = None) -> None:
         """A checkpoint was loaded into the run (``error``: only part of it): continue from where it stands."""

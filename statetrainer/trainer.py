@@ -23,6 +23,7 @@ from .data import PhaseSources, unpack_pair
 from .determinism import require_cublas_workspace
 from .distributed import join_process_group, wrap_model
 from .errors import HalfLoadedError
+from .evaluation import Evaluation, prediction, validation
 from .machine import AT_REST, Move
 from .optimizer_step import StepRunner
 from .outputs import RunOutputs
@@ -134,7 +135,7 @@ class Trainer:
             step=self.step_runner, metrics=self.metrics,
             callbacks=CallbackStates(self.callbacks, self.device, speaking, ranks), rng=self._generators)  # fmt: skip
         self.parts.add_check(partial(check_position_fits, epochs, max_steps=max_steps))
-        self._work = self._core.work
+        self._work, self._training, self._speaking = self._core.work, self._core, speaking
         self._checkpointer = Checkpointer(self.parts, self.run, self._core.outputs, ranks, self.device)
 
     @property
@@ -184,6 +185,35 @@ class Trainer:
         self._core.run_until(state, epoch=epoch, phase=phase, batch=batch, step=step, when=when)
         return self.state
 
+    def validate(self, phase: str | None = None) -> dict[str, Any]:
+        """Run the evaluation phases (or the one named ``phase``) once, with the callbacks' phase and batch hooks, and
+        return the metrics they publish; between epochs or phases. No epoch is counted, nothing is checkpointed or
+        logged per epoch, and the run's position is unchanged. ``validation()`` gives the same run to step through."""
+        with self.validation(phase) as evaluation:
+            return evaluation.fit()
+
+    def predict(self, loader: Iterable[Any], *, inputs: Callable[[Any], Any] | None = None,
+                callbacks: Iterable[Callback] = ()) -> list[Any] | None:  # fmt: skip
+        """The model's outputs for every batch of ``loader``, in order, in eval mode without autograd. ``inputs``
+        takes the model's input out of a batch (default: the batch as it is); only ``callbacks`` run. Under torchrun
+        each rank predicts its share of a DataLoader and rank 0 gets every batch whole (the other ranks None)."""
+        with self.prediction(loader, inputs=inputs, callbacks=callbacks) as evaluation:
+            return evaluation.fit()
+
+    def validation(self, phase: str | None = None) -> Evaluation:
+        """``validate()``'s run, to step: ``with trainer.validation() as run: run.run_until("batch", batch=2)``."""
+        return validation(self._core, self, phase, self._speaking, self.metrics, self.forward, self._show)
+
+    def prediction(self, loader: Iterable[Any], *, inputs: Callable[[Any], Any] | None = None,
+                   callbacks: Iterable[Callback] = ()) -> Evaluation:  # fmt: skip
+        """``predict()``'s run, to step through as ``validation()``'s."""
+        return prediction(self._core, self, loader, inputs, list(callbacks), self._show)
+
+    def _show(self, run: Run | None) -> None:
+        """Show ``run`` (an evaluation) in the trainer's attributes, or the training run again (None)."""
+        self._core = run or self._training
+        self._work = self._core.work
+
     def defer(self, action: Callable[[Trainer], None]) -> None:
         """Run ``action(trainer)`` as soon as the machine is between batches (as a checkpoint save needs)."""
         self._core.guard.deferred.append(action)
@@ -200,11 +230,13 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Every part's state, taken between batches; ``load_state_dict`` on a fresh, same trainer continues here.
         Under torchrun every rank calls it at the same point: it gathers the ranks' generators, gradients, metrics."""
+        self._check_training_shown("state_dict()")
         self._core.check_at_rest("state_dict()")
         return self.parts.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state_dict()``'s result, in a trainer not started; ``CheckpointError`` loads nothing."""
+        self._check_training_shown("load_state_dict()")
         if self.state != "idle" or self.position != Position():
             raise RuntimeError("load a checkpoint into a trainer that has not started: build a new Trainer")
         try:
@@ -221,6 +253,7 @@ class Trainer:
 
         Under torchrun every rank calls it: rank 0 writes the one file, and every rank returns once it is written.
         """
+        self._check_training_shown("save_checkpoint()")
         self._core.check_at_rest("save_checkpoint()")
         epoch = self.position.epoch_for_people(self.state)
         return self._checkpointer.save(path, epoch, self.global_step, self.state_dict)
@@ -239,6 +272,10 @@ class Trainer:
             return None
         self.load_state_dict(found[1])
         return found[0]
+
+    def _check_training_shown(self, what: str) -> None:
+        if self._core is not self._training:
+            raise RuntimeError(f"{what} was called during validate() or predict(); call it after the evaluation")
 
     def can_checkpoint_here(self) -> bool:
         """Whether the run can be saved and resumed at this point (between batches, in a phase that resumes)."""

@@ -13,7 +13,9 @@ SIGKILL itself after that train batch (once: a marker file remembers it);
 ``--save-at EPOCH:BATCH`` steps the run to the end of that train batch, saves
 ``FOLDER/mid.safetensors`` and exits; ``--resume PATH`` starts from that file,
 allowing another world size. ``--train-batches K`` makes every epoch train on the next K batches of the
-loader's stream; ``--limit``, ``--max-steps`` and ``--epochs none`` shape the run in steps.
+loader's stream; ``--limit``, ``--max-steps`` and ``--epochs none`` shape the run in steps. ``--predict`` has
+the trained model predict the validation samples (rank 0 writes them, with a plain ``model(x)`` of them, to
+``FOLDER/predictions.safetensors``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn import functional as F
@@ -174,6 +177,21 @@ def forbid_writes_under(folder: Path) -> None:
     sys.addaudithook(refuse)
 
 
+def predict(trainer: st.Trainer, options: argparse.Namespace, folder: Path) -> None:
+    """Predict the validation samples on every rank; rank 0 writes the predictions beside a plain ``model(x)``."""
+    samples = IndexedSamples(options.valid_samples, False, seed=1)
+    predicted = trainer.predict(DataLoader(samples, batch_size=options.batch_size), inputs=lambda batch: batch[0])
+    if not trainer.is_global_zero:
+        assert predicted is None
+        return
+    model = trainer.model.module if isinstance(trainer.model, nn.parallel.DistributedDataParallel) else trainer.model
+    model.eval()
+    with torch.no_grad():
+        expected = model(samples.features.to(trainer.device))
+    save_file({"predicted": torch.cat(predicted).cpu(), "expected": expected.cpu(),
+               "batches": torch.tensor([len(batch) for batch in predicted])}, str(folder / "predictions.safetensors"))  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder")
@@ -184,6 +202,7 @@ def main() -> None:
     parser.add_argument("--train-batches", type=int, help="each epoch trains on the next this many batches")
     parser.add_argument("--limit", type=int, help="train on at most this many batches an epoch")
     parser.add_argument("--max-steps", type=int, help="end the run after this optimizer step")
+    parser.add_argument("--predict", action="store_true", help="predict the validation samples after training")
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--dropout", type=float, default=0.0)
@@ -229,6 +248,8 @@ def main() -> None:
                    "global_step": trainer.global_step, "world_size": trainer.world_size,
                    "total_steps": total_steps}  # fmt: skip
         (Path(options.records) / f"summary-rank{os.environ.get('RANK', 0)}.json").write_text(json.dumps(summary))
+    if options.predict:
+        predict(trainer, options, folder)
     if trainer.is_global_zero:
         print(f"world_size={trainer.world_size} done", file=sys.stderr)
 

@@ -103,9 +103,13 @@ class CosineWarmRestarts(ParamScheduler):
     ``t_mult`` this is torch's ``CosineAnnealingWarmRestarts(T_0=period,
     T_mult=t_mult, eta_min=min_value)`` with initial lr ``max_value``.
 
+    Without ``period`` there is one cycle, the whole run: ``trainer.total_steps``,
+    taken at the first step (so ``max_steps``, ``batches``, ``accumulate`` and
+    the number of processes all count), and kept in the checkpoint.
+
     Args:
         max_value: The peak, one for all groups or one per group.
-        period: Steps in the first cycle.
+        period: Steps in the first cycle; None: the run's ``total_steps``.
         min_value: The floor at the end of each cycle.
         t_mult: How much longer each cycle is than the one before (>= 1).
         decay: Factor on the peak at each restart (0 < decay <= 1).
@@ -114,7 +118,7 @@ class CosineWarmRestarts(ParamScheduler):
     def __init__(
         self,
         max_value: float | Sequence[float],
-        period: int,
+        period: int | None = None,
         min_value: float | Sequence[float] = 0.0,
         t_mult: float = 1.0,
         decay: float = 1.0,
@@ -123,14 +127,36 @@ class CosineWarmRestarts(ParamScheduler):
         name: str | None = None,
     ) -> None:
         super().__init__(param, groups, name)
-        check_count("CosineWarmRestarts: period", period)
+        check_count("CosineWarmRestarts: period", period, optional=True)
         check_number("CosineWarmRestarts: t_mult", t_mult, 1)
         check_number("CosineWarmRestarts: decay", decay, 0, 1, low_open=True)
         self.max_value, self.min_value = max_value, min_value
         self.period, self.t_mult, self.decay = period, t_mult, decay
 
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.period is None else {"period": self.period}
+
+    def check_fits(self, state: dict[str, Any]) -> None:
+        """Refuse a saved state other than ``{"period": n}`` with an integer n >= 1 (or ``{}``: a checkpoint from
+        before the period was saved, which keeps this one's)."""
+        check_keys("the saved state", state, ("period",) if not isinstance(state, dict) or state else ())
+        if state:
+            check_integer("period", state["period"], minimum=1)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.period = state.get("period", self.period)
+
+    def on_enter_step(self, trainer: TrainerView) -> None:
+        if self.period is None:  # one cycle: the whole run
+            if trainer.total_steps is None:
+                raise ValueError("CosineWarmRestarts: the run's total_steps is unknown (a training phase has no "
+                                 "length); give CosineWarmRestarts(period=...)")  # fmt: skip
+            self.period = trainer.total_steps
+        super().on_enter_step(trainer)
+
     def cycle_position(self, step: int) -> tuple[int, float, float]:
         """(cycle index, steps into the cycle, cycle length) at ``step``."""
+        assert self.period is not None  # taken from the run at its first step
         cycle, start, length = 0, 0.0, float(self.period)
         while step >= start + length:
             start += length

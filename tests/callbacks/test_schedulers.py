@@ -287,3 +287,28 @@ def test_one_cycle_without_a_length_refuses_a_run_it_cannot_span(device: torch.d
     with pytest.raises(ValueError, match=error):
         trainer.fit()
     assert trainer.global_step == 0
+
+
+def test_cosine_without_a_period_is_one_cycle_over_a_run_counted_in_steps(device: torch.device):
+    """An unsized stream taken 4 batches an epoch, stopped by max_steps: the run's total_steps is known, and the
+    cosine (and a one-cycle) spans exactly it."""
+
+    def learning_rates(schedule: st.Callback) -> tuple[list[float], st.Trainer]:
+        model, seen = nn.Linear(3, 1), []
+
+        class Recorder(st.Callback):
+            def on_exit_step(self, trainer):
+                seen.append(trainer.optimizer.param_groups[0]["lr"])
+
+        stream = st.Phase("train", Unsized(regression_batches(6)), batches=4)
+        trainer = st.Trainer(model, torch.optim.SGD(model.parameters(), lr=1.0), F.mse_loss, [stream],
+                             callbacks=[schedule, Recorder()], epochs=None, max_steps=10, device=device)  # fmt: skip
+        trainer.fit()
+        return seen, trainer
+
+    taken, trainer = learning_rates(CosineWarmRestarts(1.0, min_value=0.01))
+    assert len(taken) == trainer.total_steps == trainer.global_step == 10
+    assert taken == learning_rates(CosineWarmRestarts(1.0, period=10, min_value=0.01))[0]
+    assert taken[0] == 1.0 and taken[-1] == pytest.approx(0.01 + 0.99 / 2 * (math.cos(math.pi * 9 / 10) + 1))
+    cycle, _ = learning_rates(OneCycle(1.0))
+    assert cycle[-1] == pytest.approx(1.0 / 25.0 / 1e4)  # the floor, at the run's last step

@@ -1,0 +1,133 @@
+"""validate() and predict(): one-off runs of the evaluation phases and of a loader, on the same machine of states.
+
+Must show: validate()'s metrics equal the same phase's inside fit(), and a run that validates between epochs goes on
+exactly as one that does not; predict()'s outputs equal a plain ``model(x)`` loop, in order; run_until and a
+Breakpoint work inside both. (predict() under torchrun: tests/test_distributed.py.)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import statetrainer as st
+from statetrainer import callbacks as cb
+
+FEATURES = torch.randn(60, 5, generator=torch.Generator().manual_seed(0))
+LABELS = FEATURES[:, :3].argmax(dim=1)
+
+
+def classifier(device: torch.device, callbacks: tuple[st.Callback, ...] = (), epochs: int = 3) -> st.Trainer:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+    train = DataLoader(TensorDataset(FEATURES[:40], LABELS[:40]), batch_size=8, shuffle=True)
+    valid = DataLoader(TensorDataset(FEATURES[40:], LABELS[40:]), batch_size=6)
+    phases = [st.Phase("train", train, batches=3), st.Phase("valid", valid, grad=False)]
+    return st.Trainer(model, torch.optim.Adam(model.parameters(), lr=0.01), F.cross_entropy, phases,
+                      callbacks=[cb.SmoothedLoss(), cb.Accuracy(), *callbacks], epochs=epochs, device=device, seed=3)  # fmt: skip
+
+
+def test_validate_gives_the_metrics_the_phase_has_inside_fit_and_changes_nothing(device):
+    trainer = classifier(device).fit()
+    inside = {name: value for name, value in trainer.metrics.items() if name.startswith("valid_")}
+    assert set(inside) == {"valid_loss", "valid_accuracy"}
+    state, epoch, step = trainer.state, trainer.epoch, trainer.global_step
+    assert trainer.validate() == inside
+    assert trainer.validate("valid") == inside
+    assert (trainer.state, trainer.epoch, trainer.global_step) == (state, epoch, step)
+    assert trainer.model.training is False  # as the run left it, after its evaluation phase
+
+
+def test_a_run_that_validates_between_epochs_goes_on_exactly_as_one_that_does_not(device):
+    plain = classifier(device).fit()
+    validated = classifier(device)
+    validated.validate()  # before it starts
+    validated.run_until("epoch", epoch=1)
+    middle = validated.validate()
+    assert middle["valid_loss"] == validated.metrics["valid_loss"]
+    validated.run_until("epoch", epoch=2)
+    validated.validate()
+    validated.fit()
+    for (name, expected), actual in zip(plain.model.state_dict().items(), validated.model.state_dict().values(),
+                                        strict=True):  # fmt: skip
+        assert torch.equal(expected, actual), name
+    assert plain.metrics == validated.metrics
+
+
+def test_validate_runs_no_epoch_hooks_so_nothing_is_checkpointed_or_logged_per_epoch(tmp_path, device):
+    folder = tmp_path / "run"
+    trainer = classifier(device, (cb.Checkpoint(folder, every_epochs=1), cb.CSVLogger(folder / "log.csv")))
+    trainer.validate()
+    log = folder / "log.csv"
+    assert not list(folder.glob("*.safetensors")) and (not log.exists() or len(log.read_text().splitlines()) <= 1)
+    trainer.fit()
+    assert len(log.read_text().splitlines()) == 1 + 3  # a header and a row an epoch
+    assert len(list(folder.glob("ckpt-*.safetensors"))) == 3
+
+
+def test_predict_gives_a_plain_model_loops_outputs_in_order(device):
+    trainer = classifier(device).fit()
+    loader = DataLoader(TensorDataset(FEATURES), batch_size=7)
+    predicted = trainer.predict(loader, inputs=lambda batch: batch[0])
+    trainer.model.eval()
+    with torch.no_grad():
+        expected = [trainer.model(batch.to(device)) for (batch,) in loader]
+    assert len(predicted) == len(expected) == 9
+    for got, wanted in zip(predicted, expected, strict=True):
+        assert torch.equal(got, wanted)
+    batches = [FEATURES[index : index + 10] for index in range(0, 60, 10)]  # a list of inputs, as they are
+    assert torch.equal(torch.cat(trainer.predict(batches)), torch.cat(expected))
+
+
+BROKE: list[dict[str, Any]] = []
+
+
+def record_break() -> None:
+    """A ``PYTHONBREAKPOINT`` hook: where the trainer stood when the debugger came up."""
+    trainer = sys._getframe(1).f_locals["trainer"]
+    BROKE.append({"phase": trainer.phase.name, "batch": trainer.batch_index, "output": trainer.output})
+
+
+def test_run_until_and_a_breakpoint_stop_inside_validate_and_predict(device, monkeypatch):
+    trainer = classifier(device).fit()
+    with trainer.validation() as evaluation:
+        assert evaluation.run_until("batch", batch=2) == "batch"
+        assert (trainer.state, trainer.phase.name, trainer.batch_index) == ("batch", "valid", 2)
+        assert trainer.output.shape == (6, 3)
+        with pytest.raises(RuntimeError, match="during validate"):
+            trainer.save_checkpoint(Path("never.safetensors"))
+        metrics = evaluation.fit()
+    assert metrics == trainer.validate()
+    assert trainer.state == "idle" and trainer.finished
+    monkeypatch.setenv("PYTHONBREAKPOINT", f"{__name__}.record_break")
+    BROKE.clear()
+    stop = cb.Breakpoint("batch", enter=False, when=lambda trainer: trainer.batch_index == 1)
+    outputs = trainer.predict([FEATURES[:4], FEATURES[4:8], FEATURES[8:12]], callbacks=[stop])
+    assert [(seen["phase"], seen["batch"]) for seen in BROKE] == [("predict", 1)]
+    assert torch.equal(BROKE[0]["output"], outputs[1])
+
+
+def test_evaluation_is_refused_where_it_cannot_run(device):
+    trainer = classifier(device)
+    with pytest.raises(ValueError, match="'train' is not an evaluation phase"):
+        trainer.validate("train")
+    trainer.run_until("batch", batch=1)
+    with pytest.raises(RuntimeError, match="between epochs or phases"):
+        trainer.validate()
+
+    class ValidatesInside(st.Callback):
+        def on_exit_batch(self, trainer):
+            trainer.validate()
+
+    inside = classifier(device, (ValidatesInside(),))
+    with pytest.raises(RuntimeError, match="called from a callback"):
+        inside.fit()
+    with pytest.raises(TypeError, match="inputs must take"):
+        classifier(device).predict([FEATURES], inputs="x")

@@ -64,13 +64,15 @@ def checkpoint_at_stream_batch(path: Path) -> None:
 
 
 def resume(path: str) -> None:
-    """The child: load ``path``, train one batch, say where the stream stands."""
+    """The child: load ``path``, train one batch, say where the stream stands and how long that took."""
     trainer = build()
+    start = time.perf_counter()
     trainer.load_checkpoint(path)
     trainer.run_until("phase", batch=1)
+    seconds = time.perf_counter() - start
     stream = trainer.parts["data"].streams[0]
     print(f"trained epoch {trainer.epoch} batch {trainer.batch_index}: pass {stream.pass_index + 1}, "
-          f"batch {stream.taken} of it, step {trainer.global_step}", flush=True)  # fmt: skip
+          f"batch {stream.taken} of it, step {trainer.global_step}; load and batch {seconds:.3f} s", flush=True)  # fmt: skip
 
 
 def replay_seconds(batches: int) -> float:

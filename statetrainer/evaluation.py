@@ -40,42 +40,47 @@ class Evaluation:
     training run as it was, the model in the mode it was in.
 
     Args:
-        run: The evaluation's run.
+        core: The evaluation's run.
         show: ``show(run)`` makes the trainer show ``run``; ``show(None)`` puts the training run back.
         model: The model, whose train or eval mode is put back afterwards.
         result: Gives the result once the run has finished.
     """
 
-    def __init__(self, run: Run, show: Callable[[Run | None], None], model: nn.Module,
+    def __init__(self, core: Run, show: Callable[[Run | None], None], model: nn.Module,
                  result: Callable[[], Any]) -> None:  # fmt: skip
-        self.run, self._show, self._model, self._result = run, show, model, result
+        self.core, self._show, self._model, self._result = core, show, model, result
         self._training_mode = model.training
 
     def __enter__(self) -> Evaluation:
         self._training_mode = self._model.training
-        self._show(self.run)
+        self._show(self.core)
         return self
 
     def __exit__(self, *_exception: object) -> None:
-        self.run.work.release()
+        self.core.work.release()
         self._show(None)
         self._model.train(self._training_mode)
 
     def advance(self, count: int = 1) -> str:
         """Make ``count`` transitions of the evaluation (fewer if it ends first); return the new state."""
-        self.run.advance(count)
-        return self.run.machine.state
+        self.core.advance(count)
+        return self.core.machine.state
 
     def run_until(self, state: str | None = None, **conditions: Any) -> str:
         """Advance the evaluation until ``state`` is entered where ``conditions`` hold (as ``Trainer.run_until``)."""
-        self.run.run_until(state, **conditions)
-        return self.run.machine.state
+        self.core.run_until(state, **conditions)
+        return self.core.machine.state
 
     def fit(self) -> Any:
         """Run the evaluation to its end; return its result (the metrics, or the predictions)."""
-        if not self.run.position.finished:
-            self.run.fit()
+        if not self.core.position.finished:
+            self.core.fit()
         return self._result()
+
+    def run(self) -> Any:
+        """Open the evaluation, run it to its end and close it: ``validate()`` and ``predict()``."""
+        with self:
+            return self.fit()
 
 
 def evaluation_run(training: Run, target: Any, phases: Sequence[Phase], sources: PhaseSources,

@@ -80,7 +80,7 @@ class Run:
         evaluation: bool = False,
     ) -> None:
         self.target, self.epochs, self.max_steps, self.position = target, epochs, max_steps, position
-        self.outputs, self.deterministic, self.ranks = outputs, deterministic, ranks
+        self.outputs, self.deterministic, self.ranks, self.evaluation = outputs, deterministic, ranks, evaluation
         self.work = StateWork(phases, sources, step_runner, generators, position, forward, unpack, max_steps)
         self.savers = checkpoint_savers(callbacks)
         vote = StopVote(ranks) if ranks.distributed and stop_signals else None
@@ -188,6 +188,8 @@ class Run:
         After an error, the run is first put at its recovery point (see ``statetrainer.recovery``).
         """
         guard, state = self.guard, self.machine.state
+        if self.evaluation:
+            raise RuntimeError(f"{what} was called during validate() or predict(); call it after the evaluation")
         if isinstance(guard.error, HalfLoadedError):
             raise RuntimeError(f"{what}: this trainer holds part of a checkpoint ({guard.error}); build a new Trainer")
         if guard.error is not None and guard.recovery is not None:

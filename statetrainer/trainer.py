@@ -116,8 +116,8 @@ class Trainer:
             require_cublas_workspace()  # before anything starts CUDA
         self.ranks, self.device = ranks, _ = join_process_group(device)  # under torchrun: this rank's GPU
         self.model = wrap_model(model.to(self.device), ranks, self.device)
-        self.optimizer, self.loss_fn, self.epochs, self.accumulate = optimizer, loss_fn, epochs, accumulate
-        self.max_steps = max_steps
+        self.optimizer, self.loss_fn, self.epochs, self.max_steps = optimizer, loss_fn, epochs, max_steps
+        self.accumulate = accumulate
         self.step_runner = StepRunner(self.model, optimizer, self.device, accumulate, grad_clip, precision, ranks)
         position, self.metrics = Position(), Metrics()
         self._generators = Generators.for_run(seed, self.device, ranks, global_step=lambda: position.global_step)
@@ -126,8 +126,8 @@ class Trainer:
         self.run = RunIdentity.for_run(sources.global_layout(), self.model, optimizer, self._generators)
         self._settings = RunSettings.for_run(self.phases, accumulate, precision, ranks.world_size)
         self._core = Run(self, phases=self.phases, epochs=epochs, max_steps=max_steps, sources=sources,
-                         step_runner=self.step_runner,
-                         generators=self._generators, position=position, forward=self.forward, unpack=unpack,
+                         step_runner=self.step_runner, generators=self._generators, position=position,
+                         forward=self.forward, unpack=unpack,
                          callbacks=speaking, stop_signals=self.stop_signals, deterministic=deterministic,
                          outputs=RunOutputs(speaking, self.run, ranks, self.device), ranks=ranks)  # fmt: skip
         self.parts = StateRegistry(  # loaded in this order: the generators last, as they were saved
@@ -186,19 +186,15 @@ class Trainer:
         return self.state
 
     def validate(self, phase: str | None = None) -> dict[str, Any]:
-        """Run the evaluation phases (or the one named ``phase``) once, with the callbacks' phase and batch hooks, and
-        return the metrics they publish; between epochs or phases. No epoch is counted, nothing is checkpointed or
-        logged per epoch, and the run's position is unchanged. ``validation()`` gives the same run to step through."""
-        with self.validation(phase) as evaluation:
-            return evaluation.fit()
+        """Run the evaluation phases (or ``phase``) once, between epochs, and return their metrics: no epoch is
+        counted, the position is unchanged (see ``statetrainer.evaluation``; ``validation()`` steps through it)."""
+        return self.validation(phase).run()
 
     def predict(self, loader: Iterable[Any], *, inputs: Callable[[Any], Any] | None = None,
                 callbacks: Iterable[Callback] = ()) -> list[Any] | None:  # fmt: skip
-        """The model's outputs for every batch of ``loader``, in order, in eval mode without autograd. ``inputs``
-        takes the model's input out of a batch (default: the batch as it is); only ``callbacks`` run. Under torchrun
-        each rank predicts its share of a DataLoader and rank 0 gets every batch whole (the other ranks None)."""
-        with self.prediction(loader, inputs=inputs, callbacks=callbacks) as evaluation:
-            return evaluation.fit()
+        """The model's output for every batch of ``loader``, in order (``inputs(batch)`` is the model's input; the
+        batch as it is by default); only ``callbacks`` run. Under torchrun rank 0 gets them all, the others None."""
+        return self.prediction(loader, inputs=inputs, callbacks=callbacks).run()
 
     def validation(self, phase: str | None = None) -> Evaluation:
         """``validate()``'s run, to step: ``with trainer.validation() as run: run.run_until("batch", batch=2)``."""
@@ -230,15 +226,14 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Every part's state, taken between batches; ``load_state_dict`` on a fresh, same trainer continues here.
         Under torchrun every rank calls it at the same point: it gathers the ranks' generators, gradients, metrics."""
-        self._check_training_shown("state_dict()")
         self._core.check_at_rest("state_dict()")
         return self.parts.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state_dict()``'s result, in a trainer not started; ``CheckpointError`` loads nothing."""
-        self._check_training_shown("load_state_dict()")
-        if self.state != "idle" or self.position != Position():
-            raise RuntimeError("load a checkpoint into a trainer that has not started: build a new Trainer")
+        if self._core is not self._training or self.state != "idle" or self.position != Position():
+            raise RuntimeError("load a checkpoint into a trainer that has not started (nor is inside validate() or "
+                               "predict()): build a new Trainer")  # fmt: skip
         try:
             self.parts.load_state_dict(state)
         except HalfLoadedError as error:
@@ -253,7 +248,6 @@ class Trainer:
 
         Under torchrun every rank calls it: rank 0 writes the one file, and every rank returns once it is written.
         """
-        self._check_training_shown("save_checkpoint()")
         self._core.check_at_rest("save_checkpoint()")
         epoch = self.position.epoch_for_people(self.state)
         return self._checkpointer.save(path, epoch, self.global_step, self.state_dict)
@@ -273,16 +267,12 @@ class Trainer:
         self.load_state_dict(found[1])
         return found[0]
 
-    def _check_training_shown(self, what: str) -> None:
-        if self._core is not self._training:
-            raise RuntimeError(f"{what} was called during validate() or predict(); call it after the evaluation")
-
     def can_checkpoint_here(self) -> bool:
         """Whether the run can be saved and resumed at this point (between batches, in a phase that resumes)."""
         return self.state in AT_REST and self._core.why_not_checkpoint_here() is None
 
     def why_not_checkpoint_here(self) -> str | None:
-        """Why the run cannot be resumed from here, inside its current phase; None when it can."""
+        """Why the run cannot be resumed from here (in its phase, or its stream); None when it can."""
         return self._core.why_not_checkpoint_here()
 
     def __repr__(self) -> str:

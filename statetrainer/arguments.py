@@ -39,8 +39,6 @@ def check_trainer_arguments(
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     check_count("epochs", epochs, optional=True)
     check_count("max_steps", max_steps, optional=True)
-    if epochs is None and max_steps is None:
-        raise ValueError("epochs=None runs until max_steps, so give max_steps=N too (or a number of epochs)")
     check_count("accumulate", accumulate)
     check_number("grad_clip", grad_clip, 0, low_open=True, optional=True)
     if not isinstance(deterministic, bool):

@@ -55,7 +55,7 @@ class Trainer:
         loss_fn: ``loss_fn(output, target)`` gives the batch's scalar loss.
         phases: The phases of every epoch, run in order.
         callbacks: Observers of the machine's states; their names must be unique.
-        epochs: How many epochs to run; None runs until ``max_steps``.
+        epochs: How many epochs to run; None: one, or with ``max_steps`` as many as it takes.
         max_steps: End the run after this optimizer step: the training phase ends there, the epoch's
             remaining evaluation phases run on the final weights, and the run finishes. None: no limit.
         device: Where the model and batches go; None picks CUDA when available.
@@ -100,12 +100,13 @@ class Trainer:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                  loss_fn: Callable[[Any, Any], torch.Tensor], phases: Sequence[Phase], *,
-                 callbacks: Iterable[Callback] = (), epochs: int | None = 1, max_steps: int | None = None,
+                 callbacks: Iterable[Callback] = (), epochs: int | None = None, max_steps: int | None = None,
                  device: str | torch.device | None = None,
                  accumulate: int = 1, grad_clip: float | None = None, precision: str | None = None,
                  unpack: Callable[[Any], tuple[Any, Any]] = unpack_pair, seed: int | None = None,
                  deterministic: bool = False,
                  stop_signals: Iterable[str | int | signal.Signals] | None = DEFAULT_STOP_SIGNALS) -> None:  # fmt: skip
+        epochs = 1 if epochs is None and max_steps is None else epochs
         self.phases, self.callbacks = check_trainer_arguments(
             model, optimizer, loss_fn, phases, callbacks,
             epochs=epochs, max_steps=max_steps, accumulate=accumulate, grad_clip=grad_clip,
@@ -198,15 +199,17 @@ class Trainer:
 
     def validation(self, phase: str | None = None) -> Evaluation:
         """``validate()``'s run, to step: ``with trainer.validation() as run: run.run_until("batch", batch=2)``."""
-        return validation(self._core, self, phase, self._speaking, self.metrics, self.forward, self._show)
+        return validation(self._training, self, phase, self._speaking, self.metrics, self.forward, self._show)
 
     def prediction(self, loader: Iterable[Any], *, inputs: Callable[[Any], Any] | None = None,
                    callbacks: Iterable[Callback] = ()) -> Evaluation:  # fmt: skip
         """``predict()``'s run, to step through as ``validation()``'s."""
-        return prediction(self._core, self, loader, inputs, list(callbacks), self._show)
+        return prediction(self._training, self, loader, inputs, list(callbacks), self._show)
 
     def _show(self, run: Run | None) -> None:
         """Show ``run`` (an evaluation) in the trainer's attributes, or the training run again (None)."""
+        if run is not None and self._core is not self._training:
+            raise RuntimeError("an evaluation is open already: end its with block before starting another")
         self._core = run or self._training
         self._work = self._core.work
 
@@ -231,9 +234,12 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state_dict()``'s result, in a trainer not started; ``CheckpointError`` loads nothing."""
-        if self._core is not self._training or self.state != "idle" or self.position != Position():
-            raise RuntimeError("load a checkpoint into a trainer that has not started (nor is inside validate() or "
-                               "predict()): build a new Trainer")  # fmt: skip
+        if self._core is not self._training:
+            raise RuntimeError(
+                "load_state_dict() was called inside validate() or predict(): leave the evaluation first"
+            )
+        if self.state != "idle" or self.position != Position():
+            raise RuntimeError("load a checkpoint into a trainer that has not started: build a new Trainer")
         try:
             self.parts.load_state_dict(state)
         except HalfLoadedError as error:

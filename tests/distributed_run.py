@@ -181,15 +181,19 @@ def predict(trainer: st.Trainer, options: argparse.Namespace, folder: Path) -> N
     """Predict the validation samples on every rank; rank 0 writes the predictions beside a plain ``model(x)``."""
     samples = IndexedSamples(options.valid_samples, False, seed=1)
     predicted = trainer.predict(DataLoader(samples, batch_size=options.batch_size), inputs=lambda batch: batch[0])
+    # A list the trainer does not shard: every rank predicts all of it, and rank 0 gives its own outputs.
+    listed = trainer.predict([samples.features[start : start + 5] for start in range(0, len(samples), 5)])
     if not trainer.is_global_zero:
-        assert predicted is None
+        assert predicted is None and listed is None
         return
     model = trainer.model.module if isinstance(trainer.model, nn.parallel.DistributedDataParallel) else trainer.model
     model.eval()
     with torch.no_grad():
         expected = model(samples.features.to(trainer.device))
     save_file({"predicted": torch.cat(predicted).cpu(), "expected": expected.cpu(),
-               "batches": torch.tensor([len(batch) for batch in predicted])}, str(folder / "predictions.safetensors"))  # fmt: skip
+               "batches": torch.tensor([len(batch) for batch in predicted]),
+               "listed": torch.cat(listed).cpu(), "listed_batches": torch.tensor([len(batch) for batch in listed])},
+              str(folder / "predictions.safetensors"))  # fmt: skip
 
 
 def main() -> None:

@@ -293,13 +293,16 @@ def test_total_steps_on_two_ranks_are_the_steps_each_rank_takes(tmp_path, device
 
 
 def test_predict_on_two_ranks_gives_rank_zero_every_batch_whole_in_the_loaders_order(tmp_path, device):
-    """20 validation samples in batches of 4 a rank: global batches of 8, 8 and 4, each rank predicting its share."""
+    """20 validation samples in batches of 4 a rank: global batches of 8, 8 and 4, each rank predicting its share;
+    and the same samples as a list of 4 batches, which every rank predicts whole."""
     launch(tmp_path / "run", "--epochs", "1", "--predict", device=device.type)
     found = load_file(str(tmp_path / "run" / "predictions.safetensors"))
     assert found["batches"].tolist() == [8, 8, 4]
     assert found["predicted"].shape == found["expected"].shape == (20, 3)
     # Batches of another size may round differently in the last bit of a matrix product.
     assert torch.allclose(found["predicted"], found["expected"], rtol=0, atol=1e-6)
+    assert found["listed_batches"].tolist() == [5, 5, 5, 5]  # a list, not sharded: each batch once, whole
+    assert torch.allclose(found["listed"], found["expected"], rtol=0, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -131,3 +131,68 @@ def test_evaluation_is_refused_where_it_cannot_run(device):
         inside.fit()
     with pytest.raises(TypeError, match="inputs must take"):
         classifier(device).predict([FEATURES], inputs="x")
+
+
+def stateful_valid_trainer(device: torch.device, folder: Path | None = None) -> st.Trainer:
+    """The classifier with a validation phase read by a torchdata StatefulDataLoader, which keeps its own position."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+    train = DataLoader(TensorDataset(FEATURES[:40], LABELS[:40]), batch_size=8, shuffle=True)
+    valid = StatefulDataLoader(TensorDataset(FEATURES[40:], LABELS[40:]), batch_size=6, shuffle=True)
+    callbacks: list[st.Callback] = [cb.SmoothedLoss(), cb.EarlyStopping("valid_loss", patience=2)]
+    if folder is not None:
+        callbacks.append(cb.Checkpoint(folder, every_steps=2))
+    phases = [st.Phase("train", train), st.Phase("valid", valid, grad=False)]
+    return st.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.0), F.cross_entropy, phases,
+                      callbacks=callbacks, epochs=4, device=device, seed=3)  # fmt: skip
+
+
+def test_validate_puts_back_what_it_moved_so_the_run_and_its_resume_are_as_without_it(tmp_path, device):
+    """A validation loader that keeps its own position, EarlyStopping on a plateau (lr=0), dropout drawing from the
+    generators: validate() between epochs, and even between the last phase and the epoch's end, changes none of
+    them, nor trainer.metrics, and a checkpoint taken after it resumes exactly."""
+    plain = stateful_valid_trainer(device).fit()
+    validated = stateful_valid_trainer(device, tmp_path / "run")
+    validated.run_until("epoch", when=lambda trainer: trainer.position.phase_index == 1)  # before epoch 0 ends
+    stopper = next(callback for callback in validated.callbacks if isinstance(callback, cb.EarlyStopping))
+    before = (stopper.state_dict(), dict(validated.metrics), torch.get_rng_state())
+    result = validated.validate()
+    assert set(result) == {"valid_loss"}
+    assert stopper.state_dict() == before[0] and validated.metrics == before[1]
+    assert torch.equal(torch.get_rng_state(), before[2])
+    validated.run_until("epoch", epoch=1)  # the start of epoch 1: its validation pass is the next to open
+    validated.validate()
+    validated.run_until("phase", epoch=1, phase="train", batch=3)
+    path = validated.save_checkpoint(tmp_path / "mid.safetensors")
+    validated.fit()
+    resumed = stateful_valid_trainer(device)
+    resumed.load_checkpoint(path)
+    resumed.fit()
+    for run in (validated, resumed):
+        assert run.metrics == plain.metrics and run.epoch == plain.epoch  # EarlyStopping stopped them alike
+        for (name, expected), actual in zip(plain.model.state_dict().items(), run.model.state_dict().values(),
+                                            strict=True):  # fmt: skip
+            assert torch.equal(expected, actual), name
+
+
+def test_an_evaluation_is_stepped_only_inside_its_with_block_and_one_at_a_time(device):
+    trainer = classifier(device)
+    evaluation = trainer.validation()
+    with pytest.raises(RuntimeError, match="inside its with block"):
+        evaluation.fit()
+    with trainer.validation() as outer:
+        with pytest.raises(RuntimeError, match="an evaluation is open already"):
+            trainer.validate()
+        with pytest.raises(RuntimeError, match="leave the evaluation first"):
+            trainer.load_state_dict({})
+        assert set(outer.fit()) == {"valid_loss", "valid_accuracy"}
+    assert trainer.state == "idle" and trainer.global_step == 0
+
+
+def test_predict_reads_an_iterator_once(device):
+    trainer = classifier(device)
+    expected = trainer.predict([FEATURES[:10], FEATURES[10:20]])
+    outputs = trainer.predict(iter([FEATURES[:10], FEATURES[10:20]]))
+    assert all(torch.equal(got, wanted) for got, wanted in zip(outputs, expected, strict=True))

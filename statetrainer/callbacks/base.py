@@ -100,9 +100,15 @@ class Callback:
     ``state_per_rank``: a checkpoint holds every rank's state (gathered as
     tensors: the same structure and shapes on every rank), each rank loads its
     own, and ``regroup_states`` maps the states of one number of ranks to another's.
+
+    ``validate()`` and ``predict()`` run the phase and batch hooks of every
+    callback that writes no files and whose ``runs_in_evaluation`` is True,
+    and put its state back afterwards; one that judges training epochs
+    (``EarlyStopping``) sets it False.
     """
 
     name: str | None = None
+    runs_in_evaluation: bool = True
     rank_zero_only: bool = False
     state_per_rank: bool = False
     saves_checkpoints: bool = False  # True: a CheckpointSaver, through which a stop signal saves

@@ -136,8 +136,9 @@ class Checkpoint(Callback):
         if why_not is not None:
             if not self._warned:
                 self._warned = True
-                warnings.warn(f"Checkpoint: the checkpoints this run cannot be resumed from are skipped ({why_not}); "
-                              "a restart resumes from the newest one saved", stacklevel=2)  # fmt: skip
+                where = f"inside phase {trainer.phase.name!r}" if trainer.state == "phase" and trainer.phase else "here"
+                warnings.warn(f"Checkpoint: the run cannot be resumed from {where} ({why_not}), so its checkpoints "
+                              "there are skipped; a restart resumes from the newest one saved", stacklevel=2)  # fmt: skip
             return
         self.save(trainer)
 

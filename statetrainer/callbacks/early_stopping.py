@@ -34,6 +34,8 @@ class EarlyStopping(Callback):
         name: The callback's unique name (defaults to the class name).
     """
 
+    runs_in_evaluation = False  # it judges training epochs, which validate() is not
+
     def __init__(
         self, monitor: str = "valid_loss", mode: str = "min", patience: int = 3, min_delta: float = 0.0,
         name: str | None = None,

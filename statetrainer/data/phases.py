@@ -119,7 +119,7 @@ class PhaseSources:
                                       f" processes, which this run cannot take over")  # fmt: skip
         if [phase["position"] is None for phase in state] != [not source.keeps_own_state for source in self.sources]:
             raise CheckpointError("the checkpoint's loaders and this trainer's disagree on which keep their own state")
-        for phase, source, stream in zip(state, self.sources, self.streams, strict=True):
+        for phase, stream in zip(state, self.streams, strict=True):
             saved_stream = phase.get("stream")  # None in a checkpoint saved before streams
             if (saved_stream is None) != (stream is None):
                 ours, theirs = ("a whole pass", "the next batches of a stream") if stream is None else (
@@ -128,7 +128,7 @@ class PhaseSources:
                                       "checkpoint; resume with the phase's batches= as it was saved")  # fmt: skip
             if stream is not None:
                 try:
-                    stream.check_fits(saved_stream, resharded=phase["shards"] != self._shards(source))
+                    stream.check_fits(saved_stream)
                 except CheckpointError as error:
                     raise CheckpointError(f"phase {phase['phase']!r}: {error}") from error
         for phase, source in zip(state, self.sources, strict=True):

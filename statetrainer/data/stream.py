@@ -90,11 +90,9 @@ class PassStream:
     def state_dict(self) -> dict[str, Any]:
         return {"pass": self.pass_index, "batches": self.taken, "samples": self._samples()}
 
-    def check_fits(self, state: Any, resharded: bool) -> None:
-        """Raise ``CheckpointError`` unless ``state`` is a ``state_dict()`` this stream can go on from.
-
-        ``resharded``: the checkpoint was saved on another number of processes.
-        """
+    def check_fits(self, state: Any) -> None:
+        """Raise ``CheckpointError`` unless ``state`` is a ``state_dict()`` this stream can go on from (a rebuilt
+        DataLoader's on any number of processes: its samples say where it goes on)."""
         if not isinstance(state, dict) or sorted(state) != ["batches", "pass", "samples"]:
             raise CheckpointError(f"its stream's position is {state!r}, not a dict of pass, batches and samples")
         for key in ("pass", "batches"):
@@ -103,13 +101,13 @@ class PassStream:
                 raise CheckpointError(f"its stream's {key} is {value!r}, not an integer >= 0")
         samples, source = state["samples"], self.source
         if isinstance(source, SeededLoader):
-            if isinstance(samples, bool) or not isinstance(samples, int) or not 0 <= samples <= source.samples:
-                raise CheckpointError(f"its stream's samples are {samples!r}, not a count of 0 to {source.samples}")
+            most = source.epoch_samples
+            if isinstance(samples, bool) or not isinstance(samples, int) or not 0 <= samples <= most:
+                raise CheckpointError(f"its stream's samples are {samples!r}, not a count of 0 to {most}")
         elif samples is not None:
             raise CheckpointError("its stream counts samples of a DataLoader the trainer rebuilds, which this is not")
-        length = source.length
-        if not resharded and length is not None and state["batches"] > length:
-            raise CheckpointError(f"its stream has taken {state['batches']} batches of a pass of {length}")
+        elif source.length is not None and state["batches"] > source.length:
+            raise CheckpointError(f"its stream has taken {state['batches']} batches of a pass of {source.length}")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Go on from ``state`` (checked by ``check_fits``) when the stream next opens."""

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from statetrainer import Phase
-from statetrainer.data import PhaseSources, SeededLoader, SeededOrder, batch_source
+from statetrainer.data import PassStream, PhaseSources, SeededLoader, SeededOrder, batch_source
 
 CASES = [(40, 4, 2, False), (43, 4, 2, False), (41, 4, 2, False), (41, 4, 2, True), (10, 3, 3, False), (7, 2, 4, False),
          (100, 8, 3, False), (5, 4, 1, False), (5, 4, 1, True)]  # fmt: skip
@@ -111,3 +111,33 @@ def test_the_saved_data_position_is_the_global_sample_and_a_changed_world_size_r
     resumed.load_state_dict(state)
     rest = [int(index) for batch in resumed.sources[0].open(1, 0, 2) for index in batch[0]]
     assert len(set(rest)) == len(rest) == 43 - 16 and resumed.sources[0].pass_length == 2 + 7
+
+
+def test_a_stream_resumed_on_another_number_of_processes_resumes_again_on_that_number():
+    """A stream's batches counted on 1 process, resumed on 2 and saved there: its samples, not that count, say where
+    it goes on, so a second resume on 2 processes takes the next global batch, none twice."""
+    dataset = TensorDataset(torch.arange(40.0))
+
+    def stream(world_size: int, rank: int = 0) -> PassStream:
+        loader = DataLoader(dataset, batch_size=4, shuffle=True)  # 10 batches a pass on 1 process, 5 on 2
+        return PassStream(batch_source(loader, 0, (), rank, world_size), "train")
+
+    one = stream(1)
+    taken = [batch[0] for _, batch in zip(range(7), one.batches(seed=1), strict=False)]
+    two = stream(2)
+    two.check_fits(one.state_dict())
+    two.load_state_dict(one.state_dict())
+    next(two.batches(seed=1))  # rank 0's share of the next global batch
+    saved = two.state_dict()
+    assert saved == {"pass": 0, "batches": 8, "samples": 36}
+    again = [stream(2, rank) for rank in (0, 1)]
+    for each in again:
+        each.check_fits(saved)
+        each.load_state_dict(saved)
+    last = torch.cat([next(each.batches(seed=1))[0] for each in again])
+    first_pass = [batch[0] for _, batch in zip(range(10), stream(1).batches(seed=1), strict=False)]
+    assert all(torch.equal(left, right) for left, right in zip(taken, first_pass[:7], strict=False))
+    # 28 samples on 1 process; on 2, a global batch of 8 (samples 28-35; rank 0 took the first 4); after the
+    # second resume on 2, the last global batch: samples 36-39 of the pass's order, shared between the ranks.
+    order = torch.cat(first_pass)
+    assert torch.equal(torch.cat(taken), order[:28]) and torch.equal(last, order[36:])

@@ -161,6 +161,13 @@ def test_max_steps_with_accumulation_stops_at_that_step_and_evaluates_once_after
         trainer.fit()
 
 
+def test_max_steps_alone_runs_as_many_epochs_as_it_takes_and_epochs_alone_defaults_to_one(device):
+    data = [(torch.randn(2, 2), torch.randn(2)) for _ in range(3)]
+    stepped = tiny_trainer(device, [st.Phase("train", data)], max_steps=8)
+    assert stepped.total_steps == 8 and stepped.fit().global_step == 8 and stepped.epoch == 2
+    assert tiny_trainer(device, [st.Phase("train", data)]).fit().global_step == 3  # one epoch
+
+
 def test_max_steps_ends_a_stream_phase_and_passes_over_a_later_training_phase(device):
     stream = [(torch.randn(2, 2), torch.randn(2)) for _ in range(5)]
     phases = [st.Phase("train", stream, batches=4), st.Phase("valid", stream[:1], grad=False),
@@ -199,9 +206,6 @@ def test_a_stream_phase_is_refused_what_it_cannot_take():
     with pytest.raises(ValueError, match="batches must be a positive integer"):
         st.Phase("train", data, batches=0)
     model = nn.Linear(1, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="give max_steps=N too"):
-        st.Trainer(model, optimizer, F.mse_loss, [st.Phase("train", data)], epochs=None, device="cpu")
     with pytest.raises(ValueError, match="no phase trains"):
         st.Trainer(model, None, F.mse_loss, [st.Phase("valid", data, grad=False)], max_steps=3, device="cpu")
 

@@ -196,3 +196,20 @@ def test_predict_reads_an_iterator_once(device):
     expected = trainer.predict([FEATURES[:10], FEATURES[10:20]])
     outputs = trainer.predict(iter([FEATURES[:10], FEATURES[10:20]]))
     assert all(torch.equal(got, wanted) for got, wanted in zip(outputs, expected, strict=True))
+
+
+def test_a_stream_evaluation_phase_validates_the_batches_its_next_epoch_reads_and_stays_where_it_was(device):
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3)
+    valid = [(FEATURES[start : start + 4], LABELS[start : start + 4]) for start in range(40, 60, 4)]  # 5 batches
+    phases = [st.Phase("train", [(FEATURES[:8], LABELS[:8])]), st.Phase("valid", valid, grad=False, batches=2)]
+    trainer = st.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.0), F.cross_entropy, phases,
+                         callbacks=[cb.SmoothedLoss()], epochs=3, device=device)  # fmt: skip
+    trainer.run_until("epoch", epoch=1)
+    stream = trainer.parts["data"].streams[1]
+    where = stream.state_dict()
+    ahead = trainer.validate()["valid_loss"]  # the stream's batches 3 and 4 (epoch 0 read 1 and 2)
+    assert stream.state_dict() == where
+    trainer.run_until("epoch", epoch=1, when=lambda trainer: trainer.position.phase_index == 1)
+    assert trainer.metrics["valid_loss"] == ahead
+    assert stream.state_dict() == {"pass": 0, "batches": 4, "samples": None}

@@ -49,6 +49,8 @@ class RunGuard:
         speak: Whether this process prints the run's messages (rank 0).
         vote: Shares stop signals between the ranks of a torchrun run (None in one process):
             a signal then stops every rank after the same batch.
+        closes: Whether the callbacks' ``on_close`` runs when driving ends for good (not for an evaluation).
+        max_steps: The run's ``max_steps``, for the message that a finished run cannot be advanced.
 
     Attributes:
         deferred: Actions waiting for the machine to be between batches.
@@ -70,6 +72,8 @@ class RunGuard:
         outputs: RunOutputs,
         speak: bool,
         vote: StopVote | None = None,
+        closes: bool = True,
+        max_steps: int | None = None,
     ) -> None:
         self.machine, self.position, self.outputs, self.speak, self.vote = machine, position, outputs, speak, vote
         self.active = self.at_rest = self.closed = False
@@ -81,7 +85,8 @@ class RunGuard:
         self._exception_hooks = [callback.on_exception for callback in callbacks
                                  if type(callback).on_exception is not Callback.on_exception]  # fmt: skip
         self._close_hooks = [callback.on_close for callback in callbacks
-                             if type(callback).on_close is not Callback.on_close]  # fmt: skip
+                             if closes and type(callback).on_close is not Callback.on_close]  # fmt: skip
+        self._max_steps = max_steps
 
     @contextlib.contextmanager
     def driving(self, target: Any) -> Iterator[None]:
@@ -97,7 +102,8 @@ class RunGuard:
                 f"{self.machine.state!r}, so its work may be half done; build a new Trainer"
             ) from self.error
         if self.position.finished and self.machine.pending is None:
-            raise RuntimeError(f"the run has finished ({self.position.end_reason()}); there is nothing left to advance")
+            raise RuntimeError(f"the run has finished ({self.position.end_reason(self._max_steps)}); there is nothing "
+                               "left to advance")  # fmt: skip
         self.outputs.open(target)  # another run's folder, or a second live copy, is refused before any hook
         self.closed, self.active = False, True
         try:

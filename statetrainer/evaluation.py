@@ -16,6 +16,7 @@ that does not.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -57,8 +58,9 @@ class Evaluation:
         self._put_back: Callable[[], None] | None = None
 
     def __enter__(self) -> Evaluation:
+        put_back = self._keep()
         self._show(self.core)  # refuses a second open evaluation
-        self._put_back = self._keep()
+        self._put_back = put_back
         return self
 
     def __exit__(self, *_exception: object) -> None:
@@ -85,6 +87,9 @@ class Evaluation:
         self._check_open("fit()")
         if not self.core.position.finished:
             self.core.fit()
+        if self.core.position.stop_requested:
+            warnings.warn("the evaluation was stopped (trainer.stop()) before its end: its result covers the batches "
+                          "it ran; the training run is not stopped", stacklevel=3)  # fmt: skip
         return self._result()
 
     def _check_open(self, what: str) -> None:
@@ -209,7 +214,7 @@ class _OnePass:
 
 
 def prediction(training: Run, target: Any, loader: Any, inputs: Callable[[Any], Any] | None,
-               callbacks: Sequence[Callback], show: Callable[[Run | None], None]) -> Evaluation:  # fmt: skip
+               callbacks: Sequence[Callback], metrics: Metrics, show: Callable[[Run | None], None]) -> Evaluation:  # fmt: skip
     """``loader`` run through the model once, with ``callbacks``: its result is the outputs, batch by batch, in the
     loader's order. Under torchrun each rank predicts its share of a DataLoader the trainer shards, and rank 0
     gets every batch whole; a loader it does not shard runs whole on every rank, and rank 0 gives its own. The
@@ -227,7 +232,7 @@ def prediction(training: Run, target: Any, loader: Any, inputs: Callable[[Any], 
                          lambda batch_inputs, _target: (model(batch_inputs), None),
                          lambda batch: (take(batch), None))  # fmt: skip
     device, sharded = training.work.device, isinstance(source, SeededLoader)
-    keep = keeper(training, Metrics(), evaluated_callbacks(callbacks), [])
+    keep = keeper(training, metrics, evaluated_callbacks(callbacks), [])
 
     def result() -> list[Any] | None:
         if sharded:

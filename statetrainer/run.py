@@ -56,7 +56,7 @@ class Run:
         ranks: This process's place among the run's processes.
         evaluation: A one-off evaluation or prediction beside the training run (``statetrainer.evaluation``):
             only the callbacks' phase and batch hooks run (it is no epoch: nothing is checkpointed, scheduled
-            or logged per epoch), and no ``on_close``.
+            or logged per epoch), and their ``on_exception``, not ``on_close``.
     """
 
     def __init__(
@@ -92,9 +92,10 @@ class Run:
             exit["batch"].append(self._exchange_stop_vote)
         self.machine = TrainingMachine(target, prepare=self.work.prepare_calls(), enter=enter,
                                        work=self.work.work_calls(), exit=exit)  # fmt: skip
-        self.guard = RunGuard(self.machine, position, () if evaluation else callbacks, stop_signals, deterministic,
+        self.guard = RunGuard(self.machine, position, callbacks, stop_signals, deterministic,
                               on_error=self.work.release, recover=lambda: plan_recovery(self.machine, self.work),
-                              stop=self._stop_on_signal, outputs=outputs, speak=ranks.is_global_zero, vote=vote)  # fmt: skip
+                              stop=self._stop_on_signal, outputs=outputs, speak=ranks.is_global_zero, vote=vote,
+                              closes=not evaluation, max_steps=max_steps)  # fmt: skip
         self.deciders = Deciders(self.machine, self.work, epochs).by_state
 
     @property
@@ -168,6 +169,8 @@ class Run:
     def why_not_checkpoint_here(self) -> str | None:
         """Why the run cannot be resumed from here (a stream that cannot start again where it stands, or a phase
         that cannot be resumed mid-phase); None when it can."""
+        if self.evaluation:
+            return "an evaluation (validate() or predict()) is open; a checkpoint is taken after it"
         mid_phase = self.machine.state == "phase" and self.machine.pending is None
         return self.work.sources.why_not_resumable() or (self.work.why_not_resumable() if mid_phase else None)
 
@@ -229,6 +232,8 @@ class Run:
         self.work.resume_phase()
         if self.machine.state == "phase" and self.machine.pending is None:  # mid-phase: after the last batch done
             self.work.open_phase(start=self.position.batch_index + 1)
+        else:  # the saved pass is done with (a phase cut by limit or max_steps): the next opens whole
+            self.work.sources.drop_resume_points()
 
     def _exchange_stop_vote(self, target: Any) -> None:
         self.guard.exchange_stop_vote(target)

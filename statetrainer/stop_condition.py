@@ -96,6 +96,7 @@ def _check_reachable(work: StateWork, epochs: int | None, total: int | None, sta
         raise ValueError(f"batch={batch} never comes: batch indices count from 0, and the batches per phase are "
                          f"{counts}")  # fmt: skip
     if step is not None:
+        total = total if total is not None else work.max_steps  # the run ends by max_steps, if not before
         if step < position.global_step or (total is not None and step > total):
             reach = f", and the run takes {total} in all" if total is not None else ""
             raise ValueError(f"step={step} never comes: {position.global_step} optimizer steps are done{reach}")

@@ -95,8 +95,13 @@ class Trainer:
 
     epoch, batch_index, global_step, finished = (Shown("position") for _ in range(4))
     phase, batch, target, output, loss, loss_weight, unpack = (Shown("_work") for _ in range(7))
-    phase_batches, steps_per_epoch = Shown("_work"), Shown("_work")
-    is_global_zero, world_size, seed, total_steps = Shown("ranks"), Shown("ranks"), Shown("_generators"), Shown("_core")
+    phase_batches, steps_per_epoch = Shown("_work"), Shown("_training.work")  # the training run's, in an evaluation too
+    is_global_zero, world_size, seed, total_steps = (
+        Shown("ranks"),
+        Shown("ranks"),
+        Shown("_generators"),
+        Shown("_training"),
+    )
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                  loss_fn: Callable[[Any, Any], torch.Tensor], phases: Sequence[Phase], *,
@@ -204,7 +209,7 @@ class Trainer:
     def prediction(self, loader: Iterable[Any], *, inputs: Callable[[Any], Any] | None = None,
                    callbacks: Iterable[Callback] = ()) -> Evaluation:  # fmt: skip
         """``predict()``'s run, to step through as ``validation()``'s."""
-        return prediction(self._training, self, loader, inputs, list(callbacks), self._show)
+        return prediction(self._training, self, loader, inputs, list(callbacks), self.metrics, self._show)
 
     def _show(self, run: Run | None) -> None:
         """Show ``run`` (an evaluation) in the trainer's attributes, or the training run again (None)."""

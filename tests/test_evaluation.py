@@ -213,3 +213,52 @@ def test_a_stream_evaluation_phase_validates_the_batches_its_next_epoch_reads_an
     trainer.run_until("epoch", epoch=1, when=lambda trainer: trainer.position.phase_index == 1)
     assert trainer.metrics["valid_loss"] == ahead
     assert stream.state_dict() == {"pass": 0, "batches": 4, "samples": None}
+
+
+def test_an_evaluation_that_cannot_start_or_stops_early_leaves_the_training_run_as_it_was(device):
+    class StateFails(st.Callback):
+        failing = True
+
+        def state_dict(self):
+            if StateFails.failing:
+                raise RuntimeError("no state now")
+            return {}
+
+    trainer = classifier(device, (StateFails(),))
+    with pytest.raises(RuntimeError, match="no state now"):
+        trainer.validate()
+    StateFails.failing = False
+    assert trainer.state == "idle" and trainer.total_steps == 9  # the training run, shown again
+    trainer.run_until("epoch", epoch=1)
+
+    class StopsAtOnce(st.Callback):
+        def on_exit_batch(self, trainer):
+            trainer.stop()
+
+    stopping = classifier(device, (StopsAtOnce(),))
+    stopping.run_until("epoch", epoch=0)
+    with pytest.warns(UserWarning, match="stopped .* before its end"):
+        stopping.validate()
+    assert not stopping.position.stop_requested
+
+
+def test_inside_an_evaluation_the_trainer_shows_the_training_runs_shape_and_refuses_a_checkpoint(device):
+    trainer = classifier(device)
+    trainer.run_until("epoch", epoch=1)
+    with trainer.validation() as evaluation:
+        evaluation.run_until("batch", batch=0)
+        assert (trainer.total_steps, trainer.steps_per_epoch, trainer.global_step) == (9, 3, 3)
+        assert not trainer.can_checkpoint_here() and "evaluation" in trainer.why_not_checkpoint_here()
+        with pytest.raises(ValueError, match="step=4 never comes"):
+            evaluation.run_until(step=4)
+
+
+def test_predict_puts_back_the_metrics_its_callbacks_publish(device):
+    class Publishes(st.Callback):
+        def on_exit_phase(self, trainer):
+            trainer.metrics["predict_batches"] = trainer.batch_index + 1
+
+    trainer = classifier(device).fit()
+    before = dict(trainer.metrics)
+    trainer.predict([FEATURES[:10], FEATURES[10:20]], callbacks=[Publishes()])
+    assert trainer.metrics == before

@@ -90,6 +90,8 @@ class StopOnNonFinite(Callback):
         first = int(self._first_bad)  # the host sync, once every few batches
         if first >= 0:
             epoch, phase, batch, step = self._where.get(first, (-1, "?", -1, -1))
+            self._first_bad = torch.full_like(self._first_bad, -1)  # reported: a run that goes on starts clean
+            self._where.clear()
             where = f"epoch {epoch + 1}, phase {phase!r}, batch {batch + 1} (step {step})"  # counted from 1
             raise NonFiniteError(f"a non-finite loss or gradient at {where}; the run stops. Lower the learning "
                                  "rate, clip gradients (grad_clip=...) or check the data of that batch")  # fmt: skip

@@ -80,6 +80,13 @@ class PhaseSources:
                 return f"phase {name!r} goes on through its loader's stream, which cannot start again there: {source.reason}"
         return None
 
+    def drop_resume_points(self) -> None:
+        """Forget where the saved passes of rebuilt DataLoaders were to go on: the run resumed between phases, so
+        each phase's next pass starts whole (a stream keeps its own position)."""
+        for source in self.sources:
+            if isinstance(source, SeededLoader):
+                source.drop_resume_point()
+
     def close_streams(self) -> None:
         """Let go of the streams' open passes, so their DataLoaders' workers shut down."""
         for stream in self.streams:

@@ -160,6 +160,10 @@ class SeededLoader(BatchSource):
         """Start the next pass at sample ``sample`` of its order: it was saved on another number of processes."""
         self._resume_at = sample
 
+    def drop_resume_point(self) -> None:
+        """Start the next pass at its beginning after all: the pass ``resume_at`` was given for is not reopened."""
+        self._resume_at = None
+
 
 class _Saved(NamedTuple):
     """A stateful source's saved position, held from ``load_state_dict`` until it next opens."""

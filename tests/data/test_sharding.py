@@ -141,3 +141,41 @@ def test_a_stream_resumed_on_another_number_of_processes_resumes_again_on_that_n
     # second resume on 2, the last global batch: samples 36-39 of the pass's order, shared between the ranks.
     order = torch.cat(first_pass)
     assert torch.equal(torch.cat(taken), order[:28]) and torch.equal(last, order[36:])
+
+
+def test_a_run_saved_between_phases_on_another_world_size_starts_the_next_pass_whole(device):
+    """After a phase cut short (limit), a checkpoint between phases records the samples that phase took; a resume on
+    another number of processes must not start the phase's next pass there."""
+    import copy
+
+    from torch import nn
+    from torch.nn import functional as F
+
+    import statetrainer as st
+
+    def build() -> tuple[st.Trainer, list]:
+        seen: list = []
+
+        class Record(st.Callback):
+            def on_exit_batch(self, trainer):
+                seen.append((trainer.epoch, trainer.batch[0].tolist()))
+
+        torch.manual_seed(0)
+        model = nn.Linear(1, 1)
+        data = TensorDataset(torch.arange(40.0).unsqueeze(1), torch.zeros(40, 1))
+        phases = [st.Phase("train", DataLoader(data, batch_size=8, shuffle=True), limit=3)]
+        trainer = st.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), F.mse_loss, phases,
+                             callbacks=[Record()], epochs=3, device=device, seed=3)  # fmt: skip
+        return trainer, seen
+
+    plain, plain_seen = build()
+    plain.fit()
+    first, _ = build()
+    first.run_until("epoch", when=lambda trainer: trainer.position.phase_index == 0)  # epoch 0, its phase done
+    state = copy.deepcopy(first.state_dict())
+    assert state["data"][0]["samples_done"] == 24  # the limited phase's 3 batches
+    state["data"][0]["shards"] = 2  # as saved by 2 processes, whose global order is the same
+    resumed, resumed_seen = build()
+    resumed.load_state_dict(state)
+    resumed.fit()
+    assert resumed_seen == [entry for entry in plain_seen if entry[0] >= 1]

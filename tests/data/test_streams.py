@@ -304,3 +304,21 @@ def test_a_stream_run_sigkilled_after_any_training_batch_resumes_bit_identical(t
 def test_an_endless_stream_run_sigkilled_resumes_bit_identical(tmp_path, device, kill_at):
     expected, actual = killed_and_resumed(tmp_path, kill_at, "--loader", "endless", "--device", str(device))
     assert_same(expected, actual)
+
+
+def test_a_step_past_max_steps_never_comes_even_when_the_epochs_length_is_unknown(device):
+    stream = DataLoader(Stateless(), batch_size=2)  # no length: total_steps is unknown with epochs given
+    trainer = tiny_trainer(device, [st.Phase("train", stream, batches=3)], epochs=2, max_steps=4)
+    assert trainer.total_steps == 4  # min(2 epochs of 3, 4)
+    unsized = tiny_trainer(device, [st.Phase("train", _Unsized(), grad=True)], epochs=2, max_steps=3)
+    assert unsized.total_steps is None
+    with pytest.raises(ValueError, match="step=10 never comes"):
+        unsized.run_until(step=10)
+
+
+class _Unsized:
+    """A finite loader without a length."""
+
+    def __iter__(self):
+        for _ in range(4):
+            yield torch.randn(2, 2), torch.randn(2)

@@ -142,7 +142,8 @@ class Trainer:
             callbacks=CallbackStates(self.callbacks, self.device, speaking, ranks), rng=self._generators)  # fmt: skip
         self.parts.add_check(partial(check_position_fits, epochs, max_steps=max_steps))
         self._work, self._training, self._speaking = self._core.work, self._core, speaking
-        self._checkpointer = Checkpointer(self.parts, self.run, self._core.outputs, ranks, self.device)
+        self._checkpointer = Checkpointer(self.parts, self.run, self._core.outputs, ranks, self.device,
+                                          failed=self._raise_write_failure_at_the_next_boundary)  # fmt: skip
 
     @property
     def state(self) -> str:
@@ -164,8 +165,10 @@ class Trainer:
         return self._core.machine.diagram(format)
 
     def fit(self) -> Trainer:
-        """Run to the end, or continue a stepped or resumed run to the end (a finished run warns and returns)."""
-        self._core.fit()
+        """Run to the end, or continue a stepped or resumed run to the end (a finished run warns and returns);
+        a background checkpoint write in flight is waited for."""
+        with self._checkpointer.writes_settled():
+            self._core.fit()
         return self
 
     def advance(self, n: int = 1) -> str:
@@ -252,16 +255,26 @@ class Trainer:
             raise
         self._core.loaded()
 
-    def save_checkpoint(self, path: str | os.PathLike[str] | None = None) -> Path:
+    def save_checkpoint(self, path: str | os.PathLike[str] | None = None, *, background: bool = False) -> Path:
         """Write ``state_dict()`` atomically to a ``.safetensors`` file, or as the next checkpoint of a folder
         (default ``checkpoints/``); return the file. ``ValueError`` for another kind of file (``model.pt``);
         ``CheckpointError`` for a folder of another run, or a file there that is not this run's checkpoint.
 
-        Under torchrun every rank calls it: rank 0 writes the one file, and every rank returns once it is written.
+        With ``background``, it returns once the state is copied aside, and a worker thread writes the file (what a
+        save here writes) while training goes on, in one process for now; a failed write raises at the next batch
+        boundary, or in ``wait_for_checkpoints()``; ``fit()`` waits for it at its end. Under torchrun every rank calls it:
+        rank 0 writes the one file, and every rank returns once it is written.
         """
         self._core.check_at_rest("save_checkpoint()")
         epoch = self.position.epoch_for_people(self.state)
-        return self._checkpointer.save(path, epoch, self.global_step, self.state_dict)
+        return self._checkpointer.save(path, epoch, self.global_step, self.state_dict, background)
+
+    def wait_for_checkpoints(self) -> None:
+        """Block until the background checkpoint write in flight is on disk; raise its failure."""
+        self._checkpointer.writer.wait()
+
+    def _raise_write_failure_at_the_next_boundary(self) -> None:  # called from the writer's thread
+        self._training.guard.deferred.append(lambda _trainer: self._checkpointer.writer.wait())
 
     def load_checkpoint(self, path: str | os.PathLike[str], *, allow_changes: Iterable[str] = ()) -> Path | None:
         """Continue from a checkpoint file, or the newest good one in a folder (falling back past a corrupt one).

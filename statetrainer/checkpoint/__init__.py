@@ -2,6 +2,7 @@
 
 from ..errors import CheckpointError
 from .atomic import atomic_copy, atomic_write, fsync_path, open_no_follow, remove_stale_temporaries, temporary_path
+from .background import BackgroundWriter, StagingBuffers
 from .folder import (
     BEST,
     DEFAULT_CHECKPOINT_FOLDER,
@@ -24,6 +25,8 @@ from .ownership import claim_folder, mark_folder, refuse_overwrite, run_of
 from .serialization import FORMAT_VERSION, read_document, read_header, read_tree, write_tree
 
 __all__ = [
+    "BackgroundWriter",
+    "StagingBuffers",
     "BEST",
     "CheckpointFolder",
     "DEFAULT_CHECKPOINT_FOLDER",

@@ -106,17 +106,16 @@ class Evaluation:
 def evaluation_run(training: Run, target: Any, phases: Sequence[Phase], sources: PhaseSources,
                    callbacks: Sequence[Callback], forward: Callable[[Any, Any], Any],
                    unpack: Callable[[Any], tuple[Any, Any]]) -> Run:  # fmt: skip
-    """A run of ``phases`` once, beside ``training``: at its epoch and step, with its parts, no stop signals, and
-    only the ``callbacks`` that run in evaluations (see ``evaluated_callbacks``)."""
+    """A run of ``phases`` once, beside ``training``: at its epoch and step, with its parts and ``callbacks`` (those
+    that run in evaluations: see ``evaluated_callbacks``), and no stop signals."""
     done = training.position
-    quiet = evaluated_callbacks(callbacks)
     outputs = RunOutputs([], training.outputs.run, training.ranks, training.outputs.device)
     position = Position(epoch=done.epochs_done, epochs_done=done.epochs_done, global_step=done.global_step)
     sources.position = position
     work = training.work
     return Run(target, phases=phases, epochs=position.epochs_done + 1, max_steps=None, sources=sources,
                step_runner=work.step_runner, generators=work.generators, position=position, forward=forward,
-               unpack=unpack, callbacks=quiet, stop_signals=(), deterministic=training.deterministic,
+               unpack=unpack, callbacks=callbacks, stop_signals=(), deterministic=training.deterministic,
                outputs=outputs, ranks=training.ranks, evaluation=True)  # fmt: skip
 
 
@@ -128,8 +127,8 @@ def evaluated_callbacks(callbacks: Iterable[Callback]) -> list[Callback]:
 def keeper(training: Run, metrics: Metrics, callbacks: Sequence[Callback],
            sources: Sequence[tuple[StatefulSource, PassStream | None]]) -> Callable[[], Callable[[], None]]:  # fmt: skip
     """``keep()`` for an evaluation beside ``training``: it takes the generators, the model's mode, ``metrics``,
-    the ``callbacks``' states and the positions of ``sources`` (loaders that keep their own, with the training stream that reads
-    each, if any), and gives the call that puts them back."""
+    the ``callbacks``' states and the positions of ``sources`` (loaders that keep their own, each with the
+    training stream that reads it, if any), and gives the call that puts them back."""
     cuda_devices, model = training.work.generators.cuda_devices, training.work.step_runner.model
 
     def keep() -> Callable[[], None]:
@@ -186,9 +185,10 @@ def validation(training: Run, target: Any, phase: str | None, callbacks: Sequenc
         chosen.append(fresh)
         streams.append(copied)
     sources = PhaseSources([each.name for each in evaluated], chosen, world_size=ranks.world_size, streams=streams)
-    run = evaluation_run(training, target, evaluated, sources, callbacks, forward, work.unpack)
+    running = evaluated_callbacks(callbacks)
+    run = evaluation_run(training, target, evaluated, sources, running, forward, work.unpack)
     prefixes = tuple(f"{each.name}_" for each in evaluated)
-    keep = keeper(training, metrics, evaluated_callbacks(callbacks), kept)
+    keep = keeper(training, metrics, running, kept)
     return Evaluation(run, show, keep,
                       lambda: {name: value for name, value in metrics.items() if name.startswith(prefixes)})  # fmt: skip
 
@@ -227,12 +227,12 @@ def prediction(training: Run, target: Any, loader: Any, inputs: Callable[[Any], 
     source = batch_source(phase.loader, 0, (), ranks.rank, ranks.world_size)
     sources = PhaseSources([phase.name], [source], world_size=ranks.world_size)
     model, take = training.work.step_runner.model, inputs or _as_it_is
-    collected = _Outputs()
-    run = evaluation_run(training, target, [phase], sources, [*callbacks, collected],
+    collected, running = _Outputs(), evaluated_callbacks(callbacks)
+    run = evaluation_run(training, target, [phase], sources, [*running, collected],
                          lambda batch_inputs, _target: (model(batch_inputs), None),
                          lambda batch: (take(batch), None))  # fmt: skip
     device, sharded = training.work.device, isinstance(source, SeededLoader)
-    keep = keeper(training, metrics, evaluated_callbacks(callbacks), [])
+    keep = keeper(training, metrics, running, [])
 
     def result() -> list[Any] | None:
         if sharded:

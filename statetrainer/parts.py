@@ -136,11 +136,14 @@ class Position:
     finished: bool = False
     stop_requested: bool = False
 
+    def took(self, max_steps: int | None) -> bool:
+        """Whether the run has taken its ``max_steps`` (False without them)."""
+        return max_steps is not None and self.global_step >= max_steps
+
     def extend_to(self, epochs: int | None, max_steps: int | None = None) -> None:
         """Let a run that finished all its epochs or steps (not stopped) go on, when it now has more."""
         more_epochs = epochs is None or self.epochs_done < epochs
-        more_steps = max_steps is None or self.global_step < max_steps
-        if self.finished and not self.stop_requested and more_epochs and more_steps:
+        if self.finished and not self.stop_requested and more_epochs and not self.took(max_steps):
             self.finished = False
 
     def epoch_for_people(self, state: str) -> int:
@@ -151,7 +154,7 @@ class Position:
         """Why a finished run ended, in words."""
         if self.stop_requested:
             return "stopped"
-        if max_steps is not None and self.global_step >= max_steps:
+        if self.took(max_steps):
             return f"max_steps={max_steps} taken"
         return f"all {self.epochs_done} epoch(s) done"
 

@@ -85,7 +85,7 @@ def export_weights(checkpoint: str | os.PathLike[str], out: str | os.PathLike[st
         raise ValueError(f"export to {out}: it exists already; choose another name, or remove it first")
     source, weights = checkpoint_weights(checkpoint)
     # Each tensor its own contiguous copy: safetensors refuses tensors that share memory (tied weights).
-    plain = {key: tensor.detach().contiguous().clone() for key, tensor in weights.items()}
+    plain = {key: tensor.detach().clone(memory_format=torch.contiguous_format) for key, tensor in weights.items()}
     with atomic_write(out) as temporary:
         save_file(plain, str(temporary), metadata={"format": "pt"})
     return source

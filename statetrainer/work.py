@@ -113,7 +113,7 @@ class StateWork:
     @property
     def steps_done(self) -> bool:
         """Whether the run has taken its ``max_steps``."""
-        return self.max_steps is not None and self.position.global_step >= self.max_steps
+        return self.position.took(self.max_steps)
 
     def next_phase_index(self) -> int:
         """The index of the epoch's next phase to run (the phase count: none); training phases are passed over

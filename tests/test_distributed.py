@@ -6,9 +6,11 @@ one process) under a timeout, so a hang fails the test. Each runs on the CPU
 the two ranks share one GPU. ``--standalone`` has each launch's rendezvous on a
 free port, so launches may run side by side (pytest-xdist).
 
-A launch takes 5-15 s on two CPU cores, so the default run keeps two tests:
-the sharding check (one launch) and one rank killed inside an accumulation
-window (three); every other case is marked ``slow`` (``pytest -m slow``).
+A launch takes 5-15 s on two CPU cores, so the default run keeps one case of
+each kind: the sharding check (one launch), one rank killed inside an
+accumulation window (three), a stream resumed from 2 ranks on 1 (two),
+total_steps on 2 ranks (one) and predict on 2 ranks (one); every other case
+is marked ``slow`` (``pytest -m slow``).
 Runs with the same options are launched once per device and shared between
 the tests that read them.
 """

@@ -20,6 +20,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import statetrainer as st
 from statetrainer import callbacks as cb
 
+from .checkpoint.test_trainer_checkpoints import assert_same_weights
+
 FEATURES = torch.randn(60, 5, generator=torch.Generator().manual_seed(0))
 LABELS = FEATURES[:, :3].argmax(dim=1)
 
@@ -55,9 +57,7 @@ def test_a_run_that_validates_between_epochs_goes_on_exactly_as_one_that_does_no
     validated.run_until("epoch", epoch=2)
     validated.validate()
     validated.fit()
-    for (name, expected), actual in zip(plain.model.state_dict().items(), validated.model.state_dict().values(),
-                                        strict=True):  # fmt: skip
-        assert torch.equal(expected, actual), name
+    assert_same_weights(plain, validated)
     assert plain.metrics == validated.metrics
 
 
@@ -95,14 +95,14 @@ def record_break() -> None:
     BROKE.append({"phase": trainer.phase.name, "batch": trainer.batch_index, "output": trainer.output})
 
 
-def test_run_until_and_a_breakpoint_stop_inside_validate_and_predict(device, monkeypatch):
+def test_run_until_and_a_breakpoint_stop_inside_validate_and_predict(tmp_path, device, monkeypatch):
     trainer = classifier(device).fit()
     with trainer.validation() as evaluation:
         assert evaluation.run_until("batch", batch=2) == "batch"
         assert (trainer.state, trainer.phase.name, trainer.batch_index) == ("batch", "valid", 2)
         assert trainer.output.shape == (6, 3)
         with pytest.raises(RuntimeError, match="during validate"):
-            trainer.save_checkpoint(Path("never.safetensors"))
+            trainer.save_checkpoint(tmp_path / "never.safetensors")
         metrics = evaluation.fit()
     assert metrics == trainer.validate()
     assert trainer.state == "idle" and trainer.finished
@@ -172,9 +172,7 @@ def test_validate_puts_back_what_it_moved_so_the_run_and_its_resume_are_as_witho
     resumed.fit()
     for run in (validated, resumed):
         assert run.metrics == plain.metrics and run.epoch == plain.epoch  # EarlyStopping stopped them alike
-        for (name, expected), actual in zip(plain.model.state_dict().items(), run.model.state_dict().values(),
-                                            strict=True):  # fmt: skip
-            assert torch.equal(expected, actual), name
+        assert_same_weights(plain, run)
 
 
 def test_an_evaluation_is_stepped_only_inside_its_with_block_and_one_at_a_time(device):

@@ -44,4 +44,6 @@ def test_the_step_recipe_in_the_readme_runs_and_stops_at_max_steps(tmp_path, mon
     assert trainer.epoch == 2  # 4 steps an epoch: the third ends at step 10
     assert set(names["metrics"]) == {"valid_loss"} and names["metrics"] == {"valid_loss": trainer.metrics["valid_loss"]}
     assert [len(batch) for batch in names["outputs"]] == [8, 8]
-    assert len(list((tmp_path / "checkpoints" / "steps").glob("ckpt-*.safetensors"))) >= 1
+    # every_steps=3: the newest three are step 9's and the ends of epochs 2 and 3 (steps 8 and 10).
+    files = (tmp_path / "checkpoints" / "steps").glob("ckpt-*.safetensors")
+    assert sorted(int(re.search(r"step(\d+)", path.name)[1]) for path in files) == [8, 9, 10]

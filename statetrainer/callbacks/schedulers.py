@@ -132,19 +132,22 @@ class CosineWarmRestarts(ParamScheduler):
         check_number("CosineWarmRestarts: decay", decay, 0, 1, low_open=True)
         self.max_value, self.min_value = max_value, min_value
         self.period, self.t_mult, self.decay = period, t_mult, decay
+        self._period_given = period is not None
 
     def state_dict(self) -> dict[str, Any]:
-        return {} if self.period is None else {"period": self.period}
+        """The period taken from the run (a period given to the callback is its own: ``{}``)."""
+        return {} if self._period_given or self.period is None else {"period": self.period}
 
     def check_fits(self, state: dict[str, Any]) -> None:
-        """Refuse a saved state other than ``{"period": n}`` with an integer n >= 1 (or ``{}``: a checkpoint from
-        before the period was saved, which keeps this one's)."""
+        """Refuse a saved state other than ``{"period": n}`` with an integer n >= 1 (or ``{}``: a given period, or
+        none taken yet)."""
         check_keys("the saved state", state, ("period",) if not isinstance(state, dict) or state else ())
         if state:
             check_integer("period", state["period"], minimum=1)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.period = state.get("period", self.period)
+        if not self._period_given:
+            self.period = state.get("period")
 
     def on_enter_step(self, trainer: TrainerView) -> None:
         if self.period is None:  # one cycle: the whole run

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..errors import CheckpointError
+from ..saved_state import check_integer, check_keys
 from .sources import BatchSource, SeededLoader
 
 __all__ = ["PassStream"]
@@ -93,17 +94,12 @@ class PassStream:
     def check_fits(self, state: Any) -> None:
         """Raise ``CheckpointError`` unless ``state`` is a ``state_dict()`` this stream can go on from (a rebuilt
         DataLoader's on any number of processes: its samples say where it goes on)."""
-        if not isinstance(state, dict) or sorted(state) != ["batches", "pass", "samples"]:
-            raise CheckpointError(f"its stream's position is {state!r}, not a dict of pass, batches and samples")
-        for key in ("pass", "batches"):
-            value = state[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise CheckpointError(f"its stream's {key} is {value!r}, not an integer >= 0")
+        check_keys("its stream's position", state, ("pass", "batches", "samples"))
+        check_integer("its stream's pass", state["pass"])
+        check_integer("its stream's batches", state["batches"])
         samples, source = state["samples"], self.source
         if isinstance(source, SeededLoader):
-            most = source.epoch_samples
-            if isinstance(samples, bool) or not isinstance(samples, int) or not 0 <= samples <= most:
-                raise CheckpointError(f"its stream's samples are {samples!r}, not a count of 0 to {most}")
+            check_integer("its stream's samples", samples, maximum=source.epoch_samples)
         elif samples is not None:
             raise CheckpointError("its stream counts samples of a DataLoader the trainer rebuilds, which this is not")
         elif source.length is not None and state["batches"] > source.length:

@@ -312,3 +312,11 @@ def test_cosine_without_a_period_is_one_cycle_over_a_run_counted_in_steps(device
     assert taken[0] == 1.0 and taken[-1] == pytest.approx(0.01 + 0.99 / 2 * (math.cos(math.pi * 9 / 10) + 1))
     cycle, _ = learning_rates(OneCycle(1.0))
     assert cycle[-1] == pytest.approx(1.0 / 25.0 / 1e4)  # the floor, at the run's last step
+
+
+def test_a_cosine_saves_only_the_period_it_took_from_the_run():
+    given, taken = CosineWarmRestarts(1.0, period=20), CosineWarmRestarts(1.0)
+    assert given.state_dict() == {} and taken.state_dict() == {}
+    given.load_state_dict({"period": 10})
+    taken.load_state_dict({"period": 10})
+    assert (given.period, taken.period) == (20, 10)

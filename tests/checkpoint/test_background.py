@@ -76,7 +76,9 @@ def test_a_failed_background_write_raises_at_the_next_batch_boundary_and_keeps_t
 
     monkeypatch.setattr(serialization, "save_file", full_disk)
     failing = trainer.save_checkpoint(tmp_path / "checkpoints", background=True)
-    time.sleep(0.5)  # the write fails at once; the run has not gone on meanwhile
+    deadline = time.monotonic() + 30
+    while trainer._checkpointer.writer.in_flight and time.monotonic() < deadline:  # it fails at once
+        time.sleep(0.01)
     with pytest.raises(OSError, match=f"could not write .*{failing.name}: the disk is full"):
         trainer.fit()
     assert trainer.global_step == 4  # raised at the first boundary after the write failed

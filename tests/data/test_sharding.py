@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 
 import pytest
 import torch
+from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+import statetrainer as st
 from statetrainer import Phase
 from statetrainer.data import PassStream, PhaseSources, SeededLoader, SeededOrder, batch_source
 
@@ -146,12 +150,6 @@ def test_a_stream_resumed_on_another_number_of_processes_resumes_again_on_that_n
 def test_a_run_saved_between_phases_on_another_world_size_starts_the_next_pass_whole(device):
     """After a phase cut short (limit), a checkpoint between phases records the samples that phase took; a resume on
     another number of processes must not start the phase's next pass there."""
-    import copy
-
-    from torch import nn
-    from torch.nn import functional as F
-
-    import statetrainer as st
 
     def build() -> tuple[st.Trainer, list]:
         seen: list = []

@@ -26,28 +26,13 @@ import statetrainer as st
 from statetrainer import CheckpointError
 from statetrainer.checkpoint import read_tree
 
+from ..checkpoint.test_kill_and_resume import assert_trees_equal
+from ..test_trainer import UnsizedLoader
 from .stream_run import BATCH_SIZE, EPOCHS, PER_EPOCH, SAMPLES, build, outcome
 
 SCRIPT = Path(__file__).with_name("stream_run.py")
 PASS = SAMPLES // BATCH_SIZE  # batches in a pass of the seeded loader: 10
 TRAIN_BATCHES = [(epoch, batch) for epoch in range(EPOCHS) for batch in range(PER_EPOCH)]
-
-
-def assert_same(expected: Any, actual: Any, path: str = "") -> None:
-    """Equal structure and values, tensors bit for bit."""
-    if isinstance(expected, torch.Tensor):
-        assert isinstance(actual, torch.Tensor) and expected.dtype == actual.dtype, path
-        assert torch.equal(expected, actual), path
-    elif isinstance(expected, dict):
-        assert expected.keys() == actual.keys(), path
-        for key in expected:
-            assert_same(expected[key], actual[key], f"{path}/{key}")
-    elif isinstance(expected, (list, tuple)):
-        assert len(expected) == len(actual), path
-        for index, (left, right) in enumerate(zip(expected, actual, strict=True)):
-            assert_same(left, right, f"{path}/{index}")
-    else:
-        assert expected == actual, path
 
 
 _UNINTERRUPTED: dict[tuple[str, str], dict[str, Any]] = {}
@@ -91,7 +76,9 @@ def test_every_sample_is_seen_once_per_pass_and_the_next_pass_starts_where_the_e
 
 @pytest.mark.parametrize(("epoch", "batch"), TRAIN_BATCHES)
 def test_a_run_resumed_after_any_training_batch_of_the_stream_ends_bit_identical(tmp_path, device, epoch, batch):
-    assert_same(uninterrupted("seeded", device), resumed_after("seeded", device, tmp_path, "train", epoch, batch))
+    assert_trees_equal(
+        uninterrupted("seeded", device), resumed_after("seeded", device, tmp_path, "train", epoch, batch)
+    )
 
 
 ENDLESS_POINTS = [("train", 0, 0), ("train", 1, 3), ("train", 2, 1), ("train", 4, 2), ("valid", 1, 0),
@@ -102,7 +89,7 @@ ENDLESS_POINTS = [("train", 0, 0), ("train", 1, 3), ("train", 2, 1), ("train", 4
 def test_an_endless_stream_resumed_in_training_or_evaluation_ends_bit_identical(tmp_path, device, phase, epoch, batch):
     expected = uninterrupted("endless", device)
     assert expected["seen"].tolist() == [n % SAMPLES for n in range(EPOCHS * PER_EPOCH * BATCH_SIZE)]
-    assert_same(expected, resumed_after("endless", device, tmp_path, phase, epoch, batch))
+    assert_trees_equal(expected, resumed_after("endless", device, tmp_path, phase, epoch, batch))
 
 
 class Stateless(IterableDataset):
@@ -199,7 +186,7 @@ def test_total_steps_are_the_steps_the_run_takes(device, options, expected):
     assert trainer.fit().global_step == expected
 
 
-def test_a_stream_phase_is_refused_what_it_cannot_take():
+def test_a_stream_phase_is_refused_what_it_cannot_take(device):
     data = [(torch.zeros(1), torch.zeros(1))]
     with pytest.raises(ValueError, match="limit or batches, not both"):
         st.Phase("train", data, limit=2, batches=3)
@@ -207,7 +194,7 @@ def test_a_stream_phase_is_refused_what_it_cannot_take():
         st.Phase("train", data, batches=0)
     model = nn.Linear(1, 1)
     with pytest.raises(ValueError, match="no phase trains"):
-        st.Trainer(model, None, F.mse_loss, [st.Phase("valid", data, grad=False)], max_steps=3, device="cpu")
+        st.Trainer(model, None, F.mse_loss, [st.Phase("valid", data, grad=False)], max_steps=3, device=device)
 
 
 def test_a_checkpoint_of_a_stream_is_refused_by_a_run_that_reads_whole_passes_or_other_batches(tmp_path, device):
@@ -245,7 +232,7 @@ def test_an_error_in_a_stream_batch_is_saved_before_it_and_the_resume_runs_it_ag
     path = first.save_checkpoint(tmp_path / "after-error.safetensors")
     second = build("seeded", device)
     second.load_checkpoint(path)
-    assert_same(uninterrupted("seeded", device), outcome(second.fit()))
+    assert_trees_equal(uninterrupted("seeded", device), outcome(second.fit()))
 
 
 def test_two_whole_passes_of_a_tensor_dataset_cover_it_twice_under_batches(device):
@@ -297,28 +284,21 @@ KILL_POINTS = [pytest.param(f"train:{epoch}:{batch}", marks=[] if f"train:{epoch
 @pytest.mark.parametrize("kill_at", KILL_POINTS)
 def test_a_stream_run_sigkilled_after_any_training_batch_resumes_bit_identical(tmp_path, device, kill_at):
     expected, actual = killed_and_resumed(tmp_path, kill_at, "--device", str(device))
-    assert_same(expected, actual)
+    assert_trees_equal(expected, actual)
 
 
 @pytest.mark.parametrize("kill_at", ["valid:2:1", pytest.param("train:3:2", marks=pytest.mark.slow)])
 def test_an_endless_stream_run_sigkilled_resumes_bit_identical(tmp_path, device, kill_at):
     expected, actual = killed_and_resumed(tmp_path, kill_at, "--loader", "endless", "--device", str(device))
-    assert_same(expected, actual)
+    assert_trees_equal(expected, actual)
 
 
 def test_a_step_past_max_steps_never_comes_even_when_the_epochs_length_is_unknown(device):
     stream = DataLoader(Stateless(), batch_size=2)  # no length: total_steps is unknown with epochs given
     trainer = tiny_trainer(device, [st.Phase("train", stream, batches=3)], epochs=2, max_steps=4)
     assert trainer.total_steps == 4  # min(2 epochs of 3, 4)
-    unsized = tiny_trainer(device, [st.Phase("train", _Unsized(), grad=True)], epochs=2, max_steps=3)
+    batches = [(torch.randn(2, 2), torch.randn(2)) for _ in range(4)]
+    unsized = tiny_trainer(device, [st.Phase("train", UnsizedLoader(batches))], epochs=2, max_steps=3)
     assert unsized.total_steps is None
     with pytest.raises(ValueError, match="step=10 never comes"):
         unsized.run_until(step=10)
-
-
-class _Unsized:
-    """A finite loader without a length."""
-
-    def __iter__(self):
-        for _ in range(4):
-            yield torch.randn(2, 2), torch.randn(2)

@@ -113,7 +113,7 @@ def test_inspect_describes_a_file_and_its_json_says_the_same(tmp_path, capsys, d
     newest = st.checkpoint.checkpoint_files(tmp_path)[-1]
     assert main(["inspect", str(newest)]) == 0
     text = capsys.readouterr().out
-    assert "checksum: verified (format 2, statetrainer" in text
+    assert f"checksum: verified (format {st.checkpoint.FORMAT_VERSION}, statetrainer" in text
     assert "position: state 'phase', epoch 2, phase 'train' after batch 2, step 6" in text  # counted from 1
     assert f"run: {trainer.run.id}, seed 3, world size 1" in text and "train_loss=" in text
     assert (
@@ -242,10 +242,11 @@ def forged_checkpoints(folder: Path, device: torch.device) -> tuple[Path, Path]:
     (folder / "run.json").write_text(json.dumps({"run": f"run{SET_CLIPBOARD}", "seed": f"3{CLEAR_SCREEN}"}))
     with safe_open(forged, framework="pt") as file:
         metadata, tensors = file.metadata(), {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118
-    header = json.loads(metadata["statetrainer"])  # the header's key in a checkpoint's safetensors metadata
-    header.update(format=3, library=f"10{CLEAR_SCREEN}{SET_CLIPBOARD}")
+    header_text, document = metadata["statetrainer"].split("\n", 1)  # a checkpoint's metadata: header, document
+    header = json.loads(header_text)
+    header.update(format=st.checkpoint.FORMAT_VERSION + 1, library=f"10{CLEAR_SCREEN}{SET_CLIPBOARD}")
     newer = st.checkpoint.next_checkpoint_path(folder, 2, 7)
-    save_file(tensors, newer, metadata={**metadata, "statetrainer": json.dumps(header)})
+    save_file(tensors, newer, metadata={"statetrainer": f"{json.dumps(header)}\n{document}"})
     return forged, newer
 
 

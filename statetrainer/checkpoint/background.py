@@ -3,11 +3,9 @@
 Training blocks only while ``StagingBuffers.stage`` copies the state's tensors
 into host buffers kept from one save to the next; ``BackgroundWriter`` then
 writes that copy with the same writer and atomic protocol as a synchronous
-save, so the file holds the tensors, document and checksum a synchronous save
-at that point writes, however the model changes meanwhile. (safetensors writes
-its two metadata entries in no fixed order, so two saves of one state, either
-kind, may differ in that order.) One write is in flight at a time; a failed
-write is raised in the training thread by ``wait``.
+save, so the file is the bytes a synchronous save at that point writes,
+however the model changes meanwhile. One write is in flight at a time; a
+failed write is raised in the training thread by ``wait``.
 """
 
 from __future__ import annotations

@@ -6,9 +6,12 @@ integer keys such as an optimizer's ``state``) goes into a JSON document in the
 file's metadata, with each tensor replaced by a reference to its key. Nothing
 is pickled, so loading a checkpoint never runs code.
 
-The tensors are written by safetensors' own writer. A CRC-32 over the JSON
-document and every tensor's name, dtype, shape and bytes is stored in the
-metadata and checked on load, so a corrupted file is refused instead of
+The tensors are written by safetensors' own writer. The metadata has one
+entry: a one-line JSON header (format, library version, checksum), a newline,
+then the document; one entry because safetensors writes its metadata map in no
+fixed order, and one entry makes a state's file the same bytes every time. The
+checksum, a CRC-32 over the JSON document and every tensor's name, dtype, shape
+and bytes, is checked on load, so a corrupted file is refused instead of
 silently loaded.
 """
 
@@ -31,10 +34,14 @@ from safetensors.torch import save_file
 from ..errors import CheckpointError
 from .atomic import atomic_write
 
-__all__ = ["read_document", "read_header", "read_tree", "write_tree"]
+__all__ = ["pack_metadata", "read_document", "read_header", "read_tree", "write_tree"]
 
-FORMAT_VERSION = 2  # 2: the run's state as registry parts, the checksum covering dtypes and shapes
+# 2: the run's state as registry parts, the checksum covering dtypes and shapes, the document under a key "tree";
+# 3: header and document under the one key, so the file's bytes are a function of the state
+FORMAT_VERSION = 3
+_READABLE_FORMATS = (2, 3)
 _METADATA_KEY = "statetrainer"
+_FORMAT_2_DOCUMENT_KEY = "tree"
 _TENSOR, _TUPLE, _ITEMS = "__tensor__", "__tuple__", "__items__"
 
 
@@ -174,11 +181,32 @@ def write_tree(path: str | os.PathLike[str], tree: dict[str, Any], library_versi
     header = {"format": FORMAT_VERSION, "library": library_version, "checksum": _checksum(document, tensors)}
     with atomic_write(path) as temporary:
         try:
-            save_file(tensors, temporary, metadata={_METADATA_KEY: json.dumps(header), "tree": document})
+            save_file(tensors, temporary, metadata=pack_metadata(header, document))
         except SafetensorError as error:  # safetensors reports the system's I/O errors as its own
             code = re.search(r"os error (\d+)", str(error))
             raise OSError(int(code[1]) if code else errno.EIO, str(error)) from error
     return path
+
+
+def pack_metadata(header: dict[str, Any], document: str) -> dict[str, str]:
+    """The safetensors metadata of a checkpoint with ``header`` and the JSON ``document``: one entry."""
+    return {_METADATA_KEY: json.dumps(header) + "\n" + document}
+
+
+def _unpack_metadata(metadata: dict[str, str], path: Path) -> tuple[dict[str, Any], str]:
+    """A checkpoint's header, parsed, and its document's JSON text (either format's layout); not verified."""
+    if _METADATA_KEY not in metadata:
+        raise CheckpointError(f"{path} is a safetensors file but not a statetrainer checkpoint")
+    if _FORMAT_2_DOCUMENT_KEY in metadata:
+        header_text, document = metadata[_METADATA_KEY], metadata[_FORMAT_2_DOCUMENT_KEY]
+    else:
+        header_text, newline, document = metadata[_METADATA_KEY].partition("\n")
+        if not newline:
+            raise CheckpointError(f"{path}: its checkpoint metadata holds a header but no document")
+    header = _parse(header_text, path, "header")
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: its checkpoint header is a {type(header).__name__}, not an object")
+    return header, document
 
 
 def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -189,7 +217,7 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
         CheckpointError: The file is not a readable statetrainer checkpoint.
     """
     path = _regular_file(path)
-    return _header(_metadata(path), path)
+    return _unpack_metadata(_metadata(path), path)[0]
 
 
 def read_document(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -200,9 +228,7 @@ def read_document(path: str | os.PathLike[str]) -> dict[str, Any]:
         CheckpointError: The file is not a readable statetrainer checkpoint, or its document is not an object.
     """
     path = _regular_file(path)
-    metadata = _metadata(path)
-    _header(metadata, path)
-    document = _parse(metadata["tree"], path, "document")
+    document = _parse(_unpack_metadata(_metadata(path), path)[1], path, "document")
     if not isinstance(document, dict):
         raise CheckpointError(f"{path}: its checkpoint document is a {type(document).__name__}, not an object")
     return document
@@ -231,15 +257,6 @@ def _regular_file(path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def _header(metadata: dict[str, str], path: Path) -> dict[str, Any]:
-    if _METADATA_KEY not in metadata or "tree" not in metadata:
-        raise CheckpointError(f"{path} is a safetensors file but not a statetrainer checkpoint")
-    header = _parse(metadata[_METADATA_KEY], path, "header")
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: its checkpoint header is a {type(header).__name__}, not an object")
-    return header
-
-
 def read_tree(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and verify a file written by ``write_tree``.
 
@@ -260,19 +277,20 @@ def read_tree(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(
             f"{path} is not a readable safetensors file (truncated or corrupted?): {error}"
         ) from error
-    header = _header(metadata, path)
+    header, document = _unpack_metadata(metadata, path)
     if not isinstance(header.get("format"), int) or header["format"] > FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has checkpoint format {header.get('format')!r} (statetrainer {header.get('library')}); "
             f"this statetrainer reads formats up to {FORMAT_VERSION}: upgrade statetrainer to load it"
         )
-    if header["format"] < FORMAT_VERSION:
+    if header["format"] not in _READABLE_FORMATS:
         raise CheckpointError(
             f"{path} has checkpoint format {header['format']} (statetrainer {header.get('library')}), which this "
-            f"statetrainer no longer reads (it reads format {FORMAT_VERSION}); finish that run with the version that "
-            "wrote it, or start afresh"
+            f"statetrainer no longer reads (it reads formats {', '.join(map(str, _READABLE_FORMATS))}); finish that "
+            "run with the version that wrote it, or start afresh"
         )
-    document = metadata["tree"]
+    if (header["format"] == 2) != (_FORMAT_2_DOCUMENT_KEY in metadata):
+        raise CheckpointError(f"{path}: its metadata is not laid out as its format, {header['format']}, lays it out")
     if _checksum(document, tensors) != header.get("checksum"):
         raise CheckpointError(f"{path} is corrupted: its checksum does not match its contents")
     tree = _parse(document, path, "document")

@@ -1,4 +1,4 @@
-"""Background checkpoints (``save_checkpoint(background=True)``): what a synchronous save holds (its tensors,
+"""Background checkpoints (``save_checkpoint(background=True)``): the bytes of a synchronous save (its tensors,
 document and checksum), written while training changes the model; one write at a time; a failed write raised in
 the training thread."""
 
@@ -28,8 +28,7 @@ def build(device: torch.device) -> st.Trainer:
 
 
 def contents(path) -> tuple[str, dict, dict[str, bytes]]:
-    """A checkpoint's checksum, document and every tensor's bytes (safetensors writes its metadata map, two
-    entries, in no fixed order, so two saves of one state can differ there and nowhere else)."""
+    """A checkpoint's checksum, document and every tensor's bytes: what a difference in its bytes is in."""
     tensors = {key: (str(tensor.dtype), tuple(tensor.shape), tensor.numpy().tobytes())
                for key, tensor in load_file(str(path)).items()}  # fmt: skip
     return read_header(path)["checksum"], read_document(path), tensors
@@ -38,13 +37,15 @@ def contents(path) -> tuple[str, dict, dict[str, bytes]]:
 def test_a_background_save_holds_what_the_synchronous_save_holds_while_the_model_changes(tmp_path, device):
     background = build(device)
     background.run_until("phase", step=4)
-    expected = contents(background.save_checkpoint(tmp_path / "sync.safetensors"))  # the same run, the same point
+    synchronous = background.save_checkpoint(tmp_path / "sync.safetensors")  # the same run, the same point
+    expected = contents(synchronous)
     path = background.save_checkpoint(tmp_path / "background.safetensors", background=True)
     with torch.no_grad():  # under the writer: every tensor it holds changes at once, the big one first
         background.model.pad.fill_(-1.0)
     background.run_until("phase", step=9)  # and training goes on, stepping the weights and Adam's moments
     background.wait_for_checkpoints()
-    assert contents(path) == expected
+    assert contents(path) == expected  # says where they differ, if they do
+    assert path.read_bytes() == synchronous.read_bytes()
     background.fit()  # waits for nothing; the run goes on as usual
     assert background.finished and background.global_step == 15
 

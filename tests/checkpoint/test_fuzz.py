@@ -104,7 +104,8 @@ def mutants(data: bytes, seed: int) -> list[tuple[str, bytes]]:
             edited[key] = {**header[key], field: new}
             out.append((f"{key}: {field} = {new}", _with_header(edited, data[header_end:])))
     metadata = header["__metadata__"]
-    document, stamp = metadata["tree"], json.loads(metadata["statetrainer"])
+    stamp_text, document = metadata["statetrainer"].split("\n", 1)
+    stamp = json.loads(stamp_text)
     forged_documents = {
         "deep nesting": "[" * 50_000 + "]" * 50_000,
         "huge number": '{"position": ' + "9" * 5000 + "}",
@@ -121,7 +122,7 @@ def mutants(data: bytes, seed: int) -> list[tuple[str, bytes]]:
     for name, value in (("format 99", {**stamp, "format": 99}), ("format 1", {**stamp, "format": 1}),
                         ("stamp list", [1]), ("no checksum", {k: v for k, v in stamp.items() if k != "checksum"})):  # fmt: skip
         edited = dict(header)
-        edited["__metadata__"] = {**metadata, "statetrainer": json.dumps(value)}
+        edited["__metadata__"] = {"statetrainer": f"{json.dumps(value)}\n{document}"}
         out.append((f"stamp {name}", _with_header(edited, data[header_end:])))
     zipped = io.BytesIO()
     with zipfile.ZipFile(zipped, "w") as archive:
@@ -150,7 +151,7 @@ def _forge(header: dict, payload: bytes, stamp: dict, document: str, recompute: 
             tensors[key] = torch.frombuffer(bytearray(payload[start:end]) or bytearray(1), dtype=torch.uint8)[
                 : end - start].view(dtype).reshape(spec["shape"]) if end > start else torch.empty(spec["shape"], dtype=dtype)  # fmt: skip
         new_stamp["checksum"] = serialization._checksum(document, tensors)
-    edited["__metadata__"] = {**header["__metadata__"], "statetrainer": json.dumps(new_stamp), "tree": document}
+    edited["__metadata__"] = serialization.pack_metadata(new_stamp, document)
     return _with_header(edited, payload)
 
 
@@ -508,7 +509,7 @@ def forged_file(tree: dict) -> bytes:
     document = json.dumps(flatten(tree, ""), separators=(",", ":"))
     header = {"format": serialization.FORMAT_VERSION, "library": st.__version__,
               "checksum": serialization._checksum(document, flatten.tensors)}  # fmt: skip
-    return save_safetensors(flatten.tensors, metadata={"statetrainer": json.dumps(header), "tree": document})
+    return save_safetensors(flatten.tensors, metadata=serialization.pack_metadata(header, document))
 
 
 def generator_states() -> tuple:

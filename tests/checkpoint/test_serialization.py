@@ -64,10 +64,37 @@ def test_a_flipped_byte_fails_the_checksum(tmp_path):
         read_tree(path)
 
 
+def test_two_saves_of_one_state_are_the_same_bytes(tmp_path):
+    def state():  # built afresh each time (other dicts, other tensors): the bytes depend on the state alone
+        torch.manual_seed(0)
+        return sample_tree()
+
+    first = write_tree(tmp_path / "first.safetensors", state(), "test").read_bytes()
+    assert all(write_tree(tmp_path / f"{index}.safetensors", state(), "test").read_bytes() == first
+               for index in range(5))  # fmt: skip
+
+
+def test_a_format_2_checkpoint_is_still_read_and_older_formats_are_refused(tmp_path):
+    path = write_tree(tmp_path / "a.safetensors", sample_tree(), "test")
+    with safe_open(path, framework="pt") as file:
+        header_text, document = file.metadata()["statetrainer"].split("\n", 1)
+        tensors = {key: file.get_tensor(key).clone() for key in file.keys()}  # noqa: SIM118
+    old = tmp_path / "format2.safetensors"  # as statetrainer wrote format 2: the document under a key of its own
+    header = {**json.loads(header_text), "format": 2}
+    save_file(tensors, old, metadata={"statetrainer": json.dumps(header), "tree": document})
+    assert str(read_tree(old)) == str(read_tree(path))
+    save_file(tensors, old, metadata={"statetrainer": json.dumps({**header, "format": 1}), "tree": document})
+    with pytest.raises(CheckpointError, match="format 1 .*no longer reads"):
+        read_tree(old)
+    save_file(tensors, old, metadata=serialization.pack_metadata(header, document))  # format 2 in format 3's layout
+    with pytest.raises(CheckpointError, match="not laid out as its format"):
+        read_tree(old)
+
+
 def test_newer_format_and_foreign_files_are_refused(tmp_path):
     newer = tmp_path / "newer.safetensors"
     header = {"format": FORMAT_VERSION + 1, "library": "9.9", "checksum": "0"}
-    save_file({"x": torch.zeros(1)}, newer, metadata={"statetrainer": json.dumps(header), "tree": "{}"})
+    save_file({"x": torch.zeros(1)}, newer, metadata=serialization.pack_metadata(header, "{}"))
     with pytest.raises(CheckpointError, match=f"format {FORMAT_VERSION + 1} .*upgrade statetrainer"):
         read_tree(newer)
     foreign = tmp_path / "foreign.safetensors"
@@ -269,19 +296,20 @@ def _forge(path, header=None, document=None) -> None:
     with safe_open(path, framework="pt") as file:
         metadata = file.metadata()
         tensors = {key: file.get_tensor(key).clone() for key in file.keys()}  # noqa: SIM118
-    document = metadata["tree"] if document is None else document
+    saved_header, saved_document = metadata["statetrainer"].split("\n", 1)
+    document = saved_document if document is None else document
     if header is None:
-        header = json.loads(metadata["statetrainer"])
+        header = json.loads(saved_header)
         header["checksum"] = serialization._checksum(document, tensors)
-    save_file(tensors, path, metadata={"statetrainer": header if isinstance(header, str) else json.dumps(header),
-                                       "tree": document})  # fmt: skip
+    header_text = header if isinstance(header, str) else json.dumps(header)
+    save_file(tensors, path, metadata={"statetrainer": f"{header_text}\n{document}"})
 
 
 @pytest.mark.parametrize(
     ("header", "document", "message"),
     [
         ("[1, 2]", None, "header is a list"),
-        ('{"format": 2, "checksum": "00"}', None, "checksum"),
+        ('{"format": 3, "checksum": "00"}', None, "checksum"),
         (None, "[" * 100_000 + "]" * 100_000, "corrupted|nests deeper"),
         (None, "[" * 70 + "]" * 70, "nests deeper than 64"),
         (None, '{"x": ' + "9" * 5000 + "}", "corrupted: a number with 5000 digits"),

@@ -255,19 +255,26 @@ class Trainer:
             raise
         self._core.loaded()
 
-    def save_checkpoint(self, path: str | os.PathLike[str] | None = None, *, background: bool = False) -> Path:
+    def save_checkpoint(self, path: str | os.PathLike[str] | None = None, *, background: bool = False,
+                        when_busy: str = "wait", on_written: Callable[[Path], None] | None = None) -> Path | None:  # fmt: skip
         """Write ``state_dict()`` atomically to a ``.safetensors`` file, or as the next checkpoint of a folder
         (default ``checkpoints/``); return the file. ``ValueError`` for another kind of file (``model.pt``);
         ``CheckpointError`` for a folder of another run, or a file there that is not this run's checkpoint.
 
-        With ``background``, it returns once the state is copied aside, and a worker thread writes the file (what a
-        save here writes) while training goes on, in one process for now; a failed write raises at the next batch
-        boundary, or in ``wait_for_checkpoints()``; ``fit()`` waits for it at its end. Under torchrun every rank calls it:
-        rank 0 writes the one file, and every rank returns once it is written.
+        With ``background``, it returns (the file it will write) once the state is copied aside, and a worker
+        thread writes the bytes a save here writes while training goes on; a failed write raises at the next batch
+        boundary, or in ``wait_for_checkpoints()``; ``fit()`` waits for it at its end. A save while a background
+        write is in flight waits for it, or with ``when_busy="skip"`` is skipped and returns None.
+        ``on_written(file)`` runs once the file is durable, in the process that wrote it (in the writer's thread
+        for a background save). Under torchrun every rank calls it: rank 0 writes the one file, and every rank
+        returns once it is written (staged, for a background save).
         """
+        if when_busy not in ("wait", "skip"):
+            raise ValueError(f"save_checkpoint: when_busy is 'wait' or 'skip', not {when_busy!r}")
         self._core.check_at_rest("save_checkpoint()")
         epoch = self.position.epoch_for_people(self.state)
-        return self._checkpointer.save(path, epoch, self.global_step, self.state_dict, background)
+        return self._checkpointer.save(path, epoch, self.global_step, self.state_dict, background, when_busy,
+                                       on_written)  # fmt: skip
 
     def wait_for_checkpoints(self) -> None:
         """Block until the background checkpoint write in flight is on disk; raise its failure."""

@@ -31,6 +31,14 @@ class Checkpoint(Callback):
 
     Resuming is ``trainer.load_checkpoint(folder)`` before ``trainer.fit()``.
 
+    With ``background=True`` the scheduled saves return once the state is
+    staged, and a worker thread writes the file while training goes on (see
+    ``Trainer.save_checkpoint``); pruning and the best copies follow once that
+    file is durable. A save due while the previous one is still being written
+    waits for it, or with ``when_busy="skip"`` is skipped; the
+    ``statetrainer.checkpoint`` log says which. The save a stop signal asks for
+    is always written before the process exits.
+
     Where the run cannot be resumed (``trainer.why_not_checkpoint_here()``),
     the checkpoint is skipped with a warning: in a phase whose loader cannot
     be resumed mid-phase (see ``statetrainer.data.resumable``) the step
@@ -46,6 +54,9 @@ class Checkpoint(Callback):
         best_mode: ``"min"`` or ``"max"``; ``"auto"`` means min for names with
             ``loss`` or ``error`` in them, else max.
         keep_best: How many of the best epochs' checkpoints to keep (with ``best``).
+        background: Write the scheduled saves in a worker thread while training goes on.
+        when_busy: With ``background``, what a save due while a write is in flight does: ``"wait"`` for it,
+            or ``"skip"`` this save.
         name: The callback's unique name (defaults to the class name).
     """
 
@@ -53,7 +64,8 @@ class Checkpoint(Callback):
 
     def __init__(self, folder: str | os.PathLike[str] = "checkpoints", every_steps: int | None = None,
                  every_epochs: int | None = 1, keep_last: int | None = 3, best: str | None = None,
-                 best_mode: str = "auto", keep_best: int | None = None, name: str | None = None) -> None:  # fmt: skip
+                 best_mode: str = "auto", keep_best: int | None = None, background: bool = False,
+                 when_busy: str = "wait", name: str | None = None) -> None:  # fmt: skip
         check_every("Checkpoint: every_steps", every_steps, never=True)
         check_every("Checkpoint: every_epochs", every_epochs, never=True)
         for label, value in (("keep_last", keep_last), ("keep_best", keep_best)):
@@ -63,6 +75,9 @@ class Checkpoint(Callback):
         if best is not None and not isinstance(best, str):
             raise TypeError(f"Checkpoint: best is the name of a metric to keep the best checkpoint of, such as "
                             f"best='valid_accuracy' (its mode inferred, or best_mode='max'), not {best!r}")  # fmt: skip
+        if when_busy not in ("wait", "skip"):
+            raise ValueError(f"Checkpoint: when_busy is 'wait' (for the write in flight) or 'skip' (this save), "
+                             f"not {when_busy!r}")  # fmt: skip
         if best_mode not in ("auto", "min", "max"):
             raise ValueError(f"Checkpoint: best_mode must be 'auto', 'min' or 'max', got {best_mode!r}")
         if best_mode == "auto" and best is not None:
@@ -71,7 +86,7 @@ class Checkpoint(Callback):
         self.every_steps, self.every_epochs, self.keep_last = every_steps, every_epochs, keep_last
         self.best, self.best_mode, self.name = best, best_mode, name
         self.best_value = math.inf if best_mode == "min" else -math.inf
-        self.keep_best = keep_best
+        self.keep_best, self.background, self.when_busy = keep_best, bool(background), when_busy
         self.best_epoch: int | None = None  # the epoch (from 1) whose checkpoint best.safetensors is
         self.ranked: list[tuple[float, int]] = []  # the best epochs kept (value, epoch from 1), best first
         self._due = False
@@ -102,7 +117,7 @@ class Checkpoint(Callback):
         """Remove what a killed writer left half-written, and remake the best copies the loaded state names."""
         remove_stale_temporaries(self.folder)
         if self.best is not None:
-            self._update_best_copies(None)
+            remake_best_copies(self.layout, self._wanted_best_copies(), None)
         self._prune((self.layout.read_marker() or {}).get("run"))  # a run killed before it pruned
 
     def on_exit_step(self, trainer: TrainerView) -> None:
@@ -140,31 +155,46 @@ class Checkpoint(Callback):
                 warnings.warn(f"Checkpoint: the run cannot be resumed from {where} ({why_not}), so its checkpoints "
                               "there are skipped; a restart resumes from the newest one saved", stacklevel=2)  # fmt: skip
             return
-        self.save(trainer)
+        self._write(trainer, self.background)
 
     def save(self, trainer: TrainerView) -> Path:
-        """Checkpoint ``trainer`` into the folder now, then update the best copies and prune; return the file.
+        """Checkpoint ``trainer`` into the folder now, then update the best copies and prune; return the file
+        once it is durable (after the background write in flight, if any).
 
         The trainer must be between batches (a deferred action, or outside
         ``fit()``). Asked twice at one position, it writes once and returns
         that file again. Pruning deletes only this run's own checkpoints.
         """
+        path = self._write(trainer, background=False)
+        assert path is not None  # only a background save is ever skipped
+        return path
+
+    def _write(self, trainer: TrainerView, background: bool) -> Path | None:
         position = (trainer.state, trainer.epoch, trainer.phase, trainer.batch_index, trainer.global_step)
-        if self._last_saved is not None and self._last_saved[0] == position and self._last_saved[1].exists():
-            return self._last_saved[1]
+        if self._last_saved is not None and self._last_saved[0] == position:
+            if background:  # written, or being written
+                return self._last_saved[1]
+            trainer.wait_for_checkpoints()
+            if self._last_saved[1].exists():
+                return self._last_saved[1]
         bad = first_non_finite(dict(trainer.model.named_parameters()))
         if bad is not None:  # never save, nor prune the good ones for, a run that has gone to NaN
             kept = self.layout.checkpoints()
             raise NonFiniteError(f"Checkpoint: parameter {bad!r} is not finite, so the run is not saved; the last "
                                  f"checkpoint, {kept[-1] if kept else 'none'}, is kept")  # fmt: skip
-        path = trainer.save_checkpoint(self.folder)
-        self._last_saved = position, path
-        if not trainer.ranks.is_global_zero:  # under torchrun, rank 0 alone touches the folder
-            return path
-        if self.best is not None:  # made from the checkpoints, so a kill at any point leaves them remade on resume
-            self._update_best_copies(path)
-        self._prune(self._run_of(path))  # only now that the new file is durable
+        wanted = self._wanted_best_copies()  # taken now: the training may change the ranking while the file is written
+        path = trainer.save_checkpoint(self.folder, background=background,
+                                       when_busy=self.when_busy if background else "wait",
+                                       on_written=lambda written: self._written(written, wanted))  # fmt: skip
+        if path is not None:
+            self._last_saved = position, path
         return path
+
+    def _written(self, path: Path, wanted: dict[Path, int]) -> None:
+        """Once ``path`` is durable, in the process that wrote it: the best copies, then pruning."""
+        if self.best is not None:  # made from the checkpoints, so a kill at any point leaves them remade on resume
+            remake_best_copies(self.layout, wanted, path)
+        self._prune(self._run_of(path))
 
     def _prune(self, run: str | None) -> None:
         """Delete all but the newest ``keep_last`` checkpoints of run ``run`` (never another run's)."""
@@ -187,12 +217,12 @@ class Checkpoint(Callback):
         self.ranked = ranked[: self.keep_best]
         return (value, epoch) in self.ranked
 
-    def _update_best_copies(self, newest: Path | None) -> None:
-        """Make ``best.safetensors`` and the ``keep_best`` files the checkpoints of the epochs the state names."""
+    def _wanted_best_copies(self) -> dict[Path, int]:
+        """The best copies the state names: each file, and the epoch (from 1) whose end it must hold."""
         wanted = {self.best_epoch_path(epoch): epoch for _, epoch in self.ranked}
         if self.best_epoch is not None:
             wanted[self.best_path] = self.best_epoch
-        remake_best_copies(self.layout, wanted, newest)
+        return wanted
 
     def state_dict(self) -> dict[str, Any]:
         return {"best_value": self.best_value, "best_epoch": self.best_epoch,

@@ -6,46 +6,95 @@ writes that copy with the same writer and atomic protocol as a synchronous
 save, so the file is the bytes a synchronous save at that point writes,
 however the model changes meanwhile. One write is in flight at a time; a
 failed write is raised in the training thread by ``wait``.
+
+From a GPU the copy is queued on the tensors' current stream, into pinned
+memory, without blocking the host: whatever the training does next on that
+stream (the next forward, an optimizer step, a metric reset) runs after the
+copy has read the tensors, and the writer waits for the copy before it reads
+the buffers.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-__all__ = ["BackgroundWriter", "StagingBuffers"]
+__all__ = ["BackgroundWriter", "Staged", "StagingBuffers"]
+
+
+@dataclass
+class Staged:
+    """A state staged for writing: ``tree`` holds host copies of the tensors, complete once ``ready()`` returns.
+
+    Attributes:
+        tree: The state, every tensor replaced by its buffer.
+        bytes: The staged tensors' size.
+        copies: One event per GPU whose tensors are still being copied (none from the CPU).
+    """
+
+    tree: Any
+    bytes: int
+    copies: list[torch.cuda.Event] = field(default_factory=list)
+
+    def ready(self) -> None:
+        """Block until every copy from a GPU has landed in the buffers."""
+        for copy in self.copies:
+            copy.synchronize()
 
 
 class StagingBuffers:
     """Host copies of a state's tensors, in buffers reused by every save whose tensors have the same shapes.
 
     A buffer is allocated the first time its leaf is staged (pinned when the tensor is on a GPU, so the copy
-    is a DMA), and again only if that leaf's shape or dtype changes: a run's steady state allocates nothing.
+    is an asynchronous DMA), and again only if that leaf's shape or dtype changes: a run's steady state
+    allocates nothing. A tensor that appears twice in the tree (tied weights) is staged once and appears
+    twice in the copy, as the writer expects to store it once.
     """
 
     def __init__(self) -> None:
         self._buffers: list[torch.Tensor | None] = []
 
-    def stage(self, tree: Any) -> Any:
-        """``tree`` with every tensor replaced by its copy in a buffer (other leaves are numbers, strings and None,
-        which do not change; the containers are new)."""
+    def stage(self, tree: Any) -> Staged:
+        """Copy ``tree``'s tensors into the buffers (other leaves are numbers, strings and None, which do not
+        change; the containers are new). Call ``ready()`` on the result before reading the copies."""
         leaves, spec = tree_flatten(tree)
         if len(self._buffers) < len(leaves):
             self._buffers.extend([None] * (len(leaves) - len(self._buffers)))
-        staged = [self._copy(index, leaf) if isinstance(leaf, torch.Tensor) else leaf
-                  for index, leaf in enumerate(leaves)]  # fmt: skip
-        return tree_unflatten(staged, spec)
+        seen: dict[tuple[Any, ...], torch.Tensor] = {}
+        devices: set[torch.device] = set()
+        staged: list[Any] = []
+        for index, leaf in enumerate(leaves):
+            if not isinstance(leaf, torch.Tensor):
+                staged.append(leaf)
+                continue
+            view = (leaf.untyped_storage().data_ptr(), leaf.storage_offset(), tuple(leaf.shape),
+                    tuple(leaf.stride()), leaf.dtype, leaf.device)  # fmt: skip
+            if leaf.numel() and view in seen:
+                staged.append(seen[view])
+                continue
+            seen[view] = copy = self._copy(index, leaf)
+            staged.append(copy)
+            if leaf.is_cuda:
+                devices.add(leaf.device)
+        copies = []
+        for device in sorted(devices, key=str):
+            landed = torch.cuda.Event()
+            landed.record(torch.cuda.current_stream(device))
+            copies.append(landed)
+        size = sum(tensor.numel() * tensor.element_size() for tensor in seen.values())
+        return Staged(tree_unflatten(staged, spec), size, copies)
 
     def _copy(self, index: int, tensor: torch.Tensor) -> torch.Tensor:
         buffer = self._buffers[index]
         if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
             buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
             self._buffers[index] = buffer
-        return buffer.copy_(tensor.detach())  # from a GPU: waits for the copy, so training may change the tensor
+        return buffer.copy_(tensor.detach(), non_blocking=tensor.is_cuda)
 
     @property
     def bytes(self) -> int:

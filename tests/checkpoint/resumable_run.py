@@ -2,6 +2,7 @@
 
     python resumable_run.py FOLDER OUT [--kill-at EPOCH:PHASE:BATCH] [--signal-at EPOCH:PHASE:BATCH:SIGNAL]
                             [--accumulate N] [--pad-mb M] [--device D] [--precision P] [--deterministic]
+                            [--background] [--in-write N:POINT:SIGNAL]
 
 It trains with everything that makes exact resume hard: a shuffled DataLoader
 with two workers, random augmentation drawing from torch, NumPy and Python,
@@ -13,18 +14,23 @@ metrics to OUT. ``--kill-at`` makes it SIGKILL itself after that batch;
 ``--signal-at`` sends SIGNAL to its whole process group (itself and its
 DataLoader workers, as a scheduler or Ctrl-C does) as that batch starts;
 ``--pad-mb`` adds a constant buffer so each checkpoint write takes long enough
-to be caught mid-write.
+to be caught mid-write. ``--background`` writes the checkpoints in the
+background; ``--in-write`` then has SIGNAL (KILL or TERM) land as the N-th
+background write reaches POINT (see ``InWrite``), while training goes on.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import random
 import signal
 import subprocess
 import sys
+import threading
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -114,7 +120,7 @@ class NoisyShapes(Dataset):
 
 
 def build(folder: str, accumulate: int, pad_mb: int, extra: list[st.Callback], loader: str = "seeded",
-          **options) -> st.Trainer:  # fmt: skip
+          background: bool = False, **options) -> st.Trainer:  # fmt: skip
     torch.manual_seed(0)
     np.random.seed(0)  # a loader that augments in this process draws from NumPy's and Python's global generators
     random.seed(0)
@@ -147,7 +153,7 @@ def build(folder: str, accumulate: int, pad_mb: int, extra: list[st.Callback], l
             cb.OneCycle(1e-2, total_steps=steps, cycle_momentum=True),
             cb.SmoothedLoss(), cb.Accuracy(), MeanConfidence(),
             cb.CSVLogger(os.path.join(folder, "log.csv"), every_batches=5),
-            cb.Checkpoint(folder, every_steps=3, every_epochs=1, keep_last=2),
+            cb.Checkpoint(folder, every_steps=3, every_epochs=1, keep_last=2, background=background),
             *extra,
         ],
         epochs=epochs, accumulate=accumulate, seed=7, **options,
@@ -181,9 +187,54 @@ class SignalAt(st.Callback):
     def on_enter_batch(self, trainer: st.Trainer) -> None:
         if not self.sent and (trainer.epoch, trainer.phase.name, trainer.batch_index) == self.where:
             self.sent = True
-            sender = f"import os; os.killpg({os.getpgrp()}, {int(self.signal)})"
-            subprocess.run([sys.executable, "-c", sender], check=True, start_new_session=True)
+            signal_group(self.signal)
             time.sleep(0.5)  # a long batch: a worker the signal killed would make PyTorch raise here
+
+
+def signal_group(number: signal.Signals) -> None:
+    """Signal this process's group from another process, as a scheduler does (see ``SignalAt``), and wait for it."""
+    sender = f"import os; os.killpg({os.getpgrp()}, {int(number)})"
+    subprocess.run([sys.executable, "-c", sender], check=True, start_new_session=True)
+
+
+class InWrite:
+    """Lands a signal as the ``count``-th background checkpoint write reaches ``point``, in the writer's thread.
+
+    The points are the file operations of the atomic write, seen through an audit hook: ``start`` (its private
+    folder is made), ``mid`` (a few milliseconds later, while safetensors writes), ``written`` (the temporary
+    file is whole, not yet synced), ``renamed`` (just before the rename over the checkpoint's name) and
+    ``pruned`` (the new file is durable; an old one is about to be deleted). SIGKILL kills this process there;
+    SIGTERM goes to its process group, and the run goes on to the preemption save.
+    """
+
+    EVENTS = {"start": "os.mkdir", "mid": "os.mkdir", "written": "os.chmod", "renamed": "os.rename",
+              "pruned": "os.remove"}  # fmt: skip
+
+    def __init__(self, folder: str, count: int, point: str, name: str) -> None:
+        self.folder, self.count, self.point = os.path.abspath(folder), count, point
+        self.signal, self.seen, self.done = signal.Signals[f"SIG{name}"], 0, False
+        sys.addaudithook(self._hook)
+
+    def _hook(self, event: str, args: tuple[Any, ...]) -> None:
+        if self.done or threading.current_thread().name != "statetrainer-checkpoint-writer":
+            return
+        if event == "os.mkdir" and os.fsdecode(args[0]).endswith(".tmp"):
+            self.seen += 1  # one private folder per write
+        if event != self.EVENTS[self.point] or self.seen != self.count:
+            return
+        if not os.path.abspath(os.fsdecode(args[0])).startswith(self.folder):
+            return
+        self.done = True
+        if self.point == "mid":
+            threading.Timer(0.003, self._land).start()
+        else:
+            self._land()
+
+    def _land(self) -> None:
+        if self.signal == signal.SIGKILL:
+            os.kill(os.getpid(), signal.SIGKILL)
+        signal_group(self.signal)
+        time.sleep(0.5)  # a slow disk: the write is still in flight when the training thread stops
 
 
 def main() -> None:
@@ -197,6 +248,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default=None)
     parser.add_argument("--deterministic", action="store_true")
+    parser.add_argument("--background", action="store_true")
+    parser.add_argument("--in-write", default=None)
     parser.add_argument("--loader", choices=("seeded", "stream", "torchdata", "torchdata-main"), default="seeded",
                         help="the training loader: a DataLoader, a stream, a StatefulDataLoader with or without workers")  # fmt: skip
     args = parser.parse_args()
@@ -209,8 +262,14 @@ def main() -> None:
     if args.signal_at:
         epoch, phase, batch, name = args.signal_at.split(":")
         extra.append(SignalAt(int(epoch), phase, int(batch), name))
+    if args.background:  # the writes' log lines, on stderr
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    if args.in_write:
+        count, point, name = args.in_write.split(":")
+        InWrite(args.folder, int(count), point, name)
     options = {"device": args.device, "precision": args.precision, "deterministic": args.deterministic}
-    trainer = build(args.folder, args.accumulate, args.pad_mb, extra, loader=args.loader, **options)
+    trainer = build(args.folder, args.accumulate, args.pad_mb, extra, loader=args.loader,
+                    background=args.background, **options)  # fmt: skip
     resumed = trainer.load_checkpoint(args.folder)
     print(f"resumed from {resumed}" if resumed else "fresh start", flush=True)
     trainer.fit()

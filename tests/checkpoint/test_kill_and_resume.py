@@ -223,6 +223,46 @@ def test_a_signal_during_a_checkpoint_write_leaves_only_whole_checkpoints(baseli
     assert not [path for path in folder.iterdir() if path.name.endswith(".tmp")]  # the leftovers were cleaned
 
 
+BACKGROUND_POINTS = [
+    # (point, signal) in the third background write (of step 9's checkpoint): see resumable_run.InWrite
+    ("written", "KILL"),  # the temporary file whole, not yet synced or renamed (the default run's SIGKILL case)
+    ("start", "TERM"),  # the write has begun: it ends, then the preemption save (the default run's SIGTERM case)
+    pytest.param("start", "KILL", marks=slow),
+    pytest.param("mid", "KILL", marks=slow),  # while safetensors writes
+    pytest.param("renamed", "KILL", marks=slow),  # synced, just before the rename
+    pytest.param("pruned", "KILL", marks=slow),  # durable under its name; the oldest not yet pruned
+    pytest.param("written", "TERM", marks=slow),
+]
+
+
+@pytest.mark.parametrize(("point", "name"), BACKGROUND_POINTS)
+def test_a_signal_during_a_background_write_keeps_the_previous_checkpoints_and_the_restart_ends_bit_identical(
+    baseline, tmp_path, device, point, name
+):
+    """The run writes its checkpoints in the background, with a 16 MB buffer, and is stopped as its third write
+    reaches ``point`` while training goes on; the restart, in the background too, ends as the uninterrupted run
+    with synchronous saves ends."""
+    options = ("--accumulate", "1", *device_options(device))
+    folder, out = tmp_path / "run", tmp_path / "run.out"
+    background = ("--pad-mb", "16", "--background")
+    stopped = run_script(folder, out, *options, *background, "--in-write", f"3:{point}:{name}")
+    steps = [read_tree(path)["position"]["global_step"] for path in checkpoint_files(folder)]  # each one verifies
+    if name == "KILL":
+        assert stopped.returncode == -signal.SIGKILL, stopped.stderr
+        assert steps == ([3, 6, 9] if point == "pruned" else [3, 6])  # step 9's only once it is durable
+    else:
+        assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+        assert "waited" in stopped.stderr and "before the save at step" in stopped.stderr, stopped.stderr
+        assert "stopped by SIGTERM" in stopped.stderr and "saved" in stopped.stderr, stopped.stderr
+        assert steps[0] == 9 and steps[1] > 9  # the write in flight ended, then the preemption save
+    assert not out.exists()
+    resumed = run_script(folder, out, *options, *background)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.startswith("resumed from"), resumed.stdout
+    assert_same_run(*baseline(*options), folder, out)
+    assert not [path for path in folder.iterdir() if path.name.endswith(".tmp")]  # the leftovers were cleaned
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("precision", [None, "bf16", "fp16"])

@@ -21,11 +21,14 @@ the trained model predict the validation samples (rank 0 writes them, with a pla
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import random
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +111,40 @@ class TerminateLauncher(st.Callback):
             os.kill(os.getppid(), signal.SIGTERM)
 
 
+class SlowDisk:
+    """On rank 0, as its ``count``-th background checkpoint write starts (its private folder is made, seen through an
+    audit hook in the writer's thread): mark ``FOLDER/writing``, then hold the write for 2 s, or fail it as a full
+    disk fails it (``fail``)."""
+
+    def __init__(self, folder: Path, count: int, fail: bool) -> None:
+        self.marker, self.count, self.fail, self.seen = folder / "writing", count, fail, 0
+        sys.addaudithook(self._hook)
+
+    def _hook(self, event: str, arguments: tuple) -> None:
+        if event != "os.mkdir" or threading.current_thread().name != "statetrainer-checkpoint-writer":
+            return
+        if not os.fsdecode(arguments[0]).endswith(".tmp"):
+            return
+        self.seen += 1
+        if self.seen == self.count:
+            self.marker.touch()
+            if self.fail:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            time.sleep(2)
+
+
+class KillWhileWriting(st.Callback):
+    """SIGKILLs rank 1 at its first batch boundary after rank 0 began the held write (``FOLDER/writing``), once."""
+
+    def __init__(self, folder: Path) -> None:
+        self.writing, self.marker = folder / "writing", folder / "killed"
+
+    def on_exit_batch(self, trainer: st.Trainer) -> None:
+        if trainer.ranks.rank == 1 and self.writing.exists() and not self.marker.exists():
+            self.marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def build(options: argparse.Namespace) -> st.Trainer:
     torch.manual_seed(0)  # the same initial weights on every rank and in one process
     random.seed(0)
@@ -125,7 +162,8 @@ def build(options: argparse.Namespace) -> st.Trainer:
         cb.Accuracy(),
         cb.CSVLogger(folder / "log.csv"),
         cb.StreamLogger(),
-        cb.Checkpoint(folder / "checkpoints", every_steps=options.every_steps, keep_last=2),
+        cb.Checkpoint(folder / "checkpoints", every_steps=options.every_steps, keep_last=2,
+                      background=options.background),
     ]
     if options.records:
         callbacks.append(Recorder(Path(options.records)))
@@ -136,6 +174,11 @@ def build(options: argparse.Namespace) -> st.Trainer:
         epoch, batch = map(int, options.break_at.split(":"))
         callbacks.append(cb.Breakpoint("batch", enter=False, when=lambda trainer: (trainer.epoch, trainer.batch_index)
                                        == (epoch, batch) and trainer.phase.name == "train"))  # fmt: skip
+    if options.slow_write and int(os.environ.get("RANK", 0)) == 0:
+        count, what = options.slow_write.split(":")
+        SlowDisk(folder, int(count), fail=what == "fail")
+    if options.slow_write and options.slow_write.endswith(":kill-rank1"):
+        callbacks.append(KillWhileWriting(folder))
     if options.term_at:
         epoch, batch = map(int, options.term_at.split(":"))
         callbacks.append(TerminateLauncher(epoch, batch, folder / "terminated"))
@@ -224,6 +267,9 @@ def main() -> None:
     parser.add_argument("--own-ddp", action="store_true", help="init the process group and wrap in DDP here")
     parser.add_argument("--break-at", help="EPOCH:BATCH: a Breakpoint after that train batch (rank 0 breaks)")
     parser.add_argument("--term-at", help="EPOCH:BATCH: rank 0 sends SIGTERM to its launcher after that train batch")
+    parser.add_argument("--background", action="store_true", help="the Checkpoint callback writes in the background")
+    parser.add_argument("--slow-write", help="N:hold|kill-rank1|fail: rank 0's N-th background write is held 2 s "
+                                             "(and rank 1 SIGKILLs itself meanwhile), or fails as a full disk")
     parser.add_argument(
         "--only-rank-zero-writes", action="store_true", help="raise if a rank other than 0 writes anything under FOLDER"
     )

@@ -8,7 +8,8 @@ free port, so launches may run side by side (pytest-xdist).
 
 A launch takes 5-15 s on two CPU cores, so the default run keeps one case of
 each kind: the sharding check (one launch), one rank killed inside an
-accumulation window (three), a stream resumed from 2 ranks on 1 (two),
+accumulation window (three), rank 1 killed while rank 0 writes a checkpoint
+in the background (two), a stream resumed from 2 ranks on 1 (two),
 total_steps on 2 ranks (one) and predict on 2 ranks (one); every other case
 is marked ``slow`` (``pytest -m slow``).
 Runs with the same options are launched once per device and shared between
@@ -219,6 +220,29 @@ def test_a_rank_killed_anywhere_resumes_bit_identical_with_the_same_torchrun_com
     assert killed.returncode != 0 and (folder / "killed").exists()
     launch(folder, *KILLED, "--kill", kill, device=device.type)  # the same command again: it resumes
     same_run(folder, uninterrupted)
+
+
+def test_rank1_killed_while_rank0_writes_in_the_background_resumes_bit_identical(tmp_path, uninterrupted, device):
+    """Rank 0 writes its checkpoints in the background; its second write is held 2 s, and rank 1 SIGKILLs itself
+    meanwhile. Every checkpoint left verifies, and the same command resumes to the end of the synchronous run."""
+    folder, options = tmp_path / "run", (*KILLED, "--background", "--slow-write", "2:kill-rank1")
+    killed = launch(folder, *options, check=False, device=device.type)
+    assert killed.returncode != 0 and (folder / "killed").exists()
+    for path in (folder / "checkpoints").glob("ckpt-*.safetensors"):
+        read_tree(path)
+    launch(folder, *options, device=device.type)
+    same_run(folder, uninterrupted)
+
+
+@pytest.mark.slow
+def test_a_failed_background_write_under_torchrun_ends_every_rank_and_names_the_file(tmp_path, device):
+    folder, logs = tmp_path / "run", tmp_path / "logs"
+    failed = launch(folder, *KILLED, "--background", "--slow-write", "2:fail", check=False, logs=logs,
+                    device=device.type)  # fmt: skip
+    assert failed.returncode != 0 and (folder / "writing").exists()
+    assert re.search(r"could not write \S+ckpt-000001-\S+\.safetensors: the disk is full", rank_output(logs, 0))
+    kept = sorted((folder / "checkpoints").glob("ckpt-*.safetensors"))
+    assert [read_tree(path)["position"]["global_step"] for path in kept] == [2]  # the first write's, whole
 
 
 @pytest.mark.slow

@@ -162,8 +162,9 @@ def build(options: argparse.Namespace) -> st.Trainer:
         cb.Accuracy(),
         cb.CSVLogger(folder / "log.csv"),
         cb.StreamLogger(),
-        cb.Checkpoint(folder / "checkpoints", every_steps=options.every_steps, keep_last=2,
-                      background=options.background),
+        cb.Checkpoint(
+            folder / "checkpoints", every_steps=options.every_steps, keep_last=2, background=options.background
+        ),
     ]
     if options.records:
         callbacks.append(Recorder(Path(options.records)))
@@ -268,8 +269,11 @@ def main() -> None:
     parser.add_argument("--break-at", help="EPOCH:BATCH: a Breakpoint after that train batch (rank 0 breaks)")
     parser.add_argument("--term-at", help="EPOCH:BATCH: rank 0 sends SIGTERM to its launcher after that train batch")
     parser.add_argument("--background", action="store_true", help="the Checkpoint callback writes in the background")
-    parser.add_argument("--slow-write", help="N:hold|kill-rank1|fail: rank 0's N-th background write is held 2 s "
-                                             "(and rank 1 SIGKILLs itself meanwhile), or fails as a full disk")
+    parser.add_argument(
+        "--slow-write",
+        help="N:hold|kill-rank1|fail: rank 0's N-th background write is held 2 s "
+        "(and rank 1 SIGKILLs itself meanwhile), or fails as a full disk",
+    )
     parser.add_argument(
         "--only-rank-zero-writes", action="store_true", help="raise if a rank other than 0 writes anything under FOLDER"
     )

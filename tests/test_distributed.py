@@ -8,8 +8,7 @@ free port, so launches may run side by side (pytest-xdist).
 
 A launch takes 5-15 s on two CPU cores, so the default run keeps one case of
 each kind: the sharding check (one launch), one rank killed inside an
-accumulation window (three), rank 1 killed while rank 0 writes a checkpoint
-in the background (two), a stream resumed from 2 ranks on 1 (two),
+accumulation window (three), a stream resumed from 2 ranks on 1 (two),
 total_steps on 2 ranks (one) and predict on 2 ranks (one); every other case
 is marked ``slow`` (``pytest -m slow``).
 Runs with the same options are launched once per device and shared between
@@ -222,6 +221,7 @@ def test_a_rank_killed_anywhere_resumes_bit_identical_with_the_same_torchrun_com
     same_run(folder, uninterrupted)
 
 
+@pytest.mark.slow
 def test_rank1_killed_while_rank0_writes_in_the_background_resumes_bit_identical(tmp_path, uninterrupted, device):
     """Rank 0 writes its checkpoints in the background; its second write is held 2 s, and rank 1 SIGKILLs itself
     meanwhile. Every checkpoint left verifies, and the same command resumes to the end of the synchronous run."""

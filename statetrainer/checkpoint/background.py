@@ -16,6 +16,10 @@ the buffers.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +29,8 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 __all__ = ["BackgroundWriter", "Staged", "StagingBuffers"]
+
+log = logging.getLogger("statetrainer.checkpoint")
 
 
 @dataclass
@@ -102,10 +108,22 @@ class StagingBuffers:
         return sum(buffer.numel() * buffer.element_size() for buffer in self._buffers if buffer is not None)
 
 
+WRITER_NICENESS = 10
+
+
+def _yield_to_training() -> None:
+    """Lower this thread's scheduling priority (Linux gives each thread its own nice value, and the threads it
+    starts inherit it): where the cores are busy, training runs first and the write takes what is left."""
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
+
+
 class BackgroundWriter:
     """Runs one write at a time in a thread of its own; ``wait`` joins it and raises its failure.
 
-    The thread is not a daemon, so the interpreter's exit waits for a write in flight.
+    The thread is not a daemon, so the interpreter's exit waits for a write in flight. A failure is also logged
+    (at ERROR, which Python prints even with no logging set up), so it is seen even if nothing waits again.
 
     Args:
         failed: Called from the writer's thread when a write fails (the run raises it at its next batch boundary).
@@ -128,10 +146,12 @@ class BackgroundWriter:
         self._thread.start()
 
     def _run(self, write: Callable[[], Any]) -> None:
+        _yield_to_training()
         try:
             write()
         except BaseException as error:  # noqa: BLE001 -- handed to the training thread, which raises it
             self._failure = error
+            log.error("a background checkpoint write failed: %s", error)
             self._failed()
 
     def wait(self) -> None:

@@ -117,6 +117,11 @@ class Checkpointer:
         log.info("waited %.2f s for the background checkpoint write in flight before %s", time.perf_counter() - started,
                  why)  # fmt: skip
 
+    def wait(self) -> None:
+        """Wait for the background write in flight and raise its failure, on every rank."""
+        with on_every_rank(self.ranks, self.device, "finish the background checkpoint write in flight"):
+            self.writer.wait()
+
     def write_in_flight(self) -> bool:
         """Whether rank 0 is still writing a background checkpoint (every rank gets rank 0's answer)."""
         return not agree(not self.writer.in_flight, self.ranks, self.device)

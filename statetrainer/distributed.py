@@ -189,16 +189,22 @@ class StopVote:
     every rank. So the run stops at most one batch after the first rank got
     the signal, the exchange costs no GPU sync, and it overlaps a batch.
 
+    Rank 0's failed background checkpoint write travels the same way, as
+    ``WRITE_FAILED`` (above every signal number), so every rank raises at one
+    boundary instead of rank 0 alone.
+
     Args:
         ranks: The run's ranks (a vote exists only with several).
     """
+
+    WRITE_FAILED = 1 << 20
 
     def __init__(self, ranks: Ranks) -> None:
         self.ranks = ranks
         group = dist.new_group(backend="gloo") if ranks.backend != "gloo" else None
         assert not isinstance(group, int)  # not GroupMember.NON_GROUP_MEMBER: every rank is in a group of all ranks
         self.group = group
-        self.received = 0  # this rank's signal, set by its handler
+        self.received = 0  # this rank's signal (set by its handler), or WRITE_FAILED; only ever raised
         self._outgoing = torch.zeros(1, dtype=torch.int32)
         self._pending: dist.Work | None = None
         self._decided = 0

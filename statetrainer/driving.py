@@ -22,7 +22,7 @@ from typing import Any
 from .callbacks.base import Callback
 from .determinism import deterministic_algorithms
 from .distributed import StopVote
-from .errors import Preempted
+from .errors import CheckpointError, Preempted
 from .machine import AT_REST, TrainingMachine
 from .outputs import RunOutputs
 from .parts import Position
@@ -82,6 +82,7 @@ class RunGuard:
         self.catcher = SignalCatcher(stop_signals, self._on_signal)
         self._deterministic, self._on_error, self._recover, self._stop = deterministic, on_error, recover, stop
         self.deferred: list[Callable[[Any], None]] = []
+        self._raise_failure: Callable[[Any], None] | None = None  # this rank's failed background write, to raise
         self._exception_hooks = [callback.on_exception for callback in callbacks
                                  if type(callback).on_exception is not Callback.on_exception]  # fmt: skip
         self._close_hooks = [callback.on_close for callback in callbacks
@@ -147,15 +148,26 @@ class RunGuard:
 
     def _on_signal(self, received: signal.Signals) -> None:
         if self.vote is not None:
-            self.vote.received = int(received)  # the ranks decide together, after a batch
+            self.vote.received = max(self.vote.received, int(received))  # the ranks decide together, after a batch
         else:
             self.deferred.append(lambda target: self._stop(target, received))
+
+    def fail_at_next_boundary(self, raise_failure: Callable[[Any], None]) -> None:
+        """Have ``raise_failure(target)`` raise at the next batch boundary (called from a background writer's
+        thread); under torchrun, at one boundary on every rank, the others raising a ``CheckpointError``."""
+        if self.vote is None:
+            self.deferred.append(raise_failure)
+            return
+        self._raise_failure = raise_failure
+        self.vote.received = StopVote.WRITE_FAILED
 
     def exchange_stop_vote(self, _target: Any) -> None:
         """After each batch of a torchrun run: stop here if any rank had a stop signal by the previous batch."""
         assert self.vote is not None
         decided = self.vote.exchange()
-        if decided:
+        if decided == StopVote.WRITE_FAILED:
+            self.deferred.append(self._raise_failure or _raise_another_ranks_failure)
+        elif decided:
             self.deferred.append(lambda target: self._stop(target, signal.Signals(decided)))
 
     def run_deferred(self, target: Any) -> None:
@@ -168,6 +180,10 @@ class RunGuard:
                 self.deferred.pop(0)(target)
         finally:
             self.at_rest = False
+
+
+def _raise_another_ranks_failure(_target: Any) -> None:
+    raise CheckpointError("rank 0's background checkpoint write failed; see its error")
 
 
 def _warn_if_raises(error: BaseException, hook: Callable[..., None], *args: Any) -> None:

@@ -83,12 +83,13 @@ class Run:
         self.outputs, self.deterministic, self.ranks, self.evaluation = outputs, deterministic, ranks, evaluation
         self.work = StateWork(phases, sources, step_runner, generators, position, forward, unpack, max_steps)
         self.savers = checkpoint_savers(callbacks)
-        vote = StopVote(ranks) if ranks.distributed and stop_signals else None
+        background = any(saver.background for saver in self.savers)
+        vote = StopVote(ranks) if ranks.distributed and (stop_signals or background) else None
         enter, exit = hooks_by_state(callbacks)
         if evaluation:
             for hooks in (enter, exit):
                 hooks["idle"], hooks["epoch"] = [], []
-        if vote is not None:  # after every batch, the ranks share whether a stop signal came
+        if vote is not None:  # after every batch, the ranks share whether a stop signal came (or a write failed)
             exit["batch"].append(self._exchange_stop_vote)
         self.machine = TrainingMachine(target, prepare=self.work.prepare_calls(), enter=enter,
                                        work=self.work.work_calls(), exit=exit)  # fmt: skip

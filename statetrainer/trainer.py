@@ -277,11 +277,12 @@ class Trainer:
                                        on_written)  # fmt: skip
 
     def wait_for_checkpoints(self) -> None:
-        """Block until the background checkpoint write in flight is on disk; raise its failure."""
-        self._checkpointer.writer.wait()
+        """Block until the background checkpoint write in flight is on disk; raise its failure (under torchrun,
+        every rank calls it, and every rank raises)."""
+        self._checkpointer.wait()
 
     def _raise_write_failure_at_the_next_boundary(self) -> None:  # called from the writer's thread
-        self._training.guard.deferred.append(lambda _trainer: self._checkpointer.writer.wait())
+        self._training.guard.fail_at_next_boundary(lambda _trainer: self._checkpointer.writer.wait())
 
     def load_checkpoint(self, path: str | os.PathLike[str], *, allow_changes: Iterable[str] = ()) -> Path | None:
         """Continue from a checkpoint file, or the newest good one in a folder (falling back past a corrupt one).

@@ -235,12 +235,28 @@ def test_rank1_killed_while_rank0_writes_in_the_background_resumes_bit_identical
 
 
 @pytest.mark.slow
+def test_a_sigterm_to_torchrun_with_background_saves_stops_every_rank_and_the_rerun_is_exact(tmp_path, uninterrupted,
+                                                                                            device):  # fmt: skip
+    """Rank 0's second write is held 2 s, and the SIGTERM comes during it: the stop's save follows the write."""
+    folder, logs = tmp_path / "run", tmp_path / "logs"
+    options = (*KILLED, "--background", "--slow-write", "2:hold", "--term-at", "0:3")
+    stopped = launch(folder, *options, check=False, logs=logs, device=device.type)
+    assert stopped.returncode != 0 and (folder / "terminated").exists()
+    assert re.search(r"stopped by SIGTERM at epoch \d, phase '\w+', after batch \d+ .*: saved ", rank_output(logs, 0))
+    launch(folder, *options, device=device.type)
+    same_run(folder, uninterrupted)
+
+
+@pytest.mark.slow
 def test_a_failed_background_write_under_torchrun_ends_every_rank_and_names_the_file(tmp_path, device):
     folder, logs = tmp_path / "run", tmp_path / "logs"
     failed = launch(folder, *KILLED, "--background", "--slow-write", "2:fail", check=False, logs=logs,
                     device=device.type)  # fmt: skip
     assert failed.returncode != 0 and (folder / "writing").exists()
     assert re.search(r"could not write \S+ckpt-000001-\S+\.safetensors: the disk is full", rank_output(logs, 0))
+    # rank 1 raised too, at the boundary where the ranks heard of it, or at the next save: not stopped by torchrun
+    assert re.search(r"CheckpointError: (rank 0's background checkpoint write failed|another rank could not finish "
+                     r"the background checkpoint write in flight)", rank_output(logs, 1))  # fmt: skip
     kept = sorted((folder / "checkpoints").glob("ckpt-*.safetensors"))
     assert [read_tree(path)["position"]["global_step"] for path in kept] == [2]  # the first write's, whole
 

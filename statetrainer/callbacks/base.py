@@ -268,10 +268,12 @@ class CheckpointSaver(Protocol):
     ``saves_checkpoints = True``, so a callback that merely has a ``folder`` and a ``save`` is none.
 
     A stop signal saves through the first one, and ``load_checkpoint`` takes its
-    folder, not made yet, for a first run rather than a typo.
+    folder, not made yet, for a first run rather than a typo. ``background``
+    says whether its scheduled saves are written in the background.
     """
 
     folder: Path
+    background: bool
 
     def save(self, trainer: Any) -> Path: ...
 

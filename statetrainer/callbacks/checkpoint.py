@@ -90,6 +90,7 @@ class Checkpoint(Callback):
         self.best_epoch: int | None = None  # the epoch (from 1) whose checkpoint best.safetensors is
         self.ranked: list[tuple[float, int]] = []  # the best epochs kept (value, epoch from 1), best first
         self._due = False
+        self._must_write = False  # a save of the best epochs, which is never skipped
         self._warned = False
         self._last_saved: tuple[tuple[Any, ...], Path] | None = None
         self._runs: dict[Path, str | None] = {}  # the run of each checkpoint file read so far
@@ -134,19 +135,20 @@ class Checkpoint(Callback):
             value, epoch = float(trainer.metrics[self.best]), trainer.epoch + 1
             if value < self.best_value if self.best_mode == "min" else value > self.best_value:
                 self.best_value, self.best_epoch = value, epoch
-                self._request(trainer)
+                self._request(trainer, must_write=True)
             if self.keep_best is not None and self._ranks_among_best(value, epoch):
-                self._request(trainer)
+                self._request(trainer, must_write=True)
         if due(trainer.epoch + 1, self.every_epochs):
             self._request(trainer)
 
-    def _request(self, trainer: TrainerView) -> None:
+    def _request(self, trainer: TrainerView, must_write: bool = False) -> None:
+        self._must_write = self._must_write or must_write  # the best copies are made from this epoch's file
         if not self._due:
             self._due = True
             trainer.defer(self._save)
 
     def _save(self, trainer: TrainerView) -> None:
-        self._due = False
+        must_write, self._due, self._must_write = self._must_write, False, False
         why_not = trainer.why_not_checkpoint_here()
         if why_not is not None:
             if not self._warned:
@@ -155,26 +157,33 @@ class Checkpoint(Callback):
                 warnings.warn(f"Checkpoint: the run cannot be resumed from {where} ({why_not}), so its checkpoints "
                               "there are skipped; a restart resumes from the newest one saved", stacklevel=2)  # fmt: skip
             return
-        self._write(trainer, self.background)
+        self._write(trainer, self.background, "wait" if must_write else self.when_busy)
 
     def save(self, trainer: TrainerView) -> Path:
         """Checkpoint ``trainer`` into the folder now, then update the best copies and prune; return the file
-        once it is durable (after the background write in flight, if any).
+        once it is durable. A background write in flight is waited for first; if it failed, that is warned
+        about, and this save is made all the same (the save a stop signal asks for is this one).
 
         The trainer must be between batches (a deferred action, or outside
         ``fit()``). Asked twice at one position, it writes once and returns
         that file again. Pruning deletes only this run's own checkpoints.
+        Under torchrun every rank calls it.
         """
+        try:
+            trainer.wait_for_checkpoints()
+        except Exception as failure:  # noqa: BLE001 -- reported, and replaced by the save made here
+            warnings.warn(f"Checkpoint: the background write in flight failed ({failure}); saving here instead",
+                          stacklevel=2)  # fmt: skip
         path = self._write(trainer, background=False)
         assert path is not None  # only a background save is ever skipped
         return path
 
-    def _write(self, trainer: TrainerView, background: bool) -> Path | None:
+    def _write(self, trainer: TrainerView, background: bool, when_busy: str = "wait") -> Path | None:
         position = (trainer.state, trainer.epoch, trainer.phase, trainer.batch_index, trainer.global_step)
         if self._last_saved is not None and self._last_saved[0] == position:
             if background:  # written, or being written
                 return self._last_saved[1]
-            trainer.wait_for_checkpoints()
+            trainer.wait_for_checkpoints()  # on every rank: then every rank sees the file rank 0 wrote
             if self._last_saved[1].exists():
                 return self._last_saved[1]
         bad = first_non_finite(dict(trainer.model.named_parameters()))
@@ -183,8 +192,7 @@ class Checkpoint(Callback):
             raise NonFiniteError(f"Checkpoint: parameter {bad!r} is not finite, so the run is not saved; the last "
                                  f"checkpoint, {kept[-1] if kept else 'none'}, is kept")  # fmt: skip
         wanted = self._wanted_best_copies()  # taken now: the training may change the ranking while the file is written
-        path = trainer.save_checkpoint(self.folder, background=background,
-                                       when_busy=self.when_busy if background else "wait",
+        path = trainer.save_checkpoint(self.folder, background=background, when_busy=when_busy,
                                        on_written=lambda written: self._written(written, wanted))  # fmt: skip
         if path is not None:
             self._last_saved = position, path

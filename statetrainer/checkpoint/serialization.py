@@ -194,18 +194,20 @@ def pack_metadata(header: dict[str, Any], document: str) -> dict[str, str]:
 
 
 def _unpack_metadata(metadata: dict[str, str], path: Path) -> tuple[dict[str, Any], str]:
-    """A checkpoint's header, parsed, and its document's JSON text (either format's layout); not verified."""
+    """A checkpoint's header, parsed, and its document's JSON text (either format's layout); not verified. A newer
+    format's metadata may be laid out otherwise: its header is returned for ``read_tree`` to refuse by number."""
     if _METADATA_KEY not in metadata:
         raise CheckpointError(f"{path} is a safetensors file but not a statetrainer checkpoint")
     if _FORMAT_2_DOCUMENT_KEY in metadata:
-        header_text, document = metadata[_METADATA_KEY], metadata[_FORMAT_2_DOCUMENT_KEY]
+        header_text, newline, document = metadata[_METADATA_KEY], "\n", metadata[_FORMAT_2_DOCUMENT_KEY]
     else:
         header_text, newline, document = metadata[_METADATA_KEY].partition("\n")
-        if not newline:
-            raise CheckpointError(f"{path}: its checkpoint metadata holds a header but no document")
     header = _parse(header_text, path, "header")
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: its checkpoint header is a {type(header).__name__}, not an object")
+    newer = isinstance(header.get("format"), int) and header["format"] > FORMAT_VERSION
+    if not newline and not newer:
+        raise CheckpointError(f"{path}: its checkpoint metadata holds a header but no document")
     return header, document
 
 

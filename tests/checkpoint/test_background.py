@@ -157,14 +157,23 @@ def test_a_run_with_background_checkpoints_leaves_the_files_of_a_synchronous_run
         assert written["background"][name] == data, name
 
 
+class ReleaseAfter(st.callbacks.Callback):
+    """Releases the held writes 0.3 s after step ``step`` ends (before the saves due there are made)."""
+
+    def __init__(self, release: threading.Event, step: int) -> None:
+        self.release, self.step = release, step
+
+    def on_exit_step(self, trainer):
+        if trainer.global_step == self.step:
+            threading.Timer(0.3, self.release.set).start()
+
+
 def test_a_save_due_during_a_write_waits_for_it_and_the_log_says_so(tmp_path, device, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="statetrainer.checkpoint")
-    saver = st.callbacks.Checkpoint(tmp_path, every_steps=1, every_epochs=None, keep_last=None, background=True)
-    trainer = build(device, [saver])
     with held_writes(monkeypatch) as release:
-        trainer.run_until("phase", step=1)  # the save of step 1 is held
-        threading.Timer(0.3, release.set).start()
-        trainer.run_until("phase", step=2)  # its save waits for step 1's write
+        saver = st.callbacks.Checkpoint(tmp_path, every_steps=1, every_epochs=None, keep_last=None, background=True)
+        trainer = build(device, [ReleaseAfter(release, step=2), saver])
+        trainer.run_until("phase", step=2)  # step 1's write is held until 0.3 s after step 2: its save waits
     trainer.wait_for_checkpoints()
     assert [read_document(path)["position"]["global_step"] for path in sorted(tmp_path.glob("ckpt-*"))] == [1, 2]
     waited = [record.getMessage() for record in caplog.records if "waited" in record.getMessage()]
@@ -208,16 +217,35 @@ def test_a_failed_background_write_prunes_nothing_and_the_run_stops_with_its_err
 
 
 def test_a_run_that_raises_waits_for_the_write_in_flight(tmp_path, device, monkeypatch):
-    class Fails(st.callbacks.Callback):
-        def on_exit_step(self, trainer):
-            if trainer.global_step == 3:
-                raise RuntimeError("the user's callback failed")
-
-    saver = st.callbacks.Checkpoint(tmp_path, every_steps=2, every_epochs=None, background=True)
-    trainer = build(device, [saver, Fails()])
     with held_writes(monkeypatch) as release:
-        threading.Timer(0.3, release.set).start()
+
+        class Fails(st.callbacks.Callback):
+            def on_exit_step(self, trainer):
+                if trainer.global_step == 3:
+                    threading.Timer(0.3, release.set).start()  # step 2's write ends 0.3 s after the error
+                    raise RuntimeError("the user's callback failed")
+
+        saver = st.callbacks.Checkpoint(tmp_path, every_steps=2, every_epochs=None, background=True)
+        trainer = build(device, [saver, Fails()])
         with pytest.raises(RuntimeError, match="the user's callback failed"):
             trainer.fit()
-        assert not trainer._checkpointer.writer.in_flight  # the error came out once step 2's write had ended
-    assert [read_document(path)["position"]["global_step"] for path in tmp_path.glob("ckpt-*")] == [2]
+        # the error came out only once step 2's file was written
+        assert [read_document(path)["position"]["global_step"] for path in tmp_path.glob("ckpt-*")] == [2]
+
+
+def test_with_when_busy_skip_the_best_epochs_saves_are_never_skipped(tmp_path, device, monkeypatch, recwarn):
+    real_save_file = serialization.save_file
+
+    def slow(*args, **kwargs):  # a slow disk: the step saves due during a write are skipped
+        time.sleep(0.15)
+        return real_save_file(*args, **kwargs)
+
+    monkeypatch.setattr(serialization, "save_file", slow)
+    saver = st.callbacks.Checkpoint(tmp_path, every_steps=1, every_epochs=None, keep_last=None, best="train_loss",
+                                    keep_best=2, background=True, when_busy="skip")  # fmt: skip
+    trainer = build(device, [st.callbacks.SmoothedLoss(), saver]).fit()
+    assert len(list(tmp_path.glob("ckpt-*"))) < trainer.global_step  # some were skipped
+    for path, epoch in [(saver.best_path, saver.best_epoch)] + [(saver.best_epoch_path(e), e) for _, e in saver.ranked]:
+        document = read_document(path)
+        assert document["position"]["epochs_done"] == epoch and document["machine"]["state"] in ("epoch", "idle"), path
+    assert not [warning for warning in recwarn if "cannot be made" in str(warning.message)]

@@ -249,7 +249,8 @@ def test_a_signal_during_a_background_write_keeps_the_previous_checkpoints_and_t
     steps = [read_tree(path)["position"]["global_step"] for path in checkpoint_files(folder)]  # each one verifies
     if name == "KILL":
         assert stopped.returncode == -signal.SIGKILL, stopped.stderr
-        assert steps == ([3, 6, 9] if point == "pruned" else [3, 6])  # step 9's only once it is durable
+        # step 9's only once it is durable (which a write of a few milliseconds may be by "mid")
+        assert steps in {"pruned": [[3, 6, 9]], "mid": [[3, 6], [3, 6, 9]]}.get(point, [[3, 6]]), steps
     else:
         assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
         assert "waited" in stopped.stderr and "before the save at step" in stopped.stderr, stopped.stderr

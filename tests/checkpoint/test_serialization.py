@@ -89,12 +89,19 @@ def test_a_format_2_checkpoint_is_still_read_and_older_formats_are_refused(tmp_p
     save_file(tensors, old, metadata=serialization.pack_metadata(header, document))  # format 2 in format 3's layout
     with pytest.raises(CheckpointError, match="not laid out as its format"):
         read_tree(old)
+    save_file(tensors, old, metadata={"statetrainer": json.dumps({**header, "format": 3})})  # no document
+    with pytest.raises(CheckpointError, match="a header but no document"):
+        read_tree(old)
 
 
 def test_newer_format_and_foreign_files_are_refused(tmp_path):
     newer = tmp_path / "newer.safetensors"
     header = {"format": FORMAT_VERSION + 1, "library": "9.9", "checksum": "0"}
     save_file({"x": torch.zeros(1)}, newer, metadata=serialization.pack_metadata(header, "{}"))
+    with pytest.raises(CheckpointError, match=f"format {FORMAT_VERSION + 1} .*upgrade statetrainer"):
+        read_tree(newer)
+    # a newer format may lay its metadata out otherwise: still refused by its number, not as a damaged file
+    save_file({"x": torch.zeros(1)}, newer, metadata={"statetrainer": json.dumps(header)})
     with pytest.raises(CheckpointError, match=f"format {FORMAT_VERSION + 1} .*upgrade statetrainer"):
         read_tree(newer)
     foreign = tmp_path / "foreign.safetensors"

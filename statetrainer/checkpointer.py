@@ -44,15 +44,23 @@ class Checkpointer:
         ranks: This process's place among the run's processes (rank 0 writes).
         device: Where the ranks exchange their results.
         failed: Called from the writer's thread when a background write fails.
+        sharded: Whether the model is sharded with ``fully_shard`` (whose checkpoints are not built yet).
 
     Attributes:
         writer: Writes background saves, one at a time.
     """
 
     def __init__(self, parts: StateRegistry, run: RunIdentity, outputs: RunOutputs, ranks: Ranks,
-                 device: torch.device, failed: Callable[[], None] = lambda: None) -> None:  # fmt: skip
+                 device: torch.device, failed: Callable[[], None] = lambda: None, sharded: bool = False) -> None:  # fmt: skip
         self.parts, self.run, self.outputs, self.ranks, self.device = parts, run, outputs, ranks, device
         self.writer, self._staging = checkpoint.BackgroundWriter(failed), checkpoint.StagingBuffers()
+        self.sharded = sharded
+
+    def refuse_sharded(self) -> None:
+        """Raise for a model sharded with ``fully_shard``: its sharded checkpoints are not built yet."""
+        if self.sharded:
+            raise NotImplementedError("checkpoints of a model sharded with fully_shard (FSDP2) are not built yet: "
+                                      "train it without Checkpoint callbacks, save_checkpoint or load_checkpoint")  # fmt: skip
 
     def save(self, path: str | os.PathLike[str] | None, epoch: int, step: int,
              take_state: Callable[[], dict[str, Any]], background: bool = False, when_busy: str = "wait",
@@ -65,6 +73,7 @@ class Checkpointer:
 
         Every save first waits for the background write in flight, and raises its failure on every rank; with
         ``when_busy="skip"`` a save due while one is in flight is skipped instead, and returns None."""
+        self.refuse_sharded()
         ranks, folder = self.ranks, checkpoint.save_folder(path)
         if when_busy == "skip" and self.write_in_flight():
             log.info("skipped the checkpoint at step %d: the background write in flight has not ended", step)
@@ -145,6 +154,7 @@ class Checkpointer:
     def find(self, path: str | os.PathLike[str], own_folders: Sequence[Path]) -> tuple[Path, dict[str, Any]] | None:
         """The checkpoint to resume from and its state, checked against the parts; None for a first run
         (see ``checkpoint.find_checkpoint``). Every rank finds the same one, or every rank raises."""
+        self.refuse_sharded()
         self.outputs.lock()  # a second live copy of the run is refused before it reads anything
         with on_every_rank(self.ranks, self.device, f"load the checkpoint from {path}"):
             return checkpoint.find_checkpoint(path, own_folders, self.parts.check_fits, self.run.accept_marker)

@@ -5,7 +5,10 @@ A script that builds a ``Trainer`` runs unchanged under
 environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``...), joins the default
 process group (or uses the one the script made), puts the rank on
 ``cuda:LOCAL_RANK`` on CUDA, and wraps the model in
-``DistributedDataParallel``. Everything here is a no-op in one process.
+``DistributedDataParallel``, unless the script sharded it with FSDP2's
+``fully_shard`` (``shard_model`` does it by blocks): such a model gathers its
+parameters and reduces its gradients itself. Everything here is a no-op in
+one process.
 
 The collectives are all tensors (never pickle-based object collectives) and
 each is called by every rank at the same point of the run, so no rank waits
@@ -19,7 +22,7 @@ import contextlib
 import gc
 import os
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,8 +33,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .errors import CheckpointError
 
-__all__ = ["Ranks", "StopVote", "agree", "all_gather", "all_reduce", "gather_tree", "gathered_states",
-           "join_process_group", "launched_by_torchrun", "on_every_rank", "wrap_model"]  # fmt: skip
+__all__ = ["Ranks", "StopVote", "agree", "all_gather", "all_reduce", "fully_sharded", "gather_tree", "gathered_states",
+           "join_process_group", "launched_by_torchrun", "on_every_rank", "shard_model", "wrap_model"]  # fmt: skip
 
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -120,9 +123,60 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+def fully_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` is sharded with FSDP2's ``fully_shard`` at its root (its parameters are DTensors).
+
+    Raises:
+        ValueError: Some of its modules are sharded but not the root, which FSDP2 needs to manage the rest.
+    """
+    if not dist.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule  # noqa: PLC0415 -- not where torch has no distributed package
+
+    if isinstance(model, FSDPModule):
+        return True
+    if any(isinstance(module, FSDPModule) for module in model.modules()):
+        raise ValueError("the model has modules sharded with fully_shard, but not the model itself: call "
+                         "fully_shard(model) last, on the whole model (statetrainer.distributed.shard_model does)")  # fmt: skip
+    return False
+
+
+def shard_model(model: nn.Module, blocks: Iterable[nn.Module] | None = None, *,
+                mp_policy: Any = None) -> nn.Module:  # fmt: skip
+    """Shard ``model`` with FSDP2, as torchtitan does: ``fully_shard`` on each block, then on the whole model.
+
+    Each block's parameters are then gathered for its forward and backward only, and its gradients reduced
+    and sharded as its backward ends. Call it under torchrun before building the ``Trainer`` (it joins the
+    process group, as the trainer would), with the model on the rank's device.
+
+    Args:
+        model: The model to shard, in place.
+        blocks: The modules to shard one by one; by default the children of every ``nn.ModuleList`` in the
+            model (a transformer's layers), or for a model with none, its direct children that have parameters.
+        mp_policy: FSDP2's ``MixedPrecisionPolicy``, for every block and the root.
+
+    Returns:
+        ``model``, now an ``FSDPModule``.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: PLC0415 -- as in fully_sharded
+
+    device = next(model.parameters()).device
+    join_process_group(device)
+    lists = [module for module in model.modules() if isinstance(module, nn.ModuleList)]
+    if blocks is None:
+        blocks = [block for modules in lists for block in modules] if lists else [
+            child for child in model.children() if any(True for _ in child.parameters())]  # fmt: skip
+    policy = mp_policy if mp_policy is not None else MixedPrecisionPolicy()
+    for block in blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
 def wrap_model(model: nn.Module, ranks: Ranks, device: torch.device) -> nn.Module:
-    """``model`` in ``DistributedDataParallel`` for a run of several processes (as it is when already wrapped)."""
-    if not ranks.distributed:
+    """``model`` in ``DistributedDataParallel`` for a run of several processes (as it is when already wrapped, or
+    sharded with ``fully_shard``)."""
+    if not ranks.distributed or fully_sharded(model):
         return model
     if not isinstance(model, nn.parallel.DistributedDataParallel):
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)

@@ -37,11 +37,13 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 import statetrainer as st
 from statetrainer import callbacks as cb
+from statetrainer.distributed import shard_model
 
 
 class IndexedSamples(Dataset):
@@ -151,21 +153,16 @@ def build(options: argparse.Namespace) -> st.Trainer:
     np.random.seed(0)
     model = nn.Sequential(nn.Linear(8, options.hidden), nn.ReLU(), nn.Dropout(options.dropout),
                           nn.Linear(options.hidden, 3))  # fmt: skip
-    optimizer = (torch.optim.Adam(model.parameters(), lr=0.01) if options.optimizer == "adam"
-                 else torch.optim.SGD(model.parameters(), lr=0.1))  # fmt: skip
     train = DataLoader(IndexedSamples(options.samples, options.augment), batch_size=options.batch_size,
                        shuffle=True, num_workers=options.workers)  # fmt: skip
     valid = DataLoader(IndexedSamples(options.valid_samples, False, seed=1), batch_size=options.batch_size)
     folder = Path(options.folder)
-    callbacks = [
-        cb.SmoothedLoss(),
-        cb.Accuracy(),
-        cb.CSVLogger(folder / "log.csv"),
-        cb.StreamLogger(),
-        cb.Checkpoint(
-            folder / "checkpoints", every_steps=options.every_steps, keep_last=2, background=options.background
-        ),
-    ]
+    callbacks = [cb.SmoothedLoss(), cb.Accuracy(), cb.CSVLogger(folder / "log.csv"), cb.StreamLogger()]
+    if options.fsdp:  # sharded by blocks (the two Linear layers), then as a whole; no checkpoints yet
+        shard_model(model)
+    else:
+        callbacks.append(cb.Checkpoint(folder / "checkpoints", every_steps=options.every_steps, keep_last=2,
+                                       background=options.background))  # fmt: skip
     if options.records:
         callbacks.append(Recorder(Path(options.records)))
     if options.kill:
@@ -183,6 +180,8 @@ def build(options: argparse.Namespace) -> st.Trainer:
     if options.term_at:
         epoch, batch = map(int, options.term_at.split(":"))
         callbacks.append(TerminateLauncher(epoch, batch, folder / "terminated"))
+    optimizer = (torch.optim.Adam(model.parameters(), lr=0.01) if options.optimizer == "adam"
+                 else torch.optim.SGD(model.parameters(), lr=0.1))  # fmt: skip
     if options.own_ddp:  # the script makes the process group and wraps the model itself
         dist.init_process_group("gloo")
         model = nn.parallel.DistributedDataParallel(model)
@@ -191,6 +190,15 @@ def build(options: argparse.Namespace) -> st.Trainer:
     return st.Trainer(model, optimizer, F.cross_entropy, phases, callbacks=callbacks, epochs=options.epochs,
                       max_steps=options.max_steps, accumulate=options.accumulate, unpack=unpack,
                       device=options.device, seed=options.seed, deterministic=options.deterministic)  # fmt: skip
+
+
+def save_full_model(trainer: st.Trainer, path: Path) -> None:
+    """A sharded model's full weights and the run's metrics, gathered to rank 0 and saved there."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(trainer.model, options=options)  # every rank takes part; rank 0 gets them
+    if trainer.is_global_zero:
+        metrics = {f"metrics/{name}": torch.tensor(float(value)) for name, value in trainer.metrics.items()}
+        save_file({**{f"model/{key}": value for key, value in weights.items()}, **metrics}, str(path))
 
 
 def count_gradient_all_reduces(trainer: st.Trainer) -> dict[str, int]:
@@ -269,6 +277,7 @@ def main() -> None:
     parser.add_argument("--break-at", help="EPOCH:BATCH: a Breakpoint after that train batch (rank 0 breaks)")
     parser.add_argument("--term-at", help="EPOCH:BATCH: rank 0 sends SIGTERM to its launcher after that train batch")
     parser.add_argument("--background", action="store_true", help="the Checkpoint callback writes in the background")
+    parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (shard_model); no checkpoints")
     parser.add_argument(
         "--slow-write",
         help="N:hold|kill-rank1|fail: rank 0's N-th background write is held 2 s "
@@ -285,7 +294,7 @@ def main() -> None:
     trainer = build(options)
     if options.resume:
         trainer.load_checkpoint(options.resume, allow_changes={"world_size"})
-    else:
+    elif not options.fsdp:
         trainer.load_checkpoint(folder / "checkpoints")
     if options.save_at:
         epoch, batch = map(int, options.save_at.split(":"))
@@ -296,7 +305,16 @@ def main() -> None:
         return
     synced_backwards, total_steps = count_gradient_all_reduces(trainer), trainer.total_steps
     trainer.fit()
-    trainer.save_checkpoint(folder / "final.safetensors")
+    if options.fsdp:
+        save_full_model(trainer, folder / "final-model.safetensors")
+        try:  # its checkpoints are not built yet: a Checkpoint callback is refused at once
+            st.Trainer(trainer.model, trainer.optimizer, F.cross_entropy, trainer.phases,
+                       callbacks=[cb.Checkpoint(folder / "checkpoints")])  # fmt: skip
+        except NotImplementedError as error:
+            assert "fully_shard" in str(error), error
+            (folder / f"refused-rank{os.environ.get('RANK', 0)}").touch()
+    else:
+        trainer.save_checkpoint(folder / "final.safetensors")
     if options.records:  # what each rank ended with
         summary = {"metrics": dict(trainer.metrics), "synced_backwards": synced_backwards["count"],
                    "global_step": trainer.global_step, "world_size": trainer.world_size,

@@ -178,6 +178,23 @@ def test_two_ranks_train_as_one_process_with_the_same_global_batch(tmp_path, dev
         assert two["metrics"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
 
 
+def test_a_model_sharded_with_fully_shard_trains_on_two_ranks_as_one_process_with_the_same_global_batch(
+        tmp_path, device):  # fmt: skip
+    """FSDP2 (``shard_model``: each Linear, then the whole) on 2 ranks with windows of 2 batches, against one plain
+    process with the global batch: the same weights and metrics, to float rounding (the gradients are reduced
+    and summed in another order)."""
+    common = ("--samples", "43", "--epochs", "2", "--optimizer", "adam", "--accumulate", "2")
+    launch(tmp_path / "two", *common, "--batch-size", "4", "--fsdp", device=device.type)
+    launch(tmp_path / "one", *common, "--batch-size", "8", processes=1, device=device.type)
+    two, one = load_file(tmp_path / "two" / "final-model.safetensors"), final_state(tmp_path / "one")
+    assert {key.removeprefix("model/") for key in two if key.startswith("model/")} == set(one["step"]["model"])
+    for key, weight in one["step"]["model"].items():
+        torch.testing.assert_close(two[f"model/{key}"], weight.cpu(), rtol=1e-5, atol=1e-6)
+    for name, value in one["metrics"].items():
+        assert float(two[f"metrics/{name}"]) == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    assert (tmp_path / "two" / "refused-rank1").exists()  # a Checkpoint callback: NotImplementedError for now
+
+
 @pytest.mark.slow
 def test_only_rank_zero_writes_files_and_the_other_ranks_print_nothing(sharded):
     logs = sharded.parent / "logs"  # rank 1 ran with every write under the run's folder refused

@@ -9,8 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .callbacks.base import HOOK_NAMES, Callback, checkpoint_savers
-from .distributed import fully_sharded
+from .callbacks.base import HOOK_NAMES, Callback
 from .machine import STATES
 from .phase import Phase
 from .validation import check_count, check_number
@@ -47,9 +46,6 @@ def check_trainer_arguments(
     if optimizer is not None:
         _check_optimizer_parameters(model, optimizer)
     phases, callbacks = _check_phases(phases, optimizer), _check_callbacks(callbacks)
-    if checkpoint_savers(callbacks) and fully_sharded(model):
-        raise NotImplementedError("checkpoints of a model sharded with fully_shard (FSDP2) are not built yet: "
-                                  "train it without a Checkpoint callback")  # fmt: skip
     if max_steps is not None and not any(phase.grad for phase in phases):
         raise ValueError(f"max_steps={max_steps} counts optimizer steps, but no phase trains (grad=True)")
     _check_monitored_metrics(callbacks, phases)

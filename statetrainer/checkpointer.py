@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from . import checkpoint
-from .distributed import Ranks, agree, on_every_rank
+from .distributed import Ranks, agree, all_gather, on_every_rank
+from .errors import CheckpointError
 from .outputs import RunOutputs
 from .parts import RunIdentity, StateRegistry
 from .version import __version__
@@ -44,23 +45,17 @@ class Checkpointer:
         ranks: This process's place among the run's processes (rank 0 writes).
         device: Where the ranks exchange their results.
         failed: Called from the writer's thread when a background write fails.
-        sharded: Whether the model is sharded with ``fully_shard`` (whose checkpoints are not built yet).
+        mesh: The device mesh of a model sharded with ``fully_shard`` (its checkpoints are sharded); None.
 
     Attributes:
         writer: Writes background saves, one at a time.
     """
 
     def __init__(self, parts: StateRegistry, run: RunIdentity, outputs: RunOutputs, ranks: Ranks,
-                 device: torch.device, failed: Callable[[], None] = lambda: None, sharded: bool = False) -> None:  # fmt: skip
+                 device: torch.device, failed: Callable[[], None] = lambda: None, mesh: Any = None) -> None:  # fmt: skip
         self.parts, self.run, self.outputs, self.ranks, self.device = parts, run, outputs, ranks, device
         self.writer, self._staging = checkpoint.BackgroundWriter(failed), checkpoint.StagingBuffers()
-        self.sharded = sharded
-
-    def refuse_sharded(self) -> None:
-        """Raise for a model sharded with ``fully_shard``: its sharded checkpoints are not built yet."""
-        if self.sharded:
-            raise NotImplementedError("checkpoints of a model sharded with fully_shard (FSDP2) are not built yet: "
-                                      "train it without Checkpoint callbacks, save_checkpoint or load_checkpoint")  # fmt: skip
+        self._mesh, self.sharded = mesh, mesh is not None
 
     def save(self, path: str | os.PathLike[str] | None, epoch: int, step: int,
              take_state: Callable[[], dict[str, Any]], background: bool = False, when_busy: str = "wait",
@@ -73,7 +68,9 @@ class Checkpointer:
 
         Every save first waits for the background write in flight, and raises its failure on every rank; with
         ``when_busy="skip"`` a save due while one is in flight is skipped instead, and returns None."""
-        self.refuse_sharded()
+        if background and self.sharded:
+            raise NotImplementedError("a background save of a model sharded with fully_shard is not built yet; "
+                                      "save without background")  # fmt: skip
         ranks, folder = self.ranks, checkpoint.save_folder(path)
         if when_busy == "skip" and self.write_in_flight():
             log.info("skipped the checkpoint at step %d: the background write in flight has not ended", step)
@@ -87,6 +84,8 @@ class Checkpointer:
                 checkpoint.refuse_overwrite(folder, self.run.id)
             target = checkpoint.save_target(path, epoch, step)
         state = take_state()  # every rank's generators, window gradients and metric accumulators, gathered
+        if self.sharded:
+            return self._write_sharded(target, state, on_written)
         if background:
             if ranks.is_global_zero:  # the others' parts are in rank 0's state: they go on at once
                 self._write_in_background(target, state, on_written)
@@ -97,6 +96,65 @@ class Checkpointer:
                 if on_written is not None:
                     on_written(target)
         return target
+
+    def _write_sharded(self, target: Path, state: dict[str, Any],
+                       on_written: Callable[[Path], None] | None) -> Path:  # fmt: skip
+        """Each rank writes its pieces beside ``target``; then rank 0 writes ``target`` with the index, last."""
+        ranks = self.ranks
+        tree, pieces, boxes = checkpoint.split_shards(state)
+        with on_every_rank(ranks, self.device, f"write its pieces of the checkpoint {target}"):
+            checkpoint.write_pieces(target, ranks.rank, pieces, __version__)
+        crcs = {key: checkpoint.piece_crc(piece) for key, piece in pieces.items()}
+        every_box, every_crc = self._gather_boxes(boxes, crcs)
+        with on_every_rank(ranks, self.device, f"write the checkpoint {target}"):
+            if ranks.is_global_zero:
+                index = checkpoint.ShardIndex.build(every_box, every_crc)
+                checkpoint.write_tree(target, {**tree, checkpoint.SHARD_INDEX: index}, __version__)
+                if on_written is not None:
+                    on_written(target)
+        return target
+
+    def _gather_boxes(self, boxes: dict[str, dict[str, Any]],
+                      crcs: dict[str, str]) -> tuple[list[dict[str, dict[str, Any]]], list[dict[str, str]]]:  # fmt: skip
+        """Every rank's boxes and CRCs (the same keys, in the same order, on every rank), in one all-gather."""
+        if not self.ranks.distributed:
+            return [boxes], [crcs]
+        keys = list(boxes)
+        packed = torch.tensor([number for key in keys for number in
+                               (*boxes[key]["offset"], *boxes[key]["size"], int(crcs[key], 16))], dtype=torch.int64)  # fmt: skip
+        every_box, every_crc = [], []
+        for received in all_gather(packed, self.ranks, self.device):
+            numbers, rank_boxes, rank_crcs = iter(received.tolist()), {}, {}
+            for key in keys:
+                rank_ndim = len(boxes[key]["shape"])
+                offset = [next(numbers) for _ in range(rank_ndim)]
+                size = [next(numbers) for _ in range(rank_ndim)]
+                rank_boxes[key] = {**boxes[key], "offset": offset, "size": size}
+                rank_crcs[key] = f"{next(numbers):08x}"
+            every_box.append(rank_boxes)
+            every_crc.append(rank_crcs)
+        return every_box, every_crc
+
+    def _prepare(self, path: Path, tree: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint's state with its sharded tensors read (this rank's parts); a sharded checkpoint only for a
+        sharded model, and the other way round."""
+        if (checkpoint.SHARD_INDEX in tree) != self.sharded:
+            raise CheckpointError(
+                f"{path} is {'a sharded' if not self.sharded else 'not a sharded'} checkpoint, and this model is "
+                f"{'not ' if not self.sharded else ''}sharded with fully_shard: resume it as it was saved"
+            )
+        if not self.sharded:
+            return tree
+        tree = dict(tree)
+        index = checkpoint.ShardIndex(tree.pop(checkpoint.SHARD_INDEX), path)
+        index.check_files()
+        return checkpoint.resolve_shards(tree, index, self._placement)
+
+    def _placement(self, key: str, shape: list[int]) -> tuple[Any, Any]:
+        """Where a sharded tensor of the checkpoint goes in this run: fully_shard's mesh, dim 0 sharded."""
+        from torch.distributed.tensor import Replicate, Shard  # noqa: PLC0415 -- for sharded models only
+
+        return self._mesh, (Shard(0),) if shape else (Replicate(),)
 
     def _write_in_background(self, target: Path, state: dict[str, Any],
                              on_written: Callable[[Path], None] | None) -> None:  # fmt: skip
@@ -154,10 +212,10 @@ class Checkpointer:
     def find(self, path: str | os.PathLike[str], own_folders: Sequence[Path]) -> tuple[Path, dict[str, Any]] | None:
         """The checkpoint to resume from and its state, checked against the parts; None for a first run
         (see ``checkpoint.find_checkpoint``). Every rank finds the same one, or every rank raises."""
-        self.refuse_sharded()
         self.outputs.lock()  # a second live copy of the run is refused before it reads anything
         with on_every_rank(self.ranks, self.device, f"load the checkpoint from {path}"):
-            return checkpoint.find_checkpoint(path, own_folders, self.parts.check_fits, self.run.accept_marker)
+            return checkpoint.find_checkpoint(path, own_folders, self.parts.check_fits, self.run.accept_marker,
+                                              self._prepare, lambda read: agree(read, self.ranks, self.device))  # fmt: skip
 
 
 def _size(count: int) -> str:

@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .errors import CheckpointError
 
 __all__ = ["Ranks", "StopVote", "agree", "all_gather", "all_reduce", "fully_sharded", "gather_tree", "gathered_states",
-           "join_process_group", "launched_by_torchrun", "on_every_rank", "shard_model", "wrap_model"]  # fmt: skip
+           "join_process_group", "launched_by_torchrun", "on_every_rank", "shard_model", "sharding_mesh", "wrap_model"]  # fmt: skip
 
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -139,6 +139,14 @@ def fully_sharded(model: nn.Module) -> bool:
         raise ValueError("the model has modules sharded with fully_shard, but not the model itself: call "
                          "fully_shard(model) last, on the whole model (statetrainer.distributed.shard_model does)")  # fmt: skip
     return False
+
+
+def sharding_mesh(model: nn.Module) -> Any:
+    """The device mesh of a model sharded with ``fully_shard`` (its parameters'); None for any other model."""
+    if not fully_sharded(model):
+        return None
+    return next(getattr(parameter, "device_mesh") for parameter in model.parameters()  # noqa: B009 -- a DTensor's
+                if hasattr(parameter, "device_mesh"))  # fmt: skip
 
 
 def shard_model(model: nn.Module, blocks: Iterable[nn.Module] | None = None, *,

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map_only
 
-from .distributed import Ranks, all_gather, gathered_states
+from .distributed import Ranks, all_gather, fully_sharded, gathered_states
 from .errors import CheckpointError
 from .precision import make_autocast, make_grad_scaler
 from .saved_state import (
@@ -45,7 +45,9 @@ class StepRunner:
         ranks: This process's place among the run's processes. Inside an
             accumulation window each rank's gradients are its own (DDP skips
             the all-reduce until the window's last batch), so a checkpoint
-            holds every rank's.
+            holds every rank's. A model sharded with ``fully_shard`` reduces
+            them in every batch instead: its window's gradients are one sharded
+            state, as its parameters are.
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class StepRunner:
         self.autocast = make_autocast(precision, device)
         self.scaler = make_grad_scaler(precision, device)
         self.parameters = [p for group in optimizer.param_groups for p in group["params"]] if optimizer else []
+        self.sharded = fully_sharded(model)
 
     def zero_grad(self) -> None:
         assert self.optimizer is not None  # only a phase with gradients, which has an optimizer, zeroes them
@@ -131,8 +134,9 @@ class StepRunner:
 
     def _check_gradients(self, saved: Any) -> None:
         """Each saved rank's window gradients: by parameter index, each of its parameter's shape and dtype."""
-        if not isinstance(saved, list) or not saved:
-            raise CheckpointError(f"grads is {describe(saved)}, not a list with one entry per rank")
+        if not isinstance(saved, list) or not saved or (self.sharded and len(saved) != 1):
+            raise CheckpointError(f"grads is {describe(saved)}, not a list with one entry per rank (one, sharded, for "
+                                  "a model sharded with fully_shard)")  # fmt: skip
         count = len(self.parameters)
         for rank, rank_grads in enumerate(saved):
             if not isinstance(rank_grads, dict):
@@ -147,7 +151,9 @@ class StepRunner:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         unwrap_model(self.model).load_state_dict(state["model"])
-        if self.optimizer is not None:  # kept by the optimizer: copies, not views of the checkpoint file
+        if self.optimizer is not None and self.sharded:  # its DTensors were read into new memory; its steps are not
+            self.optimizer.load_state_dict(tree_map_only(torch.Tensor, _copied_unless_sharded, state["optimizer"]))
+        elif self.optimizer is not None:  # kept by the optimizer: copies, not views of the checkpoint file
             self.optimizer.load_state_dict(tensors_to(state["optimizer"], torch.device("cpu")))
         for index, grad in self._own_gradients(state["grads"]).items():
             parameter = self.parameters[int(index)]
@@ -158,7 +164,7 @@ class StepRunner:
     def _gradients_of_every_rank(self) -> list[dict[str, torch.Tensor]]:
         """Each rank's gradients so far, by parameter index (empty between windows)."""
         own = {str(index): p.grad for index, p in enumerate(self.parameters) if p.grad is not None}
-        if not self.ranks.distributed:
+        if not self.ranks.distributed or self.sharded:  # sharded: the reduced gradients, each rank holding its shards
             return [own]
         has_grad = torch.tensor([p.grad is not None for p in self.parameters], dtype=torch.uint8)
         anywhere = torch.stack(all_gather(has_grad, self.ranks, self.device)).amax(0).tolist()
@@ -173,13 +179,19 @@ class StepRunner:
 
     def _own_gradients(self, saved: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """This rank's saved gradients; from another number of ranks, their mean, which the window's
-        all-reduce (a mean over the ranks) would have made of them."""
+        all-reduce (a mean over the ranks) would have made of them. Sharded: the gradients, each rank's part."""
+        if self.sharded:
+            return saved[0]
         if len(saved) == self.ranks.world_size:
             return saved[self.ranks.rank]
         indices = sorted({index for rank_grads in saved for index in rank_grads}, key=int)
         zero = torch.zeros(())  # sum's start (its 0, as a tensor)
         return {index: sum((rank_grads[index].float() for rank_grads in saved if index in rank_grads), zero) / len(saved)
                 for index in indices}  # fmt: skip
+
+
+def _copied_unless_sharded(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if type(tensor).__name__ == "DTensor" else tensor.to("cpu", copy=True)
 
 
 def optimizer_class_name(optimizer: torch.optim.Optimizer | None) -> str | None:

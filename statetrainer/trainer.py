@@ -21,7 +21,7 @@ from .callbacks.base import Callback, checkpoint_savers
 from .checkpointer import Checkpointer
 from .data import PhaseSources, unpack_pair
 from .determinism import require_cublas_workspace
-from .distributed import fully_sharded, join_process_group, wrap_model
+from .distributed import join_process_group, sharding_mesh, wrap_model
 from .errors import HalfLoadedError
 from .evaluation import Evaluation, prediction, validation
 from .machine import AT_REST, Move
@@ -144,7 +144,7 @@ class Trainer:
         self._work, self._training, self._speaking = self._core.work, self._core, speaking
         self._checkpointer = Checkpointer(self.parts, self.run, self._core.outputs, ranks, self.device,
                                           failed=self._raise_write_failure_at_the_next_boundary,
-                                          sharded=fully_sharded(self.model))  # fmt: skip
+                                          mesh=sharding_mesh(self.model))  # fmt: skip
 
     @property
     def state(self) -> str:

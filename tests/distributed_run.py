@@ -151,18 +151,25 @@ def build(options: argparse.Namespace) -> st.Trainer:
     torch.manual_seed(0)  # the same initial weights on every rank and in one process
     random.seed(0)
     np.random.seed(0)
-    model = nn.Sequential(nn.Linear(8, options.hidden), nn.ReLU(), nn.Dropout(options.dropout),
+    hidden = [
+        layer for _ in range(options.blocks - 1) for layer in (nn.Linear(options.hidden, options.hidden), nn.ReLU())
+    ]
+    model = nn.Sequential(nn.Linear(8, options.hidden), nn.ReLU(), *hidden, nn.Dropout(options.dropout),
                           nn.Linear(options.hidden, 3))  # fmt: skip
     train = DataLoader(IndexedSamples(options.samples, options.augment), batch_size=options.batch_size,
                        shuffle=True, num_workers=options.workers)  # fmt: skip
     valid = DataLoader(IndexedSamples(options.valid_samples, False, seed=1), batch_size=options.batch_size)
     folder = Path(options.folder)
-    callbacks = [cb.SmoothedLoss(), cb.Accuracy(), cb.CSVLogger(folder / "log.csv"), cb.StreamLogger()]
-    if options.fsdp:  # sharded by blocks (the two Linear layers), then as a whole; no checkpoints yet
+    callbacks = [
+        cb.SmoothedLoss(),
+        cb.Accuracy(),
+        cb.CSVLogger(folder / "log.csv"),
+        cb.StreamLogger(),
+        cb.Checkpoint(folder / "checkpoints", every_steps=options.every_steps, keep_last=2,
+                      background=options.background),
+    ]  # fmt: skip
+    if options.fsdp:  # each Linear layer sharded, then the whole
         shard_model(model)
-    else:
-        callbacks.append(cb.Checkpoint(folder / "checkpoints", every_steps=options.every_steps, keep_last=2,
-                                       background=options.background))  # fmt: skip
     if options.records:
         callbacks.append(Recorder(Path(options.records)))
     if options.kill:
@@ -277,7 +284,8 @@ def main() -> None:
     parser.add_argument("--break-at", help="EPOCH:BATCH: a Breakpoint after that train batch (rank 0 breaks)")
     parser.add_argument("--term-at", help="EPOCH:BATCH: rank 0 sends SIGTERM to its launcher after that train batch")
     parser.add_argument("--background", action="store_true", help="the Checkpoint callback writes in the background")
-    parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (shard_model); no checkpoints")
+    parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (shard_model)")
+    parser.add_argument("--blocks", type=int, default=1, help="hidden Linear layers (each sharded with --fsdp)")
     parser.add_argument(
         "--slow-write",
         help="N:hold|kill-rank1|fail: rank 0's N-th background write is held 2 s "
@@ -294,7 +302,7 @@ def main() -> None:
     trainer = build(options)
     if options.resume:
         trainer.load_checkpoint(options.resume, allow_changes={"world_size"})
-    elif not options.fsdp:
+    else:
         trainer.load_checkpoint(folder / "checkpoints")
     if options.save_at:
         epoch, batch = map(int, options.save_at.split(":"))
@@ -305,16 +313,9 @@ def main() -> None:
         return
     synced_backwards, total_steps = count_gradient_all_reduces(trainer), trainer.total_steps
     trainer.fit()
+    trainer.save_checkpoint(folder / "final.safetensors")
     if options.fsdp:
         save_full_model(trainer, folder / "final-model.safetensors")
-        try:  # its checkpoints are not built yet: a Checkpoint callback is refused at once
-            st.Trainer(trainer.model, trainer.optimizer, F.cross_entropy, trainer.phases,
-                       callbacks=[cb.Checkpoint(folder / "checkpoints")])  # fmt: skip
-        except NotImplementedError as error:
-            assert "fully_shard" in str(error), error
-            (folder / f"refused-rank{os.environ.get('RANK', 0)}").touch()
-    else:
-        trainer.save_checkpoint(folder / "final.safetensors")
     if options.records:  # what each rank ended with
         summary = {"metrics": dict(trainer.metrics), "synced_backwards": synced_backwards["count"],
                    "global_step": trainer.global_step, "world_size": trainer.world_size,

@@ -183,7 +183,7 @@ def test_a_model_sharded_with_fully_shard_trains_on_two_ranks_as_one_process_wit
     """FSDP2 (``shard_model``: each Linear, then the whole) on 2 ranks with windows of 2 batches, against one plain
     process with the global batch: the same weights and metrics, to float rounding (the gradients are reduced
     and summed in another order)."""
-    common = ("--samples", "43", "--epochs", "2", "--optimizer", "adam", "--accumulate", "2")
+    common = ("--samples", "43", "--epochs", "2", "--optimizer", "adam", "--accumulate", "2", "--blocks", "3")
     launch(tmp_path / "two", *common, "--batch-size", "4", "--fsdp", device=device.type)
     launch(tmp_path / "one", *common, "--batch-size", "8", processes=1, device=device.type)
     two, one = load_file(tmp_path / "two" / "final-model.safetensors"), final_state(tmp_path / "one")
@@ -192,7 +192,6 @@ def test_a_model_sharded_with_fully_shard_trains_on_two_ranks_as_one_process_wit
         torch.testing.assert_close(two[f"model/{key}"], weight.cpu(), rtol=1e-5, atol=1e-6)
     for name, value in one["metrics"].items():
         assert float(two[f"metrics/{name}"]) == pytest.approx(value, rel=1e-5, abs=1e-6), name
-    assert (tmp_path / "two" / "refused-rank1").exists()  # a Checkpoint callback: NotImplementedError for now
 
 
 @pytest.mark.slow
@@ -276,6 +275,38 @@ def test_a_failed_background_write_under_torchrun_ends_every_rank_and_names_the_
                      r"the background checkpoint write in flight)", rank_output(logs, 1))  # fmt: skip
     kept = sorted((folder / "checkpoints").glob("ckpt-*.safetensors"))
     assert [read_tree(path)["position"]["global_step"] for path in kept] == [2]  # the first write's, whole
+
+
+SHARDED_KILLED = (*KILLED, "--fsdp", "--blocks", "3")
+_UNINTERRUPTED_SHARDED: dict[str, Path] = {}
+
+
+def same_sharded_run(first: Path, second: Path) -> None:
+    """``same_run`` for a model sharded with fully_shard: the checkpoint's own parts, and every rank's pieces."""
+    same_run(first, second)
+    pieces = sorted(path.name for path in first.glob("final.safetensors.rank*"))
+    assert pieces == sorted(path.name for path in second.glob("final.safetensors.rank*")) and pieces
+    for name in pieces:
+        assert_trees_equal(load_file(first / name), load_file(second / name), name)
+
+
+@pytest.mark.parametrize("kill", [
+    pytest.param("1:1:2", id="rank1-epoch2-inside-a-window"),
+    pytest.param("0:0:4", id="rank0-in-the-ragged-window", marks=pytest.mark.slow),
+])  # fmt: skip
+def test_a_sharded_model_killed_anywhere_resumes_bit_identical_from_its_sharded_checkpoint(tmp_path, device, kill):
+    """fully_shard on 3 blocks with Adam, windows of 2, 2 ranks: a rank SIGKILLed mid-epoch, then the same command
+    resumes from the sharded checkpoint (each rank reading its own pieces) and ends bit-identical: every rank's
+    pieces of the weights, Adam's state, generators, metrics and the log."""
+    if device.type not in _UNINTERRUPTED_SHARDED:
+        _UNINTERRUPTED_SHARDED[device.type] = tmp_path / "uninterrupted"
+        launch(tmp_path / "uninterrupted", *SHARDED_KILLED, device=device.type)
+    folder = tmp_path / "run"
+    killed = launch(folder, *SHARDED_KILLED, "--kill", kill, check=False, device=device.type)
+    assert killed.returncode != 0 and (folder / "killed").exists()
+    assert list((folder / "checkpoints").glob("ckpt-*.safetensors.rank00001"))  # it resumes from pieces
+    launch(folder, *SHARDED_KILLED, "--kill", kill, device=device.type)
+    same_sharded_run(folder, _UNINTERRUPTED_SHARDED[device.type])
 
 
 @pytest.mark.slow

@@ -8,7 +8,16 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import CheckpointError, CheckpointFolder, atomic_copy, read_document, remove_stale_temporaries, run_of
+from ..checkpoint import (
+    CheckpointError,
+    CheckpointFolder,
+    copy_with_pieces,
+    read_document,
+    remove_orphan_pieces,
+    remove_shard_files,
+    remove_stale_temporaries,
+    run_of,
+)
 from ..saved_state import check_integer, check_real
 from ..validation import check_count
 from .base import Callback, TrainerView
@@ -117,6 +126,7 @@ class Checkpoint(Callback):
     def open_files(self, trainer: TrainerView) -> None:
         """Remove what a killed writer left half-written, and remake the best copies the loaded state names."""
         remove_stale_temporaries(self.folder)
+        remove_orphan_pieces(self.folder)
         if self.best is not None:
             remake_best_copies(self.layout, self._wanted_best_copies(), None)
         self._prune((self.layout.read_marker() or {}).get("run"))  # a run killed before it pruned
@@ -210,7 +220,8 @@ class Checkpoint(Callback):
             return
         ours = [path for path in self.layout.checkpoints() if run is not None and self._run_of(path) == run]
         for old in ours[: -self.keep_last]:
-            old.unlink(missing_ok=True)
+            old.unlink(missing_ok=True)  # the checkpoint first: it no longer counts
+            remove_shard_files(old)
             self._runs.pop(old, None)
 
     def _run_of(self, path: Path) -> str | None:
@@ -266,10 +277,11 @@ def remake_best_copies(layout: CheckpointFolder, wanted: dict[Path, int], newest
             warnings.warn(f"Checkpoint: {target} cannot be made: no checkpoint of the end of epoch {epoch} is left "
                           f"in {layout.path}", stacklevel=4)  # fmt: skip
             continue
-        atomic_copy(source, target)
+        copy_with_pieces(source, target)
     for old in layout.ranked_copies():
         if old not in wanted:  # dropped out, or written by a run killed after its newest checkpoint
             old.unlink(missing_ok=True)
+            remove_shard_files(old)
 
 
 def _ends_epoch(path: Path, epoch: int, run: str | None) -> bool:

@@ -18,12 +18,19 @@ class NonFiniteError(FloatingPointError):
 
 
 def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
-    """The name of the first tensor with a NaN or an infinity in it, or None (one host sync)."""
+    """The name of the first tensor with a NaN or an infinity in it, or None (one host sync). A sharded tensor (a
+    DTensor, under fully_shard) is checked whole: every rank takes part, and every rank gets the same answer."""
     floating = {name: tensor for name, tensor in tensors.items() if tensor.is_floating_point() and tensor.numel()}
     if not floating:
         return None
-    finite = torch.stack([torch.isfinite(tensor).all() for tensor in floating.values()]).cpu()
+    finite = torch.stack([_all_finite(tensor) for tensor in floating.values()]).cpu()
     return next((name for name, ok in zip(floating, finite.tolist(), strict=True) if not ok), None)
+
+
+def _all_finite(tensor: torch.Tensor) -> torch.Tensor:
+    finite = torch.isfinite(tensor).all()
+    full_tensor = getattr(finite, "full_tensor", None)  # a DTensor's: reduced over the ranks' shards
+    return full_tensor() if full_tensor is not None else finite
 
 
 class StopOnNonFinite(Callback):

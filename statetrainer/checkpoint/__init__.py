@@ -23,9 +23,24 @@ from .folder import (
 from .lock import LOCK_FILE, FolderLock
 from .ownership import claim_folder, mark_folder, refuse_overwrite, run_of
 from .serialization import FORMAT_VERSION, read_document, read_header, read_tree, write_tree
+from .sharded import INDEX as SHARD_INDEX
+from .sharded import (
+    ShardIndex,
+    copy_with_pieces,
+    piece_crc,
+    remove_orphan_pieces,
+    remove_shard_files,
+    resolve_shards,
+    shard_file,
+    shard_files,
+    split_shards,
+    write_pieces,
+)
 
 __all__ = [
     "BackgroundWriter",
+    "SHARD_INDEX",
+    "ShardIndex",
     "StagingBuffers",
     "BEST",
     "CheckpointFolder",
@@ -57,7 +72,16 @@ __all__ = [
     "run_of",
     "save_folder",
     "save_target",
+    "copy_with_pieces",
+    "piece_crc",
+    "remove_orphan_pieces",
+    "remove_shard_files",
+    "resolve_shards",
     "set_aside",
+    "shard_file",
+    "shard_files",
+    "split_shards",
     "temporary_path",
+    "write_pieces",
     "write_tree",
 ]

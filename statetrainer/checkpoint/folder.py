@@ -117,8 +117,14 @@ def next_checkpoint_path(folder: Path, epoch: int, step: int) -> Path:
     return CheckpointFolder(folder).next_checkpoint(epoch, step)
 
 
+Prepare = Callable[[Path, dict[str, Any]], dict[str, Any]]
+
+
 def newest_valid(
-    folder: Path, check: Callable[[dict[str, Any]], None] | None = None
+    folder: Path,
+    check: Callable[[dict[str, Any]], None] | None = None,
+    prepare: Prepare | None = None,
+    settle: Callable[[bool], bool] | None = None,
 ) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint in ``folder`` that reads and verifies, once ``check`` passes on it; None if there is none.
 
@@ -126,12 +132,23 @@ def newest_valid(
     reported with a warning and the previous one is tried. One that reads but
     fails ``check`` (it does not fit this trainer) raises: an older checkpoint
     of the run would resume it from an earlier point without saying so.
+    ``prepare(path, tree)`` finishes reading a checkpoint (a sharded one's
+    pieces); ``settle(read)`` makes every rank's outcome the same (under
+    torchrun each rank reads its own pieces, and all fall back together).
     """
     failures = []
     for path in reversed(checkpoint_files(folder)):
+        error: CheckpointError | None = None
+        tree: dict[str, Any] = {}
         try:
             tree = read_tree(path)
-        except CheckpointError as error:
+            if prepare is not None:
+                tree = prepare(path, tree)
+        except CheckpointError as raised:
+            error = raised
+        if settle is not None and not settle(error is None):
+            error = error or CheckpointError("another rank could not read its part of it")
+        if error is not None:
             failures.append(f"{path.name}: {error}")
             warnings.warn(f"skipping checkpoint {path}: {error}; falling back to the previous one", stacklevel=3)
             continue
@@ -238,11 +255,14 @@ def find_checkpoint(
     own_folders: Sequence[Path],
     check: Callable[[dict[str, Any]], None] | None = None,
     accept_marker: Callable[[dict[str, Any], Path], None] | None = None,
+    prepare: Prepare | None = None,
+    settle: Callable[[bool], bool] | None = None,
 ) -> tuple[Path, dict[str, Any]] | None:
     """The checkpoint to resume from: the file ``path``, or the newest good one in the folder ``path``.
 
     None for a folder that holds no checkpoint yet, and for one of
     ``own_folders`` (where the run saves) before it exists: a first run.
+    ``prepare`` and ``settle`` are ``newest_valid``'s.
 
     Raises:
         CheckpointError: The file is unusable, ``path`` is a folder of
@@ -258,9 +278,10 @@ def find_checkpoint(
         marker = read_run_marker(path)
         if marker is not None and accept_marker is not None:
             accept_marker(marker, path)  # another run's folder: refused, never adopted
-        return newest_valid(path, check)
+        return newest_valid(path, check, prepare, settle)
     if path.exists() or path.suffix == ".safetensors":
-        return path, read_tree(path)
+        tree = read_tree(path)
+        return path, prepare(path, tree) if prepare is not None else tree
     if any(path.resolve() == folder.resolve() for folder in own_folders):
         return None
     saving_to = (f"this trainer's Checkpoint callback saves to {', '.join(map(str, own_folders))}" if own_folders

@@ -34,7 +34,8 @@ from safetensors.torch import save_file
 from ..errors import CheckpointError
 from .atomic import atomic_write
 
-__all__ = ["pack_metadata", "read_document", "read_header", "read_tree", "write_tree"]
+__all__ = ["dtype_from_name", "dtype_name", "pack_metadata", "read_document", "read_header", "read_tree",
+           "tensor_bytes", "write_tree"]  # fmt: skip
 
 # 2: the run's state as registry parts, the checksum covering dtypes and shapes, the document under a key "tree";
 # 3: header and document under the one key, so the file's bytes are a function of the state
@@ -127,7 +128,8 @@ def _unflatten(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return tree
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A contiguous CPU tensor's bytes, without a copy."""
     return tensor.reshape(-1).view(torch.uint8).numpy().data
 
 
@@ -143,6 +145,16 @@ _DTYPES = {getattr(torch, dtype): name for dtype, name in _DTYPE_NAMES.items() i
 _PARALLEL_CHECKSUM_BYTES = 16 * 2**20
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``dtype`` as safetensors spells it (``F32``)."""
+    return _DTYPES[dtype]
+
+
+def dtype_from_name(name: str) -> torch.dtype | None:
+    """The torch dtype safetensors spells ``name``; None for none."""
+    return next((dtype for dtype, spelled in _DTYPES.items() if spelled == name), None)
+
+
 def _checksum(document: str, tensors: dict[str, torch.Tensor]) -> str:
     """The CRC-32 of the document and of every tensor's key, dtype, shape and bytes, as 8 hex digits.
 
@@ -153,7 +165,7 @@ def _checksum(document: str, tensors: dict[str, torch.Tensor]) -> str:
 
     def data_crc(key: str) -> int:
         tensor = tensors[key]
-        return zlib.crc32(_tensor_bytes(tensor)) if tensor.numel() else 0
+        return zlib.crc32(tensor_bytes(tensor)) if tensor.numel() else 0
 
     total = sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
     if total >= _PARALLEL_CHECKSUM_BYTES:

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
@@ -199,6 +199,18 @@ def build(options: argparse.Namespace) -> st.Trainer:
                       device=options.device, seed=options.seed, deterministic=options.deterministic)  # fmt: skip
 
 
+def save_full_state(trainer: st.Trainer, path: Path) -> None:
+    """A sharded model's full weights and optimizer state, gathered to rank 0 by torch's own state-dict API and
+    saved there (what a resharded load must reproduce exactly)."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights, optimizer = get_state_dict(trainer.model, trainer.optimizer, options=options)
+    if trainer.is_global_zero:
+        flat = {f"model/{key}": value for key, value in weights.items()}
+        for name, state in optimizer["state"].items():
+            flat.update({f"optimizer/{name}/{key}": value for key, value in state.items() if torch.is_tensor(value)})
+        save_file(flat, str(path))
+
+
 def save_full_model(trainer: st.Trainer, path: Path) -> None:
     """A sharded model's full weights and the run's metrics, gathered to rank 0 and saved there."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -302,6 +314,8 @@ def main() -> None:
     trainer = build(options)
     if options.resume:
         trainer.load_checkpoint(options.resume, allow_changes={"world_size"})
+        if options.fsdp:
+            save_full_state(trainer, folder / "loaded-full.safetensors")
     else:
         trainer.load_checkpoint(folder / "checkpoints")
     if options.save_at:
@@ -310,6 +324,8 @@ def main() -> None:
                    and trainer.batch_index == batch):  # fmt: skip
             trainer.advance()
         trainer.save_checkpoint(folder / "mid.safetensors")
+        if options.fsdp:
+            save_full_state(trainer, folder / "saved-full.safetensors")
         return
     synced_backwards, total_steps = count_gradient_all_reduces(trainer), trainer.total_steps
     trainer.fit()

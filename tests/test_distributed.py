@@ -37,10 +37,11 @@ TIMEOUT = 180
 
 
 def launch(folder: Path, *options: str, processes: int = 2, device: str = "cpu", check: bool = True,
-           logs: Path | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:  # fmt: skip
-    """Run the script on ``processes`` ranks (torchrun) or in one plain process; each rank's output goes to ``logs``."""
+           logs: Path | None = None, stdin: str | None = None, torchrun: bool = False) -> subprocess.CompletedProcess:  # fmt: skip
+    """Run the script on ``processes`` ranks (torchrun) or in one plain process (unless ``torchrun``: a sharded
+    model needs a process group, of one); each rank's output goes to ``logs``."""
     arguments = [str(SCRIPT), str(folder), "--device", device, *options]
-    if processes > 1:
+    if processes > 1 or torchrun:
         logs = logs or folder.parent / f"{folder.name}-logs"
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                    "--log-dir", str(logs), "--redirects", "3", *arguments]  # fmt: skip
@@ -309,6 +310,30 @@ def test_a_sharded_model_killed_anywhere_resumes_bit_identical_from_its_sharded_
     same_sharded_run(folder, _UNINTERRUPTED_SHARDED[device.type])
 
 
+@pytest.mark.parametrize(("saved_on", "resumed_on"), [
+    (2, 3), pytest.param(3, 2, marks=pytest.mark.slow), pytest.param(2, 1, marks=pytest.mark.slow),
+    pytest.param(1, 2, marks=pytest.mark.slow),
+])  # fmt: skip
+def test_a_sharded_checkpoint_loads_on_another_number_of_ranks_exactly(tmp_path, device, saved_on, resumed_on):
+    """Saved by 3 sharded blocks with Adam on ``saved_on`` ranks, loaded on ``resumed_on`` (each rank reading its
+    new rows from the pieces that hold them): the weights and Adam's state, gathered whole by torch, equal the
+    saved ones exactly, and the epoch goes on with each sample once."""
+    common = ("--samples", "43", "--batch-size", "4", "--epochs", "2", "--accumulate", "2", "--optimizer", "adam",
+              "--fsdp", "--blocks", "3")  # fmt: skip
+    first, second = tmp_path / "first", tmp_path / "second"
+    launch(first, *common, "--save-at", "0:3", "--records", str(first / "records"), processes=saved_on,
+           torchrun=True, device=device.type)  # fmt: skip
+    assert len(list(first.glob("mid.safetensors.rank*"))) == saved_on
+    launch(second, *common, "--resume", str(first / "mid.safetensors"), "--records", str(second / "records"),
+           processes=resumed_on, torchrun=True, device=device.type)  # fmt: skip
+    saved, loaded = load_file(first / "saved-full.safetensors"), load_file(second / "loaded-full.safetensors")
+    assert saved.keys() == loaded.keys() and any(key.endswith("exp_avg_sq") for key in saved)
+    for key, value in saved.items():
+        assert torch.equal(value, loaded[key]), key
+    assert samples_of(records(first / "records"), 0) + samples_of(records(second / "records"), 0) == Counter(range(43))
+    assert final_state(second)["position"]["finished"]
+
+
 @pytest.mark.slow
 def test_a_sigterm_to_torchrun_stops_every_rank_at_one_batch_and_the_rerun_is_exact(tmp_path, uninterrupted, device):
     folder, logs = tmp_path / "run", tmp_path / "logs"
@@ -321,7 +346,9 @@ def test_a_sigterm_to_torchrun_stops_every_rank_at_one_batch_and_the_rerun_is_ex
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("saved_on", "resumed_on", "save_at"), [(2, 1, "0:2"), (1, 2, "0:3"), (1, 2, "0:6")])
+@pytest.mark.parametrize(
+    ("saved_on", "resumed_on", "save_at"), [(2, 1, "0:2"), (1, 2, "0:3"), (1, 2, "0:6"), (3, 2, "0:3")]
+)  # the last: after the epoch's last batch
 def test_a_checkpoint_resumes_on_another_number_of_ranks_without_skipping_or_repeating_a_sample(
         tmp_path, tmp_path_factory, saved_on, resumed_on, save_at, device):  # fmt: skip
     """Saved inside an accumulation window (accumulate=2) and resumed on another world size: the remaining samples

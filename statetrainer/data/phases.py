@@ -161,8 +161,9 @@ class PhaseSources:
                 source.load_state_dict(position)
             done = saved["samples_done"]
             if isinstance(source, SeededLoader) and saved["shards"] != self.world_size and done:
-                if done < source.epoch_samples:  # saved mid-phase: go on from that sample
-                    source.resume_at(done)
+                # Saved mid-phase: go on from that sample (none left after the pass's last batch); a run
+                # resumed between phases drops it (Run.loaded), and the next pass opens whole.
+                source.resume_at(done)
         for stream, saved in zip(self.streams, state, strict=True):
             if stream is not None:
                 stream.load_state_dict(saved["stream"])

@@ -2,7 +2,9 @@
 
 A checkpoint holds the whole run; its model weights are the bare model's
 ``state_dict()`` (a DDP or ``torch.compile`` wrapper's own prefix is never
-saved). ``load_weights`` puts them into any module with the same keys, and
+saved). A sharded checkpoint's weights (a model sharded with ``fully_shard``)
+are assembled here, in one process with no process group, from every rank's
+pieces. ``load_weights`` puts them into any module with the same keys, and
 ``export_weights`` writes them as a safetensors file of the model's own keys,
 the format model hubs use: ``safetensors.torch.load_file`` and
 ``model.load_state_dict`` read it with no statetrainer installed.
@@ -17,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import atomic_write, newest_valid, read_tree
+from .checkpoint import SHARD_INDEX, ShardIndex, atomic_write, newest_valid, read_tree, whole_tensors
 from .errors import CheckpointError
 from .saved_state import check_model_state, unwrap_model
 
@@ -41,6 +43,10 @@ def checkpoint_weights(path: str | os.PathLike[str]) -> tuple[Path, dict[str, to
         source, tree = path, read_tree(path)
     step = tree.get("step")
     weights = step.get("model") if isinstance(step, dict) else None
+    if SHARD_INDEX in tree and isinstance(weights, dict):  # a sharded model's: each tensor from every rank's pieces
+        index = ShardIndex(tree[SHARD_INDEX], source)
+        index.check_files()
+        weights = whole_tensors(weights, index)
     if not isinstance(weights, dict) or not all(
         isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in weights.items()
     ):

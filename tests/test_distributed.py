@@ -28,9 +28,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
+import statetrainer as st
 from statetrainer import distributed
-from statetrainer.checkpoint import read_tree
+from statetrainer.checkpoint import CheckpointError, read_tree
 
 SCRIPT = Path(__file__).with_name("distributed_run.py")
 TIMEOUT = 180
@@ -193,6 +195,14 @@ def test_a_model_sharded_with_fully_shard_trains_on_two_ranks_as_one_process_wit
         torch.testing.assert_close(two[f"model/{key}"], weight.cpu(), rtol=1e-5, atol=1e-6)
     for name, value in one["metrics"].items():
         assert float(two[f"metrics/{name}"]) == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    # Its sharded checkpoint, assembled in this process (no process group): the weights torch gathered.
+    exported = st.export_weights(tmp_path / "two" / "final.safetensors", tmp_path / "weights.safetensors")
+    assert exported == tmp_path / "two" / "final.safetensors"
+    plain = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                          nn.Dropout(0.0), nn.Linear(16, 3))  # fmt: skip
+    st.load_weights(plain, tmp_path / "two" / "final.safetensors")
+    for key, value in load_file(tmp_path / "weights.safetensors").items():
+        assert torch.equal(value, two[f"model/{key}"]) and torch.equal(plain.state_dict()[key], value), key
 
 
 @pytest.mark.slow
@@ -282,6 +292,16 @@ SHARDED_KILLED = (*KILLED, "--fsdp", "--blocks", "3")
 _UNINTERRUPTED_SHARDED: dict[str, Path] = {}
 
 
+@pytest.fixture
+def uninterrupted_sharded(tmp_path_factory, device) -> Path:
+    """The sharded run the killed ones must end as, on ``device`` (made once per device)."""
+    if device.type not in _UNINTERRUPTED_SHARDED:
+        folder = tmp_path_factory.mktemp(f"uninterrupted-sharded-{device.type}") / "run"
+        launch(folder, *SHARDED_KILLED, device=device.type)
+        _UNINTERRUPTED_SHARDED[device.type] = folder
+    return _UNINTERRUPTED_SHARDED[device.type]
+
+
 def same_sharded_run(first: Path, second: Path) -> None:
     """``same_run`` for a model sharded with fully_shard: the checkpoint's own parts, and every rank's pieces."""
     same_run(first, second)
@@ -295,19 +315,44 @@ def same_sharded_run(first: Path, second: Path) -> None:
     pytest.param("1:1:2", id="rank1-epoch2-inside-a-window"),
     pytest.param("0:0:4", id="rank0-in-the-ragged-window", marks=pytest.mark.slow),
 ])  # fmt: skip
-def test_a_sharded_model_killed_anywhere_resumes_bit_identical_from_its_sharded_checkpoint(tmp_path, device, kill):
+def test_a_sharded_model_killed_anywhere_resumes_bit_identical_from_its_sharded_checkpoint(
+        tmp_path, uninterrupted_sharded, device, kill):  # fmt: skip
     """fully_shard on 3 blocks with Adam, windows of 2, 2 ranks: a rank SIGKILLed mid-epoch, then the same command
     resumes from the sharded checkpoint (each rank reading its own pieces) and ends bit-identical: every rank's
     pieces of the weights, Adam's state, generators, metrics and the log."""
-    if device.type not in _UNINTERRUPTED_SHARDED:
-        _UNINTERRUPTED_SHARDED[device.type] = tmp_path / "uninterrupted"
-        launch(tmp_path / "uninterrupted", *SHARDED_KILLED, device=device.type)
     folder = tmp_path / "run"
     killed = launch(folder, *SHARDED_KILLED, "--kill", kill, check=False, device=device.type)
     assert killed.returncode != 0 and (folder / "killed").exists()
     assert list((folder / "checkpoints").glob("ckpt-*.safetensors.rank00001"))  # it resumes from pieces
     launch(folder, *SHARDED_KILLED, "--kill", kill, device=device.type)
-    same_sharded_run(folder, _UNINTERRUPTED_SHARDED[device.type])
+    same_sharded_run(folder, uninterrupted_sharded)
+
+
+@pytest.mark.parametrize(
+    "damage", ["truncated", "another-saves-piece", pytest.param("no-checkpoint-file", marks=pytest.mark.slow)]
+)
+def test_a_damaged_sharded_checkpoint_is_refused_and_the_folder_falls_back_to_the_previous_whole_one(
+        tmp_path, uninterrupted_sharded, device, damage):  # fmt: skip
+    """The newest checkpoint of a killed sharded run loses a piece file's end, has another save's piece, or lost its
+    checkpoint file (its pieces stay): every rank falls back to the previous checkpoint, and the run still ends
+    bit-identical."""
+    folder, logs = tmp_path / "run", tmp_path / "logs"
+    launch(folder, *SHARDED_KILLED, "--kill", "1:1:2", check=False, device=device.type)
+    older, newest = sorted((folder / "checkpoints").glob("ckpt-*.safetensors"))[-2:]
+    piece = newest.with_name(newest.name + ".rank00001")
+    if damage == "truncated":
+        piece.write_bytes(piece.read_bytes()[: piece.stat().st_size // 2])
+    elif damage == "another-saves-piece":
+        piece.write_bytes(older.with_name(older.name + ".rank00001").read_bytes())
+    else:
+        newest.unlink()
+    with pytest.raises(CheckpointError, match="rank00001|no checkpoint file"):  # each piece is checked as read
+        st.export_weights(newest, tmp_path / "weights.safetensors")
+    launch(folder, *SHARDED_KILLED, "--kill", "1:1:2", logs=logs, device=device.type)
+    if damage == "no-checkpoint-file":  # the pieces it left were removed
+        assert not list((folder / "checkpoints").glob(f"{newest.name}.rank*"))
+    same_sharded_run(folder, uninterrupted_sharded)  # resumed from the previous one: had it loaded the damaged
+    # checkpoint, it would have failed, or ended otherwise
 
 
 @pytest.mark.parametrize(("saved_on", "resumed_on"), [

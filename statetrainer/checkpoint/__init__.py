@@ -34,6 +34,7 @@ from .sharded import (
     shard_file,
     shard_files,
     split_shards,
+    whole_tensors,
     write_pieces,
 )
 
@@ -81,6 +82,7 @@ __all__ = [
     "shard_file",
     "shard_files",
     "split_shards",
+    "whole_tensors",
     "temporary_path",
     "write_pieces",
     "write_tree",

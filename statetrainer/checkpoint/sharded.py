@@ -36,7 +36,7 @@ from .atomic import atomic_copy
 from .serialization import dtype_from_name, dtype_name, read_document, tensor_bytes, write_tree
 
 __all__ = ["INDEX", "SHARD", "ShardIndex", "copy_with_pieces", "owned_box", "remove_orphan_pieces",
-           "remove_shard_files", "shard_file", "shard_files", "split_shards", "write_pieces"]  # fmt: skip
+           "remove_shard_files", "shard_file", "shard_files", "split_shards", "whole_tensors", "write_pieces"]  # fmt: skip
 
 SHARD = "__shard__"  # a sharded tensor's place in the checkpoint's document
 INDEX = "__shards__"  # the index's key in the checkpoint's document
@@ -239,6 +239,23 @@ def resolve_shards(tree: Any, index: ShardIndex, placed: Callable[[str, list[int
     ``placed(key, shape)`` gives the mesh and placements the tensor takes in this run."""
     from torch.distributed.tensor import DTensor  # noqa: PLC0415 -- for sharded models only
 
+    def read(key: str, shape: list[int]) -> torch.Tensor:
+        mesh, placements = placed(key, shape)
+        offset, size = owned_box(tuple(shape), mesh, placements)
+        local = index.read(key, offset, size).to(mesh.device_type)
+        return DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape),
+                                  stride=_contiguous_strides(shape))  # fmt: skip
+
+    return _replace_shards(tree, index, read)
+
+
+def whole_tensors(tree: Any, index: ShardIndex) -> Any:
+    """``tree`` with each ``{"__shard__": key}`` replaced by the whole tensor, assembled from every rank's pieces in
+    this process (no process group): a sharded checkpoint's weights, for a plain model or a file."""
+    return _replace_shards(tree, index, lambda key, shape: index.read(key, [0] * len(shape), shape))
+
+
+def _replace_shards(tree: Any, index: ShardIndex, read: Callable[[str, list[int]], torch.Tensor]) -> Any:
     def walk(node: Any) -> Any:
         if isinstance(node, dict):
             if set(node) == {SHARD}:
@@ -246,12 +263,7 @@ def resolve_shards(tree: Any, index: ShardIndex, placed: Callable[[str, list[int
                 entry = index.tensors.get(key) if isinstance(key, str) else None
                 if entry is None:
                     raise CheckpointError(f"{index.checkpoint}: its shard index has no tensor {key!r}")
-                shape = [int(size) for size in entry["shape"]]
-                mesh, placements = placed(key, shape)
-                offset, size = owned_box(tuple(shape), mesh, placements)
-                local = index.read(key, offset, size).to(mesh.device_type)
-                return DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape),
-                                          stride=_contiguous_strides(shape))  # fmt: skip
+                return read(key, [int(size) for size in entry["shape"]])
             return {name: walk(value) for name, value in node.items()}
         if isinstance(node, list):
             return [walk(value) for value in node]

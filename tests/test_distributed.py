@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -181,8 +182,28 @@ def test_two_ranks_train_as_one_process_with_the_same_global_batch(tmp_path, dev
         assert two["metrics"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
 
 
+def refused(*args, **kwargs):
+    raise AssertionError("a checkpoint was unpickled")
+
+
+def assert_no_pickle(path: Path) -> None:
+    """``path`` is a folder, a text file (JSON, CSV, the lock), or a safetensors file whose header is JSON and whose
+    tensors fill the rest exactly: no byte of it is left for a pickle (nor a torch.save zip)."""
+    if path.is_dir():
+        return
+    data = path.read_bytes()
+    if path.suffix in (".json", ".csv", ".lock") or path.name.endswith(".jsonl"):
+        data.decode("utf-8")
+        return
+    assert not data.startswith((b"\x80", b"PK")), f"{path} is a pickle or a zip"
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    assert 8 + length + max(ends, default=0) == len(data), f"{path} holds bytes that are no tensor's"
+
+
 def test_a_model_sharded_with_fully_shard_trains_on_two_ranks_as_one_process_with_the_same_global_batch(
-        tmp_path, device):  # fmt: skip
+        tmp_path, device, monkeypatch):  # fmt: skip
     """FSDP2 (``shard_model``: each Linear, then the whole) on 2 ranks with windows of 2 batches, against one plain
     process with the global batch: the same weights and metrics, to float rounding (the gradients are reduced
     and summed in another order)."""
@@ -195,7 +216,11 @@ def test_a_model_sharded_with_fully_shard_trains_on_two_ranks_as_one_process_wit
         torch.testing.assert_close(two[f"model/{key}"], weight.cpu(), rtol=1e-5, atol=1e-6)
     for name, value in one["metrics"].items():
         assert float(two[f"metrics/{name}"]) == pytest.approx(value, rel=1e-5, abs=1e-6), name
-    # Its sharded checkpoint, assembled in this process (no process group): the weights torch gathered.
+    for path in (tmp_path / "two").rglob("*"):  # every file it wrote is safetensors, JSON or CSV: no pickle
+        assert_no_pickle(path)
+    # Its sharded checkpoint, assembled in this process (no process group, no unpickling): torch's gathered weights.
+    for module, name in ((torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")):
+        monkeypatch.setattr(module, name, refused)
     exported = st.export_weights(tmp_path / "two" / "final.safetensors", tmp_path / "weights.safetensors")
     assert exported == tmp_path / "two" / "final.safetensors"
     plain = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),

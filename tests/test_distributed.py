@@ -353,6 +353,22 @@ def test_a_sharded_model_killed_anywhere_resumes_bit_identical_from_its_sharded_
     same_sharded_run(folder, uninterrupted_sharded)
 
 
+@pytest.mark.slow
+def test_a_sigterm_to_a_sharded_run_saves_its_pieces_inside_a_window_and_the_rerun_is_exact(
+        tmp_path, uninterrupted_sharded, device):  # fmt: skip
+    """The stop's save comes inside an accumulation window (each batch's gradients are reduced and sharded), so
+    the window's sharded gradients are saved as pieces too, and the rerun ends bit-identical."""
+    folder, logs = tmp_path / "run", tmp_path / "logs"
+    stopped = launch(folder, *SHARDED_KILLED, "--term-at", "0:0", check=False, logs=logs, device=device.type)
+    assert stopped.returncode != 0 and (folder / "terminated").exists()
+    assert re.search(r"stopped by SIGTERM at epoch \d, phase 'train', after batch \d+ .*: saved ", rank_output(logs, 0))
+    newest = sorted((folder / "checkpoints").glob("ckpt-*.safetensors"))[-1]
+    saved = read_tree(newest)
+    launch(folder, *SHARDED_KILLED, "--term-at", "0:0", device=device.type)
+    same_sharded_run(folder, uninterrupted_sharded)
+    assert saved["step"]["grads"] != [{}], "the stop came between windows: no gradients were saved"
+
+
 @pytest.mark.parametrize(
     "damage", ["truncated", "another-saves-piece", pytest.param("no-checkpoint-file", marks=pytest.mark.slow)]
 )

@@ -138,6 +138,8 @@ class Checkpointer:
     def _prepare(self, path: Path, tree: dict[str, Any]) -> dict[str, Any]:
         """A checkpoint's state with its sharded tensors read (this rank's parts); a sharded checkpoint only for a
         sharded model, and the other way round."""
+        if not isinstance(tree, dict):
+            return tree  # the parts' check refuses it, naming what it is
         if (checkpoint.SHARD_INDEX in tree) != self.sharded:
             raise CheckpointError(
                 f"{path} is {'a sharded' if not self.sharded else 'not a sharded'} checkpoint, and this model is "

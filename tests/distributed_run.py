@@ -111,6 +111,7 @@ class TerminateLauncher(st.Callback):
         if trainer.is_global_zero and here == (self.epoch, "train", self.batch) and not self.marker.exists():
             self.marker.touch()
             os.kill(os.getppid(), signal.SIGTERM)
+            time.sleep(0.5)  # a long batch: the signal is here before this batch's stop vote goes out
 
 
 class SlowDisk:

@@ -313,7 +313,10 @@ def test_a_failed_background_write_under_torchrun_ends_every_rank_and_names_the_
     assert [read_tree(path)["position"]["global_step"] for path in kept] == [2]  # the first write's, whole
 
 
-SHARDED_KILLED = (*KILLED, "--fsdp", "--blocks", "3")
+# KILLED's run, sharded, with its loader in the main process (fewer processes to start)
+SHARDED_KILLED = ("--samples", "40", "--batch-size", "4", "--epochs", "2", "--augment", "--dropout", "0.2",
+                  "--optimizer", "adam", "--accumulate", "2", "--every-steps", "2", "--deterministic", "--fsdp",
+                  "--blocks", "3")  # fmt: skip
 _UNINTERRUPTED_SHARDED: dict[str, Path] = {}
 
 
@@ -356,21 +359,26 @@ def test_a_sharded_model_killed_anywhere_resumes_bit_identical_from_its_sharded_
 @pytest.mark.slow
 def test_a_sigterm_to_a_sharded_run_saves_its_pieces_inside_a_window_and_the_rerun_is_exact(
         tmp_path, uninterrupted_sharded, device):  # fmt: skip
-    """The stop's save comes inside an accumulation window (each batch's gradients are reduced and sharded), so
-    the window's sharded gradients are saved as pieces too, and the rerun ends bit-identical."""
+    """The SIGTERM lands in batch 1, so the ranks stop after batch 2, inside the window of batches 2 and 3 (each
+    batch's gradients are reduced and sharded): the window's sharded gradients are saved as pieces too, and the
+    rerun ends bit-identical."""
     folder, logs = tmp_path / "run", tmp_path / "logs"
-    stopped = launch(folder, *SHARDED_KILLED, "--term-at", "0:0", check=False, logs=logs, device=device.type)
+    stopped = launch(folder, *SHARDED_KILLED, "--term-at", "0:1", check=False, logs=logs, device=device.type)
     assert stopped.returncode != 0 and (folder / "terminated").exists()
     assert re.search(r"stopped by SIGTERM at epoch \d, phase 'train', after batch \d+ .*: saved ", rank_output(logs, 0))
     newest = sorted((folder / "checkpoints").glob("ckpt-*.safetensors"))[-1]
     saved = read_tree(newest)
-    launch(folder, *SHARDED_KILLED, "--term-at", "0:0", device=device.type)
+    launch(folder, *SHARDED_KILLED, "--term-at", "0:1", device=device.type)
     same_sharded_run(folder, uninterrupted_sharded)
     assert saved["step"]["grads"] != [{}], "the stop came between windows: no gradients were saved"
 
 
 @pytest.mark.parametrize(
-    "damage", ["truncated", "another-saves-piece", pytest.param("no-checkpoint-file", marks=pytest.mark.slow)]
+    "damage",
+    [
+        pytest.param(damage, marks=pytest.mark.slow)
+        for damage in ("truncated", "another-saves-piece", "no-checkpoint-file")
+    ],
 )
 def test_a_damaged_sharded_checkpoint_is_refused_and_the_folder_falls_back_to_the_previous_whole_one(
         tmp_path, uninterrupted_sharded, device, damage):  # fmt: skip
@@ -396,10 +404,8 @@ def test_a_damaged_sharded_checkpoint_is_refused_and_the_folder_falls_back_to_th
     # checkpoint, it would have failed, or ended otherwise
 
 
-@pytest.mark.parametrize(("saved_on", "resumed_on"), [
-    (2, 3), pytest.param(3, 2, marks=pytest.mark.slow), pytest.param(2, 1, marks=pytest.mark.slow),
-    pytest.param(1, 2, marks=pytest.mark.slow),
-])  # fmt: skip
+@pytest.mark.slow
+@pytest.mark.parametrize(("saved_on", "resumed_on"), [(2, 3), (3, 2), (2, 1), (1, 2)])
 def test_a_sharded_checkpoint_loads_on_another_number_of_ranks_exactly(tmp_path, device, saved_on, resumed_on):
     """Saved by 3 sharded blocks with Adam on ``saved_on`` ranks, loaded on ``resumed_on`` (each rank reading its
     new rows from the pieces that hold them): the weights and Adam's state, gathered whole by torch, equal the

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from . import checkpoint
-from .distributed import Ranks, agree, all_gather, on_every_rank
+from .distributed import Ranks, agree, all_gather, all_reduce, on_every_rank
 from .errors import CheckpointError
 from .outputs import RunOutputs
 from .parts import RunIdentity, StateRegistry
@@ -83,6 +84,10 @@ class Checkpointer:
             elif ranks.is_global_zero:
                 checkpoint.refuse_overwrite(folder, self.run.id)
             target = checkpoint.save_target(path, epoch, step)
+            if self.sharded and ranks.is_global_zero and target.exists():
+                target.unlink()  # replaced: the old checkpoint stops counting before its pieces are overwritten
+        if self.sharded:
+            target = self._rank_zeros_name(target)  # every rank writes its pieces under it
         state = take_state()  # every rank's generators, window gradients and metric accumulators, gathered
         if self.sharded:
             return self._write_sharded(target, state, on_written)
@@ -101,6 +106,7 @@ class Checkpointer:
                        on_written: Callable[[Path], None] | None) -> Path:  # fmt: skip
         """Each rank writes its pieces beside ``target``; then rank 0 writes ``target`` with the index, last."""
         ranks = self.ranks
+        self._refuse_differing_buffers(state["step"]["model"])
         tree, pieces, boxes = checkpoint.split_shards(state)
         with on_every_rank(ranks, self.device, f"write its pieces of the checkpoint {target}"):
             checkpoint.write_pieces(target, ranks.rank, pieces, __version__)
@@ -113,6 +119,33 @@ class Checkpointer:
                 if on_written is not None:
                     on_written(target)
         return target
+
+    def _refuse_differing_buffers(self, model_state: dict[str, Any]) -> None:
+        """Raise on every rank if a tensor of the model that is not sharded (a buffer) differs between the ranks:
+        FSDP2 does not keep buffers in step as DDP does, and the checkpoint holds rank 0's."""
+        plain = {key: value for key, value in model_state.items()
+                 if isinstance(value, torch.Tensor) and not checkpoint.is_dtensor(value)}  # fmt: skip
+        if not self.ranks.distributed or not plain:
+            return
+        crcs = torch.tensor([int(checkpoint.piece_crc(value), 16) for value in plain.values()], dtype=torch.int64)
+        every = all_gather(crcs, self.ranks, self.device)
+        differing = [key for index, key in enumerate(plain) if any(int(rank[index]) != int(every[0][index])
+                                                                   for rank in every)]  # fmt: skip
+        if differing:
+            raise NotImplementedError(
+                f"the model's buffers {', '.join(differing)} differ between the ranks (FSDP2 does not keep buffers "
+                "alike), and a sharded checkpoint holds one copy of a buffer: it would resume every rank with rank "
+                "0's. Keep them the same on every rank (BatchNorm's running statistics are not), or train the model "
+                "with DDP"
+            )
+
+    def _rank_zeros_name(self, target: Path) -> Path:
+        """``target`` numbered as rank 0 numbered it (another rank's listing of the folder may lag behind)."""
+        sequence = checkpoint.sequence_of(target)
+        if not self.ranks.distributed or sequence is None:
+            return target
+        numbers = all_gather(torch.tensor([sequence], dtype=torch.int64), self.ranks, self.device)
+        return checkpoint.renumbered(target, int(numbers[0].item()))
 
     def _gather_boxes(self, boxes: dict[str, dict[str, Any]],
                       crcs: dict[str, str]) -> tuple[list[dict[str, dict[str, Any]]], list[dict[str, str]]]:  # fmt: skip
@@ -150,13 +183,7 @@ class Checkpointer:
         tree = dict(tree)
         index = checkpoint.ShardIndex(tree.pop(checkpoint.SHARD_INDEX), path)
         index.check_files()
-        return checkpoint.resolve_shards(tree, index, self._placement)
-
-    def _placement(self, key: str, shape: list[int]) -> tuple[Any, Any]:
-        """Where a sharded tensor of the checkpoint goes in this run: fully_shard's mesh, dim 0 sharded."""
-        from torch.distributed.tensor import Replicate, Shard  # noqa: PLC0415 -- for sharded models only
-
-        return self._mesh, (Shard(0),) if shape else (Replicate(),)
+        return checkpoint.resolve_shards(tree, index, self._mesh)
 
     def _write_in_background(self, target: Path, state: dict[str, Any],
                              on_written: Callable[[Path], None] | None) -> None:  # fmt: skip
@@ -217,7 +244,13 @@ class Checkpointer:
         self.outputs.lock()  # a second live copy of the run is refused before it reads anything
         with on_every_rank(self.ranks, self.device, f"load the checkpoint from {path}"):
             return checkpoint.find_checkpoint(path, own_folders, self.parts.check_fits, self.run.accept_marker,
-                                              self._prepare, lambda read: agree(read, self.ranks, self.device))  # fmt: skip
+                                              self._prepare, self._worst_outcome)  # fmt: skip
+
+    def _worst_outcome(self, outcome: int) -> int:
+        """The worst of every rank's outcome of reading a checkpoint (see ``checkpoint.newest_valid``)."""
+        if not self.ranks.distributed:
+            return outcome
+        return int(all_reduce(torch.tensor([outcome], dtype=torch.int32), self.ranks, dist.ReduceOp.MAX).item())
 
 
 def _size(count: int) -> str:

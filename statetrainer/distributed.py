@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .errors import CheckpointError
+from .saved_state import unwrap_model
 
 __all__ = ["Ranks", "StopVote", "agree", "all_gather", "all_reduce", "fully_sharded", "gather_tree", "gathered_states",
            "join_process_group", "launched_by_torchrun", "on_every_rank", "shard_model", "sharding_mesh", "wrap_model"]  # fmt: skip
@@ -133,6 +134,7 @@ def fully_sharded(model: nn.Module) -> bool:
         return False
     from torch.distributed.fsdp import FSDPModule  # noqa: PLC0415 -- not where torch has no distributed package
 
+    model = unwrap_model(model)  # under torch.compile
     if isinstance(model, FSDPModule):
         return True
     if any(isinstance(module, FSDPModule) for module in model.modules()):
@@ -159,8 +161,9 @@ def shard_model(model: nn.Module, blocks: Iterable[nn.Module] | None = None, *,
 
     Args:
         model: The model to shard, in place.
-        blocks: The modules to shard one by one; by default the children of every ``nn.ModuleList`` in the
-            model (a transformer's layers), or for a model with none, its direct children that have parameters.
+        blocks: The modules to shard one by one; by default the children of the model's outermost
+            ``nn.ModuleList``s (a transformer's layers), or for a model with none, its direct children that have
+            parameters.
         mp_policy: FSDP2's ``MixedPrecisionPolicy``, for every block and the root.
 
     Returns:
@@ -170,15 +173,26 @@ def shard_model(model: nn.Module, blocks: Iterable[nn.Module] | None = None, *,
 
     device = next(model.parameters()).device
     join_process_group(device)
-    lists = [module for module in model.modules() if isinstance(module, nn.ModuleList)]
     if blocks is None:
-        blocks = [block for modules in lists for block in modules] if lists else [
+        blocks = _outermost_list_blocks(model) or [
             child for child in model.children() if any(True for _ in child.parameters())]  # fmt: skip
     policy = mp_policy if mp_policy is not None else MixedPrecisionPolicy()
     for block in blocks:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model
+
+
+def _outermost_list_blocks(module: nn.Module) -> list[nn.Module]:
+    """The children of the ``nn.ModuleList``s in ``module`` that are in no other list's block (FSDP2 shards the
+    inner modules before the outer, so a block's own lists stay in it)."""
+    blocks: list[nn.Module] = []
+    for child in module.children():
+        if isinstance(child, nn.ModuleList):
+            blocks.extend(child)
+        else:
+            blocks.extend(_outermost_list_blocks(child))
+    return blocks
 
 
 def wrap_model(model: nn.Module, ranks: Ranks, device: torch.device) -> nn.Module:

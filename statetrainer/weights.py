@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -35,18 +36,14 @@ def checkpoint_weights(path: str | os.PathLike[str]) -> tuple[Path, dict[str, to
     """
     path = Path(path)
     if path.is_dir():
-        found = newest_valid(path)
+        found = newest_valid(path, prepare=_assembled)  # one whose pieces do not read is passed over
         if found is None:
             raise CheckpointError(f"{path} holds no checkpoint")
         source, tree = found
     else:
-        source, tree = path, read_tree(path)
+        source, tree = path, _assembled(path, read_tree(path))
     step = tree.get("step")
     weights = step.get("model") if isinstance(step, dict) else None
-    if SHARD_INDEX in tree and isinstance(weights, dict):  # a sharded model's: each tensor from every rank's pieces
-        index = ShardIndex(tree[SHARD_INDEX], source)
-        index.check_files()
-        weights = whole_tensors(weights, index)
     if not isinstance(weights, dict) or not all(
         isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in weights.items()
     ):
@@ -54,6 +51,17 @@ def checkpoint_weights(path: str | os.PathLike[str]) -> tuple[Path, dict[str, to
             f"{source} holds no model weights (its step/model part): is it a statetrainer checkpoint?"
         )
     return source, weights
+
+
+def _assembled(path: Path, tree: dict[str, Any]) -> dict[str, Any]:
+    """A sharded checkpoint's tree with its model weights assembled whole from every rank's pieces (each checked);
+    any other checkpoint's as it is."""
+    step = tree.get("step") if isinstance(tree, dict) else None
+    if not isinstance(step, dict) or SHARD_INDEX not in tree or not isinstance(step.get("model"), dict):
+        return tree
+    index = ShardIndex(tree[SHARD_INDEX], path)
+    index.check_files()
+    return {**tree, "step": {**step, "model": whole_tensors(step["model"], index)}}
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> Path:

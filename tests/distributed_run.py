@@ -155,7 +155,8 @@ def build(options: argparse.Namespace) -> st.Trainer:
     hidden = [
         layer for _ in range(options.blocks - 1) for layer in (nn.Linear(options.hidden, options.hidden), nn.ReLU())
     ]
-    model = nn.Sequential(nn.Linear(8, options.hidden), nn.ReLU(), *hidden, nn.Dropout(options.dropout),
+    norm = [nn.BatchNorm1d(options.hidden)] if options.batchnorm else []
+    model = nn.Sequential(nn.Linear(8, options.hidden), *norm, nn.ReLU(), *hidden, nn.Dropout(options.dropout),
                           nn.Linear(options.hidden, 3))  # fmt: skip
     train = DataLoader(IndexedSamples(options.samples, options.augment), batch_size=options.batch_size,
                        shuffle=True, num_workers=options.workers)  # fmt: skip
@@ -299,6 +300,7 @@ def main() -> None:
     parser.add_argument("--background", action="store_true", help="the Checkpoint callback writes in the background")
     parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (shard_model)")
     parser.add_argument("--blocks", type=int, default=1, help="hidden Linear layers (each sharded with --fsdp)")
+    parser.add_argument("--batchnorm", action="store_true", help="a BatchNorm1d after the first layer")
     parser.add_argument(
         "--slow-write",
         help="N:hold|kill-rank1|fail: rank 0's N-th background write is held 2 s "

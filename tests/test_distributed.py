@@ -357,6 +357,19 @@ def test_a_sharded_model_killed_anywhere_resumes_bit_identical_from_its_sharded_
 
 
 @pytest.mark.slow
+def test_a_sharded_model_whose_buffers_differ_between_ranks_is_not_saved_as_if_they_were_alike(tmp_path, device):
+    """Under FSDP2 each rank's BatchNorm keeps its own running statistics; one copy would resume them all as rank
+    0's, so the save is refused on every rank, naming the buffers."""
+    folder, logs = tmp_path / "run", tmp_path / "logs"
+    failed = launch(folder, *SHARDED_KILLED, "--batchnorm", check=False, logs=logs, device=device.type)
+    assert failed.returncode != 0
+    for rank in (0, 1):
+        assert re.search(r"NotImplementedError: the model's buffers 1\.running_mean, 1\.running_var differ between "
+                         r"the ranks", rank_output(logs, rank)), rank_output(logs, rank)  # fmt: skip
+    assert not list((folder / "checkpoints").glob("ckpt-*"))
+
+
+@pytest.mark.slow
 def test_a_sigterm_to_a_sharded_run_saves_its_pieces_inside_a_window_and_the_rerun_is_exact(
         tmp_path, uninterrupted_sharded, device):  # fmt: skip
     """The SIGTERM lands in batch 1, so the ranks stop after batch 2, inside the window of batches 2 and 3 (each

@@ -18,19 +18,20 @@ class NonFiniteError(FloatingPointError):
 
 
 def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
-    """The name of the first tensor with a NaN or an infinity in it, or None (one host sync). A sharded tensor (a
-    DTensor, under fully_shard) is checked whole: every rank takes part, and every rank gets the same answer."""
+    """The name of the first tensor with a NaN or an infinity in it, or None (one host sync). Sharded tensors
+    (DTensors, under fully_shard) are checked shard by shard, and the ranks' answers combined in one all-reduce:
+    every rank takes part, gets the same answer, and gathers nothing."""
     floating = {name: tensor for name, tensor in tensors.items() if tensor.is_floating_point() and tensor.numel()}
     if not floating:
         return None
-    finite = torch.stack([_all_finite(tensor) for tensor in floating.values()]).cpu()
-    return next((name for name, ok in zip(floating, finite.tolist(), strict=True) if not ok), None)
-
-
-def _all_finite(tensor: torch.Tensor) -> torch.Tensor:
-    finite = torch.isfinite(tensor).all()
-    full_tensor = getattr(finite, "full_tensor", None)  # a DTensor's: reduced over the ranks' shards
-    return full_tensor() if full_tensor is not None else finite
+    local = [getattr(tensor, "to_local")() if hasattr(tensor, "to_local") else tensor  # noqa: B009 -- a DTensor's shard
+             for tensor in floating.values()]  # fmt: skip
+    finite = torch.stack([torch.isfinite(tensor).all() for tensor in local]).to(torch.int32)
+    mesh = next((getattr(tensor, "device_mesh") for tensor in floating.values() if hasattr(tensor, "device_mesh")),  # noqa: B009
+                None)  # fmt: skip
+    if mesh is not None:
+        torch.distributed.all_reduce(finite, torch.distributed.ReduceOp.MIN, group=mesh.get_group())
+    return next((name for name, ok in zip(floating, finite.cpu().tolist(), strict=True) if not ok), None)
 
 
 class StopOnNonFinite(Callback):

@@ -16,8 +16,10 @@ from .folder import (
     newest_valid,
     next_checkpoint_path,
     read_run_marker,
+    renumbered,
     save_folder,
     save_target,
+    sequence_of,
     set_aside,
 )
 from .lock import LOCK_FILE, FolderLock
@@ -27,6 +29,7 @@ from .sharded import INDEX as SHARD_INDEX
 from .sharded import (
     ShardIndex,
     copy_with_pieces,
+    is_dtensor,
     piece_crc,
     remove_orphan_pieces,
     remove_shard_files,
@@ -70,10 +73,13 @@ __all__ = [
     "read_tree",
     "refuse_overwrite",
     "remove_stale_temporaries",
+    "renumbered",
+    "sequence_of",
     "run_of",
     "save_folder",
     "save_target",
     "copy_with_pieces",
+    "is_dtensor",
     "piece_crc",
     "remove_orphan_pieces",
     "remove_shard_files",

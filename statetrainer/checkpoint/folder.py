@@ -16,7 +16,7 @@ from .atomic import fsync_path
 from .lock import LOCK_FILE, FolderLock
 from .serialization import read_tree
 
-__all__ = ["BEST", "CheckpointFolder", "DEFAULT_CHECKPOINT_FOLDER", "EARLIER_RUNS", "RUN_MARKER", "best_epoch_name", "best_files",
+__all__ = ["BEST", "CheckpointFolder", "renumbered", "sequence_of", "DEFAULT_CHECKPOINT_FOLDER", "EARLIER_RUNS", "RUN_MARKER", "best_epoch_name", "best_files",
            "checkpoint_files", "discard_run", "find_checkpoint", "newest_valid", "next_checkpoint_path",
            "read_run_marker", "save_folder", "save_target", "set_aside"]  # fmt: skip
 
@@ -102,6 +102,17 @@ class CheckpointFolder:
         return content
 
 
+def sequence_of(path: Path) -> int | None:
+    """The sequence number of a numbered checkpoint's name; None for another name."""
+    match = _NAME.match(path.name)
+    return int(match["sequence"]) if match else None
+
+
+def renumbered(path: Path, sequence: int) -> Path:
+    """The numbered checkpoint ``path`` under sequence number ``sequence``."""
+    return path.with_name(re.sub(r"^ckpt-\d+", f"ckpt-{sequence:06d}", path.name))
+
+
 def best_epoch_name(epoch: int) -> str:
     """The name of the checkpoint of ``epoch`` (from 1) kept while it ranks among the best (``keep_best``)."""
     return CheckpointFolder("").best_of_epoch(epoch).name
@@ -120,11 +131,14 @@ def next_checkpoint_path(folder: Path, epoch: int, step: int) -> Path:
 Prepare = Callable[[Path, dict[str, Any]], dict[str, Any]]
 
 
+READ, UNREADABLE, FAILED = 0, 1, 2  # how reading a checkpoint went on a rank: ``settle`` takes the worst
+
+
 def newest_valid(
     folder: Path,
     check: Callable[[dict[str, Any]], None] | None = None,
     prepare: Prepare | None = None,
-    settle: Callable[[bool], bool] | None = None,
+    settle: Callable[[int], int] | None = None,
 ) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint in ``folder`` that reads and verifies, once ``check`` passes on it; None if there is none.
 
@@ -133,22 +147,27 @@ def newest_valid(
     fails ``check`` (it does not fit this trainer) raises: an older checkpoint
     of the run would resume it from an earlier point without saying so.
     ``prepare(path, tree)`` finishes reading a checkpoint (a sharded one's
-    pieces); ``settle(read)`` makes every rank's outcome the same (under
-    torchrun each rank reads its own pieces, and all fall back together).
+    pieces); ``settle(outcome)`` gives every rank the worst rank's outcome
+    (``READ``, ``UNREADABLE``, ``FAILED``: under torchrun each rank reads its
+    own pieces, and all fall back together, or all raise).
     """
     failures = []
     for path in reversed(checkpoint_files(folder)):
-        error: CheckpointError | None = None
+        error: BaseException | None = None
         tree: dict[str, Any] = {}
         try:
             tree = read_tree(path)
             if prepare is not None:
                 tree = prepare(path, tree)
-        except CheckpointError as raised:
+        except Exception as raised:  # noqa: BLE001 -- every rank hears of it before anything is raised
             error = raised
-        if settle is not None and not settle(error is None):
+        outcome = READ if error is None else UNREADABLE if isinstance(error, CheckpointError) else FAILED
+        if settle is not None:
+            outcome = settle(outcome)
+        if outcome == FAILED:
+            raise error or CheckpointError(f"another rank failed while reading {path}; see its error")
+        if outcome == UNREADABLE:
             error = error or CheckpointError("another rank could not read its part of it")
-        if error is not None:
             failures.append(f"{path.name}: {error}")
             warnings.warn(f"skipping checkpoint {path}: {error}; falling back to the previous one", stacklevel=3)
             continue
@@ -256,7 +275,7 @@ def find_checkpoint(
     check: Callable[[dict[str, Any]], None] | None = None,
     accept_marker: Callable[[dict[str, Any], Path], None] | None = None,
     prepare: Prepare | None = None,
-    settle: Callable[[bool], bool] | None = None,
+    settle: Callable[[int], int] | None = None,
 ) -> tuple[Path, dict[str, Any]] | None:
     """The checkpoint to resume from: the file ``path``, or the newest good one in the folder ``path``.
 

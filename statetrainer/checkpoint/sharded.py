@@ -35,7 +35,7 @@ from ..errors import CheckpointError
 from .atomic import atomic_copy
 from .serialization import dtype_from_name, dtype_name, read_document, tensor_bytes, write_tree
 
-__all__ = ["INDEX", "SHARD", "ShardIndex", "copy_with_pieces", "owned_box", "remove_orphan_pieces",
+__all__ = ["INDEX", "SHARD", "ShardIndex", "copy_with_pieces", "is_dtensor", "owned_box", "remove_orphan_pieces",
            "remove_shard_files", "shard_file", "shard_files", "split_shards", "whole_tensors", "write_pieces"]  # fmt: skip
 
 SHARD = "__shard__"  # a sharded tensor's place in the checkpoint's document
@@ -66,8 +66,11 @@ def remove_orphan_pieces(folder: Path) -> None:
 
 
 def copy_with_pieces(source: Path, target: Path) -> None:
-    """Make ``target`` a durable copy of the checkpoint ``source`` and its pieces' files, the checkpoint last."""
+    """Make ``target`` a durable copy of the checkpoint ``source`` and its pieces' files, the checkpoint last (an older
+    ``target`` is deleted first, so it never stands with another checkpoint's pieces)."""
     pieces = shard_files(source)
+    if pieces:
+        target.unlink(missing_ok=True)
     for piece in pieces:
         atomic_copy(piece, target.with_name(target.name + piece.name.removeprefix(source.name)))
     atomic_copy(source, target)
@@ -111,7 +114,9 @@ def split_shards(tree: Any) -> tuple[Any, dict[str, torch.Tensor], dict[str, dic
         key = keystr(path)
         offset, size = owned_box(tuple(leaf.shape), leaf.device_mesh, leaf.placements)
         pieces[key] = leaf.to_local().detach()
-        boxes[key] = {"shape": list(leaf.shape), "dtype": dtype_name(leaf.dtype), "offset": offset, "size": size}
+        placement = "replicate" if all(placement.is_replicate() for placement in leaf.placements) else "shard0"
+        boxes[key] = {"shape": list(leaf.shape), "dtype": dtype_name(leaf.dtype), "placement": placement,
+                      "offset": offset, "size": size}  # fmt: skip
         return {SHARD: key}
 
     return tree_map_with_path(split, tree), pieces, boxes
@@ -149,8 +154,10 @@ class ShardIndex:
                     if not (isinstance(piece["rank"], int) and isinstance(piece["offset"], list)
                             and isinstance(piece["size"], list) and isinstance(piece["crc"], str)):  # fmt: skip
                         raise ValueError(f"piece {piece!r}")
-                if dtype_from_name(entry["dtype"]) is None or not isinstance(entry["shape"], list):
-                    raise ValueError(f"dtype {entry['dtype']!r}, shape {entry['shape']!r}")
+                if dtype_from_name(entry["dtype"]) is None or not isinstance(entry["shape"], list) or entry.get(
+                        "placement") not in ("shard0", "replicate"):  # fmt: skip
+                    raise ValueError(f"dtype {entry['dtype']!r}, shape {entry['shape']!r}, "
+                                     f"placement {entry.get('placement')!r}")  # fmt: skip
         except (KeyError, TypeError, ValueError) as error:
             raise CheckpointError(f"{checkpoint}: its shard index is damaged ({error!r})") from error
         self._names: dict[int, dict[str, str]] = {}
@@ -161,7 +168,8 @@ class ShardIndex:
         tensors: dict[str, dict[str, Any]] = {}
         for rank, (rank_boxes, rank_crcs) in enumerate(zip(boxes, crcs, strict=True)):
             for key, box in rank_boxes.items():
-                entry = tensors.setdefault(key, {"shape": box["shape"], "dtype": box["dtype"], "pieces": []})
+                entry = tensors.setdefault(key, {"shape": box["shape"], "dtype": box["dtype"],
+                                                 "placement": box["placement"], "pieces": []})  # fmt: skip
                 entry["pieces"].append({"rank": rank, "offset": box["offset"], "size": box["size"],
                                         "crc": rank_crcs[key]})  # fmt: skip
         return {"world_size": len(boxes), "tensors": tensors}
@@ -234,13 +242,14 @@ def _volume(lows: list[int], highs: list[int]) -> int:
     return volume
 
 
-def resolve_shards(tree: Any, index: ShardIndex, placed: Callable[[str, list[int]], tuple[Any, Any]]) -> Any:
-    """``tree`` with each ``{"__shard__": key}`` replaced by a DTensor of this rank's part, read from the pieces;
-    ``placed(key, shape)`` gives the mesh and placements the tensor takes in this run."""
-    from torch.distributed.tensor import DTensor  # noqa: PLC0415 -- for sharded models only
+def resolve_shards(tree: Any, index: ShardIndex, mesh: Any) -> Any:
+    """``tree`` with each ``{"__shard__": key}`` replaced by a DTensor of this rank's part on ``mesh``, placed as it
+    was saved (sharded on dim 0, or replicated), read from the pieces."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard  # noqa: PLC0415 -- for sharded models only
 
     def read(key: str, shape: list[int]) -> torch.Tensor:
-        mesh, placements = placed(key, shape)
+        replicated = index.tensors[key]["placement"] == "replicate" or not shape
+        placements = (Replicate(),) if replicated else (Shard(0),)
         offset, size = owned_box(tuple(shape), mesh, placements)
         local = index.read(key, offset, size).to(mesh.device_type)
         return DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape),

@@ -56,7 +56,7 @@ class Checkpointer:
                  device: torch.device, failed: Callable[[], None] = lambda: None, mesh: Any = None) -> None:  # fmt: skip
         self.parts, self.run, self.outputs, self.ranks, self.device = parts, run, outputs, ranks, device
         self.writer, self._staging = checkpoint.BackgroundWriter(failed), checkpoint.StagingBuffers()
-        self._mesh, self.sharded = mesh, mesh is not None
+        self._mesh = mesh
 
     def save(self, path: str | os.PathLike[str] | None, epoch: int, step: int,
              take_state: Callable[[], dict[str, Any]], background: bool = False, when_busy: str = "wait",
@@ -102,6 +102,11 @@ class Checkpointer:
                     on_written(target)
         return target
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the model is sharded with ``fully_shard``, so its checkpoints are sharded."""
+        return self._mesh is not None
+
     def _write_sharded(self, target: Path, state: dict[str, Any],
                        on_written: Callable[[Path], None] | None) -> Path:  # fmt: skip
         """Each rank writes its pieces beside ``target``; then rank 0 writes ``target`` with the index, last."""
@@ -127,7 +132,8 @@ class Checkpointer:
                  if isinstance(value, torch.Tensor) and not checkpoint.is_dtensor(value)}  # fmt: skip
         if not self.ranks.distributed or not plain:
             return
-        crcs = torch.tensor([int(checkpoint.piece_crc(value), 16) for value in plain.values()], dtype=torch.int64)
+        crcs = torch.tensor([checkpoint.tensor_crc(value.detach().cpu().contiguous()) for value in plain.values()],
+                            dtype=torch.int64)  # fmt: skip
         every = all_gather(crcs, self.ranks, self.device)
         differing = [key for index, key in enumerate(plain) if any(int(rank[index]) != int(every[0][index])
                                                                    for rank in every)]  # fmt: skip

@@ -246,17 +246,12 @@ def test_only_rank_zero_writes_files_and_the_other_ranks_print_nothing(sharded):
 
 KILLED = ("--samples", "40", "--batch-size", "4", "--workers", "2", "--epochs", "2", "--augment", "--dropout", "0.2",
           "--optimizer", "adam", "--accumulate", "2", "--every-steps", "2", "--deterministic")  # fmt: skip
-_UNINTERRUPTED: dict[str, Path] = {}
 
 
 @pytest.fixture
 def uninterrupted(tmp_path_factory, device) -> Path:
     """The run the killed and stopped ones must end as, on ``device`` (made once per device)."""
-    if device.type not in _UNINTERRUPTED:
-        folder = tmp_path_factory.mktemp(f"uninterrupted-{device.type}") / "run"
-        launch(folder, *KILLED, device=device.type)
-        _UNINTERRUPTED[device.type] = folder
-    return _UNINTERRUPTED[device.type]
+    return launched_once(tmp_path_factory, *KILLED, device=device.type)
 
 
 @pytest.mark.parametrize("kill", [
@@ -317,17 +312,12 @@ def test_a_failed_background_write_under_torchrun_ends_every_rank_and_names_the_
 SHARDED_KILLED = ("--samples", "40", "--batch-size", "4", "--epochs", "2", "--augment", "--dropout", "0.2",
                   "--optimizer", "adam", "--accumulate", "2", "--every-steps", "2", "--deterministic", "--fsdp",
                   "--blocks", "3")  # fmt: skip
-_UNINTERRUPTED_SHARDED: dict[str, Path] = {}
 
 
 @pytest.fixture
 def uninterrupted_sharded(tmp_path_factory, device) -> Path:
     """The sharded run the killed ones must end as, on ``device`` (made once per device)."""
-    if device.type not in _UNINTERRUPTED_SHARDED:
-        folder = tmp_path_factory.mktemp(f"uninterrupted-sharded-{device.type}") / "run"
-        launch(folder, *SHARDED_KILLED, device=device.type)
-        _UNINTERRUPTED_SHARDED[device.type] = folder
-    return _UNINTERRUPTED_SHARDED[device.type]
+    return launched_once(tmp_path_factory, *SHARDED_KILLED, device=device.type)
 
 
 def same_sharded_run(first: Path, second: Path) -> None:

@@ -24,7 +24,7 @@ from .folder import (
 )
 from .lock import LOCK_FILE, FolderLock
 from .ownership import claim_folder, mark_folder, refuse_overwrite, run_of
-from .serialization import FORMAT_VERSION, read_document, read_header, read_tree, write_tree
+from .serialization import FORMAT_VERSION, read_document, read_header, read_tree, tensor_crc, write_tree
 from .sharded import INDEX as SHARD_INDEX
 from .sharded import (
     ShardIndex,
@@ -90,6 +90,7 @@ __all__ = [
     "split_shards",
     "whole_tensors",
     "temporary_path",
+    "tensor_crc",
     "write_pieces",
     "write_tree",
 ]

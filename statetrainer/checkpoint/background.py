@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .serialization import view_key
+
 __all__ = ["BackgroundWriter", "Staged", "StagingBuffers"]
 
 log = logging.getLogger("statetrainer.checkpoint")
@@ -78,8 +80,7 @@ class StagingBuffers:
             if not isinstance(leaf, torch.Tensor):
                 staged.append(leaf)
                 continue
-            view = (leaf.untyped_storage().data_ptr(), leaf.storage_offset(), tuple(leaf.shape),
-                    tuple(leaf.stride()), leaf.dtype, leaf.device)  # fmt: skip
+            view = view_key(leaf)
             if leaf.numel() and view in seen:
                 staged.append(seen[view])
                 continue

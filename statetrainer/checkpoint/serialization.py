@@ -35,7 +35,7 @@ from ..errors import CheckpointError
 from .atomic import atomic_write
 
 __all__ = ["dtype_from_name", "dtype_name", "pack_metadata", "read_document", "read_header", "read_tree",
-           "tensor_bytes", "write_tree"]  # fmt: skip
+           "tensor_bytes", "tensor_crc", "view_key", "write_tree"]  # fmt: skip
 
 # 2: the run's state as registry parts, the checksum covering dtypes and shapes, the document under a key "tree";
 # 3: header and document under the one key, so the file's bytes are a function of the state
@@ -89,9 +89,7 @@ class _Flattener:
             path = self._unique(path)
             self.tensors[path] = tensor.to("cpu").contiguous()
             return path
-        storage = tensor.untyped_storage().data_ptr()
-        view = (storage, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype,
-                tensor.device)  # fmt: skip
+        storage, view = tensor.untyped_storage().data_ptr(), view_key(tensor)
         if view in self._views:  # the same tensor again (tied weights): stored once
             return self._views[view]
         stored = tensor.to("cpu").contiguous()
@@ -102,6 +100,12 @@ class _Flattener:
         self._storages.add(storage)
         self.tensors[path] = stored
         return path
+
+
+def view_key(tensor: torch.Tensor) -> tuple[Any, ...]:
+    """What makes two tensors one to a checkpoint (tied weights): storage, offset, shape, strides, dtype, device."""
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()),
+            tensor.dtype, tensor.device)  # fmt: skip
 
 
 def _join(path: str, key: str) -> str:
@@ -133,6 +137,11 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return tensor.reshape(-1).view(torch.uint8).numpy().data
 
 
+def tensor_crc(tensor: torch.Tensor) -> int:
+    """The CRC-32 of a contiguous CPU tensor's bytes."""
+    return zlib.crc32(tensor_bytes(tensor)) if tensor.numel() else 0
+
+
 # torch dtype -> safetensors dtype name (the format's own spelling), for every dtype both know
 _DTYPE_NAMES = {
     "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "complex64": "C64",
@@ -162,17 +171,14 @@ def _checksum(document: str, tensors: dict[str, torch.Tensor]) -> str:
     states (``zlib.crc32`` releases the GIL); the result covers those CRCs.
     """
     keys = sorted(tensors)
-
-    def data_crc(key: str) -> int:
-        tensor = tensors[key]
-        return zlib.crc32(tensor_bytes(tensor)) if tensor.numel() else 0
+    ordered = [tensors[key] for key in keys]
 
     total = sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
     if total >= _PARALLEL_CHECKSUM_BYTES:
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            crcs = list(pool.map(data_crc, keys))
+            crcs = list(pool.map(tensor_crc, ordered))
     else:
-        crcs = [data_crc(key) for key in keys]
+        crcs = [tensor_crc(tensor) for tensor in ordered]
     crc = zlib.crc32(document.encode())
     for key, data in zip(keys, crcs, strict=True):
         tensor = tensors[key]

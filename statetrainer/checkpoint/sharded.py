@@ -22,7 +22,6 @@ pieces its box overlaps. Nothing is unpickled, and no tensor is gathered.
 from __future__ import annotations
 
 import glob
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from torch.utils._pytree import keystr, tree_map_with_path
 
 from ..errors import CheckpointError
 from .atomic import atomic_copy
-from .serialization import dtype_from_name, dtype_name, read_document, tensor_bytes, write_tree
+from .serialization import dtype_from_name, dtype_name, read_document, tensor_crc, write_tree
 
 __all__ = ["INDEX", "SHARD", "ShardIndex", "copy_with_pieces", "is_dtensor", "owned_box", "remove_orphan_pieces",
            "remove_shard_files", "shard_file", "shard_files", "split_shards", "whole_tensors", "write_pieces"]  # fmt: skip
@@ -123,9 +122,8 @@ def split_shards(tree: Any) -> tuple[Any, dict[str, torch.Tensor], dict[str, dic
 
 
 def piece_crc(piece: torch.Tensor) -> str:
-    """The CRC-32 of a piece's bytes, as 8 hex digits."""
-    data = piece.detach().to("cpu").contiguous()
-    return f"{zlib.crc32(tensor_bytes(data)) if data.numel() else 0:08x}"
+    """The CRC-32 of a piece's bytes (on any device), as 8 hex digits."""
+    return f"{tensor_crc(piece.detach().to('cpu').contiguous()):08x}"
 
 
 def write_pieces(checkpoint: Path, rank: int, pieces: dict[str, torch.Tensor], library_version: str) -> None:

@@ -40,10 +40,11 @@ TIMEOUT = 180
 
 
 def launch(folder: Path, *options: str, processes: int = 2, device: str = "cpu", check: bool = True,
-           logs: Path | None = None, stdin: str | None = None, torchrun: bool = False) -> subprocess.CompletedProcess:  # fmt: skip
-    """Run the script on ``processes`` ranks (torchrun) or in one plain process (unless ``torchrun``: a sharded
+           logs: Path | None = None, stdin: str | None = None, torchrun: bool = False,
+           script: Path = SCRIPT) -> subprocess.CompletedProcess:  # fmt: skip
+    """Run ``script`` (the training script) on ``processes`` ranks (torchrun) or in one plain process (unless ``torchrun``: a sharded
     model needs a process group, of one); each rank's output goes to ``logs``."""
-    arguments = [str(SCRIPT), str(folder), "--device", device, *options]
+    arguments = [str(script), str(folder), "--device", device, *options]
     if processes > 1 or torchrun:
         logs = logs or folder.parent / f"{folder.name}-logs"
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
@@ -405,6 +406,32 @@ def test_a_damaged_sharded_checkpoint_is_refused_and_the_folder_falls_back_to_th
         assert not list((folder / "checkpoints").glob(f"{newest.name}.rank*"))
     same_sharded_run(folder, uninterrupted_sharded)  # resumed from the previous one: had it loaded the damaged
     # checkpoint, it would have failed, or ended otherwise
+
+
+SAVE_MEMORY_MARGIN = 4 * 2**20  # Python objects, the file's JSON header and document, the writer's threads
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures peak memory through Linux's /proc")
+def test_no_rank_holds_more_than_its_own_shard_and_one_piece_while_it_saves(tmp_path, device):
+    """4 sharded Linear(1024, 1024) blocks with Adam (50 MB in all, 25 MB a rank) on 2 ranks: while the trainer
+    saves, no rank's peak memory rises above what it held by more than its largest piece (2 MB) and a 4 MiB margin;
+    a save that gathers the model on rank 0 (torch's full state dict) rises by the whole state there, so the bound
+    cannot pass a gathering save."""
+    folder = tmp_path / "memory"
+    folder.mkdir()
+    launch(folder, script=SCRIPT.with_name("sharded_save_memory.py"), device=device.type)
+    reports = [json.loads((folder / f"memory-rank{rank}.json").read_text()) for rank in range(2)]
+    for report in reports:
+        bound = report["largest_piece"] + SAVE_MEMORY_MARGIN
+        assert bound < report["full_state"] - report["own_shard"]  # what rank 0 would gather does not fit in it
+        if device.type == "cuda":  # the pieces are staged on the host: the GPU holds nothing more
+            assert report["sharded_save"]["cuda_peak"] <= bound, report
+            assert report["sharded_save"]["host_peak"] <= report["own_shard"] + SAVE_MEMORY_MARGIN, report
+        else:
+            assert report["sharded_save"]["host_peak"] <= bound, report
+    assert reports[0]["gathered_save"]["host_peak"] > reports[0]["full_state"] - reports[0]["own_shard"], reports[0]
+    assert len(list(folder.glob("sharded.safetensors.rank*"))) == 2
 
 
 @pytest.mark.slow

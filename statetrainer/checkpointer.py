@@ -113,9 +113,9 @@ class Checkpointer:
         ranks = self.ranks
         self._refuse_differing_buffers(state["step"]["model"])
         tree, pieces, boxes = checkpoint.split_shards(state)
+        crcs: dict[str, str] = {}
         with on_every_rank(ranks, self.device, f"write its pieces of the checkpoint {target}"):
-            checkpoint.write_pieces(target, ranks.rank, pieces, __version__)
-        crcs = {key: checkpoint.piece_crc(piece) for key, piece in pieces.items()}
+            crcs = checkpoint.write_pieces(target, ranks.rank, pieces, __version__)
         every_box, every_crc = self._gather_boxes(boxes, crcs)
         with on_every_rank(ranks, self.device, f"write the checkpoint {target}"):
             if ranks.is_global_zero:

@@ -161,6 +161,15 @@ def _file_lines(summary: dict[str, Any]) -> list[str]:
         f"  callbacks: {callbacks}",
         f"  tensors: {parts}",
     ]
+    shards = summary["shards"]
+    if shards:
+        files = shards["files"]
+        lines.append(f"  shards: {shards['tensors']} sharded tensors in {len(files)} files of pieces (saved by "
+                     f"{shards['world_size']} ranks), {_size(sum(entry['bytes'] for entry in files))}, every piece "
+                     "verified against the index")  # fmt: skip
+        lines += [
+            f"    {Path(entry['path']).name}: {entry['pieces']} pieces, {_size(entry['bytes'])}" for entry in files
+        ]
     return lines
 
 

@@ -3,7 +3,8 @@
 The file is read as ``load_checkpoint`` reads it (safetensors tensors and a
 JSON document, checksum verified; no pickle, nothing executed), and only
 described: where the run was, its seed and id, metrics, callbacks and their
-state keys, and the tensors and bytes of each part.
+state keys, and the tensors and bytes of each part. A sharded checkpoint's
+pieces' files are each read whole and every piece checked against the index.
 """
 
 from __future__ import annotations
@@ -14,19 +15,28 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_leaves
 
-from .checkpoint import CheckpointFolder, read_header, read_tree
+from .checkpoint import SHARD_INDEX, CheckpointFolder, ShardIndex, read_header, read_tree, shapes_only
 from .errors import CheckpointError
 
 __all__ = ["summarize_file", "summarize_folder"]
 
 
 def summarize_file(path: Path) -> dict[str, Any]:
-    """A checkpoint file's summary; ``verified`` is False (with the ``error``) for a file that does not load."""
-    summary: dict[str, Any] = {"path": str(path), "verified": False, "error": None, "format": None, "library": None}
+    """A checkpoint file's summary; ``verified`` is False (with the ``error``) for a file that does not load. A
+    sharded checkpoint's summary lists its pieces' files (``shards``), each read and checked against the index,
+    and counts each sharded tensor whole."""
+    summary: dict[str, Any] = {"path": str(path), "verified": False, "error": None, "format": None, "library": None,
+                               "shards": None}  # fmt: skip
     try:
         header = read_header(path)
         summary["format"], summary["library"] = header.get("format"), header.get("library")
         tree = read_tree(path)
+        if isinstance(tree, dict) and SHARD_INDEX in tree:
+            tree = dict(tree)
+            index = ShardIndex(tree.pop(SHARD_INDEX), path)
+            summary["shards"] = {"world_size": index.world_size, "tensors": len(index.tensors),
+                                 "files": index.verify()}  # fmt: skip
+            tree = shapes_only(tree, index)
     except CheckpointError as error:
         summary["error"] = str(error)
         return summary

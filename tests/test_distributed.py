@@ -18,9 +18,11 @@ the tests that read them.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -30,9 +32,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 import statetrainer as st
-from statetrainer import distributed
+from statetrainer import cli, distributed
 from statetrainer.checkpoint import CheckpointError, read_tree
 
 SCRIPT = Path(__file__).with_name("distributed_run.py")
@@ -375,6 +378,30 @@ def test_a_sigterm_to_a_sharded_run_saves_its_pieces_inside_a_window_and_the_rer
     launch(folder, *SHARDED_KILLED, "--term-at", "0:1", device=device.type)
     same_sharded_run(folder, uninterrupted_sharded)
     assert saved["step"]["grads"] != [{}], "the stop came between windows: no gradients were saved"
+
+
+def test_inspect_verifies_every_piece_of_a_sharded_checkpoint_and_counts_its_tensors_whole(
+        tmp_path, uninterrupted_sharded, capsys):  # fmt: skip
+    """``inspect`` of a sharded checkpoint reads both ranks' files, checks each piece against the index, and counts
+    each sharded tensor at its global size; rank 0's file in rank 1's place (whole and self-consistent, but not the
+    pieces the index names) makes it unusable, naming the file."""
+    for path in uninterrupted_sharded.glob("final.safetensors*"):
+        shutil.copy(path, tmp_path / path.name)
+    checkpoint = tmp_path / "final.safetensors"
+    assert cli.main(["inspect", str(checkpoint), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["verified"] and summary["shards"]["world_size"] == 2
+    assert [Path(entry["path"]).name for entry in summary["shards"]["files"]] == [
+        "final.safetensors.rank00000", "final.safetensors.rank00001"]  # fmt: skip
+    index = read_tree(checkpoint)["__shards__"]
+    assert all(entry["pieces"] == len(index["tensors"]) for entry in summary["shards"]["files"])
+    whole = sum(math.prod(entry["shape"]) * 4 for entry in index["tensors"].values())  # every sharded tensor is F32
+    plain = sum(value.numel() * value.element_size() for value in tree_leaves(read_tree(checkpoint)["step"])
+                if isinstance(value, torch.Tensor))  # fmt: skip
+    assert summary["parts"]["step"]["bytes"] == whole + plain
+    shutil.copy(tmp_path / "final.safetensors.rank00000", tmp_path / "final.safetensors.rank00001")
+    assert cli.main(["inspect", str(checkpoint)]) == 1
+    assert re.search(r"NOT USABLE .*final\.safetensors\.rank00001", capsys.readouterr().out)
 
 
 @pytest.mark.parametrize(

@@ -51,12 +51,14 @@ class _Flattener:
 
     def __init__(self) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
+        self.places: dict[str, str] = {}  # each tensor's place in the tree -> its key in ``tensors``
         self._views: dict[tuple[Any, ...], str] = {}
         self._storages: set[int] = set()
 
     def __call__(self, tree: Any, path: str) -> Any:
         if isinstance(tree, torch.Tensor):
-            return {_TENSOR: self._tensor(tree.detach(), path)}
+            self.places[path] = self._tensor(tree.detach(), path)
+            return {_TENSOR: self.places[path]}
         if isinstance(tree, dict):
             if all(isinstance(key, str) for key in tree) and not ({_TENSOR, _TUPLE, _ITEMS} & set(tree)):
                 return {key: self(value, _join(path, key)) for key, value in tree.items()}
@@ -164,31 +166,41 @@ def dtype_from_name(name: str) -> torch.dtype | None:
     return next((dtype for dtype, spelled in _DTYPES.items() if spelled == name), None)
 
 
-def _checksum(document: str, tensors: dict[str, torch.Tensor]) -> str:
-    """The CRC-32 of the document and of every tensor's key, dtype, shape and bytes, as 8 hex digits.
-
-    Each tensor's bytes get a CRC of their own, computed in threads for large
-    states (``zlib.crc32`` releases the GIL); the result covers those CRCs.
-    """
-    keys = sorted(tensors)
-    ordered = [tensors[key] for key in keys]
-
+def _tensor_crcs(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Each tensor's CRC-32, computed in threads for large states (``zlib.crc32`` releases the GIL)."""
+    keys = list(tensors)
     total = sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
     if total >= _PARALLEL_CHECKSUM_BYTES:
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            crcs = list(pool.map(tensor_crc, ordered))
-    else:
-        crcs = [tensor_crc(tensor) for tensor in ordered]
+            return dict(zip(keys, pool.map(tensor_crc, tensors.values()), strict=True))
+    return {key: tensor_crc(tensor) for key, tensor in tensors.items()}
+
+
+def _checksum(document: str, tensors: dict[str, torch.Tensor], crcs: dict[str, int] | None = None) -> str:
+    """The CRC-32 of the document and of every tensor's key, dtype, shape and bytes, as 8 hex digits.
+
+    It covers each tensor's own CRC (``crcs``, computed when not given).
+    """
+    crcs = _tensor_crcs(tensors) if crcs is None else crcs
     crc = zlib.crc32(document.encode())
-    for key, data in zip(keys, crcs, strict=True):
+    for key in sorted(tensors):
         tensor = tensors[key]
-        described = f"{key}\0{_DTYPES.get(tensor.dtype, tensor.dtype)}\0{list(tensor.shape)}\0{data:08x}\0"
+        described = f"{key}\0{_DTYPES.get(tensor.dtype, tensor.dtype)}\0{list(tensor.shape)}\0{crcs[key]:08x}\0"
         crc = zlib.crc32(described.encode(), crc)
     return f"{crc:08x}"
 
 
-def write_tree(path: str | os.PathLike[str], tree: dict[str, Any], library_version: str) -> Path:
-    """Write ``tree`` to ``path`` with safetensors' writer, atomically and durably (see ``atomic_write``)."""
+def write_tree(path: str | os.PathLike[str], tree: dict[str, Any], library_version: str,
+               crcs: dict[str, int] | None = None) -> Path:  # fmt: skip
+    """Write ``tree`` to ``path`` with safetensors' writer, atomically and durably (see ``atomic_write``).
+
+    Args:
+        path: The file.
+        tree: The state tree.
+        library_version: The statetrainer version the header names.
+        crcs: Filled with the CRC-32 of each tensor's bytes by its place in ``tree`` (``"model/fc.weight"``),
+            as the checksum computed them.
+    """
     path = Path(path)
     flatten = _Flattener()
     document = json.dumps(flatten(tree, ""), separators=(",", ":"))
@@ -196,7 +208,11 @@ def write_tree(path: str | os.PathLike[str], tree: dict[str, Any], library_versi
     for key, tensor in tensors.items():
         if tensor.dtype not in _DTYPES:
             raise TypeError(f"cannot save {key!r}: checkpoints hold the dtypes of safetensors, not {tensor.dtype}")
-    header = {"format": FORMAT_VERSION, "library": library_version, "checksum": _checksum(document, tensors)}
+    tensor_crcs = _tensor_crcs(tensors)
+    if crcs is not None:
+        crcs.update({place: tensor_crcs[key] for place, key in flatten.places.items()})
+    header = {"format": FORMAT_VERSION, "library": library_version,
+              "checksum": _checksum(document, tensors, tensor_crcs)}  # fmt: skip
     with atomic_write(path) as temporary:
         try:
             save_file(tensors, temporary, metadata=pack_metadata(header, document))

@@ -32,10 +32,11 @@ from torch.utils._pytree import keystr, tree_map_with_path
 
 from ..errors import CheckpointError
 from .atomic import atomic_copy
-from .serialization import dtype_from_name, dtype_name, read_document, tensor_crc, write_tree
+from .serialization import dtype_from_name, dtype_name, read_document, read_tree, tensor_crc, write_tree
 
 __all__ = ["INDEX", "SHARD", "ShardIndex", "copy_with_pieces", "is_dtensor", "owned_box", "remove_orphan_pieces",
-           "remove_shard_files", "shard_file", "shard_files", "split_shards", "whole_tensors", "write_pieces"]  # fmt: skip
+           "remove_shard_files", "shapes_only", "shard_file", "shard_files", "split_shards", "whole_tensors",
+           "write_pieces"]  # fmt: skip
 
 SHARD = "__shard__"  # a sharded tensor's place in the checkpoint's document
 INDEX = "__shards__"  # the index's key in the checkpoint's document
@@ -126,9 +127,11 @@ def piece_crc(piece: torch.Tensor) -> str:
     return f"{tensor_crc(piece.detach().to('cpu').contiguous()):08x}"
 
 
-def write_pieces(checkpoint: Path, rank: int, pieces: dict[str, torch.Tensor], library_version: str) -> None:
-    """Write this rank's pieces beside ``checkpoint``, atomically and durably."""
-    write_tree(shard_file(checkpoint, rank), {"pieces": pieces}, library_version)
+def write_pieces(checkpoint: Path, rank: int, pieces: dict[str, torch.Tensor], library_version: str) -> dict[str, str]:
+    """Write this rank's pieces beside ``checkpoint``, atomically and durably; each piece's CRC-32 (``piece_crc``)."""
+    crcs: dict[str, int] = {}
+    write_tree(shard_file(checkpoint, rank), {"pieces": pieces}, library_version, crcs)
+    return {key: f"{crcs[f'pieces/{key}']:08x}" for key in pieces}
 
 
 class ShardIndex:
@@ -179,6 +182,29 @@ class ShardIndex:
             for key, entry in self.tensors.items():
                 if any(int(piece["rank"]) == rank for piece in entry["pieces"]) and key not in names:
                     raise CheckpointError(f"{shard_file(self.checkpoint, rank)} holds no piece of {key!r}")
+
+    def verify(self) -> list[dict[str, Any]]:
+        """Read every rank's file and check each of its pieces against the index; each file's path, bytes and
+        pieces.
+
+        Raises:
+            CheckpointError: A file is missing, unreadable or damaged, or holds a piece the index does not name.
+        """
+        self.check_files()
+        files = []
+        for rank in range(self.world_size):
+            path = shard_file(self.checkpoint, rank)
+            read_tree(path)  # the file's own checksum: its document and every byte of its tensors
+            count = 0
+            for key, entry in self.tensors.items():
+                dtype = dtype_from_name(entry["dtype"])
+                assert dtype is not None  # checked when the index was read
+                for piece in entry["pieces"]:
+                    if int(piece["rank"]) == rank:
+                        self._piece(key, piece, dtype)
+                        count += 1
+            files.append({"path": str(path), "bytes": path.stat().st_size, "pieces": count})
+        return files
 
     def read(self, key: str, offset: list[int], size: list[int]) -> torch.Tensor:
         """The box at ``offset`` of ``size`` of the sharded tensor ``key``, from the pieces that hold it."""
@@ -260,6 +286,16 @@ def whole_tensors(tree: Any, index: ShardIndex) -> Any:
     """``tree`` with each ``{"__shard__": key}`` replaced by the whole tensor, assembled from every rank's pieces in
     this process (no process group): a sharded checkpoint's weights, for a plain model or a file."""
     return _replace_shards(tree, index, lambda key, shape: index.read(key, [0] * len(shape), shape))
+
+
+def shapes_only(tree: Any, index: ShardIndex) -> Any:
+    """``tree`` with each ``{"__shard__": key}`` replaced by a tensor on the meta device of the sharded tensor's
+    global shape and dtype (for counting its elements and bytes without reading them)."""
+
+    def meta(key: str, shape: list[int]) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype_from_name(index.tensors[key]["dtype"]), device="meta")
+
+    return _replace_shards(tree, index, meta)
 
 
 def _replace_shards(tree: Any, index: ShardIndex, read: Callable[[str, list[int]], torch.Tensor]) -> Any:

@@ -23,7 +23,7 @@ import gc
 import os
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -35,7 +35,8 @@ from .errors import CheckpointError
 from .saved_state import unwrap_model
 
 __all__ = ["Ranks", "StopVote", "agree", "all_gather", "all_reduce", "fully_sharded", "gather_tree", "gathered_states",
-           "join_process_group", "launched_by_torchrun", "on_every_rank", "shard_model", "sharding_mesh", "wrap_model"]  # fmt: skip
+           "join_process_group", "launched_by_torchrun", "on_every_rank", "shard_model", "sharded_precision", "sharding_mesh",
+           "wrap_model"]  # fmt: skip
 
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -149,6 +150,25 @@ def sharding_mesh(model: nn.Module) -> Any:
         return None
     return next(getattr(parameter, "device_mesh") for parameter in model.parameters()  # noqa: B009 -- a DTensor's
                 if hasattr(parameter, "device_mesh"))  # fmt: skip
+
+
+def sharded_precision(model: nn.Module) -> dict[str, str] | None:
+    """Each sharded module's FSDP2 ``MixedPrecisionPolicy`` as text, by module name (``""``: the root): a setting
+    an exact resume depends on. None for a model not sharded with ``fully_shard``."""
+    if not fully_sharded(model):
+        return None
+    from torch.distributed.fsdp import FSDPModule  # noqa: PLC0415 -- as in fully_sharded
+
+    def text(value: Any) -> str:
+        return value.__qualname__ if callable(value) else str(value).removeprefix("torch.")
+
+    policies = {}
+    for name, module in unwrap_model(model).named_modules():
+        if isinstance(module, FSDPModule):
+            policy = module._get_fsdp_state()._mp_policy  # noqa: SLF001 -- FSDP2 offers no public getter of it
+            policies[name] = ", ".join(f"{field.name}={text(getattr(policy, field.name))}"
+                                       for field in fields(policy))  # fmt: skip
+    return policies
 
 
 def shard_model(model: nn.Module, blocks: Iterable[nn.Module] | None = None, *,

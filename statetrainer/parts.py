@@ -432,10 +432,13 @@ class RunSettings:
         self.allowed = frozenset(names)
 
     @classmethod
-    def for_run(cls, phases: Sequence[Any], accumulate: int, precision: str | None, world_size: int = 1) -> RunSettings:
+    def for_run(cls, phases: Sequence[Any], accumulate: int, precision: str | None, world_size: int = 1,
+                sharded_precision: dict[str, str] | None = None) -> RunSettings:  # fmt: skip
         """The settings of a run of ``phases`` (``Phase`` objects) on ``world_size`` processes: each phase's batch
-        size and samples, and more."""
+        size and samples, the mixed precision of a model sharded with FSDP2 (``sharded_precision``), and more."""
         settings: dict[str, Any] = {"accumulate": accumulate, "precision": precision, "world_size": world_size}
+        if sharded_precision is not None:  # absent otherwise, as in checkpoints from before it was recorded
+            settings["sharded_precision"] = sharded_precision
         for phase in phases:
             dataset = getattr(phase.loader, "dataset", None)
             settings[f"{phase.name}.batch_size"] = getattr(phase.loader, "batch_size", None)

@@ -21,7 +21,7 @@ from .callbacks.base import Callback, checkpoint_savers
 from .checkpointer import Checkpointer
 from .data import PhaseSources, unpack_pair
 from .determinism import require_cublas_workspace
-from .distributed import join_process_group, sharding_mesh, wrap_model
+from .distributed import join_process_group, sharded_precision, sharding_mesh, wrap_model
 from .errors import HalfLoadedError
 from .evaluation import Evaluation, prediction, validation
 from .machine import AT_REST, Move
@@ -130,7 +130,8 @@ class Trainer:
         sources = PhaseSources.for_phases(self.phases, self.stop_signals, position, ranks.rank, ranks.world_size)
         speaking = [callback for callback in self.callbacks if ranks.is_global_zero or not callback.rank_zero_only]
         self.run = RunIdentity.for_run(sources.global_layout(), self.model, optimizer, self._generators)
-        self._settings = RunSettings.for_run(self.phases, accumulate, precision, ranks.world_size)
+        self._settings = RunSettings.for_run(self.phases, accumulate, precision, ranks.world_size,
+                                             sharded_precision(self.model))  # fmt: skip
         self._core = Run(self, phases=self.phases, epochs=epochs, max_steps=max_steps, sources=sources,
                          step_runner=self.step_runner, generators=self._generators, position=position,
                          forward=self.forward, unpack=unpack,

@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
@@ -171,7 +172,8 @@ def build(options: argparse.Namespace) -> st.Trainer:
                       background=options.background),
     ]  # fmt: skip
     if options.fsdp:  # each Linear layer sharded, then the whole
-        shard_model(model)
+        policy = MixedPrecisionPolicy(param_dtype=getattr(torch, options.param_dtype) if options.param_dtype else None)
+        shard_model(model, mp_policy=policy)
     if options.records:
         callbacks.append(Recorder(Path(options.records)))
     if options.kill:
@@ -300,6 +302,7 @@ def main() -> None:
     parser.add_argument("--background", action="store_true", help="the Checkpoint callback writes in the background")
     parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (shard_model)")
     parser.add_argument("--blocks", type=int, default=1, help="hidden Linear layers (each sharded with --fsdp)")
+    parser.add_argument("--param-dtype", help="with --fsdp: FSDP2 computes in this dtype (MixedPrecisionPolicy)")
     parser.add_argument("--batchnorm", action="store_true", help="a BatchNorm1d after the first layer")
     parser.add_argument(
         "--slow-write",

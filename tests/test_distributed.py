@@ -435,6 +435,23 @@ def test_a_damaged_sharded_checkpoint_is_refused_and_the_folder_falls_back_to_th
     # checkpoint, it would have failed, or ended otherwise
 
 
+@pytest.mark.slow
+def test_fsdp2_mixed_precision_is_recorded_in_the_settings_and_a_resume_with_another_is_refused(tmp_path, device):
+    """shard_model with a MixedPrecisionPolicy computing in bfloat16: the run trains, its checkpoint's settings name
+    the policy of the root and of each block, and loading it into a run sharded without it is refused, naming it."""
+    common = ("--samples", "24", "--epochs", "1", "--optimizer", "adam", "--fsdp", "--blocks", "2")
+    launch(tmp_path / "bf16", *common, "--param-dtype", "bfloat16", device=device.type)
+    recorded = read_tree(tmp_path / "bf16" / "final.safetensors")["settings"]["sharded_precision"]
+    assert set(recorded) == {"", "0", "2", "5"}
+    assert all(policy.startswith("param_dtype=bfloat16, reduce_dtype=None") for policy in recorded.values())
+    refused = launch(tmp_path / "plain", *common, "--resume", str(tmp_path / "bf16" / "final.safetensors"),
+                     check=False, logs=tmp_path / "logs", device=device.type)  # fmt: skip
+    assert refused.returncode != 0
+    assert re.search(
+        r"CheckpointError: .*sharded_precision=\{.*bfloat16.* in the checkpoint", rank_output(tmp_path / "logs")
+    )
+
+
 SAVE_MEMORY_MARGIN = 4 * 2**20  # Python objects, the file's JSON header and document, the writer's threads
 
 

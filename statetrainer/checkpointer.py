@@ -56,7 +56,7 @@ class Checkpointer:
                  device: torch.device, failed: Callable[[], None] = lambda: None, mesh: Any = None) -> None:  # fmt: skip
         self.parts, self.run, self.outputs, self.ranks, self.device = parts, run, outputs, ranks, device
         self.writer, self._staging = checkpoint.BackgroundWriter(failed), checkpoint.StagingBuffers()
-        self._mesh = mesh
+        self._mesh, self._writers = mesh, None
 
     def save(self, path: str | os.PathLike[str] | None, epoch: int, step: int,
              take_state: Callable[[], dict[str, Any]], background: bool = False, when_busy: str = "wait",
@@ -69,9 +69,6 @@ class Checkpointer:
 
         Every save first waits for the background write in flight, and raises its failure on every rank; with
         ``when_busy="skip"`` a save due while one is in flight is skipped instead, and returns None."""
-        if background and self.sharded:
-            raise NotImplementedError("a background save of a model sharded with fully_shard is not built yet; "
-                                      "save without background")  # fmt: skip
         ranks, folder = self.ranks, checkpoint.save_folder(path)
         if when_busy == "skip" and self.write_in_flight():
             log.info("skipped the checkpoint at step %d: the background write in flight has not ended", step)
@@ -90,10 +87,16 @@ class Checkpointer:
             target = self._rank_zeros_name(target)  # every rank writes its pieces under it
         state = take_state()  # every rank's generators, window gradients and metric accumulators, gathered
         if self.sharded:
-            return self._write_sharded(target, state, on_written)
+            return self._save_sharded(target, state, background, on_written)
         if background:
             if ranks.is_global_zero:  # the others' parts are in rank 0's state: they go on at once
-                self._write_in_background(target, state, on_written)
+
+                def write(staged: dict[str, Any]) -> None:
+                    checkpoint.write_tree(target, staged, __version__)
+                    if on_written is not None:
+                        on_written(target)
+
+                self._write_in_background(target, state, write)
             return target
         with on_every_rank(ranks, self.device, f"write the checkpoint {target}"):  # all wait for rank 0's write
             if ranks.is_global_zero:
@@ -107,23 +110,51 @@ class Checkpointer:
         """Whether the model is sharded with ``fully_shard``, so its checkpoints are sharded."""
         return self._mesh is not None
 
-    def _write_sharded(self, target: Path, state: dict[str, Any],
-                       on_written: Callable[[Path], None] | None) -> Path:  # fmt: skip
-        """Each rank writes its pieces beside ``target``; then rank 0 writes ``target`` with the index, last."""
-        ranks = self.ranks
+    def _save_sharded(self, target: Path, state: dict[str, Any], background: bool,
+                      on_written: Callable[[Path], None] | None) -> Path:  # fmt: skip
+        """Every rank writes its pieces beside ``target`` (with ``background``, from a staged copy in its writer's
+        thread); then rank 0 writes ``target`` with the index, last."""
         self._refuse_differing_buffers(state["step"]["model"])
         tree, pieces, boxes = checkpoint.split_shards(state)
-        crcs: dict[str, str] = {}
-        with on_every_rank(ranks, self.device, f"write its pieces of the checkpoint {target}"):
-            crcs = checkpoint.write_pieces(target, ranks.rank, pieces, __version__)
-        every_box, every_crc = self._gather_boxes(boxes, crcs)
-        with on_every_rank(ranks, self.device, f"write the checkpoint {target}"):
-            if ranks.is_global_zero:
-                index = checkpoint.ShardIndex.build(every_box, every_crc)
-                checkpoint.write_tree(target, {**tree, checkpoint.SHARD_INDEX: index}, __version__)
-                if on_written is not None:
-                    on_written(target)
+        if background:
+            group = self._writers_group()
+            own = {"tree": tree if self.ranks.is_global_zero else None, "pieces": pieces}
+            self._write_in_background(target, own, lambda staged: self._write_sharded(
+                target, staged["tree"], staged["pieces"], boxes, on_written, group))  # fmt: skip
+            return target
+        with on_every_rank(self.ranks, self.device, f"write the checkpoint {target}"):
+            self._write_sharded(target, tree, pieces, boxes, on_written)
         return target
+
+    def _write_sharded(self, target: Path, tree: Any, pieces: dict[str, torch.Tensor],
+                       boxes: dict[str, dict[str, Any]], on_written: Callable[[Path], None] | None,
+                       group: Any = None) -> None:  # fmt: skip
+        """Write this rank's pieces; once every rank has written its own, rank 0 writes ``target`` and the index.
+        Every rank raises if any rank's pieces failed (that rank its own error)."""
+        failure, crcs = None, None
+        try:
+            crcs = checkpoint.write_pieces(target, self.ranks.rank, pieces, __version__)
+        except Exception as error:  # noqa: BLE001 -- raised below, once the other ranks have heard of it
+            failure = error
+        every_box, every_crc = self._gather_boxes(boxes, crcs, group)
+        if failure is not None:
+            raise failure
+        failed = [rank for rank, rank_crcs in enumerate(every_crc) if rank_crcs is None]
+        if failed:
+            raise CheckpointError(f"rank(s) {', '.join(map(str, failed))} could not write their pieces of {target} "
+                                  "(their logs say why), so the checkpoint was not written")  # fmt: skip
+        if self.ranks.is_global_zero:
+            index = checkpoint.ShardIndex.build(every_box, [crcs for crcs in every_crc if crcs is not None])
+            checkpoint.write_tree(target, {**tree, checkpoint.SHARD_INDEX: index}, __version__)
+            if on_written is not None:
+                on_written(target)
+
+    def _writers_group(self) -> Any:
+        """A gloo group of every rank for the background writers' exchange (the run's own group is the training
+        thread's); made at the first background save of a sharded model, which every rank reaches together."""
+        if self._writers is None and self.ranks.distributed:
+            self._writers = dist.new_group(backend="gloo")
+        return self._writers
 
     def _refuse_differing_buffers(self, model_state: dict[str, Any]) -> None:
         """Raise on every rank if a tensor of the model that is not sharded (a buffer) differs between the ranks:
@@ -153,17 +184,22 @@ class Checkpointer:
         numbers = all_gather(torch.tensor([sequence], dtype=torch.int64), self.ranks, self.device)
         return checkpoint.renumbered(target, int(numbers[0].item()))
 
-    def _gather_boxes(self, boxes: dict[str, dict[str, Any]],
-                      crcs: dict[str, str]) -> tuple[list[dict[str, dict[str, Any]]], list[dict[str, str]]]:  # fmt: skip
-        """Every rank's boxes and CRCs (the same keys, in the same order, on every rank), in one all-gather."""
+    def _gather_boxes(self, boxes: dict[str, dict[str, Any]], crcs: dict[str, str] | None,
+                      group: Any = None) -> tuple[list[dict[str, dict[str, Any]]], list[dict[str, str] | None]]:  # fmt: skip
+        """Every rank's boxes and CRCs (the same keys, in the same order, on every rank; None for a rank that wrote
+        no pieces), in one all-gather over ``group``."""
         if not self.ranks.distributed:
             return [boxes], [crcs]
         keys = list(boxes)
-        packed = torch.tensor([number for key in keys for number in
-                               (*boxes[key]["offset"], *boxes[key]["size"], int(crcs[key], 16))], dtype=torch.int64)  # fmt: skip
-        every_box, every_crc = [], []
-        for received in all_gather(packed, self.ranks, self.device):
+        packed = torch.tensor([int(crcs is not None)] + [
+            number for key in keys for number in (*boxes[key]["offset"], *boxes[key]["size"],
+                                                  int(crcs[key], 16) if crcs is not None else 0)],
+            dtype=torch.int64)  # fmt: skip
+        every_box: list[dict[str, dict[str, Any]]] = []
+        every_crc: list[dict[str, str] | None] = []
+        for received in all_gather(packed, self.ranks, self.device, group):
             numbers, rank_boxes, rank_crcs = iter(received.tolist()), {}, {}
+            written = bool(next(numbers))
             for key in keys:
                 rank_ndim = len(boxes[key]["shape"])
                 offset = [next(numbers) for _ in range(rank_ndim)]
@@ -171,7 +207,7 @@ class Checkpointer:
                 rank_boxes[key] = {**boxes[key], "offset": offset, "size": size}
                 rank_crcs[key] = f"{next(numbers):08x}"
             every_box.append(rank_boxes)
-            every_crc.append(rank_crcs)
+            every_crc.append(rank_crcs if written else None)
         return every_box, every_crc
 
     def _prepare(self, path: Path, tree: dict[str, Any]) -> dict[str, Any]:
@@ -191,23 +227,21 @@ class Checkpointer:
         index.check_files()
         return checkpoint.resolve_shards(tree, index, self._mesh)
 
-    def _write_in_background(self, target: Path, state: dict[str, Any],
-                             on_written: Callable[[Path], None] | None) -> None:  # fmt: skip
+    def _write_in_background(self, target: Path, state: Any, write: Callable[[Any], None]) -> None:
+        """Stage ``state`` and have the writer's thread ``write`` the staged copy."""
         started = time.perf_counter()
         staged = self._staging.stage(state)  # the training may change the live tensors from here on
         log.debug("staged %s for %s in %.3f s; writing it in the background", _size(staged.bytes), target.name,
                   time.perf_counter() - started)  # fmt: skip
 
-        def write() -> None:
+        def run() -> None:
             begun = time.perf_counter()
             staged.ready()
-            checkpoint.write_tree(target, staged.tree, __version__)
+            write(staged.tree)
             log.info("wrote %s in the background: %s in %.2f s", target, _size(staged.bytes),
                      time.perf_counter() - begun)  # fmt: skip
-            if on_written is not None:
-                on_written(target)
 
-        self.writer.submit(write)
+        self.writer.submit(run)
 
     def _settle(self, why: str) -> None:
         """Wait for the background write in flight, saying so, and raise its failure."""

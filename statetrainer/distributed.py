@@ -229,14 +229,15 @@ def wrap_model(model: nn.Module, ranks: Ranks, device: torch.device) -> nn.Modul
     return model
 
 
-def all_gather(tensor: torch.Tensor, ranks: Ranks, device: torch.device) -> list[torch.Tensor]:
-    """Every rank's ``tensor`` (same shape and dtype on each), in rank order, on ``tensor``'s device."""
+def all_gather(tensor: torch.Tensor, ranks: Ranks, device: torch.device, group: Any = None) -> list[torch.Tensor]:
+    """Every rank's ``tensor`` (same shape and dtype on each), in rank order, on ``tensor``'s device; over
+    ``group``, a gloo group of every rank (the tensors go over it from the CPU), or the run's own."""
     if not ranks.distributed:
         return [tensor]
-    where = ranks.collective_device(device)
+    where = ranks.collective_device(device) if group is None else torch.device("cpu")
     local = tensor.to(where).contiguous()
     gathered = [torch.empty_like(local) for _ in range(ranks.world_size)]
-    dist.all_gather(gathered, local)
+    dist.all_gather(gathered, local, group=group)
     return [part.to(tensor.device) for part in gathered]
 
 

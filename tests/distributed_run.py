@@ -116,7 +116,7 @@ class TerminateLauncher(st.Callback):
 
 
 class SlowDisk:
-    """On rank 0, as its ``count``-th background checkpoint write starts (its private folder is made, seen through an
+    """On this rank, as its ``count``-th background checkpoint write starts (its private folder is made, seen through an
     audit hook in the writer's thread): mark ``FOLDER/writing``, then hold the write for 2 s, or fail it as a full
     disk fails it (``fail``)."""
 
@@ -183,9 +183,9 @@ def build(options: argparse.Namespace) -> st.Trainer:
         epoch, batch = map(int, options.break_at.split(":"))
         callbacks.append(cb.Breakpoint("batch", enter=False, when=lambda trainer: (trainer.epoch, trainer.batch_index)
                                        == (epoch, batch) and trainer.phase.name == "train"))  # fmt: skip
-    if options.slow_write and int(os.environ.get("RANK", 0)) == 0:
+    if options.slow_write and int(os.environ.get("RANK", 0)) == (1 if options.slow_write.endswith("rank1") else 0):
         count, what = options.slow_write.split(":")
-        SlowDisk(folder, int(count), fail=what == "fail")
+        SlowDisk(folder, int(count), fail=what.startswith("fail"))
     if options.slow_write and options.slow_write.endswith(":kill-rank1"):
         callbacks.append(KillWhileWriting(folder))
     if options.term_at:
@@ -306,8 +306,8 @@ def main() -> None:
     parser.add_argument("--batchnorm", action="store_true", help="a BatchNorm1d after the first layer")
     parser.add_argument(
         "--slow-write",
-        help="N:hold|kill-rank1|fail: rank 0's N-th background write is held 2 s "
-        "(and rank 1 SIGKILLs itself meanwhile), or fails as a full disk",
+        help="N:hold|kill-rank1|fail|fail-rank1: rank 0's N-th background write is held 2 s "
+        "(and rank 1 SIGKILLs itself meanwhile), or fails as a full disk (rank 1's: a sharded model's pieces)",
     )
     parser.add_argument(
         "--only-rank-zero-writes", action="store_true", help="raise if a rank other than 0 writes anything under FOLDER"

@@ -380,6 +380,50 @@ def test_a_sigterm_to_a_sharded_run_saves_its_pieces_inside_a_window_and_the_rer
     assert saved["step"]["grads"] != [{}], "the stop came between windows: no gradients were saved"
 
 
+@pytest.mark.slow
+def test_background_saves_of_a_sharded_model_write_the_synchronous_bytes_and_a_killed_run_resumes_exactly(
+        tmp_path, uninterrupted_sharded, device):  # fmt: skip
+    """The sharded run with ``Checkpoint(background=True)``: each rank stages its pieces and writes them in its
+    writer's thread, rank 0 the checkpoint last. Every checkpoint's pieces are the synchronous run's bytes, its
+    checkpoint file the same state (the run's id aside); rank 1 SIGKILLed mid-epoch, the same command resumes
+    bit-identical."""
+    folder = tmp_path / "background"
+    launch(folder, *SHARDED_KILLED, "--background", device=device.type)
+    names = sorted(path.name for path in (folder / "checkpoints").glob("ckpt-*"))
+    assert names == sorted(path.name for path in (uninterrupted_sharded / "checkpoints").glob("ckpt-*"))
+    assert any(".rank" in name for name in names)
+    for name in names:
+        background, synchronous = folder / "checkpoints" / name, uninterrupted_sharded / "checkpoints" / name
+        if ".rank" in name:
+            assert background.read_bytes() == synchronous.read_bytes(), name
+        else:
+            one, two = read_tree(background), read_tree(synchronous)
+            assert_trees_equal({**one, "run": None}, {**two, "run": None}, name)
+    killed = tmp_path / "killed"
+    assert launch(killed, *SHARDED_KILLED, "--background", "--kill", "1:1:2", check=False,
+                  device=device.type).returncode != 0  # fmt: skip
+    launch(killed, *SHARDED_KILLED, "--background", "--kill", "1:1:2", device=device.type)
+    same_sharded_run(killed, uninterrupted_sharded)
+
+
+@pytest.mark.slow
+def test_a_ranks_failed_background_write_of_its_pieces_ends_every_rank_and_no_checkpoint_stands_without_them(
+        tmp_path, device):  # fmt: skip
+    """Rank 1's second background write of its pieces fails as a full disk: rank 1 raises the OSError, rank 0
+    (whose own pieces were written) names rank 1 and writes no checkpoint file, and every checkpoint left in the
+    folder verifies with all its pieces."""
+    folder, logs = tmp_path / "run", tmp_path / "logs"
+    failed = launch(folder, *SHARDED_KILLED, "--background", "--slow-write", "2:fail-rank1", check=False, logs=logs,
+                    device=device.type)  # fmt: skip
+    assert failed.returncode != 0 and (folder / "writing").exists()
+    assert "No space left on device" in rank_output(logs, 1)
+    assert re.search(r"CheckpointError: (rank\(s\) 1 could not write their pieces|another rank could not finish)",
+                     rank_output(logs, 0))  # fmt: skip
+    left = sorted((folder / "checkpoints").glob("ckpt-*.safetensors"))
+    assert len(left) == 1  # the first; the second has no checkpoint file
+    assert cli.main(["inspect", str(left[0])]) == 0
+
+
 def test_inspect_verifies_every_piece_of_a_sharded_checkpoint_and_counts_its_tensors_whole(
         tmp_path, uninterrupted_sharded, capsys):  # fmt: skip
     """``inspect`` of a sharded checkpoint reads both ranks' files, checks each piece against the index, and counts

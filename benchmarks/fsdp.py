@@ -101,15 +101,16 @@ def synchronized(device: torch.device) -> float:
 def interleaved(prepared: dict[str, Callable[[], Callable[[], object]]], device: torch.device,
                 repeats: int) -> dict[str, float]:  # fmt: skip
     """The median wall time, on every rank, in ms, of each action (made untimed by its ``prepared`` entry), the
-    actions taking turns ``repeats`` times, so the page cache's and disk's state is shared out fairly."""
+    actions taking turns ``repeats`` times after a round that warms up, so the page cache's and the disk's state
+    (dirty pages still being written back throttle the next writer) is shared out fairly."""
     times: dict[str, list[float]] = {name: [] for name in prepared}
-    for _ in range(repeats):
+    for _ in range(repeats + 1):  # the first round warms up
         for name, prepare in prepared.items():
             action = prepare()
             start = synchronized(device)
             action()
             times[name].append((synchronized(device) - start) * 1e3)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return {name: statistics.median(values[1:]) for name, values in times.items()}
 
 
 def train_worker(options: argparse.Namespace) -> dict:

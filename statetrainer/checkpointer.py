@@ -131,20 +131,22 @@ class Checkpointer:
                        group: Any = None) -> None:  # fmt: skip
         """Write this rank's pieces; once every rank has written its own, rank 0 writes ``target`` and the index.
         Every rank raises if any rank's pieces failed (that rank its own error)."""
-        failure, crcs = None, None
+        failure, written = None, None
         try:
-            crcs = checkpoint.write_pieces(target, self.ranks.rank, pieces, __version__)
+            written = checkpoint.write_pieces(target, self.ranks.rank, pieces, __version__, self.run.id)
         except Exception as error:  # noqa: BLE001 -- raised below, once the other ranks have heard of it
             failure = error
-        every_box, every_crc = self._gather_boxes(boxes, crcs, group)
+        every_box, every_written = self._gather_boxes(boxes, written, group)
         if failure is not None:
             raise failure
-        failed = [rank for rank, rank_crcs in enumerate(every_crc) if rank_crcs is None]
+        failed = [rank for rank, rank_written in enumerate(every_written) if rank_written is None]
         if failed:
             raise CheckpointError(f"rank(s) {', '.join(map(str, failed))} could not write their pieces of {target} "
                                   "(their logs say why), so the checkpoint was not written")  # fmt: skip
         if self.ranks.is_global_zero:
-            index = checkpoint.ShardIndex.build(every_box, [crcs for crcs in every_crc if crcs is not None])
+            crcs = [rank_written[0] for rank_written in every_written if rank_written is not None]
+            checksums = [rank_written[1] for rank_written in every_written if rank_written is not None]
+            index = checkpoint.ShardIndex.build(every_box, crcs, checksums)
             checkpoint.write_tree(target, {**tree, checkpoint.SHARD_INDEX: index}, __version__)
             if on_written is not None:
                 on_written(target)
@@ -184,22 +186,22 @@ class Checkpointer:
         numbers = all_gather(torch.tensor([sequence], dtype=torch.int64), self.ranks, self.device)
         return checkpoint.renumbered(target, int(numbers[0].item()))
 
-    def _gather_boxes(self, boxes: dict[str, dict[str, Any]], crcs: dict[str, str] | None,
-                      group: Any = None) -> tuple[list[dict[str, dict[str, Any]]], list[dict[str, str] | None]]:  # fmt: skip
-        """Every rank's boxes and CRCs (the same keys, in the same order, on every rank; None for a rank that wrote
-        no pieces), in one all-gather over ``group``."""
+    def _gather_boxes(self, boxes: dict[str, dict[str, Any]], written: tuple[dict[str, str], str] | None,
+                      group: Any = None) -> tuple[list[dict[str, dict[str, Any]]], list[tuple[dict[str, str], str] | None]]:  # fmt: skip
+        """Every rank's boxes, and its pieces' CRCs and file checksum as ``write_pieces`` gave them (None for a rank
+        that wrote no pieces); the same keys, in the same order, on every rank; in one all-gather over ``group``."""
         if not self.ranks.distributed:
-            return [boxes], [crcs]
+            return [boxes], [written]
         keys = list(boxes)
-        packed = torch.tensor([int(crcs is not None)] + [
-            number for key in keys for number in (*boxes[key]["offset"], *boxes[key]["size"],
-                                                  int(crcs[key], 16) if crcs is not None else 0)],
+        crcs, checksum = written if written is not None else ({key: "0" for key in keys}, "0")
+        packed = torch.tensor([int(written is not None), int(checksum, 16)] + [
+            number for key in keys for number in (*boxes[key]["offset"], *boxes[key]["size"], int(crcs[key], 16))],
             dtype=torch.int64)  # fmt: skip
         every_box: list[dict[str, dict[str, Any]]] = []
-        every_crc: list[dict[str, str] | None] = []
+        every_written: list[tuple[dict[str, str], str] | None] = []
         for received in all_gather(packed, self.ranks, self.device, group):
             numbers, rank_boxes, rank_crcs = iter(received.tolist()), {}, {}
-            written = bool(next(numbers))
+            wrote, rank_checksum = bool(next(numbers)), f"{next(numbers):08x}"
             for key in keys:
                 rank_ndim = len(boxes[key]["shape"])
                 offset = [next(numbers) for _ in range(rank_ndim)]
@@ -207,8 +209,8 @@ class Checkpointer:
                 rank_boxes[key] = {**boxes[key], "offset": offset, "size": size}
                 rank_crcs[key] = f"{next(numbers):08x}"
             every_box.append(rank_boxes)
-            every_crc.append(rank_crcs if written else None)
-        return every_box, every_crc
+            every_written.append((rank_crcs, rank_checksum) if wrote else None)
+        return every_box, every_written
 
     def _prepare(self, path: Path, tree: dict[str, Any]) -> dict[str, Any]:
         """A checkpoint's state with its sharded tensors read (this rank's parts); a sharded checkpoint only for a

@@ -11,7 +11,7 @@ resumes from the newest checkpoint there; at the end rank 0 writes
 ``FOLDER/final.safetensors``. ``--kill RANK:EPOCH:BATCH`` makes that rank
 SIGKILL itself after that train batch (once: a marker file remembers it);
 ``--save-at EPOCH:BATCH`` steps the run to the end of that train batch, saves
-``FOLDER/mid.safetensors`` and exits; ``--resume PATH`` starts from that file,
+``FOLDER/mid.safetensors`` (with ``--background``, first ``mid-background.safetensors`` in the background) and exits; ``--resume PATH`` starts from that file,
 allowing another world size. ``--train-batches K`` makes every epoch train on the next K batches of the
 loader's stream; ``--limit``, ``--max-steps`` and ``--epochs none`` shape the run in steps. ``--predict`` has
 the trained model predict the validation samples (rank 0 writes them, with a plain ``model(x)`` of them, to
@@ -329,6 +329,8 @@ def main() -> None:
         while not (trainer.state == "phase" and trainer.epoch == epoch and trainer.phase.name == "train"
                    and trainer.batch_index == batch):  # fmt: skip
             trainer.advance()
+        if options.background:  # the same state saved in the background first: the same bytes
+            trainer.save_checkpoint(folder / "mid-background.safetensors", background=True)
         trainer.save_checkpoint(folder / "mid.safetensors")
         if options.fsdp:
             save_full_state(trainer, folder / "saved-full.safetensors")

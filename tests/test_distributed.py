@@ -380,13 +380,22 @@ def test_a_sigterm_to_a_sharded_run_saves_its_pieces_inside_a_window_and_the_rer
     assert saved["step"]["grads"] != [{}], "the stop came between windows: no gradients were saved"
 
 
+def without_run_ids(tree: dict) -> dict:
+    """A sharded checkpoint's file without what differs between two runs of one command: the run's id, and in the
+    index each rank's file's checksum (which covers the run's id in that file)."""
+    tree = {**tree, "run": None}
+    if "__shards__" in tree:
+        tree["__shards__"] = {**tree["__shards__"], "files": None}
+    return tree
+
+
 @pytest.mark.slow
 def test_background_saves_of_a_sharded_model_write_the_synchronous_bytes_and_a_killed_run_resumes_exactly(
         tmp_path, uninterrupted_sharded, device):  # fmt: skip
     """The sharded run with ``Checkpoint(background=True)``: each rank stages its pieces and writes them in its
-    writer's thread, rank 0 the checkpoint last. Every checkpoint's pieces are the synchronous run's bytes, its
-    checkpoint file the same state (the run's id aside); rank 1 SIGKILLed mid-epoch, the same command resumes
-    bit-identical."""
+    writer's thread, rank 0 the checkpoint last. Every checkpoint's files hold what the synchronous run's hold (the
+    run's id aside), and in one run a background save's files are the bytes of a synchronous save of that state;
+    rank 1 SIGKILLed mid-epoch, the same command resumes bit-identical."""
     folder = tmp_path / "background"
     launch(folder, *SHARDED_KILLED, "--background", device=device.type)
     names = sorted(path.name for path in (folder / "checkpoints").glob("ckpt-*"))
@@ -394,11 +403,12 @@ def test_background_saves_of_a_sharded_model_write_the_synchronous_bytes_and_a_k
     assert any(".rank" in name for name in names)
     for name in names:
         background, synchronous = folder / "checkpoints" / name, uninterrupted_sharded / "checkpoints" / name
-        if ".rank" in name:
-            assert background.read_bytes() == synchronous.read_bytes(), name
-        else:
-            one, two = read_tree(background), read_tree(synchronous)
-            assert_trees_equal({**one, "run": None}, {**two, "run": None}, name)
+        assert_trees_equal(*(without_run_ids(read_tree(path)) for path in (background, synchronous)), name)
+    saved = tmp_path / "one-state"
+    launch(saved, *SHARDED_KILLED, "--background", "--save-at", "1:2", device=device.type)  # one run, one state
+    for name in ("", ".rank00000", ".rank00001"):
+        background = (saved / f"mid-background.safetensors{name}").read_bytes()
+        assert background == (saved / f"mid.safetensors{name}").read_bytes(), name
     killed = tmp_path / "killed"
     assert launch(killed, *SHARDED_KILLED, "--background", "--kill", "1:1:2", check=False,
                   device=device.type).returncode != 0  # fmt: skip
@@ -452,14 +462,14 @@ def test_inspect_verifies_every_piece_of_a_sharded_checkpoint_and_counts_its_ten
     "damage",
     [
         pytest.param(damage, marks=pytest.mark.slow)
-        for damage in ("truncated", "another-saves-piece", "no-checkpoint-file")
+        for damage in ("truncated", "another-saves-piece", "another-runs-piece", "no-checkpoint-file")
     ],
 )
 def test_a_damaged_sharded_checkpoint_is_refused_and_the_folder_falls_back_to_the_previous_whole_one(
         tmp_path, uninterrupted_sharded, device, damage):  # fmt: skip
-    """The newest checkpoint of a killed sharded run loses a piece file's end, has another save's piece, or lost its
-    checkpoint file (its pieces stay): every rank falls back to the previous checkpoint, and the run still ends
-    bit-identical."""
+    """The newest checkpoint of a killed sharded run loses a piece file's end, has another save's piece or a twin
+    run's (the same tensors, another run's file), or lost its checkpoint file (its pieces stay): every rank falls
+    back to the previous checkpoint, and the run still ends bit-identical."""
     folder, logs = tmp_path / "run", tmp_path / "logs"
     launch(folder, *SHARDED_KILLED, "--kill", "1:1:2", check=False, device=device.type)
     older, newest = sorted((folder / "checkpoints").glob("ckpt-*.safetensors"))[-2:]
@@ -468,6 +478,12 @@ def test_a_damaged_sharded_checkpoint_is_refused_and_the_folder_falls_back_to_th
         piece.write_bytes(piece.read_bytes()[: piece.stat().st_size // 2])
     elif damage == "another-saves-piece":
         piece.write_bytes(older.with_name(older.name + ".rank00001").read_bytes())
+    elif damage == "another-runs-piece":  # a twin run's piece of the same checkpoint: the same tensors, not its own
+        twin = tmp_path / "twin"
+        launch(twin, *SHARDED_KILLED, "--kill", "1:1:2", check=False, device=device.type)
+        twins_piece = twin / "checkpoints" / piece.name
+        assert_trees_equal(load_file(twins_piece), load_file(piece))
+        piece.write_bytes(twins_piece.read_bytes())
     else:
         newest.unlink()
     with pytest.raises(CheckpointError, match="rank00001|no checkpoint file"):  # each piece is checked as read

@@ -5,10 +5,11 @@ the position, settings, generators of every rank, metrics and callbacks), in
 which every sharded tensor (a DTensor: the model's parameters, the
 optimizer's state, an open window's gradients) stands as ``{"__shard__":
 key}``, plus one file per rank beside it, ``<checkpoint>.rank00001``, that
-holds that rank's pieces of them, written by the same writer with a checksum
-of its own. The checkpoint's document carries the index under
+holds that rank's pieces of them and the run's id, written by the same writer
+with a checksum of its own. The checkpoint's document carries the index under
 ``"__shards__"``, covered by its checksum: every sharded tensor's global
-shape and dtype, and for each rank's piece its offset, size and CRC-32. The
+shape and dtype, for each rank's piece its offset, size and CRC-32, and each
+rank's file's checksum (so another run's file is refused, whatever it holds). The
 ranks write their files first; rank 0 writes the checkpoint file last, so a
 checkpoint counts only once all of it is durable.
 
@@ -32,7 +33,7 @@ from torch.utils._pytree import keystr, tree_map_with_path
 
 from ..errors import CheckpointError
 from .atomic import atomic_copy
-from .serialization import dtype_from_name, dtype_name, read_document, read_tree, tensor_crc, write_tree
+from .serialization import dtype_from_name, dtype_name, read_document, read_header, read_tree, tensor_crc, write_tree
 
 __all__ = ["INDEX", "SHARD", "ShardIndex", "copy_with_pieces", "is_dtensor", "owned_box", "remove_orphan_pieces",
            "remove_shard_files", "shapes_only", "shard_file", "shard_files", "split_shards", "whole_tensors",
@@ -127,11 +128,13 @@ def piece_crc(piece: torch.Tensor) -> str:
     return f"{tensor_crc(piece.detach().to('cpu').contiguous()):08x}"
 
 
-def write_pieces(checkpoint: Path, rank: int, pieces: dict[str, torch.Tensor], library_version: str) -> dict[str, str]:
-    """Write this rank's pieces beside ``checkpoint``, atomically and durably; each piece's CRC-32 (``piece_crc``)."""
+def write_pieces(checkpoint: Path, rank: int, pieces: dict[str, torch.Tensor], library_version: str,
+                 run_id: str) -> tuple[dict[str, str], str]:  # fmt: skip
+    """Write this rank's pieces of the run ``run_id`` beside ``checkpoint``, atomically and durably; each piece's
+    CRC-32 (``piece_crc``), and the file's checksum (which the run's id makes another run's file differ in)."""
     crcs: dict[str, int] = {}
-    write_tree(shard_file(checkpoint, rank), {"pieces": pieces}, library_version, crcs)
-    return {key: f"{crcs[f'pieces/{key}']:08x}" for key in pieces}
+    path = write_tree(shard_file(checkpoint, rank), {"run": run_id, "pieces": pieces}, library_version, crcs)
+    return {key: f"{crcs[f'pieces/{key}']:08x}" for key in pieces}, str(read_header(path)["checksum"])
 
 
 class ShardIndex:
@@ -150,6 +153,7 @@ class ShardIndex:
         try:
             self.world_size = int(index["world_size"])
             self.tensors: dict[str, dict[str, Any]] = dict(index["tensors"])
+            self.files = {int(entry["rank"]): str(entry["checksum"]) for entry in index.get("files", ())}
             for entry in self.tensors.values():
                 for piece in entry["pieces"]:
                     if not (isinstance(piece["rank"], int) and isinstance(piece["offset"], list)
@@ -164,8 +168,11 @@ class ShardIndex:
         self._names: dict[int, dict[str, str]] = {}
 
     @staticmethod
-    def build(boxes: list[dict[str, dict[str, Any]]], crcs: list[dict[str, str]]) -> dict[str, Any]:
-        """The index of every rank's pieces (``split_shards``'s boxes and ``piece_crc``s, in rank order)."""
+    def build(
+        boxes: list[dict[str, dict[str, Any]]], crcs: list[dict[str, str]], checksums: list[str]
+    ) -> dict[str, Any]:
+        """The index of every rank's pieces (``split_shards``'s boxes and ``piece_crc``s, and each rank's file's
+        checksum, in rank order)."""
         tensors: dict[str, dict[str, Any]] = {}
         for rank, (rank_boxes, rank_crcs) in enumerate(zip(boxes, crcs, strict=True)):
             for key, box in rank_boxes.items():
@@ -173,11 +180,17 @@ class ShardIndex:
                                                  "placement": box["placement"], "pieces": []})  # fmt: skip
                 entry["pieces"].append({"rank": rank, "offset": box["offset"], "size": box["size"],
                                         "crc": rank_crcs[key]})  # fmt: skip
-        return {"world_size": len(boxes), "tensors": tensors}
+        files = [{"rank": rank, "checksum": checksum} for rank, checksum in enumerate(checksums)]
+        return {"world_size": len(boxes), "files": files, "tensors": tensors}
 
     def check_files(self) -> None:
-        """Raise ``CheckpointError`` unless every rank's file is there, whole, with a piece for each index entry."""
+        """Raise ``CheckpointError`` unless every rank's file is there, the one the index names (its checksum:
+        not another save's or another run's), with a piece for each index entry."""
         for rank in range(self.world_size):
+            path = shard_file(self.checkpoint, rank)
+            if rank in self.files and read_header(path).get("checksum") != self.files[rank]:
+                raise CheckpointError(f"{path} is not the file of pieces this checkpoint's index names (another "
+                                      "save's or another run's, or damaged)")  # fmt: skip
             names = self._names_in(rank)
             for key, entry in self.tensors.items():
                 if any(int(piece["rank"]) == rank for piece in entry["pieces"]) and key not in names:

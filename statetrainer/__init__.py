@@ -10,6 +10,7 @@ trainer.fit()                    # or step: trainer.advance(), trainer.run_until
 
 from . import callbacks
 from .callbacks import Callback
+from .diffing import diff_checkpoints
 from .errors import CheckpointError, InvalidMove, Preempted
 from .machine import STATES, TRANSITIONS, Move, diagram
 from .phase import Phase
@@ -31,6 +32,7 @@ __all__ = [
     "__version__",
     "callbacks",
     "diagram",
+    "diff_checkpoints",
     "export_weights",
     "load_weights",
     "seed_everything",

@@ -2,10 +2,11 @@
 
     python -m statetrainer diagram [--format mermaid|dot] [--state STATE | --checkpoint FILE] [--output FILE.svg]
     python -m statetrainer inspect PATH [--json]
+    python -m statetrainer diff FIRST SECOND [--json]
 
 Text output escapes every control character it would print (``\\x1b``), so names read from a file cannot drive
 the terminal; ``--json`` keeps them exact (JSON escapes them). Exit status: 0, 1 for a checkpoint that is not
-usable, 2 for an error, and 141 (128 + SIGPIPE, as a shell reports for ``cat`` cut off by ``head``) when the
+usable or two that differ, 2 for an error, and 141 (128 + SIGPIPE, as a shell reports for ``cat`` cut off by ``head``) when the
 reader of the output goes away: that ends the command quietly.
 """
 
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import read_tree
+from .diffing import CheckpointDiff, diff_checkpoints
 from .errors import CheckpointError
 from .inspection import summarize_file, summarize_folder
 from .machine import DIAGRAM_FORMATS, STATES, diagram, diagram_graph
@@ -53,9 +55,13 @@ def main(arguments: Sequence[str] | None = None) -> int:
         "checkpoint", type=Path, help="a checkpoint file, best.safetensors, or a folder (its newest)"
     )
     exporting.add_argument("out", type=Path, help="the new .safetensors file: the model's state_dict(), its own keys")
+    differing = commands.add_parser("diff", help="what differs between two checkpoints, part by part")
+    differing.add_argument("first", type=Path, help="a checkpoint file")
+    differing.add_argument("second", type=Path, help="another checkpoint file")
+    differing.add_argument("--json", action="store_true", help="print the differences as JSON")
     options = parser.parse_args(arguments)
     try:
-        run = {"diagram": _diagram, "inspect": _inspect, "export": _export}[options.command]
+        run = {"diagram": _diagram, "inspect": _inspect, "export": _export, "diff": _diff}[options.command]
         status = run(options)
         sys.stdout.flush()  # a closed pipe shows here, not as a traceback when Python exits
         return status
@@ -112,6 +118,41 @@ def _inspect(options: argparse.Namespace) -> int:
     summary = summarize_file(path)
     print(json.dumps(summary, indent=1, default=str) if options.json else _text(_file_lines(summary)))
     return 0 if summary["verified"] else 1
+
+
+def _diff(options: argparse.Namespace) -> int:
+    found = diff_checkpoints(options.first, options.second)
+    if options.json:
+        print(json.dumps({"first": str(found.first), "second": str(found.second), "runs": found.runs,
+                          "tensors": found.tensors, "same": found.same,
+                          "differences": [vars(difference) for difference in found.differences]},
+                         indent=1, default=str))  # fmt: skip
+    else:
+        print(_text(_diff_lines(found)))
+    return 0 if found.same else 1
+
+
+def _diff_lines(found: CheckpointDiff) -> list[str]:
+    lines = [f"first:  {found.first} (run {found.runs[0]})", f"second: {found.second} (run {found.runs[1]})"]
+    compared = sum(found.tensors.values())
+    if found.same:
+        return [*lines, f"the same, bit for bit: {compared} tensors and every other value (the runs' ids aside)"]
+    parts: dict[str, list[Any]] = {}
+    for difference in found.differences:
+        parts.setdefault(difference.part, []).append(difference)
+    lines.append(f"{len(found.differences)} differences in {len(parts)} part(s); {compared} tensors compared")
+    for part, differences in parts.items():
+        tensors = sum(difference.max_abs is not None for difference in differences)
+        counted = f", {tensors} of {found.tensors.get(part, 0)} tensors" if found.tensors.get(part) else ""
+        lines.append(f"{part}: {len(differences)} differ{counted}")
+        for difference in differences:
+            where = difference.path.removeprefix(part).lstrip("/") or part
+            if difference.max_abs is not None:
+                relative = "" if difference.relative is None else f", relative {difference.relative:.3g}"
+                lines.append(f"  {where}: max |difference| {difference.max_abs:.3g}{relative}")
+            else:
+                lines.append(f"  {where}: {difference.what}: {difference.first!r} vs {difference.second!r}")
+    return lines
 
 
 def _text(lines: list[str]) -> str:

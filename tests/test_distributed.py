@@ -37,6 +37,7 @@ from torch.utils._pytree import tree_leaves
 import statetrainer as st
 from statetrainer import cli, distributed
 from statetrainer.checkpoint import CheckpointError, read_tree
+from statetrainer.diffing import diff_checkpoints
 
 SCRIPT = Path(__file__).with_name("distributed_run.py")
 TIMEOUT = 180
@@ -102,14 +103,22 @@ def assert_trees_equal(first, second, path: str = "") -> None:
         assert first == second, f"{path}: {first!r} != {second!r}"
 
 
+KILLERS = ("KillAfter", "TerminateLauncher", "KillWhileWriting")  # the script's callbacks that end a run on purpose
+
+
 def same_run(first: Path, second: Path) -> None:
-    """The two runs ended the same, bit for bit: weights, optimizer, every rank's generators, metrics, CSV log."""
+    """The two runs ended the same, bit for bit: weights, optimizer, every rank's generators, metrics, CSV log; and
+    ``diff`` of their final checkpoints finds nothing but the test's own killers' callbacks."""
     one, two = final_state(first), final_state(second)
     for part in ("step", "metrics", "rng", "position"):
         assert_trees_equal(one[part], two[part], part)
     for callback in ("SmoothedLoss", "Accuracy", "CSVLogger", "Checkpoint"):  # not the test's own killers
         assert_trees_equal(one["callbacks"][callback], two["callbacks"][callback], callback)
     assert (first / "log.csv").read_bytes() == (second / "log.csv").read_bytes()
+    found = diff_checkpoints(first / "final.safetensors", second / "final.safetensors")  # the debugging tool agrees
+    assert found.tensors["step"] > 0
+    assert all(difference.path.startswith(tuple(f"callbacks/{killer}" for killer in KILLERS))
+               for difference in found.differences), found.differences  # fmt: skip
 
 
 SHARDED = ("--samples", "43", "--batch-size", "4", "--workers", "2", "--epochs", "2")

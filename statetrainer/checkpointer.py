@@ -280,13 +280,15 @@ class Checkpointer:
         with on_every_rank(self.ranks, self.device, "finish the background checkpoint write in flight"):
             self._settle("the run's end")
 
-    def find(self, path: str | os.PathLike[str], own_folders: Sequence[Path]) -> tuple[Path, dict[str, Any]] | None:
+    def find(self, path: str | os.PathLike[str], own_folders: Sequence[Path],
+             before_step: int | None = None) -> tuple[Path, dict[str, Any]] | None:  # fmt: skip
         """The checkpoint to resume from and its state, checked against the parts; None for a first run
-        (see ``checkpoint.find_checkpoint``). Every rank finds the same one, or every rank raises."""
+        (see ``checkpoint.find_checkpoint``; ``before_step``: from a folder, the newest saved before that step).
+        Every rank finds the same one, or every rank raises."""
         self.outputs.lock()  # a second live copy of the run is refused before it reads anything
         with on_every_rank(self.ranks, self.device, f"load the checkpoint from {path}"):
             return checkpoint.find_checkpoint(path, own_folders, self.parts.check_fits, self.run.accept_marker,
-                                              self._prepare, self._worst_outcome)  # fmt: skip
+                                              self._prepare, self._worst_outcome, before_step)  # fmt: skip
 
     def _worst_outcome(self, outcome: int) -> int:
         """The worst of every rank's outcome of reading a checkpoint (see ``checkpoint.newest_valid``)."""

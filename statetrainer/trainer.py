@@ -22,7 +22,7 @@ from .checkpointer import Checkpointer
 from .data import PhaseSources, unpack_pair
 from .determinism import require_cublas_workspace
 from .distributed import join_process_group, sharded_precision, sharding_mesh, wrap_model
-from .errors import HalfLoadedError
+from .errors import CheckpointError, HalfLoadedError
 from .evaluation import Evaluation, prediction, validation
 from .machine import AT_REST, Move
 from .optimizer_step import StepRunner
@@ -286,20 +286,46 @@ class Trainer:
     def _raise_write_failure_at_the_next_boundary(self) -> None:  # called from the writer's thread
         self._training.guard.fail_at_next_boundary(lambda _trainer: self._checkpointer.writer.wait())
 
-    def load_checkpoint(self, path: str | os.PathLike[str], *, allow_changes: Iterable[str] = ()) -> Path | None:
+    def load_checkpoint(self, path: str | os.PathLike[str], *, allow_changes: Iterable[str] = (),
+                        before_step: int | None = None) -> Path | None:  # fmt: skip
         """Continue from a checkpoint file, or the newest good one in a folder (falling back past a corrupt one).
 
         Returns the file, or None for a folder with no checkpoint yet or a ``Checkpoint`` callback's folder not
         made yet (a first run): ``trainer.load_checkpoint(folder); trainer.fit()`` is the auto-resume recipe.
-        ``allow_changes`` names settings that may differ from the checkpoint's (see ``RunSettings``). Raises
-        ``CheckpointError`` for a file that is unusable or does not fit, and for a missing path (a typo).
+        ``allow_changes`` names settings that may differ from the checkpoint's (see ``RunSettings``);
+        ``before_step`` takes the newest checkpoint saved before that optimizer step. Raises ``CheckpointError``
+        for a file that is unusable or does not fit, or saved at ``before_step`` or later, and for a missing path.
         """
         self._settings.allow(allow_changes)
-        found = self._checkpointer.find(path, [saver.folder for saver in checkpoint_savers(self.callbacks)])
+        savers = [saver.folder for saver in checkpoint_savers(self.callbacks)]
+        found = self._checkpointer.find(path, savers, before_step)
         if found is None:
             return None
+        if before_step is not None and found[1]["position"]["global_step"] >= before_step:
+            raise CheckpointError(f"{found[0]} was saved at step {found[1]['position']['global_step']}, not before "
+                                  f"step {before_step}")  # fmt: skip
         self.load_state_dict(found[1])
         return found[0]
+
+    def travel_to(self, path: str | os.PathLike[str], *, step: int) -> Path | None:
+        """Go to optimizer step ``step`` of the run whose checkpoints are in ``path``, as the run was there: load
+        the newest good checkpoint saved before it (none: start from the beginning), then ``run_until(step=step)``,
+        which stops as that step is taken. Weights, optimizer, ``loss`` and ``output`` are then the run's own at
+        that point, bit for bit. Build the trainer as the run was built, without the callbacks that write files
+        (a replay never writes into the run's folders). Returns the checkpoint it started from (None: none).
+
+        Raises:
+            ValueError: ``step`` is not a step, or a callback writes files.
+        """
+        writers = [callback.key for callback in self.callbacks if callback.output_files()]
+        if writers:
+            raise ValueError(f"travel_to replays the run, and these callbacks would write into its folders: "
+                             f"{', '.join(writers)}; build the trainer without them")  # fmt: skip
+        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+            raise ValueError(f"step={step!r}: optimizer steps count from 1")
+        started = self.load_checkpoint(path, before_step=step)
+        self.run_until(step=step)
+        return started
 
     def can_checkpoint_here(self) -> bool:
         """Whether the run can be saved and resumed at this point (between batches, in a phase that resumes)."""

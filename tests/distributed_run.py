@@ -149,7 +149,8 @@ class KillWhileWriting(st.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def build(options: argparse.Namespace) -> st.Trainer:
+def build(options: argparse.Namespace, writers: bool = True) -> st.Trainer:
+    """The trainer of the run (``writers=False``: without the callbacks that write files, as a replay is built)."""
     torch.manual_seed(0)  # the same initial weights on every rank and in one process
     random.seed(0)
     np.random.seed(0)
@@ -168,9 +169,10 @@ def build(options: argparse.Namespace) -> st.Trainer:
         cb.Accuracy(),
         cb.CSVLogger(folder / "log.csv"),
         cb.StreamLogger(),
-        cb.Checkpoint(folder / "checkpoints", every_steps=options.every_steps, keep_last=2,
+        cb.Checkpoint(folder / "checkpoints", every_steps=options.every_steps, keep_last=options.keep_last,
                       background=options.background),
     ]  # fmt: skip
+    callbacks = [callback for callback in callbacks if writers or not callback.output_files()]
     if options.fsdp:  # each Linear layer sharded, then the whole
         policy = MixedPrecisionPolicy(param_dtype=getattr(torch, options.param_dtype) if options.param_dtype else None)
         shard_model(model, mp_policy=policy)
@@ -237,6 +239,41 @@ def count_gradient_all_reduces(trainer: st.Trainer) -> dict[str, int]:
     return calls
 
 
+def snapshot(trainer: st.Trainer) -> dict:
+    """This rank's weights and optimizer state (its shards, for a sharded model), the batch's loss and output."""
+
+    def local(value: torch.Tensor) -> torch.Tensor:
+        return (value.to_local() if hasattr(value, "to_local") else value).detach().clone()
+
+    optimizer = trainer.optimizer.state_dict()["state"]
+    return {**{f"model/{key}": local(value) for key, value in trainer.model.state_dict().items()},
+            **{f"optimizer/{index}/{key}": local(value) for index, state in optimizer.items()
+               for key, value in state.items()},
+            "loss": local(trainer.loss), "output": local(trainer.output)}  # fmt: skip
+
+
+def travel(options: argparse.Namespace, folder: Path) -> None:
+    """For each step of ``--travel``, a new trainer (built without the writers) travels there from the run's
+    checkpoints; each rank records the steps where it differs from one uninterrupted replay stopped there."""
+    steps = [int(step) for step in options.travel.split(",")]
+    reference, expected = build(options, writers=False), {}
+    for step in steps:
+        reference.run_until(step=step)
+        expected[step] = snapshot(reference)
+    differing, started = [], []
+    for step in steps:
+        traveller = build(options, writers=False)
+        checkpoint = traveller.travel_to(folder / "checkpoints", step=step)
+        started.append(None if checkpoint is None else checkpoint.name)
+        found = snapshot(traveller)
+        if found.keys() != expected[step].keys() or not all(torch.equal(value, expected[step][key])
+                                                            for key, value in found.items()):  # fmt: skip
+            differing.append(step)
+    (folder / f"travel-rank{os.environ.get('RANK', 0)}.json").write_text(
+        json.dumps({"steps": steps, "differing": differing, "started": started})
+    )
+
+
 def forbid_writes_under(folder: Path) -> None:
     """Make every write, rename or removal under ``folder`` by this process raise (to show it never writes)."""
     root = str(folder.resolve())
@@ -289,6 +326,8 @@ def main() -> None:
     parser.add_argument("--optimizer", choices=("adam", "sgd"), default="sgd")
     parser.add_argument("--every-steps", type=int, default=None, help="checkpoint every this many steps")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--keep-last", type=lambda value: None if value == "none" else int(value), default=2)
+    parser.add_argument("--travel", help="S1,S2,...: travel to each of these steps from FOLDER's checkpoints")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--deterministic", action="store_true")
     parser.add_argument("--kill", help="RANK:EPOCH:BATCH: SIGKILL that rank after that train batch, once")
@@ -317,6 +356,9 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if options.only_rank_zero_writes and int(os.environ.get("RANK", 0)) != 0:
         forbid_writes_under(folder)
+    if options.travel:
+        travel(options, folder)
+        return
     trainer = build(options)
     if options.resume:
         trainer.load_checkpoint(options.resume, allow_changes={"world_size"})

@@ -443,6 +443,43 @@ def test_a_ranks_failed_background_write_of_its_pieces_ends_every_rank_and_no_ch
     assert cli.main(["inspect", str(left[0])]) == 0
 
 
+TRAVELLED = (
+    "--samples",
+    "80",
+    "--batch-size",
+    "4",
+    "--epochs",
+    "3",
+    "--augment",
+    "--dropout",
+    "0.2",
+    "--optimizer",
+    "adam",
+    "--every-steps",
+    "4",
+    "--keep-last",
+    "none",
+    "--deterministic",
+)
+TRAVEL_STEPS = "1,2,3,5,6,7,9,10,12,13,15,16,18,19,21,23,24,26,28,30"  # 20 of the 3 epochs' 30 steps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding", [pytest.param((), id="ddp"), pytest.param(("--fsdp", "--blocks", "3"), id="fsdp")])
+def test_travel_to_twenty_steps_under_torchrun_equals_the_run_there_on_every_rank(tmp_path, device, sharding):
+    """A 3-epoch run on 2 ranks (30 steps, augmentation and dropout, Adam), saved every 4 steps; a new trainer on
+    each rank travels to each of 20 steps and equals one uninterrupted replay stopped there: this rank's weights
+    (its shards under FSDP2), Adam's state, the batch's loss and output, bit for bit."""
+    folder = tmp_path / "run"
+    launch(folder, *TRAVELLED, *sharding, device=device.type)
+    assert len(list((folder / "checkpoints").glob("ckpt-*.safetensors"))) >= 7
+    launch(folder, *TRAVELLED, *sharding, "--travel", TRAVEL_STEPS, device=device.type)
+    for rank in range(2):
+        found = json.loads((folder / f"travel-rank{rank}.json").read_text())
+        assert len(found["steps"]) == 20 and found["differing"] == [], found
+        assert sum(name is not None for name in found["started"]) >= 15  # from a checkpoint after step 4
+
+
 def test_inspect_verifies_every_piece_of_a_sharded_checkpoint_and_counts_its_tensors_whole(
         tmp_path, uninterrupted_sharded, capsys):  # fmt: skip
     """``inspect`` of a sharded checkpoint reads both ranks' files, checks each piece against the index, and counts

@@ -134,13 +134,21 @@ Prepare = Callable[[Path, dict[str, Any]], dict[str, Any]]
 READ, UNREADABLE, FAILED = 0, 1, 2  # how reading a checkpoint went on a rank: ``settle`` takes the worst
 
 
+def step_of(path: Path) -> int | None:
+    """The global step a numbered checkpoint's name says it was saved at; None for another name."""
+    match = _NAME.match(path.name)
+    return int(match["step"]) if match else None
+
+
 def newest_valid(
     folder: Path,
     check: Callable[[dict[str, Any]], None] | None = None,
     prepare: Prepare | None = None,
     settle: Callable[[int], int] | None = None,
+    before_step: int | None = None,
 ) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint in ``folder`` that reads and verifies, once ``check`` passes on it; None if there is none.
+    With ``before_step``, the newest of those saved before that optimizer step (at a global step below it).
 
     A newest file that does not read or verify (cut short, corrupted) is
     reported with a warning and the previous one is tried. One that reads but
@@ -152,7 +160,10 @@ def newest_valid(
     own pieces, and all fall back together, or all raise).
     """
     failures = []
-    for path in reversed(checkpoint_files(folder)):
+    candidates = checkpoint_files(folder)
+    if before_step is not None:
+        candidates = [path for path in candidates if (step_of(path) or 0) < before_step]
+    for path in reversed(candidates):
         error: BaseException | None = None
         tree: dict[str, Any] = {}
         try:
@@ -276,12 +287,13 @@ def find_checkpoint(
     accept_marker: Callable[[dict[str, Any], Path], None] | None = None,
     prepare: Prepare | None = None,
     settle: Callable[[int], int] | None = None,
+    before_step: int | None = None,
 ) -> tuple[Path, dict[str, Any]] | None:
     """The checkpoint to resume from: the file ``path``, or the newest good one in the folder ``path``.
 
     None for a folder that holds no checkpoint yet, and for one of
     ``own_folders`` (where the run saves) before it exists: a first run.
-    ``prepare`` and ``settle`` are ``newest_valid``'s.
+    ``prepare``, ``settle`` and ``before_step`` are ``newest_valid``'s.
 
     Raises:
         CheckpointError: The file is unusable, ``path`` is a folder of
@@ -297,7 +309,7 @@ def find_checkpoint(
         marker = read_run_marker(path)
         if marker is not None and accept_marker is not None:
             accept_marker(marker, path)  # another run's folder: refused, never adopted
-        return newest_valid(path, check, prepare, settle)
+        return newest_valid(path, check, prepare, settle, before_step)
     if path.exists() or path.suffix == ".safetensors":
         tree = read_tree(path)
         return path, prepare(path, tree) if prepare is not None else tree

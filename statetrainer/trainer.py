@@ -88,6 +88,9 @@ class Trainer:
             (True in one process), and how many processes train together (1 unless launched by torchrun).
         seed: The run's seed (a resumed run's is the checkpoint's).
         phase_batches: The current phase's batches per epoch in this process (its share under torchrun).
+        batch_samples: The dataset indices of the current batch in this process: a rebuilt DataLoader's (with a
+            ``DistributedSampler`` too; this rank's share under torchrun), or for a list of batches the batch's
+            place in it; None before a phase's first batch and for a loader the trainer uses as it is.
         steps_per_epoch, total_steps: The optimizer steps of an epoch and of the whole run, counting ``limit``,
             ``batches``, ``accumulate``, ``max_steps`` and the world size (every rank takes as many); None when
             they cannot be known (a training phase's length is unknown).
@@ -95,7 +98,8 @@ class Trainer:
 
     epoch, batch_index, global_step, finished = (Shown("position") for _ in range(4))
     phase, batch, target, output, loss, loss_weight, unpack = (Shown("_work") for _ in range(7))
-    phase_batches, steps_per_epoch = Shown("_work"), Shown("_training.work")  # the training run's, in an evaluation too
+    phase_batches, batch_samples = Shown("_work"), Shown("_work")
+    steps_per_epoch = Shown("_training.work")  # the training run's, in an evaluation too
     is_global_zero, world_size, seed, total_steps = (
         Shown("ranks"),
         Shown("ranks"),

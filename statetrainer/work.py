@@ -91,6 +91,18 @@ class StateWork:
                 "step": self.run_step}  # fmt: skip
 
     @property
+    def batch_samples(self) -> list[int] | None:
+        """The dataset indices of the current batch in this process (see ``BatchSource.batch_samples``): a
+        rebuilt DataLoader's (a ``DistributedSampler``'s too), this rank's share; a list's, the batch's place in
+        it. None before a phase's first batch and for a loader the trainer uses as it is."""
+        if self.phase is None or self.batch is None or self.position.batch_index < 0:
+            return None
+        index = self.position.phase_index
+        stream = self.sources.streams[index]
+        number = self.position.batch_index if stream is None else stream.taken - 1  # the batch's number in its pass
+        return self.sources[index].batch_samples(number)
+
+    @property
     def phase_batches(self) -> int | None:
         """The current phase's batches per epoch in this process (its share under torchrun); None: unknown."""
         if self.phase is None:

@@ -71,7 +71,8 @@ def unpack(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Recorder(st.Callback):
-    """Appends each batch's sample indices to this rank's records file, flushed per batch."""
+    """Appends each batch's sample indices (the ones the samples carry, and ``trainer.batch_samples``) to this
+    rank's records file, flushed per batch."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -83,7 +84,7 @@ class Recorder(st.Callback):
             rank = int(os.environ.get("RANK", 0))
             self.file = open(self.folder / f"records-rank{rank}.jsonl", "a")  # noqa: SIM115 -- open for the run
         record = {"epoch": trainer.epoch, "phase": trainer.phase.name, "batch": trainer.batch_index,
-                  "indices": trainer.batch[2].tolist()}  # fmt: skip
+                  "indices": trainer.batch[2].tolist(), "batch_samples": trainer.batch_samples}  # fmt: skip
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
 

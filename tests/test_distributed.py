@@ -70,11 +70,14 @@ def rank_output(logs: Path, rank: int | None = None, stream: str = "stderr") -> 
 
 
 def records(folder: Path) -> list[dict]:
-    """Every batch every rank recorded, with its rank."""
+    """Every batch every rank recorded, with its rank; each one's ``trainer.batch_samples`` were the indices its
+    samples carry."""
     found = []
     for path in sorted(folder.glob("records-rank*.jsonl")):
         rank = int(path.stem.removeprefix("records-rank"))
         found += [{**json.loads(line), "rank": rank} for line in path.read_text().splitlines()]
+    for record in found:
+        assert record["batch_samples"] == record["indices"], record
     return found
 
 

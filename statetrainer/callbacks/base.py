@@ -33,7 +33,7 @@ class TrainerView(Protocol):
     Callbacks may also change ``model``'s and ``optimizer``'s settings (a
     scheduler sets learning rates) and write ``metrics``; they never drive the
     machine (``fit``, ``advance``). Where the run stands is ``state``, ``epoch``, ``batch_index``,
-    ``global_step`` and ``phase``; the current batch and its results are ``batch``, ``target``, ``output``,
+    ``global_step`` and ``phase``; the current batch and its results are ``batch`` (its dataset indices ``batch_samples``), ``target``, ``output``,
     ``loss`` and ``loss_weight``; this process's place among the ranks is ``ranks``.
     """
 
@@ -65,6 +65,8 @@ class TrainerView(Protocol):
 
     @property
     def phase_batches(self) -> int | None: ...
+    @property
+    def batch_samples(self) -> list[int] | None: ...
     @property
     def total_steps(self) -> int | None: ...
 

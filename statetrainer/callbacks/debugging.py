@@ -18,7 +18,7 @@ class Breakpoint(Callback):
 
     It calls Python's ``breakpoint()``, so ``PYTHONBREAKPOINT`` and IDE debuggers
     apply; the debugger opens in a frame holding ``trainer``, ``batch``,
-    ``output``, ``loss`` and ``model``. Gradients are there on *leaving*
+    ``batch_samples`` (its dataset indices), ``output``, ``loss`` and ``model``. Gradients are there on *leaving*
     ``backward`` (``Breakpoint("backward", enter=False)``): entering it, the
     backward pass has not run. Continuing in the debugger continues the run.
 
@@ -54,8 +54,9 @@ class Breakpoint(Callback):
         if self.when is not None and not self.when(trainer):
             return
         batch, output, loss, model = trainer.batch, trainer.output, trainer.loss, trainer.model  # noqa: F841 -- for the debugger
+        batch_samples = trainer.batch_samples  # noqa: F841 -- for the debugger: the batch's dataset indices
         if trainer.ranks.world_size > 1:
             dist.breakpoint(rank=self.rank)
         else:
             breakpoint()
-        self.hits += 1  # the debugger stops here: trainer, batch, output, loss and model are in reach; c goes on
+        self.hits += 1  # the debugger stops here, the frame's names in reach; c goes on

@@ -133,10 +133,27 @@ class SeededOrder(Sampler):
     def __len__(self) -> int:
         return len(self.global_batches)
 
+    def batch_indices(self, batch: int) -> list[int]:
+        """This rank's sample indices of the open pass's batch ``batch`` (counted from the pass's first), as
+        ``__iter__`` yields them; worked out again from the pass's seed, so nothing is kept per batch."""
+        if not self.start <= batch < self.pass_length:
+            raise IndexError(f"batch {batch} is not in the open pass (batches {self.start} to {self.pass_length - 1})")
+        offset = sum(self.global_batches[: batch - self.start])
+        global_size = self.global_batches[batch - self.start]
+        low = self.first_sample + offset + self.rank * global_size // self.world_size
+        high = self.first_sample + offset + (self.rank + 1) * global_size // self.world_size
+        if not self.shuffle:
+            return list(range(low, high))
+        return self._order()[low:high].tolist()
+
+    def _order(self) -> torch.Tensor:
+        """The open pass's permutation of the dataset."""
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.stream))
+
     def __iter__(self) -> Iterator[SeededBatch]:
         first, size, stream = self.first_sample, self.size, self.stream
         if self.shuffle:
-            order = torch.randperm(size, generator=torch.Generator().manual_seed(stream))[first:].tolist()
+            order = self._order()[first:].tolist()
         else:
             order = list(range(first, size))
         rank, world_size, offset = self.rank, self.world_size, 0

@@ -75,6 +75,11 @@ class BatchSource(ABC):
     def open(self, seed: int, pass_index: int, start: int = 0) -> Iterator[Any]:
         """The batches of pass ``pass_index`` of a run seeded ``seed``, from batch ``start``."""
 
+    def batch_samples(self, batch: int) -> list[int] | None:
+        """The dataset indices of this process's batch number ``batch`` of the open pass; None where the source
+        does not know them."""
+        return None
+
     def state_dict(self) -> Any:
         """The loader's own position; None for sources whose position the trainer computes."""
         return None
@@ -90,6 +95,10 @@ class SequenceSource(BatchSource):
 
     def open(self, seed: int, pass_index: int, start: int = 0) -> Iterator[Any]:
         return islice(self.loader, start, None)
+
+    def batch_samples(self, batch: int) -> list[int]:
+        """A batch's place in the list (each item is one batch, the same on every rank)."""
+        return [batch]
 
 
 class SeededLoader(BatchSource):
@@ -155,6 +164,10 @@ class SeededLoader(BatchSource):
     def share_weight(self, batch: int) -> float:
         """This rank's weight of batch ``batch``'s mean loss (1.0 unless the shares of that global batch differ)."""
         return self._order.share_weight(batch)
+
+    def batch_samples(self, batch: int) -> list[int]:
+        """The dataset indices in this rank's share of the open pass's batch ``batch`` (see ``SeededOrder``)."""
+        return self._order.batch_indices(batch)
 
     def resume_at(self, sample: int) -> None:
         """Start the next pass at sample ``sample`` of its order: it was saved on another number of processes."""

@@ -23,7 +23,8 @@ def record() -> None:
     frame = sys._getframe(1).f_locals
     trainer = frame["trainer"]
     SEEN.append({"state": trainer.state, "epoch": trainer.epoch, "batch": trainer.batch_index,
-                 "loss": float(frame["loss"].detach()), "grad": frame["model"].weight.grad.clone()})  # fmt: skip
+                 "loss": float(frame["loss"].detach()), "grad": frame["model"].weight.grad.clone(),
+                 "samples": frame["batch_samples"]})  # fmt: skip
 
 
 def test_a_breakpoint_goes_through_pythonbreakpoint_where_its_condition_holds_and_the_run_goes_on(device, monkeypatch):
@@ -36,6 +37,7 @@ def test_a_breakpoint_goes_through_pythonbreakpoint_where_its_condition_holds_an
     plain, _ = linear_trainer(device, train_batches=3, epochs=2)
     plain.fit()
     assert [(seen["epoch"], seen["batch"], seen["state"]) for seen in SEEN] == [(0, 1, "backward"), (1, 1, "backward")]
+    assert [seen["samples"] for seen in SEEN] == [[1], [1]]  # batch_samples: a list's batch 1, in each epoch
     assert all(torch.isfinite(seen["grad"]).all() and seen["grad"].abs().sum() > 0 for seen in SEEN)
     assert stop.hits == 2 and trainer.finished and torch.equal(trainer.model.weight, plain.model.weight)
 

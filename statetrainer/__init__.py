@@ -9,6 +9,7 @@ trainer.fit()                    # or step: trainer.advance(), trainer.run_until
 """
 
 from . import callbacks
+from .bisecting import bisect
 from .callbacks import Callback
 from .diffing import diff_checkpoints
 from .errors import CheckpointError, InvalidMove, Preempted
@@ -30,6 +31,7 @@ __all__ = [
     "Preempted",
     "Trainer",
     "__version__",
+    "bisect",
     "callbacks",
     "diagram",
     "diff_checkpoints",

@@ -8,7 +8,9 @@ from pathlib import Path
 import statetrainer
 
 PACKAGE = Path(statetrainer.__file__).parent
-FACADE = {"statetrainer", "statetrainer.__main__", "statetrainer.trainer", "statetrainer.testing", "statetrainer.cli"}
+# The facade, and the tools on top of it that drive a Trainer (the command line, the test helpers, the bisect)
+FACADE = {"statetrainer", "statetrainer.__main__", "statetrainer.trainer", "statetrainer.testing", "statetrainer.cli",
+          "statetrainer.bisecting"}  # fmt: skip
 
 
 def module_name(path: Path) -> str:

@@ -59,14 +59,20 @@ class StopOnNonFinite(Callback):
         self._where: dict[int, tuple[int, str, int, int]] = {}  # batch count -> its position, since the last read
 
     def on_enter_phase(self, trainer: TrainerView) -> None:
-        if self._seen is None or self._seen.device != trainer.device:
-            self._seen = torch.zeros((), dtype=torch.int64, device=trainer.device)
-            self._first_bad = torch.full((), -1, dtype=torch.int64, device=trainer.device)
+        self._counting_on(trainer.device)
+
+    def _counting_on(self, device: torch.device) -> None:
+        """Make the device's counters (as a phase starts, or at the first batch of a run resumed mid-phase)."""
+        if self._seen is None or self._seen.device != device:
+            self._seen = torch.zeros((), dtype=torch.int64, device=device)
+            self._first_bad = torch.full((), -1, dtype=torch.int64, device=device)
 
     def on_exit_batch(self, trainer: TrainerView) -> None:
         if trainer.loss is None:
             return
-        assert self._seen is not None and trainer.phase is not None  # made as the phase started
+        if self._seen is None:  # a run resumed mid-phase: no phase was entered in this process
+            self._counting_on(trainer.device)
+        assert self._seen is not None and trainer.phase is not None
         self._batches += 1
         self._seen += 1
         self._where[self._batches] = (trainer.epoch, trainer.phase.name, trainer.batch_index, trainer.global_step)
@@ -78,6 +84,8 @@ class StopOnNonFinite(Callback):
         if not self.gradients or trainer.optimizer is None:
             return
         grads = [p.grad for group in trainer.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if self._seen is None:  # a run resumed mid-phase, inside a window that began before the save
+            self._counting_on(trainer.device)
         if grads:
             norms = torch._foreach_norm(grads)  # pyright: ignore[reportPrivateImportUsage]  # not re-exported by torch's stubs
             self._flag(~torch.isfinite(torch.stack(norms).sum()), offset=1)
@@ -102,7 +110,9 @@ class StopOnNonFinite(Callback):
             self._where.clear()
             where = f"epoch {epoch + 1}, phase {phase!r}, batch {batch + 1} (step {step})"  # counted from 1
             raise NonFiniteError(f"a non-finite loss or gradient at {where}; the run stops. Lower the learning "
-                                 "rate, clip gradients (grad_clip=...) or check the data of that batch")  # fmt: skip
+                                 "rate, clip gradients (grad_clip=...) or check the data of that batch: "
+                                 "statetrainer.bisect(checkpoint_folder, make_trainer) replays the run from its "
+                                 "checkpoints to the first bad batch and names its samples")  # fmt: skip
         self._where.clear()
 
     def state_dict(self) -> dict[str, Any]:

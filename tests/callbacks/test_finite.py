@@ -39,6 +39,21 @@ def test_a_nan_loss_stops_the_run_naming_its_batch(device: torch.device, every_b
     assert trainer.batch_index < 19
 
 
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_run_resumed_mid_phase_still_stops_on_a_nan_naming_its_batch(device: torch.device, tmp_path, accumulate):
+    """Resumed after batch 3 (inside a window of 2 with ``accumulate=2``), no phase is entered in the new process:
+    the callback still counts, and stops at the poisoned batch 11."""
+    first = trainer_for(poisoned_batches(20, poisoned_at=10), [StopOnNonFinite(every_batches=4)], device,
+                        accumulate=accumulate)  # fmt: skip
+    first.run_until("phase", batch=2)
+    saved = first.save_checkpoint(tmp_path / "mid.safetensors")
+    second = trainer_for(poisoned_batches(20, poisoned_at=10), [StopOnNonFinite(every_batches=4)], device,
+                         accumulate=accumulate)  # fmt: skip
+    second.load_checkpoint(saved)
+    with pytest.raises(NonFiniteError, match=r"epoch 1, phase 'train', batch 11 \(step"):
+        second.fit()
+
+
 def test_a_non_finite_gradient_with_a_finite_loss_stops_the_run(device: torch.device):
     trainer = trainer_for(regression_batches(12), [StopOnNonFinite(every_batches=3)], device)
     trainer.model.weight.register_hook(lambda grad: grad * math.inf if trainer.batch_index == 5 else grad)

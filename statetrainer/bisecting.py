@@ -10,7 +10,9 @@ loads for ``N`` checkpoints. It then loads that checkpoint once more and
 replays, transition by transition, until ``bad`` holds (by default: a
 training batch's loss, or a step's gradients, not finite), and hands back
 the trainer stopped there with where it is and which samples the batch held.
-The replay writes nothing: ``make_trainer`` must build the run's trainer
+Under torchrun every rank bisects: a probe is healthy when it is on every
+rank, and the replay stops on every rank at the first batch that is bad on
+any (its samples are in one rank's ``batch_samples``). The replay writes nothing: ``make_trainer`` must build the run's trainer
 without the callbacks that write files.
 """
 
@@ -26,6 +28,7 @@ import torch
 
 from .callbacks.finite import first_non_finite
 from .checkpoint import checkpoint_files
+from .distributed import agree
 from .trainer import Trainer
 
 __all__ = ["BisectResult", "bad_batch", "bisect", "finite_state", "probes"]
@@ -117,7 +120,8 @@ def bisect(folder: str | os.PathLike[str], make_trainer: Callable[[], Trainer], 
     before, after = -1, len(checkpoints)  # the beginning is before the damage; past the newest, after it
     while after - before > 1:
         middle = (before + after) // 2
-        if healthy(loaded(checkpoints[middle])):
+        probed = loaded(checkpoints[middle])
+        if agree(healthy(probed), probed.ranks, probed.device):  # healthy on every rank
             before = middle
         else:
             after = middle
@@ -128,7 +132,7 @@ def bisect(folder: str | os.PathLike[str], make_trainer: Callable[[], Trainer], 
         nonlocal replayed
         if trainer.state == "batch":
             replayed += 1
-        return bad(trainer)
+        return not agree(not bad(trainer), trainer.ranks, trainer.device)  # bad on some rank: every rank stops
 
     try:
         trainer.run_until(when=stop)

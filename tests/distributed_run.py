@@ -161,8 +161,10 @@ def build(options: argparse.Namespace, writers: bool = True) -> st.Trainer:
     norm = [nn.BatchNorm1d(options.hidden)] if options.batchnorm else []
     model = nn.Sequential(nn.Linear(8, options.hidden), *norm, nn.ReLU(), *hidden, nn.Dropout(options.dropout),
                           nn.Linear(options.hidden, 3))  # fmt: skip
-    train = DataLoader(IndexedSamples(options.samples, options.augment), batch_size=options.batch_size,
-                       shuffle=True, num_workers=options.workers)  # fmt: skip
+    samples = IndexedSamples(options.samples, options.augment)
+    if options.plant_nan is not None:  # that sample's features are NaN: its batch's loss is NaN
+        samples.features[options.plant_nan, 0] = float("nan")
+    train = DataLoader(samples, batch_size=options.batch_size, shuffle=True, num_workers=options.workers)
     valid = DataLoader(IndexedSamples(options.valid_samples, False, seed=1), batch_size=options.batch_size)
     folder = Path(options.folder)
     callbacks = [
@@ -173,6 +175,8 @@ def build(options: argparse.Namespace, writers: bool = True) -> st.Trainer:
         cb.Checkpoint(folder / "checkpoints", every_steps=options.every_steps, keep_last=options.keep_last,
                       background=options.background),
     ]  # fmt: skip
+    if options.plant_nan is not None:
+        callbacks.append(cb.StopOnNonFinite(every_batches=4))
     callbacks = [callback for callback in callbacks if writers or not callback.output_files()]
     if options.fsdp:  # each Linear layer sharded, then the whole
         policy = MixedPrecisionPolicy(param_dtype=getattr(torch, options.param_dtype) if options.param_dtype else None)
@@ -275,6 +279,15 @@ def travel(options: argparse.Namespace, folder: Path) -> None:
     )
 
 
+def bisect_run(options: argparse.Namespace, folder: Path) -> None:
+    """Find the run's first bad batch from its checkpoints; each rank writes what it found."""
+    found = st.bisect(folder / "checkpoints", lambda: build(options, writers=False))
+    (folder / f"bisect-rank{os.environ.get('RANK', 0)}.json").write_text(json.dumps({
+        "epoch": found.epoch, "phase": found.phase, "batch": found.batch, "step": found.step,
+        "batch_samples": found.batch_samples, "loads": found.loads, "replayed": found.replayed,
+        "checkpoint": None if found.checkpoint is None else found.checkpoint.name}))  # fmt: skip
+
+
 def forbid_writes_under(folder: Path) -> None:
     """Make every write, rename or removal under ``folder`` by this process raise (to show it never writes)."""
     root = str(folder.resolve())
@@ -328,6 +341,8 @@ def main() -> None:
     parser.add_argument("--every-steps", type=int, default=None, help="checkpoint every this many steps")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--keep-last", type=lambda value: None if value == "none" else int(value), default=2)
+    parser.add_argument("--plant-nan", type=int, help="this train sample's features are NaN (StopOnNonFinite stops)")
+    parser.add_argument("--bisect", action="store_true", help="find the first bad batch from FOLDER's checkpoints")
     parser.add_argument("--travel", help="S1,S2,...: travel to each of these steps from FOLDER's checkpoints")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--deterministic", action="store_true")
@@ -359,6 +374,9 @@ def main() -> None:
         forbid_writes_under(folder)
     if options.travel:
         travel(options, folder)
+        return
+    if options.bisect:
+        bisect_run(options, folder)
         return
     trainer = build(options)
     if options.resume:

@@ -446,24 +446,8 @@ def test_a_ranks_failed_background_write_of_its_pieces_ends_every_rank_and_no_ch
     assert cli.main(["inspect", str(left[0])]) == 0
 
 
-TRAVELLED = (
-    "--samples",
-    "80",
-    "--batch-size",
-    "4",
-    "--epochs",
-    "3",
-    "--augment",
-    "--dropout",
-    "0.2",
-    "--optimizer",
-    "adam",
-    "--every-steps",
-    "4",
-    "--keep-last",
-    "none",
-    "--deterministic",
-)
+TRAVELLED = ("--samples", "80", "--batch-size", "4", "--epochs", "3", "--augment", "--dropout", "0.2",
+             "--optimizer", "adam", "--every-steps", "4", "--keep-last", "none", "--deterministic")  # fmt: skip
 TRAVEL_STEPS = "1,2,3,5,6,7,9,10,12,13,15,16,18,19,21,23,24,26,28,30"  # 20 of the 3 epochs' 30 steps
 
 
@@ -481,6 +465,28 @@ def test_travel_to_twenty_steps_under_torchrun_equals_the_run_there_on_every_ran
         found = json.loads((folder / f"travel-rank{rank}.json").read_text())
         assert len(found["steps"]) == 20 and found["differing"] == [], found
         assert sum(name is not None for name in found["started"]) >= 15  # from a checkpoint after step 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding", [pytest.param((), id="ddp"), pytest.param(("--fsdp", "--blocks", "3"), id="fsdp")])
+def test_bisect_under_torchrun_finds_the_batch_of_a_planted_nan_on_every_rank(tmp_path, device, sharding):
+    """A NaN planted in sample 29 of 80 on 2 ranks (StopOnNonFinite, a checkpoint every 2 steps): the run stops;
+    then every rank bisects its checkpoints (sharded ones under FSDP2) and stops at the same batch, the first whose
+    global batch held sample 29, which one rank's ``batch_samples`` hold."""
+    folder = tmp_path / "run"
+    options = ("--samples", "80", "--batch-size", "4", "--epochs", "3", "--augment", "--dropout", "0.2",
+               "--optimizer", "adam", "--every-steps", "2", "--keep-last", "none", "--deterministic",
+               "--plant-nan", "29", "--records", str(tmp_path / "records"), *sharding)  # fmt: skip
+    stopped = launch(folder, *options, check=False, logs=tmp_path / "logs", device=device.type)
+    assert stopped.returncode != 0 and "NonFiniteError" in rank_output(tmp_path / "logs")
+    first = min(
+        (record["epoch"], record["batch"]) for record in records(tmp_path / "records") if 29 in record["indices"]
+    )
+    launch(folder, *options, "--bisect", device=device.type)
+    found = [json.loads((folder / f"bisect-rank{rank}.json").read_text()) for rank in range(2)]
+    assert all((entry["epoch"], entry["phase"], entry["batch"]) == (*first[:1], "train", first[1]) for entry in found)
+    assert sum(29 in entry["batch_samples"] for entry in found) == 1
+    assert all(entry["checkpoint"] is not None and entry["loads"] >= 2 for entry in found)
 
 
 def test_inspect_verifies_every_piece_of_a_sharded_checkpoint_and_counts_its_tensors_whole(

@@ -18,6 +18,7 @@ without the callbacks that write files.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .callbacks.finite import first_non_finite
-from .checkpoint import checkpoint_files
+from .checkpoint import CheckpointError, checkpoint_files
 from .distributed import agree
 from .trainer import Trainer
 
@@ -97,12 +98,18 @@ def bisect(folder: str | os.PathLike[str], make_trainer: Callable[[], Trainer], 
         bad: Whether the run has gone wrong at the trainer's current point (called after every transition of the
             replay).
 
+    With the default predicates the newest checkpoint is healthy whenever the ``Checkpoint`` callback saved the
+    run (it refuses to save weights that are not finite); the search narrows things where damaged checkpoints can
+    exist (another saver, or a ``healthy`` of your own, such as a loss spike seen in the metrics).
+
     Raises:
         ValueError: ``make_trainer`` builds a trainer with callbacks that write files.
         CheckpointError: ``folder`` holds no checkpoint, or one that does not load.
         RuntimeError: The replay reached the run's end and ``bad`` never held.
     """
-    checkpoints = checkpoint_files(Path(folder))
+    checkpoints = checkpoint_files(Path(folder)) if Path(folder).is_dir() else []
+    if not checkpoints:
+        raise CheckpointError(f"{folder} holds no checkpoints to bisect: name the run's checkpoint folder")
     loads = 0
 
     def loaded(checkpoint: Path | None) -> Trainer:
@@ -125,6 +132,8 @@ def bisect(folder: str | os.PathLike[str], make_trainer: Callable[[], Trainer], 
             before = middle
         else:
             after = middle
+        del probed
+        gc.collect()  # a trainer and its run refer to each other: free this probe's model before the next
     start = checkpoints[before] if before >= 0 else None
     trainer, replayed = loaded(start), 0
 
@@ -137,8 +146,10 @@ def bisect(folder: str | os.PathLike[str], make_trainer: Callable[[], Trainer], 
     try:
         trainer.run_until(when=stop)
     except RuntimeError as error:
-        raise RuntimeError(f"replayed {replayed} batches from {start or 'the beginning'} to the run's end and "
-                           f"found no bad batch ({error})") from error  # fmt: skip
+        if not trainer.finished:  # the replay itself failed
+            raise
+        raise RuntimeError(f"replayed {replayed} batches from {start} to the run's end and found no bad "
+                           "batch") from error  # fmt: skip
     assert trainer.phase is not None  # stopped in a training batch
     return BisectResult(trainer, trainer.epoch, trainer.phase.name, trainer.batch_index, trainer.global_step,
                         trainer.batch_samples, start, loads, replayed)  # fmt: skip

@@ -4,8 +4,10 @@ What is saved is the ``StateRegistry``'s state; where it goes and how it is
 written is ``statetrainer.checkpoint``'s. The ``Checkpointer`` sits between
 the two: it claims the folder for the run, picks the file, has rank 0 write it
 while the other ranks wait (or, for a background save, has rank 0 stage the
-state and a worker thread write it while every rank trains on), and finds the
-checkpoint a run resumes from. It logs to ``statetrainer.checkpoint``: each
+state and a worker thread write it while every rank trains on; for a model
+sharded with ``fully_shard`` every rank writes its own pieces, in the
+background from its own writer thread, and rank 0 the checkpoint file last),
+and finds the checkpoint a run resumes from. It logs to ``statetrainer.checkpoint``: each
 background write's end (its size and time) at INFO, its start at DEBUG, and a
 save that waited for the write in flight at INFO.
 """
@@ -119,8 +121,9 @@ class Checkpointer:
         if background:
             group = self._writers_group()
             own = {"tree": tree if self.ranks.is_global_zero else None, "pieces": pieces}
-            self._write_in_background(target, own, lambda staged: self._write_sharded(
-                target, staged["tree"], staged["pieces"], boxes, on_written, group))  # fmt: skip
+            with on_every_rank(self.ranks, self.device, f"stage its pieces of the checkpoint {target}"):
+                self._write_in_background(target, own, lambda staged: self._write_sharded(
+                    target, staged["tree"], staged["pieces"], boxes, on_written, group))  # fmt: skip
             return target
         with on_every_rank(self.ranks, self.device, f"write the checkpoint {target}"):
             self._write_sharded(target, tree, pieces, boxes, on_written)
@@ -261,7 +264,7 @@ class Checkpointer:
             self.writer.wait()
 
     def write_in_flight(self) -> bool:
-        """Whether rank 0 is still writing a background checkpoint (every rank gets rank 0's answer)."""
+        """Whether a rank is still writing a background checkpoint (every rank gets the same answer)."""
         return not agree(not self.writer.in_flight, self.ranks, self.device)
 
     @contextlib.contextmanager

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -123,13 +124,19 @@ def _inspect(options: argparse.Namespace) -> int:
 def _diff(options: argparse.Namespace) -> int:
     found = diff_checkpoints(options.first, options.second)
     if options.json:
+        differences = [{name: _json_number(value) for name, value in vars(difference).items()}
+                       for difference in found.differences]  # fmt: skip
         print(json.dumps({"first": str(found.first), "second": str(found.second), "runs": found.runs,
-                          "tensors": found.tensors, "same": found.same,
-                          "differences": [vars(difference) for difference in found.differences]},
-                         indent=1, default=str))  # fmt: skip
+                          "tensors": found.tensors, "same": found.same, "differences": differences},
+                         indent=1, default=str, allow_nan=False))  # fmt: skip
     else:
         print(_text(_diff_lines(found)))
     return 0 if found.same else 1
+
+
+def _json_number(value: Any) -> Any:
+    """``value``, or a float that JSON has no number for (NaN, an infinity) as text: ``"nan"``, ``"inf"``."""
+    return str(value) if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _diff_lines(found: CheckpointDiff) -> list[str]:

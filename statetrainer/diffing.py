@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,9 +161,16 @@ def _compare(path: str, one: Any, two: Any) -> Difference | None:
         return _compare_tensors(path, one, two)
     if isinstance(one, torch.Tensor) or isinstance(two, torch.Tensor) or _is_container(one) or _is_container(two):
         return Difference(path, "kind", _shown(one), _shown(two))
-    if one == two or (isinstance(one, float) and isinstance(two, float) and math.isnan(one) and math.isnan(two)):
-        return None
-    return Difference(path, "values", one, two)
+    return None if _same_value(one, two) else Difference(path, "values", one, two)
+
+
+def _same_value(one: Any, two: Any) -> bool:
+    """Equal, of one type, and for floats bit for bit (NaN is NaN, -0.0 is not 0.0)."""
+    if type(one) is not type(two):
+        return False
+    if isinstance(one, float):
+        return struct.pack("<d", one) == struct.pack("<d", two) or (math.isnan(one) and math.isnan(two))
+    return one == two
 
 
 def _shown(value: Any) -> Any:
@@ -178,16 +186,17 @@ def _compare_tensors(path: str, one: torch.Tensor, two: torch.Tensor) -> Differe
         return Difference(path, "shape", describe(one), describe(two))
     if _bits(one).equal(_bits(two)):
         return None
-    if one.dtype.is_floating_point or one.dtype.is_complex:
-        first, second = one.to(torch.complex128 if one.is_complex() else torch.float64), two.to(
-            torch.complex128 if two.is_complex() else torch.float64)  # fmt: skip
-        gap = (second - first).abs()
-        scale = float(torch.linalg.vector_norm(first))
-        norm = float(torch.linalg.vector_norm(second - first))
-        relative = norm / scale if scale else math.inf
-        return Difference(path, "values", describe(one), describe(two), float(gap.max()), relative)
-    gap = (two.to(torch.int64) - one.to(torch.int64)).abs()
-    return Difference(path, "values", describe(one), describe(two), float(gap.max()))
+    wide = torch.complex128 if one.is_complex() else torch.float64  # integers too: no overflow
+    first, second = one.detach().to("cpu", wide), two.detach().to("cpu", wide)
+    if not (one.dtype.is_floating_point or one.dtype.is_complex):
+        return Difference(path, "values", describe(one), describe(two), float((second - first).abs().max()))
+    # NaN where both hold NaN, and an infinity both hold, are no difference; NaN in one of them alone is
+    same = (first == second) | (first.isnan() & second.isnan())
+    gap = torch.where(same, 0.0, (second - first).abs())
+    scale = float(torch.linalg.vector_norm(torch.nan_to_num(first, nan=0.0, posinf=0.0, neginf=0.0)))
+    norm = float(torch.linalg.vector_norm(gap))
+    relative = norm / scale if scale else (0.0 if norm == 0 else math.inf)
+    return Difference(path, "values", describe(one), describe(two), float(gap.max()), relative)
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:

@@ -159,8 +159,8 @@ def sharded_precision(model: nn.Module) -> dict[str, str] | None:
         return None
     from torch.distributed.fsdp import FSDPModule  # noqa: PLC0415 -- as in fully_sharded
 
-    def text(value: Any) -> str:
-        return value.__qualname__ if callable(value) else str(value).removeprefix("torch.")
+    def text(value: Any) -> str:  # a dtype, a flag, or a function of the parameter
+        return getattr(value, "__qualname__", None) or str(value).removeprefix("torch.")
 
     policies = {}
     for name, module in unwrap_model(model).named_modules():

@@ -183,7 +183,7 @@ class RunGuard:
 
 
 def _raise_another_ranks_failure(_target: Any) -> None:
-    raise CheckpointError("rank 0's background checkpoint write failed; see its error")
+    raise CheckpointError("another rank's background checkpoint write failed; see its error")
 
 
 def _warn_if_raises(error: BaseException, hook: Callable[..., None], *args: Any) -> None:

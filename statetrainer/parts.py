@@ -424,6 +424,8 @@ class RunSettings:
         settings: Each setting's name and value.
     """
 
+    RECORDED_LATER = frozenset({"sharded_precision"})  # a checkpoint from before they were recorded has none
+
     def __init__(self, settings: dict[str, Any]) -> None:
         self.settings, self.allowed = settings, frozenset[str]()
 
@@ -454,7 +456,8 @@ class RunSettings:
         if not isinstance(state, dict):
             raise CheckpointError(f"the saved settings are {describe(state)}, not a dict of names to values")
         changed = [name for name, value in self.settings.items() if state.get(name) != value
-                   and name not in self.allowed and name.split(".")[-1] not in self.allowed]  # fmt: skip
+                   and name not in self.allowed and name.split(".")[-1] not in self.allowed
+                   and (name in state or name not in self.RECORDED_LATER)]  # fmt: skip
         if changed:
             values = "; ".join(f"{name}={state.get(name)!r} in the checkpoint, {self.settings[name]!r} now"
                                for name in changed)  # fmt: skip

@@ -300,6 +300,9 @@ class Trainer:
         ``before_step`` takes the newest checkpoint saved before that optimizer step. Raises ``CheckpointError``
         for a file that is unusable or does not fit, or saved at ``before_step`` or later, and for a missing path.
         """
+        if before_step is not None and (isinstance(before_step, bool) or not isinstance(before_step, int)
+                                        or before_step < 1):  # fmt: skip
+            raise ValueError(f"before_step={before_step!r}: optimizer steps count from 1")
         self._settings.allow(allow_changes)
         savers = [saver.folder for saver in checkpoint_savers(self.callbacks)]
         found = self._checkpointer.find(path, savers, before_step)
@@ -327,6 +330,8 @@ class Trainer:
                              f"{', '.join(writers)}; build the trainer without them")  # fmt: skip
         if isinstance(step, bool) or not isinstance(step, int) or step < 1:
             raise ValueError(f"step={step!r}: optimizer steps count from 1")
+        if self.total_steps is not None and step > self.total_steps:
+            raise ValueError(f"step={step}: the run takes {self.total_steps} steps")
         started = self.load_checkpoint(path, before_step=step)
         self.run_until(step=step)
         return started

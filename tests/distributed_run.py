@@ -190,7 +190,7 @@ def build(options: argparse.Namespace, writers: bool = True) -> st.Trainer:
         epoch, batch = map(int, options.break_at.split(":"))
         callbacks.append(cb.Breakpoint("batch", enter=False, when=lambda trainer: (trainer.epoch, trainer.batch_index)
                                        == (epoch, batch) and trainer.phase.name == "train"))  # fmt: skip
-    if options.slow_write and int(os.environ.get("RANK", 0)) == (1 if options.slow_write.endswith("rank1") else 0):
+    if options.slow_write and int(os.environ.get("RANK", 0)) == (1 if options.slow_write.endswith("fail-rank1") else 0):
         count, what = options.slow_write.split(":")
         SlowDisk(folder, int(count), fail=what.startswith("fail"))
     if options.slow_write and options.slow_write.endswith(":kill-rank1"):

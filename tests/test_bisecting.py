@@ -78,3 +78,8 @@ def test_bisect_never_writes_and_says_when_nothing_went_wrong(tmp_path, device):
     with pytest.raises(RuntimeError, match="found no bad batch"):
         bisect(folder, lambda: make(device))
     assert {path: path.stat().st_mtime_ns for path in folder.iterdir()} == before
+
+
+def test_bisect_of_a_folder_without_checkpoints_is_refused(tmp_path, device):
+    with pytest.raises(st.CheckpointError, match="holds no checkpoints"):
+        bisect(tmp_path / "typo", lambda: make(device))

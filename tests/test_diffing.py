@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -84,3 +85,21 @@ def test_a_file_that_is_not_a_checkpoint_is_an_error(tmp_path, device, capsys):
         diff_checkpoints(first, tmp_path / "broken.safetensors")
     assert cli.main(["diff", str(first), str(tmp_path / "broken.safetensors")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_values_are_compared_bit_for_bit_and_tensors_past_their_nans(tmp_path):
+    """A NaN both files hold hides no other difference; integers too large for their difference still compare;
+    ``True`` is not ``1``, ``1`` is not ``1.0`` and ``-0.0`` is not ``0.0``."""
+    nan = float("nan")
+    first = {"t": torch.tensor([nan, 1.0, 2.0]), "big": torch.tensor([-(2**63)]), "flag": True, "count": 1,
+             "zero": 0.0, "same_nan": nan, "ints": torch.tensor([1, 2], dtype=torch.int32)}  # fmt: skip
+    second = {"t": torch.tensor([nan, 1.0, 5.0]), "big": torch.tensor([2**63 - 1]), "flag": 1, "count": 1.0,
+              "zero": -0.0, "same_nan": nan, "ints": torch.tensor([1, 2], dtype=torch.int32)}  # fmt: skip
+    paths = [write_tree(tmp_path / f"{name}.safetensors", tree, __version__)
+             for name, tree in (("first", first), ("second", second))]  # fmt: skip
+    found = {difference.path: difference for difference in diff_checkpoints(*paths).differences}
+    assert found["t"].max_abs == 3.0 and found["t"].relative == pytest.approx(3 / 5**0.5)
+    assert found["big"].max_abs == pytest.approx(2.0**64)
+    assert {"flag", "count", "zero"} <= found.keys() and "same_nan" not in found and "ints" not in found
+    one_sided = write_tree(tmp_path / "third.safetensors", {**first, "t": torch.tensor([0.0, 1.0, 2.0])}, __version__)
+    assert math.isnan({d.path: d for d in diff_checkpoints(paths[0], one_sided).differences}["t"].max_abs)

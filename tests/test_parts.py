@@ -24,7 +24,7 @@ from statetrainer.callbacks import (
     TrainerView,
 )
 from statetrainer.checkpoint import CheckpointError
-from statetrainer.parts import CallbackStates, Position, StateRegistry
+from statetrainer.parts import CallbackStates, Position, RunSettings, StateRegistry
 
 from .conftest import regression_batches
 
@@ -341,3 +341,15 @@ def test_a_run_id_that_is_not_one_is_refused(device: torch.device, value, messag
     state = saved_mid_phase(device)
     state["run"]["id"] = value
     assert_refused_and_unchanged(build_with_callbacks(device), state, f"^run: {message}$")
+
+
+def test_a_setting_recorded_later_is_not_asked_of_a_checkpoint_from_before_it():
+    """``sharded_precision`` (an FSDP2 model's mixed precision) is compared when the checkpoint has it, and a
+    checkpoint saved before it was recorded still loads."""
+    settings = RunSettings({"accumulate": 1, "sharded_precision": {"": "param_dtype=None"}})
+    settings.check_fits({"accumulate": 1})
+    settings.check_fits({"accumulate": 1, "sharded_precision": {"": "param_dtype=None"}})
+    with pytest.raises(CheckpointError, match="sharded_precision"):
+        settings.check_fits({"accumulate": 1, "sharded_precision": {"": "param_dtype=bfloat16"}})
+    with pytest.raises(CheckpointError, match="accumulate"):
+        settings.check_fits({"sharded_precision": {"": "param_dtype=None"}})

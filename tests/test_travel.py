@@ -75,3 +75,18 @@ def test_a_checkpoint_file_saved_at_or_after_the_step_is_refused(tmp_path, devic
         build(epochs=1, device=device).travel_to(saved, step=4)
     traveller = build(epochs=1, device=device)
     assert traveller.travel_to(saved, step=5) == saved and traveller.global_step == 5
+
+
+@pytest.mark.parametrize("before_step", [0, True, "5", 2.0])
+def test_before_step_that_is_not_a_step_is_refused(tmp_path, device, before_step):
+    with pytest.raises(ValueError, match="count from 1"):
+        build(epochs=1, device=device).load_checkpoint(tmp_path, before_step=before_step)
+
+
+def test_a_step_past_the_runs_end_is_refused_before_anything_loads(tmp_path, device):
+    folder = tmp_path / "checkpoints"
+    build([Checkpoint(folder, every_steps=5, every_epochs=None)], epochs=1, device=device).fit()
+    traveller = build(epochs=1, device=device)
+    with pytest.raises(ValueError, match="the run takes 8 steps"):
+        traveller.travel_to(folder, step=9)
+    assert traveller.global_step == 0 and traveller.state == "idle"

@@ -151,21 +151,36 @@ class ShardIndex:
     def __init__(self, index: Any, checkpoint: Path) -> None:
         self.checkpoint = checkpoint
         try:
-            self.world_size = int(index["world_size"])
+            self.world_size = index["world_size"]
+            if not _count(self.world_size) or self.world_size < 1:
+                raise ValueError(f"world_size {self.world_size!r}")
             self.tensors: dict[str, dict[str, Any]] = dict(index["tensors"])
-            self.files = {int(entry["rank"]): str(entry["checksum"]) for entry in index.get("files", ())}
+            self.files = self._files(index.get("files"))
             for entry in self.tensors.values():
-                for piece in entry["pieces"]:
-                    if not (isinstance(piece["rank"], int) and isinstance(piece["offset"], list)
-                            and isinstance(piece["size"], list) and isinstance(piece["crc"], str)):  # fmt: skip
-                        raise ValueError(f"piece {piece!r}")
-                if dtype_from_name(entry["dtype"]) is None or not isinstance(entry["shape"], list) or entry.get(
+                shape = entry["shape"]
+                if dtype_from_name(entry["dtype"]) is None or not _counts(shape) or entry.get(
                         "placement") not in ("shard0", "replicate"):  # fmt: skip
-                    raise ValueError(f"dtype {entry['dtype']!r}, shape {entry['shape']!r}, "
-                                     f"placement {entry.get('placement')!r}")  # fmt: skip
+                    raise ValueError(f"dtype {entry['dtype']!r}, shape {shape!r}, placement {entry.get('placement')!r}")
+                for piece in entry["pieces"]:
+                    offset, size = piece["offset"], piece["size"]
+                    if not (_count(piece["rank"]) and piece["rank"] < self.world_size and _counts(offset)
+                            and _counts(size) and len(offset) == len(size) == len(shape)
+                            and all(low + length <= whole for low, length, whole in zip(offset, size, shape, strict=True))
+                            and isinstance(piece["crc"], str)):  # fmt: skip
+                        raise ValueError(f"piece {piece!r} of a tensor of shape {shape}")
         except (KeyError, TypeError, ValueError) as error:
             raise CheckpointError(f"{checkpoint}: its shard index is damaged ({error!r})") from error
         self._names: dict[int, dict[str, str]] = {}
+
+    def _files(self, files: Any) -> dict[int, str]:
+        """Each rank's file's checksum (an index from before they were recorded has none)."""
+        if files is None:
+            return {}
+        ranks = [entry["rank"] for entry in files]
+        if ranks != list(range(self.world_size)) or not all(
+                isinstance(entry["checksum"], str) and len(entry["checksum"]) == 8 for entry in files):  # fmt: skip
+            raise ValueError(f"files {files!r} for {self.world_size} ranks")
+        return {entry["rank"]: entry["checksum"] for entry in files}
 
     @staticmethod
     def build(
@@ -226,7 +241,12 @@ class ShardIndex:
             raise CheckpointError(f"{self.checkpoint}: its shard index has no tensor {key!r}")
         dtype = dtype_from_name(entry["dtype"])
         assert dtype is not None  # checked when the index was read
-        box = torch.empty(size, dtype=dtype)
+        try:
+            box = torch.empty(size, dtype=dtype)
+        except (RuntimeError, MemoryError) as error:  # a size no memory holds: the index is not a real one
+            raise CheckpointError(
+                f"{self.checkpoint}: {key!r} of size {size} cannot be read into memory: {error}"
+            ) from error
         filled = 0
         for piece in entry["pieces"]:
             lows = [max(mine, theirs) for mine, theirs in zip(offset, piece["offset"], strict=True)]
@@ -270,6 +290,15 @@ class ShardIndex:
             self._names[rank] = {key: value["__tensor__"] for key, value in pieces.items()
                                  if isinstance(value, dict) and isinstance(value.get("__tensor__"), str)}  # fmt: skip
         return self._names[rank]
+
+
+def _count(value: Any) -> bool:
+    """Whether ``value`` is a whole number of at least 0 (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _counts(values: Any) -> bool:
+    return isinstance(values, list) and all(map(_count, values))
 
 
 def _volume(lows: list[int], highs: list[int]) -> int:

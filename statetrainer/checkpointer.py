@@ -284,14 +284,14 @@ class Checkpointer:
             self._settle("the run's end")
 
     def find(self, path: str | os.PathLike[str], own_folders: Sequence[Path],
-             before_step: int | None = None) -> tuple[Path, dict[str, Any]] | None:  # fmt: skip
+             before: Callable[[dict[str, Any]], bool] | None = None) -> tuple[Path, dict[str, Any]] | None:  # fmt: skip
         """The checkpoint to resume from and its state, checked against the parts; None for a first run
-        (see ``checkpoint.find_checkpoint``; ``before_step``: from a folder, the newest saved before that step).
+        (see ``checkpoint.find_checkpoint``; ``before``: from a folder, the newest whose saved position it accepts).
         Every rank finds the same one, or every rank raises."""
         self.outputs.lock()  # a second live copy of the run is refused before it reads anything
         with on_every_rank(self.ranks, self.device, f"load the checkpoint from {path}"):
             return checkpoint.find_checkpoint(path, own_folders, self.parts.check_fits, self.run.accept_marker,
-                                              self._prepare, self._worst_outcome, before_step)  # fmt: skip
+                                              self._prepare, self._worst_outcome, before)  # fmt: skip
 
     def _worst_outcome(self, outcome: int) -> int:
         """The worst of every rank's outcome of reading a checkpoint (see ``checkpoint.newest_valid``)."""

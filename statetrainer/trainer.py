@@ -38,6 +38,7 @@ from .parts import (
     check_position_fits,  # fmt: skip
 )
 from .phase import Phase
+from .points import RunPoint
 from .preemption import DEFAULT_STOP_SIGNALS, resolve_signals
 from .rng import Generators
 from .run import Run
@@ -300,40 +301,41 @@ class Trainer:
         ``before_step`` takes the newest checkpoint saved before that optimizer step. Raises ``CheckpointError``
         for a file that is unusable or does not fit, or saved at ``before_step`` or later, and for a missing path.
         """
-        if before_step is not None and (isinstance(before_step, bool) or not isinstance(before_step, int)
-                                        or before_step < 1):  # fmt: skip
-            raise ValueError(f"before_step={before_step!r}: optimizer steps count from 1")
+        point = None if before_step is None else RunPoint.of([], step=before_step)
+        return self._load(path, allow_changes, point)
+
+    def _load(self, path: str | os.PathLike[str], allow_changes: Iterable[str], before: RunPoint | None) -> Path | None:
         self._settings.allow(allow_changes)
         savers = [saver.folder for saver in checkpoint_savers(self.callbacks)]
-        found = self._checkpointer.find(path, savers, before_step)
+        found = self._checkpointer.find(path, savers, None if before is None else before.saved_before)
         if found is None:
             return None
-        if before_step is not None and found[1]["position"]["global_step"] >= before_step:
-            raise CheckpointError(f"{found[0]} was saved at step {found[1]['position']['global_step']}, not before "
-                                  f"step {before_step}")  # fmt: skip
+        if before is not None and not before.saved_before(found[1]["position"]):
+            raise CheckpointError(f"{found[0]} was saved at or after {before}, not before it")
         self.load_state_dict(found[1])
         return found[0]
 
-    def travel_to(self, path: str | os.PathLike[str], *, step: int) -> Path | None:
-        """Go to optimizer step ``step`` of the run whose checkpoints are in ``path``, as the run was there: load
-        the newest good checkpoint saved before it (none: start from the beginning), then ``run_until(step=step)``,
-        which stops as that step is taken. Weights, optimizer, ``loss`` and ``output`` are then the run's own at
-        that point, bit for bit. Build the trainer as the run was built, without the callbacks that write files
-        (a replay never writes into the run's folders). Returns the checkpoint it started from (None: none).
+    def travel_to(self, path: str | os.PathLike[str], *, step: int | None = None, epoch: int | None = None,
+                  phase: str | None = None, batch: int | None = None) -> Path | None:  # fmt: skip
+        """Go back to a point of the run whose checkpoints are in ``path``, as the run was there: optimizer step
+        ``step`` just taken, or the forward of batch ``batch`` of ``phase`` in ``epoch`` just run (counted from 0).
+        It loads the newest good checkpoint saved before the point (none: it starts from the beginning), then
+        ``run_until`` stops there: weights, optimizer, ``loss`` and ``output`` are the run's own, bit for bit.
+        Build the trainer as the run was, without the callbacks that write files (a replay never writes into the
+        run's folders). Returns the checkpoint it started from (None: none).
 
         Raises:
-            ValueError: ``step`` is not a step, or a callback writes files.
+            ValueError: Not one point, a point the run never reaches, or a callback that writes files.
         """
         writers = [callback.key for callback in self.callbacks if callback.output_files()]
         if writers:
             raise ValueError(f"travel_to replays the run, and these callbacks would write into its folders: "
                              f"{', '.join(writers)}; build the trainer without them")  # fmt: skip
-        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-            raise ValueError(f"step={step!r}: optimizer steps count from 1")
-        if self.total_steps is not None and step > self.total_steps:
-            raise ValueError(f"step={step}: the run takes {self.total_steps} steps")
-        started = self.load_checkpoint(path, before_step=step)
-        self.run_until(step=step)
+        point = RunPoint.of([each.name for each in self.phases], step, epoch, phase, batch)
+        if point.step is not None and self.total_steps is not None and point.step > self.total_steps:
+            raise ValueError(f"step={point.step}: the run takes {self.total_steps} steps")
+        started = self._load(path, (), point)
+        self.run_until(**point.stop())
         return started
 
     def can_checkpoint_here(self) -> bool:

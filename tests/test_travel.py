@@ -71,7 +71,7 @@ def test_a_checkpoint_file_saved_at_or_after_the_step_is_refused(tmp_path, devic
     trainer = build(epochs=1, device=device)
     trainer.run_until("phase", step=4)
     saved = trainer.save_checkpoint(tmp_path / "at-4.safetensors")
-    with pytest.raises(CheckpointError, match="saved at step 4, not before step 4"):
+    with pytest.raises(CheckpointError, match="saved at or after step 4, not before it"):
         build(epochs=1, device=device).travel_to(saved, step=4)
     traveller = build(epochs=1, device=device)
     assert traveller.travel_to(saved, step=5) == saved and traveller.global_step == 5
@@ -89,4 +89,48 @@ def test_a_step_past_the_runs_end_is_refused_before_anything_loads(tmp_path, dev
     traveller = build(epochs=1, device=device)
     with pytest.raises(ValueError, match="the run takes 8 steps"):
         traveller.travel_to(folder, step=9)
+    assert traveller.global_step == 0 and traveller.state == "idle"
+
+
+BATCHES = [(0, "train", 0), (0, "train", 3), (0, "train", 7), (0, "valid", 0), (0, "valid", 2), (1, "train", 0),
+           (1, "train", 1), (1, "train", 4), (1, "train", 5), (1, "train", 6), (1, "valid", 1), (2, "train", 0),
+           (2, "train", 2), (2, "train", 3), (2, "train", 5), (2, "train", 7), (2, "valid", 0), (2, "valid", 1),
+           (2, "valid", 2), (1, "valid", 2)]  # fmt: skip
+
+
+def test_travel_to_twenty_batches_of_a_three_epoch_run_equals_the_run_there_bit_for_bit(tmp_path, device):
+    """The same run, saved every 3 steps and at every epoch's end: for 20 batches (training and validation) a new
+    trainer travels to that batch's forward, from the newest checkpoint saved before it, and equals the run there."""
+    folder = tmp_path / "checkpoints"
+    build([Checkpoint(folder, every_steps=3, keep_last=None)], epochs=3, device=device).fit()
+    points = sorted(BATCHES, key=lambda point: (point[0], point[1] == "valid", point[2]))
+    reference, expected = build(epochs=3, device=device), {}
+    for epoch, phase, batch in points:
+        reference.run_until("batch", epoch=epoch, phase=phase, batch=batch)
+        expected[epoch, phase, batch] = snapshot(reference)
+    started = set()
+    for epoch, phase, batch in points:
+        traveller = build(epochs=3, device=device)
+        checkpoint = traveller.travel_to(folder, epoch=epoch, phase=phase, batch=batch)
+        started.add(None if checkpoint is None else checkpoint.name)
+        found = snapshot(traveller)
+        assert found["where"] == ("batch", epoch, phase, batch, found["where"][4])
+        assert_same(found, expected[epoch, phase, batch])
+    assert len(started) >= 6  # from many checkpoints, and from the beginning
+
+
+@pytest.mark.parametrize(
+    ("point", "message"),
+    [
+        ({}, "name one point"),
+        ({"step": 3, "epoch": 0, "phase": "train", "batch": 1}, "name one point"),
+        ({"epoch": 0, "phase": "train"}, "needs epoch=, phase= and batch="),
+        ({"epoch": 0, "phase": "test", "batch": 1}, "no phase 'test'"),
+        ({"epoch": -1, "phase": "train", "batch": 1}, "whole numbers from 0"),
+    ],
+)
+def test_a_point_that_is_not_one_is_refused_before_anything_loads(tmp_path, device, point, message):
+    traveller = build(epochs=1, device=device)
+    with pytest.raises(ValueError, match=message):
+        traveller.travel_to(tmp_path, **point)
     assert traveller.global_step == 0 and traveller.state == "idle"

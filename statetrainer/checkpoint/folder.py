@@ -14,7 +14,7 @@ from typing import Any
 from ..errors import CheckpointError
 from .atomic import fsync_path
 from .lock import LOCK_FILE, FolderLock
-from .serialization import read_tree
+from .serialization import read_document, read_tree
 
 __all__ = ["BEST", "CheckpointFolder", "renumbered", "sequence_of", "DEFAULT_CHECKPOINT_FOLDER", "EARLIER_RUNS", "RUN_MARKER", "best_epoch_name", "best_files",
            "checkpoint_files", "discard_run", "find_checkpoint", "newest_valid", "next_checkpoint_path",
@@ -134,10 +134,14 @@ Prepare = Callable[[Path, dict[str, Any]], dict[str, Any]]
 READ, UNREADABLE, FAILED = 0, 1, 2  # how reading a checkpoint went on a rank: ``settle`` takes the worst
 
 
-def step_of(path: Path) -> int | None:
-    """The global step a numbered checkpoint's name says it was saved at; None for another name."""
-    match = _NAME.match(path.name)
-    return int(match["step"]) if match else None
+def _saved_before(path: Path, before: Callable[[dict[str, Any]], bool]) -> bool:
+    """Whether ``before`` accepts the checkpoint's saved position; True for one whose position does not read (the
+    load then reports it and falls back past it)."""
+    try:
+        position = read_document(path).get("position")
+        return not isinstance(position, dict) or bool(before(position))
+    except (CheckpointError, KeyError, TypeError):
+        return True
 
 
 def newest_valid(
@@ -145,10 +149,10 @@ def newest_valid(
     check: Callable[[dict[str, Any]], None] | None = None,
     prepare: Prepare | None = None,
     settle: Callable[[int], int] | None = None,
-    before_step: int | None = None,
+    before: Callable[[dict[str, Any]], bool] | None = None,
 ) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint in ``folder`` that reads and verifies, once ``check`` passes on it; None if there is none.
-    With ``before_step``, the newest of those saved before that optimizer step (at a global step below it).
+    With ``before``, the newest of those whose saved position it accepts (read from the file's metadata first).
 
     A newest file that does not read or verify (cut short, corrupted) is
     reported with a warning and the previous one is tried. One that reads but
@@ -161,8 +165,8 @@ def newest_valid(
     """
     failures = []
     candidates = checkpoint_files(folder)
-    if before_step is not None:
-        candidates = [path for path in candidates if (step_of(path) or 0) < before_step]
+    if before is not None:
+        candidates = [path for path in candidates if _saved_before(path, before)]
     for path in reversed(candidates):
         error: BaseException | None = None
         tree: dict[str, Any] = {}
@@ -287,13 +291,13 @@ def find_checkpoint(
     accept_marker: Callable[[dict[str, Any], Path], None] | None = None,
     prepare: Prepare | None = None,
     settle: Callable[[int], int] | None = None,
-    before_step: int | None = None,
+    before: Callable[[dict[str, Any]], bool] | None = None,
 ) -> tuple[Path, dict[str, Any]] | None:
     """The checkpoint to resume from: the file ``path``, or the newest good one in the folder ``path``.
 
     None for a folder that holds no checkpoint yet, and for one of
     ``own_folders`` (where the run saves) before it exists: a first run.
-    ``prepare``, ``settle`` and ``before_step`` are ``newest_valid``'s.
+    ``prepare``, ``settle`` and ``before`` are ``newest_valid``'s.
 
     Raises:
         CheckpointError: The file is unusable, ``path`` is a folder of
@@ -309,7 +313,7 @@ def find_checkpoint(
         marker = read_run_marker(path)
         if marker is not None and accept_marker is not None:
             accept_marker(marker, path)  # another run's folder: refused, never adopted
-        return newest_valid(path, check, prepare, settle, before_step)
+        return newest_valid(path, check, prepare, settle, before)
     if path.exists() or path.suffix == ".safetensors":
         tree = read_tree(path)
         return path, prepare(path, tree) if prepare is not None else tree

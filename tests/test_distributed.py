@@ -7,10 +7,11 @@ the two ranks share one GPU. ``--standalone`` has each launch's rendezvous on a
 free port, so launches may run side by side (pytest-xdist).
 
 A launch takes 5-15 s on two CPU cores, so the default run keeps one case of
-each kind: the sharding check (one launch), one rank killed inside an
-accumulation window (three), a stream resumed from 2 ranks on 1 (two),
-total_steps on 2 ranks (one) and predict on 2 ranks (one); every other case
-is marked ``slow`` (``pytest -m slow``).
+each kind: the sharding check (one launch, which inspect's test of a sharded
+checkpoint reuses), one rank killed inside an accumulation window (three),
+an FSDP2 model trained (two) and killed (three), and predict on 2 ranks
+(one); every other case (a stream resumed from 2 ranks on 1, total_steps on 2
+ranks, ...) is marked ``slow`` (``pytest -m slow``).
 Runs with the same options are launched once per device and shared between
 the tests that read them.
 """
@@ -657,6 +658,7 @@ def stream_order(found: list[dict]) -> list[int]:
     return [index for record in train for index in record["indices"]]
 
 
+@pytest.mark.slow
 def test_a_stream_saved_on_two_ranks_and_resumed_on_one_sees_each_sample_once_per_pass(tmp_path, device):
     """Epochs of the next 4 batches of a 48-sample loader: 6 global batches a pass on 2 ranks, 12 on 1. Saved on 2
     ranks after epoch 1's first batch (40 samples of pass 1 done) and resumed on 1 process, the run takes pass 1's
@@ -676,7 +678,7 @@ def test_a_stream_saved_on_two_ranks_and_resumed_on_one_sees_each_sample_once_pe
 
 @pytest.mark.parametrize(
     "shape",
-    [("--train-batches", "5", "--accumulate", "2"),
+    [pytest.param(("--train-batches", "5", "--accumulate", "2"), marks=pytest.mark.slow),
      pytest.param(("--limit", "5", "--accumulate", "3"), marks=pytest.mark.slow),
      pytest.param(("--epochs", "none", "--max-steps", "7", "--train-batches", "4"), marks=pytest.mark.slow)],
 )  # fmt: skip

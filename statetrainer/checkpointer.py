@@ -147,9 +147,8 @@ class Checkpointer:
             raise CheckpointError(f"rank(s) {', '.join(map(str, failed))} could not write their pieces of {target} "
                                   "(their logs say why), so the checkpoint was not written")  # fmt: skip
         if self.ranks.is_global_zero:
-            crcs = [rank_written[0] for rank_written in every_written if rank_written is not None]
-            checksums = [rank_written[1] for rank_written in every_written if rank_written is not None]
-            index = checkpoint.ShardIndex.build(every_box, crcs, checksums)
+            crcs, checksums = zip(*every_written, strict=True)  # every rank wrote its pieces
+            index = checkpoint.ShardIndex.build(every_box, list(crcs), list(checksums))
             checkpoint.write_tree(target, {**tree, checkpoint.SHARD_INDEX: index}, __version__)
             if on_written is not None:
                 on_written(target)

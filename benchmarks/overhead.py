@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 
@@ -61,6 +62,15 @@ def hand_loop(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Callable[
 def statetrainer_loop(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], None]:
     model, optimizer = make_model()
     trainer = st.Trainer(model, optimizer, nn.MSELoss(), [st.Phase("train", batches)], device=DEVICE)
+    return trainer.fit
+
+
+def ledger_loop(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], None]:
+    """statetrainer with a ``GoodputLedger`` (opt-in): its marks around the hooks, in a folder of its own."""
+    model, optimizer = make_model()
+    ledger = st.callbacks.GoodputLedger(tempfile.mkdtemp(prefix="ledger-"))
+    trainer = st.Trainer(model, optimizer, nn.MSELoss(), [st.Phase("train", batches)], callbacks=[ledger],
+                         device=DEVICE)  # fmt: skip
     return trainer.fit
 
 
@@ -120,7 +130,8 @@ def main() -> None:
     dataset = TensorDataset(*(torch.cat(parts).cpu() for parts in zip(*batches, strict=True)))
     synchronize = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)
     loops: dict[str, Factory] = {"hand-written": hand_loop, "statetrainer": statetrainer_loop,
-                                 "run_until": run_until_loop, "batches=K": stream_loop}  # fmt: skip
+                                 "run_until": run_until_loop, "batches=K": stream_loop,
+                                 "GoodputLedger": ledger_loop}  # fmt: skip
     if importlib.util.find_spec("ignite") is not None:
         loops["ignite"] = ignite_loop
     print(

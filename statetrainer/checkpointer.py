@@ -31,6 +31,7 @@ from .distributed import Ranks, agree, all_gather, all_reduce, on_every_rank
 from .errors import CheckpointError
 from .outputs import RunOutputs
 from .parts import RunIdentity, StateRegistry
+from .timing import CheckpointTime
 from .version import __version__
 
 __all__ = ["Checkpointer"]
@@ -52,6 +53,7 @@ class Checkpointer:
 
     Attributes:
         writer: Writes background saves, one at a time.
+        time: The seconds this process has been blocked in ``save`` and in loads (``Trainer._load`` measures those).
     """
 
     def __init__(self, parts: StateRegistry, run: RunIdentity, outputs: RunOutputs, ranks: Ranks,
@@ -59,6 +61,7 @@ class Checkpointer:
         self.parts, self.run, self.outputs, self.ranks, self.device = parts, run, outputs, ranks, device
         self.writer, self._staging = checkpoint.BackgroundWriter(failed), checkpoint.StagingBuffers()
         self._mesh, self._writers = mesh, None
+        self.time = CheckpointTime()
 
     def save(self, path: str | os.PathLike[str] | None, epoch: int, step: int,
              take_state: Callable[[], dict[str, Any]], background: bool = False, when_busy: str = "wait",
@@ -71,6 +74,12 @@ class Checkpointer:
 
         Every save first waits for the background write in flight, and raises its failure on every rank; with
         ``when_busy="skip"`` a save due while one is in flight is skipped instead, and returns None."""
+        with self.time.saving.measuring():
+            return self._save(path, epoch, step, take_state, background, when_busy, on_written)
+
+    def _save(self, path: str | os.PathLike[str] | None, epoch: int, step: int,
+              take_state: Callable[[], dict[str, Any]], background: bool, when_busy: str,
+              on_written: Callable[[Path], None] | None) -> Path | None:  # fmt: skip
         ranks, folder = self.ranks, checkpoint.save_folder(path)
         if when_busy == "skip" and self.write_in_flight():
             log.info("skipped the checkpoint at step %d: the background write in flight has not ended", step)

@@ -3,6 +3,7 @@
     python -m statetrainer diagram [--format mermaid|dot] [--state STATE | --checkpoint FILE] [--output FILE.svg]
     python -m statetrainer inspect PATH [--json]
     python -m statetrainer diff FIRST SECOND [--json]
+    python -m statetrainer report FOLDER [--json] [--plot FILE.png]
 
 Text output escapes every control character it would print (``\\x1b``), so names read from a file cannot drive
 the terminal; ``--json`` keeps them exact (JSON escapes them). Exit status: 0, 1 for a checkpoint that is not
@@ -25,6 +26,7 @@ from typing import Any
 from .checkpoint import read_tree
 from .diffing import CheckpointDiff, diff_checkpoints
 from .errors import CheckpointError
+from .goodput_report import plot_goodput, read_goodput, report_lines
 from .inspection import summarize_file, summarize_folder
 from .machine import DIAGRAM_FORMATS, STATES, diagram, diagram_graph
 from .parts import Position
@@ -60,9 +62,14 @@ def main(arguments: Sequence[str] | None = None) -> int:
     differing.add_argument("first", type=Path, help="a checkpoint file")
     differing.add_argument("second", type=Path, help="another checkpoint file")
     differing.add_argument("--json", action="store_true", help="print the differences as JSON")
+    reporting = commands.add_parser("report", help="where a run's wall time went: its goodput ledger, per process")
+    reporting.add_argument("folder", type=Path, help="the run's checkpoint folder, where GoodputLedger wrote")
+    reporting.add_argument("--json", action="store_true", help="print the ledger as JSON")
+    reporting.add_argument("--plot", type=Path, help="also draw it as stacked bars in a PNG (statetrainer[plots])")
     options = parser.parse_args(arguments)
     try:
-        run = {"diagram": _diagram, "inspect": _inspect, "export": _export, "diff": _diff}[options.command]
+        run = {"diagram": _diagram, "inspect": _inspect, "export": _export, "diff": _diff,
+               "report": _report}[options.command]  # fmt: skip
         status = run(options)
         sys.stdout.flush()  # a closed pipe shows here, not as a traceback when Python exits
         return status
@@ -132,6 +139,18 @@ def _diff(options: argparse.Namespace) -> int:
     else:
         print(_text(_diff_lines(found)))
     return 0 if found.same else 1
+
+
+def _report(options: argparse.Namespace) -> int:
+    if options.plot is not None and options.plot.suffix != ".png":
+        raise ValueError(f"--plot {options.plot}: name a .png file")
+    report = read_goodput(options.folder)
+    print(json.dumps(report.as_json(), indent=1) if options.json else _text(report_lines(report)))
+    if options.plot is not None:
+        plot_goodput(report, options.plot)
+        if not options.json:
+            print(_printable(f"wrote {options.plot}"))
+    return 0
 
 
 def _json_number(value: Any) -> Any:

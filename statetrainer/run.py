@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .callbacks.base import Callback, checkpoint_savers, hooks_by_state
+from .callbacks.base import Callback, checkpoint_savers, hooks_by_state, surround_hooks
 from .data import PhaseSources
 from .deciding import Deciders
 from .distributed import Ranks, StopVote
@@ -91,6 +91,7 @@ class Run:
                 hooks["idle"], hooks["epoch"] = [], []
         if vote is not None:  # after every batch, the ranks share whether a stop signal came (or a write failed)
             exit["batch"].append(self._exchange_stop_vote)
+        surround_hooks(enter, exit, callbacks)
         self.machine = TrainingMachine(target, prepare=self.work.prepare_calls(), enter=enter,
                                        work=self.work.work_calls(), exit=exit)  # fmt: skip
         self.guard = RunGuard(self.machine, position, callbacks, stop_signals, deterministic,

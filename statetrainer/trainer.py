@@ -42,6 +42,7 @@ from .points import RunPoint
 from .preemption import DEFAULT_STOP_SIGNALS, resolve_signals
 from .rng import Generators
 from .run import Run
+from .timing import CheckpointTime
 from .validation import check_count
 
 __all__ = ["Trainer", "unpack_pair"]
@@ -161,6 +162,11 @@ class Trainer:
     def position(self) -> Position:
         """Where the run is: epoch, phase, batch and steps taken."""
         return self._core.position
+
+    @property
+    def checkpoint_time(self) -> CheckpointTime:
+        """The seconds this process has been blocked saving and loading checkpoints (``saving``, ``loading``)."""
+        return self._checkpointer.time
 
     @property
     def history(self) -> list[Move]:
@@ -307,12 +313,13 @@ class Trainer:
     def _load(self, path: str | os.PathLike[str], allow_changes: Iterable[str], before: RunPoint | None) -> Path | None:
         self._settings.allow(allow_changes)
         savers = [saver.folder for saver in checkpoint_savers(self.callbacks)]
-        found = self._checkpointer.find(path, savers, None if before is None else before.saved_before)
-        if found is None:
-            return None
-        if before is not None and not before.saved_before(found[1]["position"]):
-            raise CheckpointError(f"{found[0]} was saved at or after {before}, not before it")
-        self.load_state_dict(found[1])
+        with self._checkpointer.time.loading.measuring():
+            found = self._checkpointer.find(path, savers, None if before is None else before.saved_before)
+            if found is None:
+                return None
+            if before is not None and not before.saved_before(found[1]["position"]):
+                raise CheckpointError(f"{found[0]} was saved at or after {before}, not before it")
+            self.load_state_dict(found[1])
         return found[0]
 
     def travel_to(self, path: str | os.PathLike[str], *, step: int | None = None, epoch: int | None = None,

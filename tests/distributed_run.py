@@ -15,7 +15,7 @@ SIGKILL itself after that train batch (once: a marker file remembers it);
 allowing another world size. ``--train-batches K`` makes every epoch train on the next K batches of the
 loader's stream; ``--limit``, ``--max-steps`` and ``--epochs none`` shape the run in steps. ``--predict`` has
 the trained model predict the validation samples (rank 0 writes them, with a plain ``model(x)`` of them, to
-``FOLDER/predictions.safetensors``).
+``FOLDER/predictions.safetensors``). ``--ledger`` keeps a goodput ledger beside the checkpoints.
 """
 
 from __future__ import annotations
@@ -174,6 +174,7 @@ def build(options: argparse.Namespace, writers: bool = True) -> st.Trainer:
         cb.StreamLogger(),
         cb.Checkpoint(folder / "checkpoints", every_steps=options.every_steps, keep_last=options.keep_last,
                       background=options.background),
+        *([cb.GoodputLedger(folder / "checkpoints")] if options.ledger else []),
     ]  # fmt: skip
     if options.plant_nan is not None:
         callbacks.append(cb.StopOnNonFinite(every_batches=4))
@@ -345,6 +346,7 @@ def main() -> None:
     parser.add_argument("--bisect", action="store_true", help="find the first bad batch from FOLDER's checkpoints")
     parser.add_argument("--travel", help="S1,S2,...: travel to each of these steps from FOLDER's checkpoints")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--ledger", action="store_true", help="a GoodputLedger in the checkpoints' folder")
     parser.add_argument("--deterministic", action="store_true")
     parser.add_argument("--kill", help="RANK:EPOCH:BATCH: SIGKILL that rank after that train batch, once")
     parser.add_argument("--save-at", help="EPOCH:BATCH: save FOLDER/mid.safetensors after that train batch, exit")

@@ -37,8 +37,10 @@ from torch.utils._pytree import tree_leaves
 
 import statetrainer as st
 from statetrainer import cli, distributed
-from statetrainer.checkpoint import CheckpointError, read_tree
+from statetrainer.callbacks.goodput import LEDGER_FILE
+from statetrainer.checkpoint import CheckpointError, read_tree, shard_files
 from statetrainer.diffing import diff_checkpoints
+from statetrainer.goodput_report import read_goodput
 
 SCRIPT = Path(__file__).with_name("distributed_run.py")
 TIMEOUT = 180
@@ -450,6 +452,32 @@ def test_a_ranks_failed_background_write_of_its_pieces_ends_every_rank_and_no_ch
 TRAVELLED = ("--samples", "80", "--batch-size", "4", "--epochs", "3", "--augment", "--dropout", "0.2",
              "--optimizer", "adam", "--every-steps", "4", "--keep-last", "none", "--deterministic")  # fmt: skip
 TRAVEL_STEPS = "1,2,3,5,6,7,9,10,12,13,15,16,18,19,21,23,24,26,28,30"  # 20 of the 3 epochs' 30 steps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [KILLED, SHARDED_KILLED], ids=["ddp", "fsdp2-sharded"])
+def test_report_reads_the_goodput_ledger_of_a_torchrun_run_killed_and_resumed(tmp_path, device, options):
+    """Rank 0 SIGKILLed after batch 2 of epoch 2, a checkpoint taken after batch 1: the same command resumes, and
+    ``report`` on the checkpoints' folder shows two processes, the second having lost the one batch; without the
+    ledger's file it reads the newest checkpoint's ledger (rank 0's file of a sharded checkpoint)."""
+    folder = tmp_path / "run"
+    killed = launch(folder, *options, "--ledger", "--kill", "0:1:2", check=False, device=device.type)
+    assert killed.returncode != 0 and (folder / "killed").exists()
+    launch(folder, *options, "--ledger", "--kill", "0:1:2", device=device.type)
+    checkpoints = folder / "checkpoints"
+    shown = subprocess.run([sys.executable, "-m", "statetrainer", "report", str(checkpoints), "--json"],
+                           capture_output=True, text=True, timeout=TIMEOUT)  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    found = json.loads(shown.stdout)
+    per_epoch = 5 + 3  # rank 0's share: 20 of the 40 samples in batches of 4, then 3 validation batches
+    assert [(run["batches"], run["lost_batches"]) for run in found["processes"]] == [(per_epoch + 3, 0),
+                                                                                     (2 * per_epoch, 1)]  # fmt: skip
+    assert found["total"] == pytest.approx(sum(found["seconds"].values()))
+    (checkpoints / LEDGER_FILE).unlink()
+    report = read_goodput(checkpoints)
+    assert report.source.suffix == ".safetensors" and [row.lost_batches for row in report.rows] == [0, 1]
+    if "--fsdp" in options:
+        assert shard_files(report.source)  # read from rank 0's file of a sharded checkpoint
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from .checkpoint import Checkpoint
 from .debugging import Breakpoint
 from .early_stopping import EarlyStopping
 from .finite import NonFiniteError, StopOnNonFinite
+from .goodput import GoodputLedger
 from .loggers import CSVLogger, StreamLogger, learning_rates
 from .metrics import Accuracy, Metric, SmoothedLoss, running_metrics
 from .plots import Plots
@@ -22,6 +23,7 @@ __all__ = [
     "Checkpoint",
     "CosineWarmRestarts",
     "EarlyStopping",
+    "GoodputLedger",
     "Metric",
     "NonFiniteError",
     "OneCycle",

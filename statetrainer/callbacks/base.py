@@ -13,6 +13,7 @@ from torch import nn
 from ..distributed import Ranks
 from ..machine import STATES
 from ..phase import Phase
+from ..timing import CheckpointTime
 
 __all__ = [
     "HOOK_NAMES",
@@ -22,7 +23,10 @@ __all__ = [
     "checkpoint_savers",
     "hooks_by_state",
     "overridden_hooks",
+    "surround_hooks",
 ]
+
+Call = Callable[[Any], None]
 
 HOOK_NAMES: tuple[str, ...] = tuple(f"on_{kind}_{state}" for state in STATES for kind in ("enter", "exit"))
 
@@ -69,6 +73,8 @@ class TrainerView(Protocol):
     def batch_samples(self) -> list[int] | None: ...
     @property
     def total_steps(self) -> int | None: ...
+    @property
+    def checkpoint_time(self) -> CheckpointTime: ...
 
     def stop(self) -> None: ...
     def defer(self, action: Callable[[Any], None]) -> None: ...
@@ -122,6 +128,7 @@ class Callback:
     rank_zero_only: bool = False
     state_per_rank: bool = False
     saves_checkpoints: bool = False  # True: a CheckpointSaver, through which a stop signal saves
+    times_hooks: bool = False  # True: its surrounding_calls run before and after every other hook (GoodputLedger)
 
     @classmethod
     def regroup_states(cls, states: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
@@ -141,6 +148,12 @@ class Callback:
         per instance (``Breakpoint``) returns its own.
         """
         return overridden_hooks(self)
+
+    def surrounding_calls(self, side: str, state: str, hooked: bool) -> tuple[Call | None, Call | None]:
+        """For a callback that ``times_hooks``: the calls to run first and last on ``side`` (``"enter"`` or
+        ``"exit"``) of ``state``, around every other callback's hooks there (``hooked``: there are some; on entry
+        the state's work runs after the last). None for no call. Read once, when the trainer is built."""
+        return None, None
 
     def state_dict(self) -> dict[str, Any]:
         """What this callback needs to continue exactly after a restart."""
@@ -263,6 +276,22 @@ def hooks_by_state(callbacks: Sequence[Callback]) -> tuple[dict[str, list[Any]],
             _, kind, state = hook.split("_", 2)
             (enter if kind == "enter" else exit)[state].append(method)
     return enter, exit
+
+
+def surround_hooks(enter: dict[str, list[Any]], exit: dict[str, list[Any]], callbacks: Sequence[Callback]) -> None:
+    """Put the ``surrounding_calls`` of the callback that ``times_hooks`` around every state's hooks, in place.
+
+    Raises:
+        ValueError: More than one callback times the hooks (each would count the other's calls).
+    """
+    timers = [callback for callback in callbacks if callback.times_hooks]
+    if len(timers) > 1:
+        raise ValueError(f"callbacks {', '.join(timer.key for timer in timers)} each time the run's hooks; keep one")
+    for timer in timers:
+        for side, hooks in (("enter", enter), ("exit", exit)):
+            for state in STATES:
+                first, last = timer.surrounding_calls(side, state, bool(hooks[state]))
+                hooks[state] = [call for call in (first, *hooks[state], last) if call is not None]
 
 
 class CheckpointSaver(Protocol):

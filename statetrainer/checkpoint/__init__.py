@@ -22,6 +22,7 @@ from .folder import (
     sequence_of,
     set_aside,
 )
+from .live_table import LiveTable, TableContents, read_live_table
 from .lock import LOCK_FILE, FolderLock
 from .ownership import claim_folder, mark_folder, refuse_overwrite, run_of
 from .serialization import FORMAT_VERSION, read_document, read_header, read_tree, tensor_crc, write_tree
@@ -55,6 +56,8 @@ __all__ = [
     "RUN_MARKER",
     "CheckpointError",
     "FolderLock",
+    "LiveTable",
+    "TableContents",
     "atomic_copy",
     "atomic_write",
     "best_epoch_name",
@@ -70,6 +73,7 @@ __all__ = [
     "open_no_follow",
     "read_document",
     "read_header",
+    "read_live_table",
     "read_run_marker",
     "read_tree",
     "refuse_overwrite",

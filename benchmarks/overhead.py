@@ -98,11 +98,23 @@ def ignite_loop(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Callabl
     return lambda: engine.run(batches, max_epochs=1)
 
 
-def machine_only(batches: int) -> float:
-    """us for one batch's four transitions of a bare machine (no callbacks, no work)."""
-    from statetrainer.machine import TrainingMachine
+def machine_only(batches: int, ledger: bool = False) -> float:
+    """us for one batch's four transitions of a bare machine (no callbacks, no work); with ``ledger``, with the
+    marks a ``GoodputLedger`` places around them, writing into its file."""
+    from types import SimpleNamespace
 
-    machine = TrainingMachine(target=None)
+    from statetrainer.callbacks.base import surround_hooks
+    from statetrainer.machine import STATES, TrainingMachine
+    from statetrainer.timing import CheckpointTime
+
+    enter: dict[str, list] = {state: [] for state in STATES}
+    exit: dict[str, list] = {state: [] for state in STATES}
+    target = SimpleNamespace(checkpoint_time=CheckpointTime(), device=DEVICE, phase=SimpleNamespace(grad=True))
+    if ledger:
+        timer = st.callbacks.GoodputLedger(tempfile.mkdtemp(prefix="ledger-"))
+        surround_hooks(enter, exit, [timer])
+        timer.open_files(target)  # type: ignore[arg-type]  # what the ledger reads of a trainer
+    machine = TrainingMachine(target=target, enter=enter, exit=exit)
     machine.fire("start_epoch")
     machine.fire("start_phase")
     start_batch, backward, step, end_batch = map(machine.firer, ("start_batch", "backward", "step", "end_batch"))
@@ -143,6 +155,8 @@ def main() -> None:
         compare(loops, make_data, args.batches, args.rounds, synchronize)
     machine = statistics.median(machine_only(args.batches * 10) for _ in range(5))
     print(f"the bare machine: {machine:.2f} us for a batch's four transitions")
+    marked = statistics.median(machine_only(args.batches * 10, ledger=True) for _ in range(5))
+    print(f"with a GoodputLedger's marks: {marked:.2f} us (+{marked - machine:.2f} us a batch)")
 
 
 def compare(loops: dict[str, Factory], make_data: Callable[[], Iterable], batches: int, rounds: int,

@@ -181,12 +181,11 @@ class GoodputLedger(Callback):
         """The call that ends the running bucket and starts ``bucket`` (through the route: an evaluation phase's
         buckets are ``evaluation``, a batch run again is ``redone``). The per-batch ones are written out whole:
         each is a clock reading and a few stores (about 0.2-0.4 µs)."""
-        ledger, perf_counter = self, time.perf_counter
+        ledger = self
+        perf_counter = self._synchronized_clock if self.synchronize else time.perf_counter
         if enters_phase or (settles and counts):
 
             def switch_and_note(trainer: Any) -> None:
-                if ledger._sync is not None:
-                    ledger._sync()
                 ledger._account(perf_counter(), settles)
                 if counts:
                     ledger._count_batch()
@@ -199,8 +198,6 @@ class GoodputLedger(Callback):
         if settles:  # leaving a state at rest, where a checkpoint may have been saved
 
             def settle_and_switch(_trainer: Any) -> None:
-                if ledger._sync is not None:
-                    ledger._sync()
                 now = perf_counter()
                 row, current = ledger._row, ledger._current
                 row[current] += now - ledger._last
@@ -215,8 +212,6 @@ class GoodputLedger(Callback):
         if counts:  # a batch's work is done
 
             def count_and_switch(_trainer: Any) -> None:
-                if ledger._sync is not None:
-                    ledger._sync()
                 now = perf_counter()
                 row = ledger._row
                 row[ledger._current] += now - ledger._last
@@ -229,13 +224,17 @@ class GoodputLedger(Callback):
             return count_and_switch
 
         def switch(_trainer: Any) -> None:
-            if ledger._sync is not None:
-                ledger._sync()
             now = perf_counter()
             ledger._row[ledger._current] += now - ledger._last
             ledger._last, ledger._current = now, ledger._route[bucket]
 
         return switch
+
+    def _synchronized_clock(self) -> float:
+        """``perf_counter()`` once the device has done the work queued so far (``synchronize=True`` on CUDA)."""
+        if self._sync is not None:
+            self._sync()
+        return time.perf_counter()
 
     def _account(self, now: float, settles: bool = True) -> None:
         """End the running bucket's interval at ``now``; with ``settles``, move the seconds the process was blocked

@@ -134,7 +134,8 @@ def _diff(options: argparse.Namespace) -> int:
         differences = [{name: _json_number(value) for name, value in vars(difference).items()}
                        for difference in found.differences]  # fmt: skip
         print(json.dumps({"first": str(found.first), "second": str(found.second), "runs": found.runs,
-                          "tensors": found.tensors, "same": found.same, "differences": differences},
+                          "tensors": found.tensors, "same": found.same, "uncompared": found.uncompared,
+                          "differences": differences},
                          indent=1, default=str, allow_nan=False))  # fmt: skip
     else:
         print(_text(_diff_lines(found)))
@@ -160,6 +161,7 @@ def _json_number(value: Any) -> Any:
 
 def _diff_lines(found: CheckpointDiff) -> list[str]:
     lines = [f"first:  {found.first} (run {found.runs[0]})", f"second: {found.second} (run {found.runs[1]})"]
+    lines += [f"not compared: {place} (a goodput ledger's seconds)" for place in found.uncompared]
     compared = sum(found.tensors.values())
     if found.same:
         return [*lines, f"the same, bit for bit: {compared} tensors and every other value (the runs' ids aside)"]

@@ -9,7 +9,8 @@ first's. A sharded checkpoint's tensors are assembled whole, one at a time,
 from its pieces (each checked against its index), so it compares with a
 checkpoint of the same model saved by another number of ranks, or unsharded.
 The runs' ids are shown, not compared: two runs of one command differ there
-and should differ nowhere else.
+and should differ nowhere else. Nor is a goodput ledger's state (its seconds
+differ between any two runs): its place is listed as not compared.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .callbacks.goodput import COLUMNS as LEDGER_COLUMNS
 from .checkpoint import SHARD_INDEX, ShardIndex, read_tree
 from .checkpoint.sharded import SHARD
 from .saved_state import describe
@@ -69,6 +71,7 @@ class CheckpointDiff:
         runs: Each one's run id (shown, not compared).
         tensors: How many tensors were compared, by part.
         differences: Every difference, in the first checkpoint's order.
+        uncompared: The places not compared: a goodput ledger's state (``callbacks/GoodputLedger``).
     """
 
     first: Path
@@ -76,6 +79,7 @@ class CheckpointDiff:
     runs: tuple[Any, Any]
     tensors: dict[str, int] = field(default_factory=dict)
     differences: list[Difference] = field(default_factory=list)
+    uncompared: list[str] = field(default_factory=list)
 
     @property
     def same(self) -> bool:
@@ -99,8 +103,10 @@ def diff_checkpoints(first: str | os.PathLike[str], second: str | os.PathLike[st
         indexes.append(index)
     runs = tuple(tree.get("run", {}).get("id") if isinstance(tree.get("run"), dict) else None for tree in trees)
     result = CheckpointDiff(Path(first), Path(second), (runs[0], runs[1]))
+    result.uncompared = [f"callbacks/{key}" for key in _ledger_keys(trees[0]) & _ledger_keys(trees[1])]
+    skipped = tuple(f"{place}/" for place in result.uncompared)
     for path, one, two in _leaves(trees[0], trees[1], ""):
-        if path == "run/id":
+        if path == "run/id" or path.startswith(skipped):
             continue
         one, two = _whole(one, indexes[0]), _whole(two, indexes[1])
         if isinstance(one, torch.Tensor) and isinstance(two, torch.Tensor):
@@ -110,6 +116,15 @@ def diff_checkpoints(first: str | os.PathLike[str], second: str | os.PathLike[st
         if difference is not None:
             result.differences.append(difference)
     return result
+
+
+def _ledger_keys(tree: dict[str, Any]) -> set[str]:
+    """The keys of the callbacks whose saved state is a goodput ledger's."""
+    callbacks = tree.get("callbacks")
+    if not isinstance(callbacks, dict):
+        return set()
+    return {key for key, state in callbacks.items()
+            if isinstance(state, dict) and state.get("columns") == list(LEDGER_COLUMNS)}  # fmt: skip
 
 
 def _leaves(one: Any, two: Any, path: str) -> Iterator[tuple[str, Any, Any]]:

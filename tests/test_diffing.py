@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from statetrainer import cli
+from statetrainer.callbacks import GoodputLedger
 from statetrainer.checkpoint import CheckpointError, read_tree, write_tree
 from statetrainer.diffing import diff_checkpoints
 from statetrainer.version import __version__
@@ -40,6 +41,26 @@ def test_a_run_and_its_resumed_twin_differ_nowhere(tmp_path, device):
     resumed.load_checkpoint(saved)
     twin = resumed.fit().save_checkpoint(tmp_path / "twin.safetensors")
     assert diff_checkpoints(whole, twin).same
+
+
+def test_a_goodput_ledgers_seconds_are_listed_as_not_compared_and_nothing_else_is_skipped(tmp_path, device, capsys):
+    """Two runs of one command with a GoodputLedger: their seconds differ, and diff says it did not compare them;
+    the rest compares as without it, so another seed still differs in every weight."""
+
+    def with_ledger(name: str, **options):
+        folder = tmp_path / name
+        trainer = build([GoodputLedger(folder)], device=device, **options).fit()
+        return trainer.save_checkpoint(folder / "final.safetensors")
+
+    first, second = with_ledger("first"), with_ledger("second")
+    assert not read_tree(first)["callbacks"]["GoodputLedger"]["rows"].equal(
+        read_tree(second)["callbacks"]["GoodputLedger"]["rows"])  # fmt: skip
+    found = diff_checkpoints(first, second)
+    assert found.same and found.uncompared == ["callbacks/GoodputLedger"]
+    assert cli.main(["diff", str(first), str(second)]) == 0
+    assert "not compared: callbacks/GoodputLedger (a goodput ledger's seconds)" in capsys.readouterr().out
+    other = diff_checkpoints(first, with_ledger("other", seed=4))
+    assert {difference.path for difference in other.differences} >= {"step/model/0.weight", "step/model/2.weight"}
 
 
 def test_runs_with_other_seeds_differ_in_every_weight_and_moment(tmp_path, device, capsys):

@@ -97,6 +97,16 @@ def test_a_runs_buckets_add_up_to_its_time_and_checkpoint_io_is_its_own(tmp_path
     )
 
 
+def test_with_synchronize_every_mark_waits_for_the_device_and_the_buckets_still_add_up(tmp_path, device):
+    """``synchronize=True`` (on CUDA it waits for the device at every mark; elsewhere there is nothing to wait for)
+    keeps the partition: the row's seconds are its time since the process started."""
+    ledger = GoodputLedger(tmp_path, synchronize=True)
+    build(tmp_path, device=device, ledger=ledger).fit()
+    [row] = ledger.rows
+    assert row.ended == pytest.approx(time.time(), abs=0.05) and row.batches == EPOCHS * (TRAIN_BATCHES + VALID_BATCHES)
+    assert all(row.seconds[name] > 0 for name in ("forward", "backward", "step", "evaluation"))
+
+
 def test_after_a_crash_the_restart_counts_the_lost_batches_and_times_them_again_as_redone(tmp_path, device):
     """Saved at step 5, crashed at step 8: the restart loads step 5, learns from the ledger's file that 3
     batches were lost, and counts the time it spends running them again as ``redone``, and no more."""

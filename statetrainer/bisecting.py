@@ -19,6 +19,7 @@ without the callbacks that write files.
 from __future__ import annotations
 
 import gc
+import hashlib
 import math
 import os
 from collections.abc import Callable
@@ -29,7 +30,7 @@ import torch
 
 from .callbacks.finite import first_non_finite
 from .checkpoint import CheckpointError, checkpoint_files
-from .distributed import agree
+from .distributed import agree, all_gather
 from .trainer import Trainer
 
 __all__ = ["BisectResult", "bad_batch", "bisect", "finite_state", "probes"]
@@ -108,13 +109,14 @@ def bisect(folder: str | os.PathLike[str], make_trainer: Callable[[], Trainer], 
         RuntimeError: The replay reached the run's end and ``bad`` never held.
     """
     checkpoints = checkpoint_files(Path(folder)) if Path(folder).is_dir() else []
+    loads, first = 0, make_trainer()  # it joins the process group, over which the ranks compare their listings
+    _check_same_listing(checkpoints, first)
     if not checkpoints:
         raise CheckpointError(f"{folder} holds no checkpoints to bisect: name the run's checkpoint folder")
-    loads = 0
 
     def loaded(checkpoint: Path | None) -> Trainer:
-        nonlocal loads
-        trainer = make_trainer()
+        nonlocal loads, first
+        trainer, first = first or make_trainer(), None
         writers = [callback.key for callback in trainer.callbacks if callback.output_files()]
         if writers:
             raise ValueError(f"bisect replays the run, and these callbacks would write into its folders: "
@@ -153,6 +155,17 @@ def bisect(folder: str | os.PathLike[str], make_trainer: Callable[[], Trainer], 
     assert trainer.phase is not None  # stopped in a training batch
     return BisectResult(trainer, trainer.epoch, trainer.phase.name, trainer.batch_index, trainer.global_step,
                         trainer.batch_samples, start, loads, replayed)  # fmt: skip
+
+
+def _check_same_listing(checkpoints: list[Path], trainer: Trainer) -> None:
+    """Raise on every rank unless every rank lists the same checkpoints (a shared folder another node sees late
+    would have the ranks load different ones)."""
+    digest = hashlib.blake2b("\n".join(path.name for path in checkpoints).encode(), digest_size=8).digest()
+    mine = torch.tensor([int.from_bytes(digest, "little", signed=True)], dtype=torch.int64)
+    listings = all_gather(mine, trainer.ranks, trainer.device)
+    if any(not listing.equal(mine) for listing in listings):
+        raise CheckpointError(f"the ranks list different checkpoints in the run's folder (this rank: "
+                              f"{len(checkpoints)}); bisect once every rank sees the same files")  # fmt: skip
 
 
 def probes(checkpoints: int) -> int:

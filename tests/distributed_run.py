@@ -25,6 +25,7 @@ import errno
 import json
 import os
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -282,7 +283,13 @@ def travel(options: argparse.Namespace, folder: Path) -> None:
 
 def bisect_run(options: argparse.Namespace, folder: Path) -> None:
     """Find the run's first bad batch from its checkpoints; each rank writes what it found."""
-    found = st.bisect(folder / "checkpoints", lambda: build(options, writers=False))
+    checkpoints = folder / "checkpoints"
+    if options.bisect == "rank1-sees-fewer" and os.environ.get("RANK") == "1":  # a node that sees the folder late
+        view = folder / "rank1-view"
+        shutil.copytree(checkpoints, view)
+        max(view.glob("ckpt-*.safetensors")).unlink()
+        checkpoints = view
+    found = st.bisect(checkpoints, lambda: build(options, writers=False))
     (folder / f"bisect-rank{os.environ.get('RANK', 0)}.json").write_text(json.dumps({
         "epoch": found.epoch, "phase": found.phase, "batch": found.batch, "step": found.step,
         "batch_samples": found.batch_samples, "loads": found.loads, "replayed": found.replayed,
@@ -343,7 +350,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--keep-last", type=lambda value: None if value == "none" else int(value), default=2)
     parser.add_argument("--plant-nan", type=int, help="this train sample's features are NaN (StopOnNonFinite stops)")
-    parser.add_argument("--bisect", action="store_true", help="find the first bad batch from FOLDER's checkpoints")
+    parser.add_argument("--bisect", nargs="?", const="same", choices=("same", "rank1-sees-fewer"),
+                        help="find the first bad batch from FOLDER's checkpoints (rank1-sees-fewer: rank 1 lists a "
+                             "copy without the newest)")  # fmt: skip
     parser.add_argument("--travel", help="S1,S2,...: travel to each of these steps from FOLDER's checkpoints")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--ledger", action="store_true", help="a GoodputLedger in the checkpoints' folder")

@@ -516,6 +516,11 @@ def test_bisect_under_torchrun_finds_the_batch_of_a_planted_nan_on_every_rank(tm
     assert all((entry["epoch"], entry["phase"], entry["batch"]) == (*first[:1], "train", first[1]) for entry in found)
     assert sum(29 in entry["batch_samples"] for entry in found) == 1
     assert all(entry["checkpoint"] is not None and entry["loads"] >= 2 for entry in found)
+    listed_apart = launch(folder, *options, "--bisect", "rank1-sees-fewer", check=False, logs=tmp_path / "apart",
+                          device=device.type)  # fmt: skip
+    assert listed_apart.returncode != 0  # every rank refuses (none waits in a collective for a probe never made)
+    for rank in range(2):
+        assert "the ranks list different checkpoints" in rank_output(tmp_path / "apart", rank)
 
 
 def test_inspect_verifies_every_piece_of_a_sharded_checkpoint_and_counts_its_tensors_whole(

@@ -198,7 +198,9 @@ def _position_text(position: dict[str, Any]) -> str:
     text += f", step {position['step']}"
     if position["pending"]:
         text += f" (inside the {position['pending']!r} transition, saved after an error)"
-    return text + (f", finished ({saved.end_reason()})" if saved.finished else "")
+    # The file does not hold the run's epochs or max_steps: it says how far the run got, not which limit ended it.
+    ended = "stopped" if saved.stop_requested else f"after {saved.epochs_done} epoch(s) and {position['step']} step(s)"
+    return text + (f", finished ({ended})" if saved.finished else "")
 
 
 def _metrics_text(metrics: dict[str, Any]) -> str:

@@ -89,7 +89,7 @@ def test_a_diagram_picture_without_the_dot_program_says_what_to_install(tmp_path
     assert "needs Graphviz's dot program" in capsys.readouterr().err
 
 
-def build_run(folder: Path, device: torch.device, epochs: int = 2) -> st.Trainer:
+def build_run(folder: Path, device: torch.device, epochs: int = 2, max_steps: int | None = None) -> st.Trainer:
     """A run of 4 train batches and 2 valid ones an epoch that checkpoints every 3 steps and every epoch into
     ``folder``."""
     torch.manual_seed(0)
@@ -97,7 +97,7 @@ def build_run(folder: Path, device: torch.device, epochs: int = 2) -> st.Trainer
     return st.Trainer(model, torch.optim.Adam(model.parameters()), F.mse_loss,
                       [st.Phase("train", regression_batches(4)), st.Phase("valid", regression_batches(2), grad=False)],
                       callbacks=[st.callbacks.SmoothedLoss(), st.callbacks.Checkpoint(folder, every_steps=3, keep_last=5)],
-                      epochs=epochs, device=device, seed=3)  # fmt: skip
+                      epochs=epochs, max_steps=max_steps, device=device, seed=3)  # fmt: skip
 
 
 def saved_run(folder: Path, device: torch.device) -> st.Trainer:
@@ -178,8 +178,18 @@ def test_inspect_counts_epochs_as_the_checkpoint_names_do_and_says_a_finished_ru
     shown = {line.split()[0]: int(re.search(r", epoch (\d+),", line)[1]) for line in lines}
     assert shown == named  # the epoch of every line, from 1, is the one in its file's name
     finished, mid_epoch = lines[0], next(line for line in lines if "phase 'train'" in line)
-    assert "state 'idle', epoch 3," in finished and "finished (all 3 epoch(s) done)" in finished
+    steps = st.checkpoint.read_tree(files[-1])["position"]["global_step"]
+    assert "state 'idle', epoch 3," in finished and f"finished (after 3 epoch(s) and {steps} step(s))" in finished
     assert "state 'phase', epoch 3, phase 'train'" in mid_epoch
+
+
+def test_inspect_of_a_run_that_max_steps_ended_mid_epoch_says_how_far_it_got_not_that_its_epochs_are_done(
+    tmp_path, capsys, device
+):
+    build_run(tmp_path, device, epochs=5, max_steps=3).fit()
+    assert main(["inspect", str(tmp_path)]) == 0
+    newest = capsys.readouterr().out.splitlines()[1]
+    assert "finished (after 1 epoch(s) and 3 step(s))" in newest and "5 epoch" not in newest
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")

@@ -267,8 +267,9 @@ class Checkpointer:
                  why)  # fmt: skip
 
     def wait(self) -> None:
-        """Wait for the background write in flight and raise its failure, on every rank."""
-        with on_every_rank(self.ranks, self.device, "finish the background checkpoint write in flight"):
+        """Wait for the background write in flight and raise its failure, on every rank (time blocked saving)."""
+        with self.time.saving.measuring(), on_every_rank(self.ranks, self.device, "finish the background checkpoint "
+                                                                                   "write in flight"):  # fmt: skip
             self.writer.wait()
 
     def write_in_flight(self) -> bool:
@@ -288,7 +289,13 @@ class Checkpointer:
                 warnings.warn(f"a background checkpoint write failed as {error!r} ended the run: {failure!r}",
                               stacklevel=3)  # fmt: skip
             raise
-        with on_every_rank(self.ranks, self.device, "finish the background checkpoint write in flight"):
+        self.finish_writes()
+
+    def finish_writes(self) -> None:
+        """As the run ends: wait for the background write in flight, saying so (time blocked saving), and raise its
+        failure on every rank."""
+        with self.time.saving.measuring(), on_every_rank(self.ranks, self.device, "finish the background checkpoint "
+                                                                                   "write in flight"):  # fmt: skip
             self._settle("the run's end")
 
     def find(self, path: str | os.PathLike[str], own_folders: Sequence[Path],

@@ -53,6 +53,9 @@ class RunGuard:
         max_steps: The run's ``max_steps``, for the message that a finished run cannot be advanced.
 
     Attributes:
+        settle_writes: Called (on every rank) when a run has finished, before the callbacks' ``on_close``: waits for
+            the background checkpoint write in flight, so the run's last callbacks see it done (it may raise its
+            failure, after ``on_close`` has run).
         deferred: Actions waiting for the machine to be between batches.
         at_rest: True while they run: the one time a callback may save.
         error: The error that stopped driving for good; None while the run can go on.
@@ -88,6 +91,7 @@ class RunGuard:
         self._close_hooks = [callback.on_close for callback in callbacks
                              if closes and type(callback).on_close is not Callback.on_close]  # fmt: skip
         self._max_steps = max_steps
+        self.settle_writes: Callable[[], None] = lambda: None
 
     @contextlib.contextmanager
     def driving(self, target: Any) -> Iterator[None]:
@@ -138,13 +142,23 @@ class RunGuard:
             return
         self.closed = True
         try:
-            for hook in self._close_hooks:
-                if error is None:
-                    hook(target)
-                else:
-                    _warn_if_raises(error, hook, target)
+            if error is None:
+                try:
+                    self.settle_writes()
+                except BaseException as failure:
+                    self.close_hooks(target, failure)
+                    raise
+            self.close_hooks(target, error)
         finally:
             self.outputs.release()
+
+    def close_hooks(self, target: Any, error: BaseException | None) -> None:
+        """Every ``on_close``; while ``error`` propagates, one that raises is warned about."""
+        for hook in self._close_hooks:
+            if error is None:
+                hook(target)
+            else:
+                _warn_if_raises(error, hook, target)
 
     def _on_signal(self, received: signal.Signals) -> None:
         if self.vote is not None:

@@ -152,6 +152,9 @@ class Trainer:
         self._checkpointer = Checkpointer(self.parts, self.run, self._core.outputs, ranks, self.device,
                                           failed=self._raise_write_failure_at_the_next_boundary,
                                           mesh=sharding_mesh(self.model))  # fmt: skip
+        self._core.guard.settle_writes = (
+            self._checkpointer.finish_writes
+        )  # a finished run's last write, before on_close
 
     @property
     def state(self) -> str:
@@ -162,6 +165,11 @@ class Trainer:
     def position(self) -> Position:
         """Where the run is: epoch, phase, batch and steps taken."""
         return self._core.position
+
+    @property
+    def run_id(self) -> str:
+        """The run's id: its checkpoints and folders carry it, and a resumed run takes its checkpoint's."""
+        return self.run.id
 
     @property
     def checkpoint_time(self) -> CheckpointTime:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import os
 import time
-import uuid
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -108,6 +107,9 @@ class _Loaded:
     rows: list[list[float]]
 
 
+_last_end = 0.0  # when a ledger of this process last closed (a time.time() reading): where a later one starts
+
+
 class GoodputLedger(Callback):
     """Records where the run's wall time goes, per process, across restarts: ``python -m statetrainer report``.
 
@@ -119,15 +121,17 @@ class GoodputLedger(Callback):
     killed process's last record and the restart (``downtime``). A checkpoint
     carries the ledger; its file (``goodput.ledger`` in ``folder``, the
     checkpoints' folder) is updated at every mark, so a restart learns how far
-    a killed process got: ``lost_batches`` is the batches it had done after the
-    checkpoint the restart resumes from.
+    the killed processes got: ``lost_batches`` is the batches they had done
+    after the checkpoint the restart resumes from, which it does again.
 
-    It costs a few marks per batch (a clock reading each, about 0.2 µs), so it
-    is off unless added. Times are the host's: on CUDA, work the host only
-    queued is counted where the host waits for it (usually the optimizer step,
-    or a callback that reads a value); ``synchronize=True`` waits for the GPU
-    at every mark instead, for exact buckets at the cost of that wait. Under
-    torchrun it records rank 0.
+    It costs four marks a batch (a clock reading and a few stores each, about
+    1 µs in all), so it is off unless added. Times are the host's: on CUDA,
+    work the host only queued is counted where the host waits for it (usually
+    the optimizer step, or a callback that reads a value); ``synchronize=True``
+    waits for the GPU at every mark instead, for exact buckets at the cost of
+    that wait. Under torchrun every rank times itself (so every rank runs the
+    same calls around its hooks); rank 0's ledger is the one written and saved.
+    A ledger records one trainer's run.
 
     Args:
         folder: Where its file goes: the run's checkpoint folder.
@@ -135,81 +139,86 @@ class GoodputLedger(Callback):
         name: The callback's unique name (defaults to the class name).
     """
 
-    rank_zero_only = True
     times_hooks = True
 
     def __init__(self, folder: str | os.PathLike[str], *, synchronize: bool = False, name: str | None = None) -> None:
         self.folder, self.synchronize, self.name = Path(folder), synchronize, name
-        self.id = uuid.uuid4().hex
-        started = process_started()
+        started = max(process_started(), _last_end)  # a second run in this process starts after the first's end
         self._to_wall = time.time() - time.perf_counter()  # a perf_counter reading plus this is a time.time() one
         self._last = started - self._to_wall
         self._current = STARTUP
         self._row: Any = [0.0] * len(COLUMNS)  # a list until the file is open, then the file's live row
         self._row[_STARTED] = started
         self._previous: list[list[float]] = []
-        self._route = _TRAINING
-        self._phase_route = _TRAINING
+        self._route = self._phase_route = _TRAINING
         self._batches, self._redo_until = 0, 0
         self._loaded: _Loaded | None = None
         self._clock = CheckpointTime()
         self._seen_saving = self._seen_loading = 0.0
         self._sync: Callable[[], None] | None = None
         self._table: LiveTable | None = None
+        self._opened_for: CheckpointTime | None = None  # the clocks of the trainer whose run it records
 
     @property
     def rows(self) -> list[LedgerRow]:
         """Every process's row so far, this one's last (up to its last mark)."""
-        return [LedgerRow.of(values) for values in (*self._previous, list(self._row))]
+        return [LedgerRow.of(values) for values in self._rows()]
+
+    def _rows(self) -> list[list[float]]:
+        previous = self._previous if self._opened_for is not None or self._loaded is None else self._loaded.rows
+        return [*previous, list(self._row)]
 
     def output_files(self) -> list[Path]:
         return [self.folder / LEDGER_FILE]
 
     def surrounding_calls(self, side: str, state: str, hooked: bool) -> tuple[Any, Any]:
         after = (_AFTER_ENTRY if side == "enter" else _AFTER_EXIT)[state]
-        settles, counts = (side, state) in _LEAVES_REST, (side, state) == ("exit", "batch")
-        enters_phase = (side, state) == ("enter", "phase")
+        notes = {"settles": (side, state) in _LEAVES_REST, "counts": (side, state) == ("exit", "batch"),
+                 "enters_phase": (side, state) == ("enter", "phase")}  # fmt: skip
+        leaves_phase = (side, state) == ("exit", "phase")  # after the phase's own exit hooks
         if hooked:
-            first = self._mark(CALLBACKS, settles, counts, enters_phase)
-            return first, None if after is None else self._mark(after)
-        if after is None or (not (settles or counts or enters_phase) and side == "exit" and state == "backward"):
+            first = self._mark(f"{side}_{state}_first", CALLBACKS, **notes)
+            last = None if after is None else self._mark(f"{side}_{state}_last", after, leaves_phase=leaves_phase)
+            return first, last
+        if after is None or (side, state) == ("exit", "backward"):
             return None, None  # nothing to switch: the bucket goes on to the next mark
-        return None, self._mark(after, settles, counts, enters_phase)
+        return None, self._mark(f"{side}_{state}", after, leaves_phase=leaves_phase, **notes)
 
-    def _mark(self, bucket: int, settles: bool = False, counts: bool = False,
-              enters_phase: bool = False) -> Callable[[Any], None]:  # fmt: skip
+    def _mark(self, label: str, bucket: int, settles: bool = False, counts: bool = False,
+              enters_phase: bool = False, leaves_phase: bool = False) -> Callable[[Any], None]:  # fmt: skip
         """The call that ends the running bucket and starts ``bucket`` (through the route: an evaluation phase's
         buckets are ``evaluation``, a batch run again is ``redone``). The per-batch ones are written out whole:
-        each is a clock reading and a few stores (about 0.2-0.4 µs)."""
+        each is a clock reading and a few stores (about 0.2-0.3 µs)."""
         ledger = self
         perf_counter = self._synchronized_clock if self.synchronize else time.perf_counter
-        if enters_phase or (settles and counts):
+        if enters_phase or leaves_phase or (settles and counts):
 
             def switch_and_note(trainer: Any) -> None:
                 ledger._account(perf_counter(), settles)
                 if counts:
                     ledger._count_batch()
-                if enters_phase:
-                    ledger._phase_route = _TRAINING if trainer.phase.grad else _EVALUATING
+                if enters_phase or leaves_phase:
+                    ledger._phase_route = _EVALUATING if enters_phase and not trainer.phase.grad else _TRAINING
                     ledger._route = _REDOING if ledger._batches < ledger._redo_until else ledger._phase_route
                 ledger._current = ledger._route[bucket]
 
-            return switch_and_note
-        if settles:  # leaving a state at rest, where a checkpoint may have been saved
+            call = switch_and_note
+        elif settles:  # leaving a state at rest, where a checkpoint may have been saved or loaded
 
             def settle_and_switch(_trainer: Any) -> None:
                 now = perf_counter()
-                row, current = ledger._row, ledger._current
+                row, current, clock = ledger._row, ledger._current, ledger._clock
                 row[current] += now - ledger._last
-                saving = ledger._clock.saving.until(now)
-                if saving != ledger._seen_saving:
-                    row[current] -= saving - ledger._seen_saving
+                saving, loading = clock.saving.until(now), clock.loading.until(now)
+                if saving != ledger._seen_saving or loading != ledger._seen_loading:
+                    row[current] -= saving - ledger._seen_saving + loading - ledger._seen_loading
                     row[SAVE] += saving - ledger._seen_saving
-                    ledger._seen_saving = saving
+                    row[LOAD] += loading - ledger._seen_loading
+                    ledger._seen_saving, ledger._seen_loading = saving, loading
                 ledger._last, ledger._current = now, ledger._route[bucket]
 
-            return settle_and_switch
-        if counts:  # a batch's work is done
+            call = settle_and_switch
+        elif counts:  # a batch's work is done
 
             def count_and_switch(_trainer: Any) -> None:
                 now = perf_counter()
@@ -221,14 +230,17 @@ class GoodputLedger(Callback):
                     ledger._route = ledger._phase_route
                 ledger._last, ledger._current = now, ledger._route[bucket]
 
-            return count_and_switch
+            call = count_and_switch
+        else:
 
-        def switch(_trainer: Any) -> None:
-            now = perf_counter()
-            ledger._row[ledger._current] += now - ledger._last
-            ledger._last, ledger._current = now, ledger._route[bucket]
+            def switch(_trainer: Any) -> None:
+                now = perf_counter()
+                ledger._row[ledger._current] += now - ledger._last
+                ledger._last, ledger._current = now, ledger._route[bucket]
 
-        return switch
+            call = switch
+        call.__qualname__ = f"{self.key}.{label}"  # as a recovery message or a saved transition names it
+        return call
 
     def _synchronized_clock(self) -> float:
         """``perf_counter()`` once the device has done the work queued so far (``synchronize=True`` on CUDA)."""
@@ -258,15 +270,26 @@ class GoodputLedger(Callback):
             self._route = self._phase_route
 
     def open_files(self, trainer: TrainerView) -> None:
-        """Start this process's row: after a restart, below the rows the killed process left in the file (or, if
-        it is gone, the checkpoint's), with the batches it lost and the downtime."""
-        if self._clock is not trainer.checkpoint_time:  # this trainer's clocks (once: a reload opens again)
-            self._clock, self._seen_saving, self._seen_loading = trainer.checkpoint_time, 0.0, 0.0
+        """Start this process's row: after a restart, below the rows the killed processes left in the file (or,
+        if it is gone, the checkpoint's), with the batches they lost and the downtime.
+
+        Raises:
+            ValueError: The ledger already records another trainer's run.
+        """
+        if self._opened_for is not None:
+            if self._opened_for is not trainer.checkpoint_time:
+                raise ValueError(f"{self.key} records one trainer's run, and it is another trainer's callback "
+                                 "already: give each trainer a GoodputLedger of its own")  # fmt: skip
+            if self._table is None:  # the same run driven again once it closed (fit() of a finished run)
+                self._table = LiveTable(self.folder / LEDGER_FILE, LEDGER_KIND, trainer.run_id, COLUMNS, self._rows())
+                self._row = self._table.row
+            return
+        self._opened_for = self._clock = trainer.checkpoint_time
         self._sync = torch.cuda.synchronize if self.synchronize and trainer.device.type == "cuda" else None
         self._account(time.perf_counter())
         path = self.folder / LEDGER_FILE
         row = list(self._row)
-        self._previous, row[_LOST], self._redo_until = self._history(path)
+        self._previous, row[_LOST], self._redo_until = self._history(path, trainer.run_id)
         if self._previous:
             before = LedgerRow.of(self._previous[-1])
             overlap = before.ended - row[_STARTED]  # the same process again (a second trainer), or clocks apart
@@ -275,35 +298,42 @@ class GoodputLedger(Callback):
                 row[STARTUP] = max(row[STARTUP] - overlap, 0.0)
             row[DOWNTIME] = max(row[_STARTED] - before.ended, 0.0)
         row[_BATCHES] = self._batches
-        phase = trainer.phase  # a run resumed in the middle of a phase enters none first
-        self._phase_route = _TRAINING if phase is None or phase.grad else _EVALUATING
+        in_phase = trainer.state in ("phase", "batch", "backward", "step") and trainer.phase is not None
+        self._phase_route = _EVALUATING if in_phase and not trainer.phase.grad else _TRAINING  # type: ignore[union-attr]
         self._route = _REDOING if self._batches < self._redo_until else self._phase_route
-        self.close_files()
-        self._table = LiveTable(path, LEDGER_KIND, self.id, COLUMNS, [*self._previous, row])
+        self._table = LiveTable(path, LEDGER_KIND, trainer.run_id, COLUMNS, [*self._previous, row])
         self._row = self._table.row
 
-    def _history(self, path: Path) -> tuple[list[list[float]], int, int]:
-        """The rows of the processes before this one, the batches lost after the checkpoint loaded (-1: not
-        known), and the batch count the redone work runs to."""
-        loaded = self._loaded
-        if loaded is None:
-            return [], 0, 0  # a new run: a file there is of a run that started over, and is replaced
-        record = self._read_record(path)
-        if (record is not None and record.id == self.id and len(record.rows) >= len(loaded.rows)
-                and record.rows[-1][_BATCHES] >= loaded.batches):  # fmt: skip
-            lost = int(record.rows[-1][_BATCHES]) - loaded.batches
-            return [list(row) for row in record.rows], lost, loaded.batches + lost
+    def _history(self, path: Path, run: str) -> tuple[list[list[float]], int, int]:
+        """The rows of the processes before this one, the batches they did after the checkpoint loaded that this
+        one does again (-1: not known), and the batch count that redone work runs to."""
+        loaded, record = self._loaded, self._read_record(path, run)
+        if loaded is None:  # a new run, or this run started again before its first checkpoint: all done again
+            if record is None:
+                return [], 0, 0
+            done = max(int(row[_BATCHES]) for row in record.rows)
+            return [list(row) for row in record.rows], done, done
+        saver = len(loaded.rows) - 1  # the row of the process that saved the checkpoint
+        if (record is not None and len(record.rows) > saver
+                and [row[_STARTED] for row in record.rows[:saver]] == [row[_STARTED] for row in loaded.rows[:saver]]):  # fmt: skip
+            done = max(int(row[_BATCHES]) for row in record.rows[saver:])  # the furthest any later process got
+            if done >= loaded.batches:
+                return [list(row) for row in record.rows], done - loaded.batches, done
         return [list(row) for row in loaded.rows], -1, 0
 
-    def _read_record(self, path: Path) -> TableContents | None:
+    def _read_record(self, path: Path, run: str) -> TableContents | None:
+        """The ledger's file of this run, None if there is none (or it is another run's); warned about if damaged."""
         if not path.exists():
             return None
         try:
-            return read_live_table(path, LEDGER_KIND)
+            record = read_live_table(path, LEDGER_KIND)
+            if record.columns != COLUMNS:
+                raise CheckpointError(f"{path} has the columns {list(record.columns)}, not {list(COLUMNS)}")
         except (CheckpointError, OSError) as error:
             warnings.warn(f"{self.key}: {error}; the ledger goes on from the checkpoint's rows, and the time after "
                           "its save is counted as downtime", stacklevel=2)  # fmt: skip
             return None
+        return record if record.id == run else None
 
     def on_close(self, trainer: TrainerView) -> None:
         self._account(time.perf_counter())
@@ -314,23 +344,22 @@ class GoodputLedger(Callback):
 
     def close_files(self) -> None:
         """Write the live row back and let the file go (the row stays readable)."""
+        global _last_end
         if self._table is not None:
             table, self._table = self._table, None
             self._row = table.close()
+            _last_end = max(_last_end, LedgerRow.of(self._row).ended)
 
     def state_dict(self) -> dict[str, Any]:
         self._account(time.perf_counter())  # in the middle of the save: its seconds so far are the save's
-        rows = [*self._previous, list(self._row)]
-        return {"id": self.id, "batches": self._batches, "columns": list(COLUMNS),
-                "rows": torch.tensor(rows, dtype=torch.float64)}  # fmt: skip
+        return {"batches": self._batches, "columns": list(COLUMNS),
+                "rows": torch.tensor(self._rows(), dtype=torch.float64)}  # fmt: skip
 
     def check_fits(self, state: dict[str, Any]) -> None:
         if state.get("columns") != list(COLUMNS):
             raise CheckpointError(f"the saved ledger's columns are {state.get('columns')!r}, not this version's "
                                   f"{list(COLUMNS)}")  # fmt: skip
-        rows, batches, ledger = state["rows"], state["batches"], state["id"]
-        if not isinstance(ledger, str) or not ledger:
-            raise CheckpointError(f"the saved ledger's id is {ledger!r}, not a name")
+        rows, batches = state["rows"], state["batches"]
         if isinstance(batches, bool) or not isinstance(batches, int) or batches < 0:
             raise CheckpointError(f"the saved ledger's batch count is {batches!r}, not a count")
         if not (isinstance(rows, torch.Tensor) and rows.dtype == torch.float64 and rows.dim() == 2
@@ -340,6 +369,6 @@ class GoodputLedger(Callback):
             raise CheckpointError("the saved ledger holds a number that is not finite")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.id, self._batches = state["id"], state["batches"]
+        self._batches = state["batches"]
         self._loaded = _Loaded(state["batches"], state["rows"].cpu().tolist())
         self._row[_BATCHES] = self._batches

@@ -103,7 +103,7 @@ def read_live_table(path: Path, kind: str) -> TableContents:
     try:
         header: Any = json.loads(data[len(MAGIC) + _LENGTH.size : start])
         columns, count, found_kind, found_id = header["columns"], header["rows"], header["kind"], header["id"]
-    except (ValueError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError, RecursionError) as error:
         raise CheckpointError(f"{path}: its header is not the table's ({error!r})") from error
     if found_kind != kind or not isinstance(found_id, str):
         raise CheckpointError(f"{path} is a table of {found_kind!r}, not of {kind!r}")

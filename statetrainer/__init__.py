@@ -16,6 +16,7 @@ from .errors import CheckpointError, InvalidMove, Preempted
 from .machine import STATES, TRANSITIONS, Move, diagram
 from .phase import Phase
 from .rng import seed_everything
+from .summary import summary
 from .trainer import Trainer, unpack_pair
 from .version import __version__
 from .weights import export_weights, load_weights
@@ -38,5 +39,6 @@ __all__ = [
     "export_weights",
     "load_weights",
     "seed_everything",
+    "summary",
     "unpack_pair",
 ]

@@ -29,6 +29,7 @@ def check_trainer_arguments(
     accumulate: Any,
     grad_clip: Any,
     deterministic: Any,
+    compile: Any = False,
 ) -> tuple[list[Phase], list[Callback]]:
     """Raise ``TypeError`` or ``ValueError`` for the first bad argument; return the phases and callbacks as lists."""
     if not isinstance(model, nn.Module):
@@ -43,6 +44,11 @@ def check_trainer_arguments(
     check_number("grad_clip", grad_clip, 0, low_open=True, optional=True)
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be True or False, got {deterministic!r}")
+    if not isinstance(compile, bool) and not (
+        isinstance(compile, dict) and all(isinstance(key, str) for key in compile)
+    ):
+        raise TypeError(f"compile must be True, False or a dict of torch.compile's options (mode=, dynamic=, ...), "
+                        f"got {compile!r}")  # fmt: skip
     if optimizer is not None:
         _check_optimizer_parameters(model, optimizer)
     phases, callbacks = _check_phases(phases, optimizer), _check_callbacks(callbacks)

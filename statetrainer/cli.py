@@ -58,6 +58,7 @@ def main(arguments: Sequence[str] | None = None) -> int:
         "checkpoint", type=Path, help="a checkpoint file, best.safetensors, or a folder (its newest)"
     )
     exporting.add_argument("out", type=Path, help="the new .safetensors file: the model's state_dict(), its own keys")
+    exporting.add_argument("--averaged", action="store_true", help="the EMA callback's averaged weights")
     differing = commands.add_parser("diff", help="what differs between two checkpoints, part by part")
     differing.add_argument("first", type=Path, help="a checkpoint file")
     differing.add_argument("second", type=Path, help="another checkpoint file")
@@ -108,8 +109,9 @@ def _diagram(options: argparse.Namespace) -> int:
 
 
 def _export(options: argparse.Namespace) -> int:
-    source = export_weights(options.checkpoint, options.out)
-    print(_printable(f"wrote {options.out}: the model weights of {source}"))
+    source = export_weights(options.checkpoint, options.out, averaged=options.averaged)
+    which = "the averaged model weights" if options.averaged else "the model weights"
+    print(_printable(f"wrote {options.out}: {which} of {source}"))
     return 0
 
 

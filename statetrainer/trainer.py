@@ -72,6 +72,8 @@ class Trainer:
         stop_signals: Signals that preempt the run inside ``fit()``/``advance()``: the
             batch in flight finishes, the first ``Checkpoint`` callback saves there, and
             ``Preempted`` (a ``SystemExit``) is raised. ``()`` keeps Python's handlers.
+        compile: Compile the model in place with ``torch.compile`` (``nn.Module.compile()``; a dict: its
+            options), so checkpoints keep the bare model's keys and load into compiled and eager trainers alike.
 
     Under ``torchrun`` the same script trains on every rank (see ``statetrainer.distributed``):
     the model is wrapped in DDP, rebuilt DataLoaders are sharded, metrics are reduced over
@@ -116,17 +118,20 @@ class Trainer:
                  accumulate: int = 1, grad_clip: float | None = None, precision: str | None = None,
                  unpack: Callable[[Any], tuple[Any, Any]] = unpack_pair, seed: int | None = None,
                  deterministic: bool = False,
-                 stop_signals: Iterable[str | int | signal.Signals] | None = DEFAULT_STOP_SIGNALS) -> None:  # fmt: skip
+                 stop_signals: Iterable[str | int | signal.Signals] | None = DEFAULT_STOP_SIGNALS,
+                 compile: bool | dict[str, Any] = False) -> None:  # fmt: skip
         epochs = 1 if epochs is None and max_steps is None else epochs
         self.phases, self.callbacks = check_trainer_arguments(
             model, optimizer, loss_fn, phases, callbacks,
             epochs=epochs, max_steps=max_steps, accumulate=accumulate, grad_clip=grad_clip,
-            deterministic=deterministic)  # fmt: skip
+            deterministic=deterministic, compile=compile)  # fmt: skip
         self.stop_signals = resolve_signals(stop_signals)
         device = resolve_device(device)
         if deterministic and device.type == "cuda":
             require_cublas_workspace()  # before anything starts CUDA
         self.ranks, self.device = ranks, _ = join_process_group(device)  # under torchrun: this rank's GPU
+        if compile is not False:  # in place: the module's keys stay its own
+            model.compile(**({} if compile is True else compile))
         self.model = wrap_model(model.to(self.device), ranks, self.device)
         self.optimizer, self.loss_fn, self.epochs, self.max_steps = optimizer, loss_fn, epochs, max_steps
         self.accumulate = accumulate

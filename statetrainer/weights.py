@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .callbacks.ema import AVERAGED, RAW
 from .checkpoint import SHARD_INDEX, ShardIndex, atomic_write, newest_valid, read_tree, whole_tensors
 from .errors import CheckpointError
 from .saved_state import check_model_state, unwrap_model
@@ -27,12 +28,12 @@ from .saved_state import check_model_state, unwrap_model
 __all__ = ["checkpoint_weights", "export_weights", "load_weights"]
 
 
-def checkpoint_weights(path: str | os.PathLike[str]) -> tuple[Path, dict[str, torch.Tensor]]:
+def checkpoint_weights(path: str | os.PathLike[str], averaged: bool = False) -> tuple[Path, dict[str, torch.Tensor]]:
     """The model weights of the checkpoint ``path`` (a file, ``best.safetensors``, or a folder's newest good one)
-    and the file they came from.
+    and the file they came from; with ``averaged``, the ``EMA`` callback's averaged weights.
 
     Raises:
-        CheckpointError: No readable checkpoint there, or one that holds no model weights.
+        CheckpointError: No readable checkpoint there, or one that holds no model weights (no averaged ones).
     """
     path = Path(path)
     if path.is_dir():
@@ -44,6 +45,14 @@ def checkpoint_weights(path: str | os.PathLike[str]) -> tuple[Path, dict[str, to
         source, tree = path, _assembled(path, read_tree(path))
     step = tree.get("step")
     weights = step.get("model") if isinstance(step, dict) else None
+    ema = _ema_state(tree)
+    if averaged:
+        weights = ema.get(AVERAGED) if ema is not None else None
+        if weights is None:
+            raise CheckpointError(f"{source} holds no averaged weights: the run had no EMA callback, or had taken "
+                                  "no step")  # fmt: skip
+    elif ema is not None and ema.get(RAW) is not None:
+        weights = ema[RAW]  # saved in an evaluation phase run on the averaged weights: the raw ones are the EMA's
     if not isinstance(weights, dict) or not all(
         isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in weights.items()
     ):
@@ -51,6 +60,14 @@ def checkpoint_weights(path: str | os.PathLike[str]) -> tuple[Path, dict[str, to
             f"{source} holds no model weights (its step/model part): is it a statetrainer checkpoint?"
         )
     return source, weights
+
+
+def _ema_state(tree: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``EMA`` callback's saved state in a checkpoint's tree (None: the run had none)."""
+    callbacks = tree.get("callbacks")
+    states = [state for state in (callbacks.values() if isinstance(callbacks, dict) else ())
+              if isinstance(state, dict) and {"decay", "updates", AVERAGED, RAW} <= set(state)]  # fmt: skip
+    return states[0] if states else None
 
 
 def _assembled(path: Path, tree: dict[str, Any]) -> dict[str, Any]:
@@ -64,8 +81,9 @@ def _assembled(path: Path, tree: dict[str, Any]) -> dict[str, Any]:
     return {**tree, "step": {**step, "model": whole_tensors(step["model"], index)}}
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> Path:
+def load_weights(model: nn.Module, path: str | os.PathLike[str], *, averaged: bool = False) -> Path:
     """Load the model weights of the checkpoint ``path`` into ``model`` (bare, DDP or compiled); return the file.
+    With ``averaged``, the ``EMA`` callback's averaged weights.
 
     Every key is checked first (missing, unexpected, shape, dtype), so a model that does not fit is left as it
     was.
@@ -74,7 +92,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         CheckpointError: No usable checkpoint there, or weights that do not fit ``model``; the message names the
             missing and unexpected keys.
     """
-    source, weights = checkpoint_weights(path)
+    source, weights = checkpoint_weights(path, averaged)
     bare = unwrap_model(model)
     try:
         check_model_state(bare.state_dict(), weights)
@@ -84,9 +102,11 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     return source
 
 
-def export_weights(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+def export_weights(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str], *,
+                   averaged: bool = False) -> Path:  # fmt: skip
     """Write the model weights of ``checkpoint`` to ``out``, a new ``.safetensors`` file of the model's own keys
-    (written atomically); return the checkpoint file they came from.
+    (written atomically); return the checkpoint file they came from. With ``averaged``, the ``EMA`` callback's
+    averaged weights.
 
     Raises:
         ValueError: ``out`` does not end in ``.safetensors``, or exists already (it is never overwritten).
@@ -97,7 +117,7 @@ def export_weights(checkpoint: str | os.PathLike[str], out: str | os.PathLike[st
         raise ValueError(f"export to {out}: name a file ending in '.safetensors'")
     if out.exists() or out.is_symlink():
         raise ValueError(f"export to {out}: it exists already; choose another name, or remove it first")
-    source, weights = checkpoint_weights(checkpoint)
+    source, weights = checkpoint_weights(checkpoint, averaged)
     # Each tensor its own contiguous copy: safetensors refuses tensors that share memory (tied weights).
     plain = {key: tensor.detach().clone(memory_format=torch.contiguous_format) for key, tensor in weights.items()}
     with atomic_write(out) as temporary:

@@ -209,7 +209,8 @@ def build(options: argparse.Namespace, writers: bool = True) -> st.Trainer:
               st.Phase("valid", valid, grad=False)]  # fmt: skip
     return st.Trainer(model, optimizer, F.cross_entropy, phases, callbacks=callbacks, epochs=options.epochs,
                       max_steps=options.max_steps, accumulate=options.accumulate, unpack=unpack,
-                      device=options.device, seed=options.seed, deterministic=options.deterministic)  # fmt: skip
+                      device=options.device, seed=options.seed, deterministic=options.deterministic,
+                      compile=options.compile)  # fmt: skip
 
 
 def save_full_state(trainer: st.Trainer, path: Path) -> None:
@@ -356,6 +357,7 @@ def main() -> None:
     parser.add_argument("--travel", help="S1,S2,...: travel to each of these steps from FOLDER's checkpoints")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--ledger", action="store_true", help="a GoodputLedger in the checkpoints' folder")
+    parser.add_argument("--compile", action="store_true", help="Trainer(compile=True): torch.compile in place")
     parser.add_argument("--deterministic", action="store_true")
     parser.add_argument("--kill", help="RANK:EPOCH:BATCH: SIGKILL that rank after that train batch, once")
     parser.add_argument("--save-at", help="EPOCH:BATCH: save FOLDER/mid.safetensors after that train batch, exit")

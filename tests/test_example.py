@@ -69,6 +69,11 @@ def test_example_runs_end_to_end_offline(device: torch.device, tmp_path: Path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("offline: MNIST is not in") and "rendered with Pillow" in lines[0]
+    epoch = next(index for index, line in enumerate(lines) if line.startswith("Epoch:"))
+    summary = lines[1:epoch]  # st.summary(trainer), printed once as the run starts
+    assert summary[0].split() == ["module", "kind", "parameters", "trainable", "size"]
+    assert any(line.startswith("a checkpoint now: ") for line in summary)
+    lines = [lines[0], *lines[epoch:]]
     assert lines[1].startswith("Epoch:    1 | train_loss=") and "valid_accuracy=" in lines[1]
     assert (out / "log.csv").read_text().splitlines()[0].startswith("epoch,step,train_loss,train_accuracy")
     assert final_learning_rate(out) == pytest.approx(FLOOR)  # the one-cycle ends with the run

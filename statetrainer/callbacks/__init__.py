@@ -4,6 +4,7 @@ from .base import HOOK_NAMES, Callback, TrainerView, overridden_hooks
 from .checkpoint import Checkpoint
 from .debugging import Breakpoint
 from .early_stopping import EarlyStopping
+from .ema import EMA
 from .finite import NonFiniteError, StopOnNonFinite
 from .goodput import GoodputLedger
 from .loggers import CSVLogger, StreamLogger, learning_rates
@@ -22,6 +23,7 @@ __all__ = [
     "TrainerView",
     "Checkpoint",
     "CosineWarmRestarts",
+    "EMA",
     "EarlyStopping",
     "GoodputLedger",
     "Metric",

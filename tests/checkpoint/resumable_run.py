@@ -2,7 +2,7 @@
 
     python resumable_run.py FOLDER OUT [--kill-at EPOCH:PHASE:BATCH] [--signal-at EPOCH:PHASE:BATCH:SIGNAL]
                             [--accumulate N] [--pad-mb M] [--device D] [--precision P] [--deterministic]
-                            [--background] [--in-write N:POINT:SIGNAL]
+                            [--background] [--in-write N:POINT:SIGNAL] [--ema]
 
 It trains with everything that makes exact resume hard: a shuffled DataLoader
 with two workers, random augmentation drawing from torch, NumPy and Python,
@@ -16,7 +16,8 @@ DataLoader workers, as a scheduler or Ctrl-C does) as that batch starts;
 ``--pad-mb`` adds a constant buffer so each checkpoint write takes long enough
 to be caught mid-write. ``--background`` writes the checkpoints in the
 background; ``--in-write`` then has SIGNAL (KILL or TERM) land as the N-th
-background write reaches POINT (see ``InWrite``), while training goes on.
+background write reaches POINT (see ``InWrite``), while training goes on. ``--ema``
+adds an ``EMA`` of the weights (the validation runs on it) and writes the average to OUT.
 """
 
 from __future__ import annotations
@@ -250,6 +251,7 @@ def main() -> None:
     parser.add_argument("--deterministic", action="store_true")
     parser.add_argument("--background", action="store_true")
     parser.add_argument("--in-write", default=None)
+    parser.add_argument("--ema", action="store_true", help="an EMA of the weights, which the validation runs on")
     parser.add_argument("--loader", choices=("seeded", "stream", "torchdata", "torchdata-main"), default="seeded",
                         help="the training loader: a DataLoader, a stream, a StatefulDataLoader with or without workers")  # fmt: skip
     args = parser.parse_args()
@@ -267,6 +269,8 @@ def main() -> None:
     if args.in_write:
         count, point, name = args.in_write.split(":")
         InWrite(args.folder, int(count), point, name)
+    if args.ema:
+        extra.append(cb.EMA(0.9))
     options = {"device": args.device, "precision": args.precision, "deterministic": args.deterministic}
     trainer = build(args.folder, args.accumulate, args.pad_mb, extra, loader=args.loader,
                     background=args.background, **options)  # fmt: skip
@@ -274,8 +278,9 @@ def main() -> None:
     print(f"resumed from {resumed}" if resumed else "fresh start", flush=True)
     trainer.fit()
     model = {key: value for key, value in trainer.model.state_dict().items() if key != "pad"}
-    write_tree(args.out, {"model": model, "optimizer": trainer.optimizer.state_dict(), "metrics": trainer.metrics},
-               st.__version__)  # fmt: skip
+    ema = [callback.averaged for callback in trainer.callbacks if isinstance(callback, cb.EMA)]
+    write_tree(args.out, {"model": model, "optimizer": trainer.optimizer.state_dict(), "metrics": trainer.metrics,
+                          **({"ema": ema[0]} if ema else {})}, st.__version__)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -45,6 +45,9 @@ def assert_same_run(expected_folder: Path, expected_out: Path, folder: Path, out
     assert_trees_equal(expected["model"], actual["model"], "model")
     assert_trees_equal(expected["optimizer"], actual["optimizer"], "optimizer")
     assert expected["metrics"] == actual["metrics"]
+    assert expected.keys() == actual.keys()
+    if "ema" in expected:  # the averaged weights too
+        assert_trees_equal(expected["ema"], actual["ema"], "ema")
     for log in ("log.csv", "log_batches.csv"):
         assert (expected_folder / log).read_text() == (folder / log).read_text(), log
 
@@ -141,6 +144,27 @@ SIGNAL_POINTS = [
     pytest.param(1, "2:train:16", "SIGINT", marks=slow),  # Ctrl-C: reaches the DataLoader workers too
     pytest.param(2, "0:train:3", "SIGINT", marks=slow),
 ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("how", "where"), [("kill", "1:train:5"), ("SIGTERM", "1:valid:1")],
+                         ids=["sigkill-in-training", "sigterm-in-validation-on-the-averaged-weights"])  # fmt: skip
+def test_a_run_with_an_ema_killed_or_stopped_resumes_bit_identical_with_its_average(baseline, tmp_path, device, how,
+                                                                                    where):  # fmt: skip
+    """EMA(0.9), the validation run on the averaged weights: SIGKILLed in training, or stopped by SIGTERM in the
+    validation (the checkpoint then holds the averaged weights as the model's and the raw ones in the EMA's
+    state), the restart ends with the weights, Adam, metrics, log and the average of the run never stopped."""
+    options = ("--ema", *device_options(device))
+    folder, out = tmp_path / "run", tmp_path / "run.out"
+    interrupt = ("--kill-at", where) if how == "kill" else ("--signal-at", f"{where}:{how}")
+    stopped = run_script(folder, out, *options, *interrupt)
+    assert stopped.returncode == (-signal.SIGKILL if how == "kill" else 128 + signal.SIGTERM), stopped.stderr
+    if how != "kill":
+        epoch, phase, batch = where.split(":")
+        assert newest_position(folder) == ("phase", int(epoch), phase, int(batch))
+    resumed = run_script(folder, out, *options)
+    assert resumed.returncode == 0 and resumed.stdout.startswith("resumed from"), resumed.stderr
+    assert_same_run(*baseline(*options), folder, out)
 
 
 def newest_position(folder: Path) -> tuple[str, int, str, int]:

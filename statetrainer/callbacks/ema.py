@@ -1,0 +1,149 @@
+"""An exponential moving average of the model's weights, on the device, in the checkpoint, and for evaluation."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..checkpoint import CheckpointError
+from ..distributed import fully_sharded
+from ..saved_state import unwrap_model
+from .base import Callback, TrainerView
+
+__all__ = ["EMA", "AVERAGED", "RAW"]
+
+AVERAGED = "averaged"  # the state's key of the averaged weights: the model's state_dict() keys
+RAW = "raw"  # the raw weights, while an evaluation phase runs on the averaged ones (None otherwise)
+
+
+class EMA(Callback):
+    """Keeps ``averaged = decay * averaged + (1 - decay) * weights`` after every ``every_steps`` optimizer steps.
+
+    Every floating-point tensor of the model's ``state_dict()`` is averaged (the weights, and buffers such as
+    BatchNorm's running statistics); the others (BatchNorm's batch count) are copied. The average starts from
+    the weights as the run starts, lives on the model's device, updated in place with one fused call a step
+    (``torch._foreach_lerp_``), and is part of the checkpoint, so a resumed run continues it exactly.
+
+    With ``evaluate_with``, every phase without gradients (and ``validate()``, ``predict()``) runs on the averaged
+    weights: they are copied into the model as the phase starts and the raw ones copied back as it ends, bit for
+    bit; training always runs on the raw weights. A checkpoint saved in such a phase (a stop signal's) holds the
+    averaged weights as the model's and the raw ones in this callback's state, and a resume puts them back as the
+    phase ends. ``load_weights(model, path, averaged=True)`` and ``export --averaged`` take the averaged weights.
+    Under torchrun (DDP) every rank keeps the same average; a model sharded with ``fully_shard`` is refused.
+
+    Args:
+        decay: The weight of the average so far, in (0, 1): 0.999 averages over about 1,000 steps.
+        every_steps: Update after every this many optimizer steps.
+        evaluate_with: Evaluation phases run on the averaged weights.
+        name: The callback's unique name (defaults to the class name).
+    """
+
+    def __init__(self, decay: float, every_steps: int = 1, evaluate_with: bool = True, name: str | None = None) -> None:
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay < 1:
+            raise ValueError(f"EMA: decay is a number between 0 and 1 (0.999, say), not {decay!r}")
+        if isinstance(every_steps, bool) or not isinstance(every_steps, int) or every_steps < 1:
+            raise ValueError(f"EMA: every_steps is a positive integer, not {every_steps!r}")
+        self.decay, self.every_steps, self.evaluate_with, self.name = float(decay), every_steps, evaluate_with, name
+        self.updates = 0
+        self.averaged: dict[str, torch.Tensor] | None = None
+        self._raw: dict[str, torch.Tensor] | None = None
+        self._live: dict[str, torch.Tensor] | None = None  # the model's own tensors, by state_dict() key
+        self._floats: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] = (
+            [], [], [], [])  # fmt: skip
+
+    def _model_tensors(self, trainer: TrainerView) -> dict[str, torch.Tensor]:
+        """The model's tensors (sharing its storage), by ``state_dict()`` key; looked up once."""
+        if self._live is None:
+            model = unwrap_model(trainer.model)
+            if fully_sharded(model):
+                raise ValueError("EMA does not average a model sharded with fully_shard yet: train without EMA, or "
+                                 "with DDP")  # fmt: skip
+            self._live = {key: tensor.detach() for key, tensor in model.state_dict().items()}
+        return self._live
+
+    def _start(self, trainer: TrainerView) -> dict[str, torch.Tensor]:
+        live = self._model_tensors(trainer)
+        if self.averaged is None:  # a new run: the average starts from the weights as they start
+            self.averaged = {key: tensor.clone() for key, tensor in live.items()}
+        if not self._floats[0] and not self._floats[2]:
+            _check_like(self.averaged, live, AVERAGED)
+            if self._raw is not None:
+                _check_like(self._raw, live, RAW)
+            averaged = self.averaged
+            floats = [key for key, tensor in live.items() if tensor.is_floating_point()]
+            others = [key for key, tensor in live.items() if not tensor.is_floating_point()]
+            self._floats = ([averaged[key] for key in floats], [live[key] for key in floats],
+                            [averaged[key] for key in others], [live[key] for key in others])  # fmt: skip
+        return live
+
+    def on_exit_idle(self, trainer: TrainerView) -> None:
+        self._start(trainer)
+
+    def on_exit_step(self, trainer: TrainerView) -> None:
+        if trainer.global_step % self.every_steps:
+            return
+        self._start(trainer)
+        averaged_floats, live_floats, averaged_others, live_others = self._floats
+        with torch.no_grad():
+            if averaged_floats:
+                # the fused list op torch.optim uses: one call for every tensor
+                torch._foreach_lerp_(averaged_floats, live_floats, 1.0 - self.decay)  # pyright: ignore[reportPrivateImportUsage]
+            for average, value in zip(averaged_others, live_others, strict=True):  # a batch count or two
+                average.copy_(value)
+        self.updates += 1
+
+    def on_enter_phase(self, trainer: TrainerView) -> None:
+        if not self.evaluate_with or trainer.phase is None or trainer.phase.grad or self._raw is not None:
+            return
+        live = self._start(trainer)
+        assert self.averaged is not None
+        with torch.no_grad():
+            self._raw = {key: tensor.clone() for key, tensor in live.items()}
+            for key, tensor in live.items():
+                tensor.copy_(self.averaged[key])
+
+    def on_exit_phase(self, trainer: TrainerView) -> None:
+        if self._raw is None:
+            return
+        live = self._model_tensors(trainer)
+        with torch.no_grad():
+            for key, tensor in live.items():
+                tensor.copy_(self._raw[key])
+        self._raw = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "updates": self.updates, AVERAGED: self.averaged, RAW: self._raw}
+
+    def check_fits(self, state: dict[str, Any]) -> None:
+        decay, updates, averaged, raw = state["decay"], state["updates"], state[AVERAGED], state[RAW]
+        if not isinstance(decay, float) or not math.isfinite(decay):
+            raise CheckpointError(f"decay is {decay!r}, not a number")
+        if decay != self.decay:
+            raise CheckpointError(f"the run averaged with decay {decay}, this EMA's is {self.decay}: build it as the "
+                                  "run did")  # fmt: skip
+        if isinstance(updates, bool) or not isinstance(updates, int) or updates < 0:
+            raise CheckpointError(f"updates is {updates!r}, not a count")
+        for label, weights in ((AVERAGED, averaged), (RAW, raw)):
+            if weights is None and (label == RAW or updates == 0):
+                continue
+            if not isinstance(weights, dict) or not all(
+                isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in weights.items()
+            ):
+                raise CheckpointError(f"{label} is not the model's tensors by key")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.updates = state["updates"]
+        self.averaged, self._raw = state[AVERAGED], state[RAW]
+        self._live, self._floats = None, ([], [], [], [])
+
+
+def _check_like(saved: dict[str, torch.Tensor], live: dict[str, torch.Tensor], label: str) -> None:
+    """Raise unless ``saved`` holds a tensor of the same shape and dtype for each of the model's keys (a checkpoint
+    whose model part fits, and whose EMA state does not, is a damaged one)."""
+    wrong = [key for key, tensor in live.items()
+             if key not in saved or saved[key].shape != tensor.shape or saved[key].dtype != tensor.dtype]  # fmt: skip
+    if wrong or len(saved) != len(live):
+        raise CheckpointError(f"EMA: the saved {label} weights do not fit the model (first at "
+                              f"{(wrong or sorted(set(saved) - set(live)))[0]!r})")  # fmt: skip

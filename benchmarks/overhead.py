@@ -74,6 +74,14 @@ def ledger_loop(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Callabl
     return trainer.fit
 
 
+def ema_loop(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], None]:
+    """statetrainer with an ``EMA(0.999)`` of the weights: one fused update after every step."""
+    model, optimizer = make_model()
+    trainer = st.Trainer(model, optimizer, nn.MSELoss(), [st.Phase("train", batches)],
+                         callbacks=[st.callbacks.EMA(0.999)], device=DEVICE)  # fmt: skip
+    return trainer.fit
+
+
 def run_until_loop(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], None]:
     """statetrainer stepped to the run's end by ``run_until``: its stop check runs after every transition."""
     model, optimizer = make_model()
@@ -143,7 +151,7 @@ def main() -> None:
     synchronize = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)
     loops: dict[str, Factory] = {"hand-written": hand_loop, "statetrainer": statetrainer_loop,
                                  "run_until": run_until_loop, "batches=K": stream_loop,
-                                 "GoodputLedger": ledger_loop}  # fmt: skip
+                                 "GoodputLedger": ledger_loop, "EMA": ema_loop}  # fmt: skip
     if importlib.util.find_spec("ignite") is not None:
         loops["ignite"] = ignite_loop
     print(

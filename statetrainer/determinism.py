@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -48,7 +49,15 @@ def require_cublas_workspace() -> None:
 
 @contextlib.contextmanager
 def deterministic_algorithms() -> Iterator[None]:
-    """Deterministic algorithms on, cuDNN deterministic and not benchmarking; the previous settings come back after."""
+    """Deterministic algorithms on, cuDNN deterministic and not benchmarking, and a model compiled while driving
+    compiled by Inductor without its on-device benchmarking (autotuning picks kernels by timing them, so two runs
+    could pick differently); the previous settings come back after."""
+    inductor = None
+    if "torch._inductor.config" in sys.modules:  # loaded with torch.compile (and torch.optim); its import is slow
+        from torch._inductor import config as inductor  # noqa: PLC0415
+    saved_inductor = inductor is not None and inductor.deterministic
+    if inductor is not None:
+        inductor.deterministic = True
     saved = (
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
@@ -62,3 +71,5 @@ def deterministic_algorithms() -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
+        if inductor is not None:
+            inductor.deterministic = saved_inductor

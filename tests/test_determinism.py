@@ -58,6 +58,24 @@ def test_deterministic_mode_holds_while_the_run_drives_and_the_previous_settings
     assert _settings() == (False, False, True)
 
 
+def test_a_model_compiled_while_it_drives_is_compiled_without_inductors_on_device_benchmarking(
+    device, restore_global_settings
+):
+    """Inductor's deterministic mode (no kernel picked by timing) holds while the run drives, and its previous
+    value comes back after."""
+    from torch._inductor import config as inductor
+
+    seen = []
+
+    class RecordInductor(st.Callback):
+        def on_enter_batch(self, trainer):
+            seen.append(inductor.deterministic)
+
+    before = inductor.deterministic
+    build(device, [RecordInductor()], deterministic=True).fit()
+    assert set(seen) == {True} and inductor.deterministic == before
+
+
 def test_without_it_the_users_settings_are_left_alone(device, restore_global_settings):
     recorder = RecordSettings()
     build(device, [recorder]).fit()

@@ -13,6 +13,7 @@ from .plots import Plots
 from .progress import ProgressBar
 from .schedulers import CosineWarmRestarts, OneCycle, ParamScheduler, TorchScheduler, anneal
 from .tensorboard import TensorBoardLogger
+from .trackers import MLflowLogger, Tracker, TrackerLogger
 
 __all__ = [
     "HOOK_NAMES",
@@ -36,6 +37,9 @@ __all__ = [
     "StopOnNonFinite",
     "StreamLogger",
     "TensorBoardLogger",
+    "MLflowLogger",
+    "Tracker",
+    "TrackerLogger",
     "TorchScheduler",
     "anneal",
     "learning_rates",

@@ -299,7 +299,7 @@ def test_a_ledger_adds_no_warning_and_leaves_the_run_as_it_was(tmp_path, device)
 
 
 def _batches_at(step: int) -> int:
-    """The batches ``goodput_run.py`` has done once step ``step`` is taken: 32 training and 8 validation batches
+    """The batches ``small_run.py`` has done once step ``step`` is taken: 32 training and 8 validation batches
     an epoch."""
     return step + 8 * ((step - 1) // 32)
 
@@ -314,7 +314,7 @@ def test_a_run_killed_twice_accounts_for_the_wall_time_of_its_three_processes(tm
     """SIGKILLed at step 23 and at step 47, then run to its end: the ledger's buckets add up to the three
     processes' wall time (measured here, from each start to each exit) within 2%, and each restart counts as
     lost exactly the batches done between the last save and the kill."""
-    folder, script = tmp_path / "run", Path(__file__).with_name("goodput_run.py")
+    folder, script = tmp_path / "run", Path(__file__).with_name("small_run.py")
     walls, kills = [], [23, 47]
     for kill in [*kills, None]:
         started = time.time()

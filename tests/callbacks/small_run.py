@@ -1,6 +1,6 @@
-"""A run with a goodput ledger that resumes itself: the subject of the ledger's kill-and-restart test.
+"""A small run that resumes itself: the subject of the goodput ledger's and the trackers' kill-and-restart tests.
 
-    python goodput_run.py FOLDER [--kill-at-step S] [--device D] [--background]
+    python small_run.py FOLDER [--kill-at-step S] [--device D] [--background] [--mlflow URI]
 
 It trains a small MLP on 32 batches per epoch for 3 epochs, validating on 8
 batches after each, with a checkpoint every 10 steps and at each epoch's end;
@@ -9,6 +9,8 @@ started again with the same FOLDER it continues from the newest checkpoint.
 step S. It ends with ``os._exit(0)``: Python's own finalization after that
 (about a second with torch loaded, on the 2-core test machine) comes after the
 last moment any code of a process can record, so it is in no ledger.
+It keeps a ``GoodputLedger`` in FOLDER; ``--mlflow URI`` also logs to MLflow
+(every 2 steps and every epoch).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def main() -> None:
     parser.add_argument("--kill-at-step", type=int)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--background", action="store_true")
+    parser.add_argument("--mlflow", help="an MLflow tracking URI to log to")
     options = parser.parse_args()
     torch.manual_seed(0)
     inputs, labels = torch.randn(512, 64), torch.randint(0, 4, (512,))
@@ -48,6 +51,8 @@ def main() -> None:
     model = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 4))
     callbacks: list[st.Callback] = [cb.GoodputLedger(options.folder), cb.SmoothedLoss(),
                                     cb.Checkpoint(options.folder, every_steps=10, background=options.background)]  # fmt: skip
+    if options.mlflow:
+        callbacks.append(cb.MLflowLogger(options.mlflow, experiment="small-run", every_steps=2))
     if options.kill_at_step is not None:
         callbacks.append(KillAtStep(options.kill_at_step))
     trainer = st.Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-3), F.cross_entropy,

@@ -1,0 +1,186 @@
+"""Experiment trackers (MLflow, Weights & Biases, your own) that show a killed and resumed run as one run.
+
+A tracker integration is a ``Tracker``: it opens (or opens again) the
+tracker's run, says up to which step each metric is already there, logs, and
+closes. ``TrackerLogger`` drives any ``Tracker`` from the run's hooks, and
+does what makes a resume clean:
+
+- the tracker's run is keyed by the statetrainer run's id, which a resumed
+  run (and one started again before its first checkpoint) keeps, so it
+  continues the same tracker run rather than opening a second;
+- a restart recomputes, bit for bit, the steps between its checkpoint and the
+  kill, and the killed process had logged them already: a metric is logged
+  only past the newest step the tracker holds for it, so each step is there
+  once, with the value an uninterrupted run logs.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Protocol
+
+from ..optional import require
+from ..saved_state import unwrap_model
+from ..summary import summary
+from .base import Callback, TrainerView
+from .loggers import learning_rates
+from .metrics import running_metrics
+from .periodic import check_every, due
+
+__all__ = ["MLflowLogger", "MLflowTracker", "Tracker", "TrackerLogger", "run_params"]
+
+
+class Tracker(Protocol):
+    """What an experiment tracker's integration implements (see ``TrackerLogger``)."""
+
+    def start(self, run_key: str, params: dict[str, Any]) -> str:
+        """Open the tracker's run for the statetrainer run ``run_key``: the one made for it before (a resumed run),
+        or a new one with ``params``; return the tracker's own id of it."""
+        ...
+
+    def logged(self) -> dict[str, int]:
+        """The newest step the open run holds for each metric name (empty for a new run)."""
+        ...
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """Log ``metrics`` at ``step`` (the run's optimizer steps taken)."""
+        ...
+
+    def close(self, finished: bool) -> None:
+        """Let the run go: ``finished`` when the training run ended, False when an error or a signal stopped it
+        (it may be resumed)."""
+        ...
+
+
+def run_params(trainer: TrainerView) -> dict[str, Any]:
+    """What a tracker records of a run: its seed, shape and settings, and its model's size."""
+    found = summary(trainer.model)
+    params = {name: getattr(trainer, name, None)
+              for name in ("seed", "epochs", "max_steps", "total_steps", "accumulate", "world_size")}  # fmt: skip
+    params.update(phases=", ".join(phase.name + ("" if phase.grad else " (no gradients)") for phase in trainer.phases),
+                  optimizer=type(trainer.optimizer).__name__ if trainer.optimizer is not None else None,
+                  model=type(unwrap_model(trainer.model)).__name__, parameters=found.parameters,
+                  trainable_parameters=found.trainable, parameter_bytes=found.parameter_bytes)  # fmt: skip
+    return {name: value for name, value in params.items() if value is not None}
+
+
+class TrackerLogger(Callback):
+    """Logs the run to an experiment tracker (a ``Tracker``), as one run across kills and resumes.
+
+    Every ``every_steps`` optimizer steps, as the batch that took the step ends: the learning rate(s) and the
+    training phase's running metrics (reading them waits for the device: list the logger after the metrics); at
+    each epoch's end, every ``trainer.metrics`` entry. The step is always ``trainer.global_step``. As the run
+    starts, ``run_params`` are recorded. Under torchrun it runs on rank 0.
+
+    Args:
+        tracker: The tracker's integration.
+        every_steps: Steps between per-step points.
+        name: The callback's unique name (defaults to the class name).
+    """
+
+    rank_zero_only = True
+
+    def __init__(self, tracker: Tracker, every_steps: int = 10, name: str | None = None) -> None:
+        check_every("TrackerLogger: every_steps", every_steps)
+        self.tracker, self.every_steps, self.name = tracker, every_steps, name
+        self.run_id: str | None = None  # the tracker's id of the run, once open
+        self._logged: dict[str, int] = {}
+        self._stepped = False
+
+    def _open(self, trainer: TrainerView) -> None:
+        if self.run_id is None:
+            self.run_id = self.tracker.start(trainer.run_id, run_params(trainer))
+            self._logged = dict(self.tracker.logged())
+
+    def _log(self, trainer: TrainerView, metrics: dict[str, float]) -> None:
+        self._open(trainer)
+        step = trainer.global_step
+        new = {name: value for name, value in metrics.items() if step > self._logged.get(name, -1)}
+        if new:
+            self.tracker.log(new, step)
+            self._logged.update(dict.fromkeys(new, step))
+
+    def on_exit_idle(self, trainer: TrainerView) -> None:
+        self._open(trainer)
+
+    def on_exit_step(self, trainer: TrainerView) -> None:
+        self._stepped = due(trainer.global_step, self.every_steps)
+
+    def on_exit_batch(self, trainer: TrainerView) -> None:
+        if self._stepped:  # once the batch's metrics are updated
+            self._stepped = False
+            self._log(trainer, {**learning_rates(trainer), **running_metrics(trainer)})
+
+    def on_exit_epoch(self, trainer: TrainerView) -> None:
+        self._log(trainer, {f"epoch/{name}": float(value) for name, value in trainer.metrics.items()})
+
+    def on_close(self, trainer: TrainerView) -> None:
+        if self.run_id is not None:
+            self.tracker.close(finished=bool(getattr(trainer, "finished", False)))
+            self.run_id = None
+
+
+class MLflowTracker:
+    """MLflow's integration (the ``mlflow`` extra): a run of ``experiment`` at ``tracking_uri`` (MLflow's default:
+    ``MLFLOW_TRACKING_URI``), tagged ``statetrainer.run`` with the statetrainer run's id, by which a resumed run
+    finds it again. Parameters are logged once, when the run is made."""
+
+    TAG = "statetrainer.run"
+
+    def __init__(self, tracking_uri: str | None = None, experiment: str = "statetrainer",
+                 run_name: str | None = None) -> None:  # fmt: skip
+        tracking = require("mlflow.tracking", "mlflow", "MLflowLogger")
+        self.client = tracking.MlflowClient(tracking_uri=tracking_uri)
+        self.experiment, self.run_name = experiment, run_name
+        self.run_id: str | None = None
+
+    def start(self, run_key: str, params: dict[str, Any]) -> str:
+        experiment = self.client.get_experiment_by_name(self.experiment)
+        experiment_id = experiment.experiment_id if experiment is not None else self.client.create_experiment(
+            self.experiment)  # fmt: skip
+        found = self.client.search_runs([experiment_id], filter_string=f"tags.`{self.TAG}` = '{run_key}'",
+                                        max_results=1)  # fmt: skip
+        if found:
+            run_id: str = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            run_id = self.client.create_run(experiment_id, tags={self.TAG: run_key}, run_name=self.run_name).info.run_id
+            entities = require("mlflow.entities", "mlflow", "MLflowLogger")
+            self.client.log_batch(run_id, params=[entities.Param(key, str(value)) for key, value in params.items()])
+        self.run_id = run_id
+        return run_id
+
+    def logged(self) -> dict[str, int]:
+        assert self.run_id is not None
+        names = self.client.get_run(self.run_id).data.metrics
+        return {name: max(point.step for point in self.client.get_metric_history(self.run_id, name))
+                for name in names}  # fmt: skip
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        assert self.run_id is not None
+        entities = require("mlflow.entities", "mlflow", "MLflowLogger")
+        stamp = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[entities.Metric(name, value, stamp, step)
+                                                    for name, value in metrics.items()])  # fmt: skip
+
+    def close(self, finished: bool) -> None:
+        if self.run_id is not None:
+            self.client.set_terminated(self.run_id, status="FINISHED" if finished else "KILLED")
+            self.run_id = None
+
+
+class MLflowLogger(TrackerLogger):
+    """``TrackerLogger`` with ``MLflowTracker``: per-step and per-epoch metrics against the global step, the run's
+    parameters, one MLflow run across kills and resumes (the ``mlflow`` extra).
+
+    Args:
+        tracking_uri: Where MLflow keeps its runs (``sqlite:///mlflow.db``, a server's URL); None: MLflow's default.
+        experiment: The MLflow experiment.
+        run_name: The MLflow run's name (MLflow picks one if None).
+        every_steps: Steps between per-step points.
+        name: The callback's unique name (defaults to the class name).
+    """
+
+    def __init__(self, tracking_uri: str | None = None, experiment: str = "statetrainer", run_name: str | None = None,
+                 every_steps: int = 10, name: str | None = None) -> None:  # fmt: skip
+        super().__init__(MLflowTracker(tracking_uri, experiment, run_name), every_steps, name)

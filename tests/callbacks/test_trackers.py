@@ -1,0 +1,137 @@
+"""Experiment trackers: a killed and resumed run is one tracker run, each step logged once, as an uninterrupted
+run logs it. The protocol's example in docs/trackers.md runs as written; MLflow is read back through its client."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import statetrainer as st
+from statetrainer.callbacks import Checkpoint, SmoothedLoss, TrackerLogger
+
+DOC = Path(__file__).parents[2] / "docs" / "trackers.md"
+SCRIPT = Path(__file__).with_name("small_run.py")
+
+
+def documented_tracker(workdir: Path) -> dict:
+    """The names the protocol's example in docs/trackers.md defines, run as written in ``workdir``."""
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.DOTALL)
+    [example] = [block for block in blocks if "class JsonLinesTracker" in block]
+    assert len(example.splitlines()) <= 45, "the example is meant to be short"
+    names: dict = {}
+    exec(compile(example.replace('"runs/tracked"', repr(str(workdir / "runs/tracked"))), str(DOC), "exec"), names)
+    return names
+
+
+class CrashAtStep(st.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_exit_batch(self, trainer: st.Trainer) -> None:
+        if trainer.phase.grad and trainer.global_step == self.step:
+            raise RuntimeError(f"crash at step {self.step}")
+
+
+def build(folder: Path, logger: st.Callback, *callbacks: st.Callback, device) -> st.Trainer:
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(1)
+    inputs, labels = torch.randn(96, 5, generator=generator), torch.randint(0, 2, (96,), generator=generator)
+    batches = [(inputs[index : index + 8], labels[index : index + 8]) for index in range(0, 96, 8)]
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 2))
+    return st.Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-2), F.cross_entropy,
+                      [st.Phase("train", batches), st.Phase("valid", batches[:3], grad=False)],
+                      callbacks=[SmoothedLoss(), logger, Checkpoint(folder, every_steps=5), *callbacks], epochs=2,
+                      device=device, seed=3)  # fmt: skip
+
+
+def points(path: Path) -> list[tuple[str, int, float]]:
+    lines = path.read_text().splitlines()
+    assert "params" in json.loads(lines[0])
+    return [(point["name"], point["step"], point["value"]) for point in map(json.loads, lines[1:])]
+
+
+def test_the_documented_tracker_shows_a_crashed_and_resumed_run_as_one_with_each_step_once(tmp_path, device):
+    """The docs' JSON-lines tracker: crashed at step 8 (saved at 5) and resumed, the run's file has each point
+    once, the points of an uninterrupted run's file, values equal."""
+    names = documented_tracker(tmp_path)
+    logger = names["logger"]
+    with pytest.raises(RuntimeError, match="crash at step 8"):
+        build(tmp_path / "run", logger, CrashAtStep(8), device=device).fit()
+    resumed = build(tmp_path / "run", TrackerLogger(names["JsonLinesTracker"](tmp_path / "runs/tracked"),
+                                                    every_steps=2), device=device)  # fmt: skip
+    resumed.load_checkpoint(tmp_path / "run")
+    resumed.fit()
+    whole = build(tmp_path / "whole", TrackerLogger(names["JsonLinesTracker"](tmp_path / "whole-tracked"),
+                                                    every_steps=2), device=device).fit()  # fmt: skip
+    [tracked] = (tmp_path / "runs/tracked").glob("*.jsonl")  # one run
+    assert tracked.stem == resumed.run_id
+    logged, expected = points(tracked), points(next((tmp_path / "whole-tracked").glob("*.jsonl")))
+    assert max(Counter((name, step) for name, step, _ in logged).values()) == 1  # each step once
+    assert sorted(logged) == sorted(expected)  # and as the uninterrupted run logged them, values equal
+    assert {name for name, _, _ in logged} >= {"lr", "train_loss", "epoch/train_loss", "epoch/valid_loss"}
+    assert whole.global_step == resumed.global_step == 24
+
+
+def test_a_tracker_of_another_shape_is_used_through_the_protocol(tmp_path, device):
+    """``TrackerLogger`` calls only the protocol: params once as the run starts, points at the global step."""
+    names = documented_tracker(tmp_path)
+    logger = TrackerLogger(names["JsonLinesTracker"](tmp_path / "tracked"), every_steps=4)
+    trainer = build(tmp_path / "run", logger, device=device).fit()
+    [tracked] = (tmp_path / "tracked").glob("*.jsonl")
+    params = json.loads(tracked.read_text().splitlines()[0])["params"]
+    assert params["seed"] == 3 and params["total_steps"] == 24 and params["parameters"] == 5 * 16 + 16 + 16 * 2 + 2
+    steps = sorted({step for name, step, _ in points(tracked) if name == "lr"})
+    assert steps == list(range(4, 25, 4)) and trainer.global_step == 24
+
+
+def test_every_steps_is_checked():
+    with pytest.raises(ValueError, match="every_steps"):
+        TrackerLogger(object(), every_steps=0)  # type: ignore[arg-type]
+
+
+def _mlflow_points(uri: str) -> tuple[list, dict[str, list[tuple[int, float]]]]:
+    """Every run of the small run's experiment in ``uri``, and the first one's metric histories."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("small-run")
+    runs = client.search_runs([experiment.experiment_id])
+    histories = {name: [(point.step, point.value) for point in client.get_metric_history(runs[0].info.run_id, name)]
+                 for name in runs[0].data.metrics}  # fmt: skip
+    return runs, histories
+
+
+@pytest.mark.slow
+def test_mlflow_shows_a_run_sigkilled_at_three_points_as_one_run_with_each_step_once(tmp_path, device):
+    """``small_run.py --mlflow`` SIGKILLed after steps 7 (before any checkpoint), 23 and 47, then run to its end:
+    the SQLite store holds one MLflow run, FINISHED, whose every metric has each step once, with the values of an
+    uninterrupted run's history, and the run's parameters."""
+    pytest.importorskip("mlflow")
+    uri, whole_uri = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'whole.db'}"
+    base = [sys.executable, str(SCRIPT), "--device", str(device)]
+    for kill in (7, 23, 47, None):
+        extra = [] if kill is None else ["--kill-at-step", str(kill)]
+        done = subprocess.run([*base, str(tmp_path / "run"), "--mlflow", uri, *extra], capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+        assert done.returncode == (0 if kill is None else -9), done.stderr[-3000:]
+    done = subprocess.run([*base, str(tmp_path / "whole"), "--mlflow", whole_uri], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs, histories = _mlflow_points(uri)
+    [whole_run], expected = _mlflow_points(whole_uri)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert histories.keys() == expected.keys() and {"lr", "train_loss", "epoch/valid_loss"} <= histories.keys()
+    for name, history in histories.items():
+        steps = [step for step, _ in history]
+        assert len(steps) == len(set(steps)), name  # each step once
+        assert sorted(history) == sorted(expected[name]), name  # the uninterrupted run's points, values equal
+    assert runs[0].data.params["seed"] == "3" and int(runs[0].data.params["parameters"]) > 0

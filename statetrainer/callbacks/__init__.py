@@ -13,7 +13,7 @@ from .plots import Plots
 from .progress import ProgressBar
 from .schedulers import CosineWarmRestarts, OneCycle, ParamScheduler, TorchScheduler, anneal
 from .tensorboard import TensorBoardLogger
-from .trackers import MLflowLogger, Tracker, TrackerLogger
+from .trackers import MLflowLogger, Tracker, TrackerLogger, WandbLogger
 
 __all__ = [
     "HOOK_NAMES",
@@ -40,6 +40,7 @@ __all__ = [
     "MLflowLogger",
     "Tracker",
     "TrackerLogger",
+    "WandbLogger",
     "TorchScheduler",
     "anneal",
     "learning_rates",

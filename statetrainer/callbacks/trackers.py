@@ -11,14 +11,23 @@ does what makes a resume clean:
 - a restart recomputes, bit for bit, the steps between its checkpoint and the
   kill, and the killed process had logged them already: a metric is logged
   only past the newest step the tracker holds for it, so each step is there
-  once, with the value an uninterrupted run logs.
+  once, with the value an uninterrupted run logs;
+- a tracker may lose what a killed process logged (W&B offline writes nothing
+  before its run finishes): the checkpoint carries the points the tracker had
+  not confirmed at the save, and the restart logs again those it lacks.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+
+from ..checkpoint.record_log import read_records
+from ..errors import CheckpointError
 from ..optional import require
 from ..saved_state import unwrap_model
 from ..summary import summary
@@ -27,7 +36,16 @@ from .loggers import learning_rates
 from .metrics import running_metrics
 from .periodic import check_every, due
 
-__all__ = ["MLflowLogger", "MLflowTracker", "Tracker", "TrackerLogger", "run_params"]
+__all__ = [
+    "MLflowLogger",
+    "MLflowTracker",
+    "Tracker",
+    "TrackerLogger",
+    "WandbLogger",
+    "WandbTracker",
+    "read_wandb_history",
+    "run_params",
+]
 
 
 class Tracker(Protocol):
@@ -85,20 +103,35 @@ class TrackerLogger(Callback):
         self.tracker, self.every_steps, self.name = tracker, every_steps, name
         self.run_id: str | None = None  # the tracker's id of the run, once open
         self._logged: dict[str, int] = {}
+        self._unconfirmed: dict[str, list[tuple[int, float]]] = {}  # logged, and not known to be in the tracker
         self._stepped = False
 
     def _open(self, trainer: TrainerView) -> None:
-        if self.run_id is None:
-            self.run_id = self.tracker.start(trainer.run_id, run_params(trainer))
-            self._logged = dict(self.tracker.logged())
+        if self.run_id is not None:
+            return
+        self.run_id = self.tracker.start(trainer.run_id, run_params(trainer))
+        self._logged = dict(self.tracker.logged())
+        missing: dict[int, dict[str, float]] = {}  # what the checkpoint carries and the tracker lost, by step
+        for name, points in self._unconfirmed.items():
+            for step, value in points:
+                if step > self._logged.get(name, -1):
+                    missing.setdefault(step, {})[name] = value
+        for step in sorted(missing):
+            self._send(missing[step], step, keep=False)  # kept already
+
+    def _send(self, metrics: dict[str, float], step: int, keep: bool = True) -> None:
+        self.tracker.log(metrics, step)
+        self._logged.update(dict.fromkeys(metrics, step))
+        if keep:
+            for name, value in metrics.items():
+                self._unconfirmed.setdefault(name, []).append((step, value))
 
     def _log(self, trainer: TrainerView, metrics: dict[str, float]) -> None:
         self._open(trainer)
         step = trainer.global_step
         new = {name: value for name, value in metrics.items() if step > self._logged.get(name, -1)}
         if new:
-            self.tracker.log(new, step)
-            self._logged.update(dict.fromkeys(new, step))
+            self._send(new, step)
 
     def on_exit_idle(self, trainer: TrainerView) -> None:
         self._open(trainer)
@@ -118,6 +151,27 @@ class TrackerLogger(Callback):
         if self.run_id is not None:
             self.tracker.close(finished=bool(getattr(trainer, "finished", False)))
             self.run_id = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The points logged that the tracker has not confirmed holding (all of them, for W&B offline)."""
+        if self.run_id is not None:
+            held = self.tracker.logged()
+            self._unconfirmed = {name: kept for name, points in self._unconfirmed.items()
+                                 if (kept := [point for point in points if point[0] > held.get(name, -1)])}  # fmt: skip
+        return {"unconfirmed": {name: torch.tensor(points, dtype=torch.float64)
+                                for name, points in self._unconfirmed.items()}}  # fmt: skip
+
+    def check_fits(self, state: dict[str, Any]) -> None:
+        points = state["unconfirmed"]
+        if not isinstance(points, dict) or not all(
+            isinstance(name, str) and isinstance(value, torch.Tensor) and value.dtype == torch.float64
+            and value.dim() == 2 and value.shape[1] == 2 for name, value in points.items()
+        ):  # fmt: skip
+            raise CheckpointError("unconfirmed is not a {metric: (step, value) rows} dict of float64 tensors")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._unconfirmed = {name: [(int(step), value) for step, value in points.cpu().tolist()]
+                             for name, points in state["unconfirmed"].items()}  # fmt: skip
 
 
 class MLflowTracker:
@@ -184,3 +238,86 @@ class MLflowLogger(TrackerLogger):
     def __init__(self, tracking_uri: str | None = None, experiment: str = "statetrainer", run_name: str | None = None,
                  every_steps: int = 10, name: str | None = None) -> None:  # fmt: skip
         super().__init__(MLflowTracker(tracking_uri, experiment, run_name), every_steps, name)
+
+
+class WandbTracker:
+    """Weights & Biases' integration (the ``wandb`` extra): the run ``project``/``run_key`` (W&B runs take the
+    statetrainer run's id as theirs, and a resumed one is opened again with ``resume="allow"``).
+
+    Offline (``mode="offline"``), each process writes its own ``offline-run-*-<id>`` folder under ``dir``'s
+    ``wandb/``, and ``wandb sync`` uploads them as one run; what the earlier processes logged is read from their
+    ``.wandb`` files, so a restart logs each step once. Online, W&B itself refuses a step below the one it holds.
+    """
+
+    def __init__(self, project: str = "statetrainer", *, mode: str | None = None, dir: str | None = None,
+                 entity: str | None = None, run_name: str | None = None) -> None:  # fmt: skip
+        self.wandb = require("wandb", "wandb", "WandbLogger")
+        self.project, self.mode, self.dir, self.entity, self.run_name = project, mode, dir, entity, run_name
+        self.run: Any = None
+        self._earlier: dict[str, int] = {}
+
+    def start(self, run_key: str, params: dict[str, Any]) -> str:
+        if self.mode == "offline":
+            folder = Path(self.dir or ".") / "wandb"
+            self._earlier = {}
+            for path in sorted(folder.glob(f"offline-run-*-{run_key}/run-{run_key}.wandb")):
+                for step, values in read_wandb_history(path):
+                    self._earlier.update({name: max(step, self._earlier.get(name, -1)) for name in values})
+        self.run = self.wandb.init(project=self.project, entity=self.entity, name=self.run_name, id=run_key,
+                                   resume="allow", config=params, mode=self.mode, dir=self.dir,
+                                   settings=self.wandb.Settings(silent=True))  # fmt: skip
+        return str(self.run.id)
+
+    def logged(self) -> dict[str, int]:
+        return dict(self._earlier)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.run.log(metrics, step=step)
+
+    def close(self, finished: bool) -> None:
+        if self.run is not None:
+            self.run.finish(exit_code=0 if finished else 1)
+            self.run = None
+
+
+def read_wandb_history(path: Path) -> list[tuple[int, dict[str, float]]]:
+    """The points of a W&B run's ``.wandb`` file: each history row's step and its values by name (W&B's own
+    ``_step``, ``_runtime``... left out), up to the first record a killed writer left unfinished.
+
+    Raises:
+        CheckpointError: Not a W&B run file.
+    """
+    records = require("wandb.proto.wandb_internal_pb2", "wandb", "WandbLogger")
+    rows = []
+    for data in read_records(path, b":W&B", 0xBEE1):
+        record = records.Record()
+        record.ParseFromString(data)
+        if record.WhichOneof("record_type") != "history":
+            continue
+        values = {}
+        for item in record.history.item:
+            name = ".".join(item.nested_key) if item.nested_key else item.key
+            if not name.startswith("_"):
+                values[name] = json.loads(item.value_json)
+        rows.append((int(record.history.step.num), values))
+    return rows
+
+
+class WandbLogger(TrackerLogger):
+    """``TrackerLogger`` with ``WandbTracker``: one W&B run across kills and resumes (the ``wandb`` extra).
+
+    Args:
+        project: The W&B project.
+        mode: ``"online"``, ``"offline"`` or ``"disabled"``; None: W&B's default (``WANDB_MODE``).
+        dir: The folder W&B writes its ``wandb/`` files in (None: the working folder).
+        entity: The W&B entity (team or user).
+        run_name: The run's display name.
+        every_steps: Steps between per-step points.
+        name: The callback's unique name (defaults to the class name).
+    """
+
+    def __init__(self, project: str = "statetrainer", *, mode: str | None = None, dir: str | None = None,
+                 entity: str | None = None, run_name: str | None = None, every_steps: int = 10,
+                 name: str | None = None) -> None:  # fmt: skip
+        super().__init__(WandbTracker(project, mode=mode, dir=dir, entity=entity, run_name=run_name), every_steps,
+                         name)  # fmt: skip

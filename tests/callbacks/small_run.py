@@ -1,6 +1,6 @@
 """A small run that resumes itself: the subject of the goodput ledger's and the trackers' kill-and-restart tests.
 
-    python small_run.py FOLDER [--kill-at-step S] [--device D] [--background] [--mlflow URI]
+    python small_run.py FOLDER [--kill-at-step S] [--device D] [--background] [--mlflow URI] [--wandb DIR]
 
 It trains a small MLP on 32 batches per epoch for 3 epochs, validating on 8
 batches after each, with a checkpoint every 10 steps and at each epoch's end;
@@ -10,7 +10,7 @@ step S. It ends with ``os._exit(0)``: Python's own finalization after that
 (about a second with torch loaded, on the 2-core test machine) comes after the
 last moment any code of a process can record, so it is in no ledger.
 It keeps a ``GoodputLedger`` in FOLDER; ``--mlflow URI`` also logs to MLflow
-(every 2 steps and every epoch).
+(every 2 steps and every epoch), ``--wandb DIR`` to an offline W&B run in DIR.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--background", action="store_true")
     parser.add_argument("--mlflow", help="an MLflow tracking URI to log to")
+    parser.add_argument("--wandb", help="a folder W&B writes an offline run in")
     options = parser.parse_args()
     torch.manual_seed(0)
     inputs, labels = torch.randn(512, 64), torch.randint(0, 4, (512,))
@@ -53,6 +54,8 @@ def main() -> None:
                                     cb.Checkpoint(options.folder, every_steps=10, background=options.background)]  # fmt: skip
     if options.mlflow:
         callbacks.append(cb.MLflowLogger(options.mlflow, experiment="small-run", every_steps=2))
+    if options.wandb:
+        callbacks.append(cb.WandbLogger("small-run", mode="offline", dir=options.wandb, every_steps=2))
     if options.kill_at_step is not None:
         callbacks.append(KillAtStep(options.kill_at_step))
     trainer = st.Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-3), F.cross_entropy,

@@ -135,3 +135,34 @@ def test_mlflow_shows_a_run_sigkilled_at_three_points_as_one_run_with_each_step_
         assert len(steps) == len(set(steps)), name  # each step once
         assert sorted(history) == sorted(expected[name]), name  # the uninterrupted run's points, values equal
     assert runs[0].data.params["seed"] == "3" and int(runs[0].data.params["parameters"]) > 0
+
+
+def _wandb_points(folder: Path) -> list[tuple[str, int, float]]:
+    """Every point of every offline W&B run file under ``folder``, in the order written."""
+    from statetrainer.callbacks.trackers import read_wandb_history
+
+    files = sorted((folder / "wandb").glob("offline-run-*/run-*.wandb"))
+    return [(name, step, value) for path in files for step, values in read_wandb_history(path)
+            for name, value in values.items()]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_wandb_offline_shows_a_run_sigkilled_at_three_points_as_one_run_with_each_step_once(tmp_path, device):
+    """``small_run.py --wandb`` (offline) SIGKILLed after steps 7, 23 and 47, then run to its end: its offline run
+    files, read back, are of one run id and hold each step of each metric once, the uninterrupted run's points."""
+    pytest.importorskip("wandb")
+    base = [sys.executable, str(SCRIPT), "--device", str(device)]
+    environment = {**__import__("os").environ, "WANDB_SILENT": "true"}
+    for kill in (7, 23, 47, None):
+        extra = [] if kill is None else ["--kill-at-step", str(kill)]
+        done = subprocess.run([*base, str(tmp_path / "run"), "--wandb", str(tmp_path / "tracked"), *extra],
+                              capture_output=True, text=True, timeout=300, env=environment)  # fmt: skip
+        assert done.returncode == (0 if kill is None else -9), done.stderr[-3000:]
+    done = subprocess.run([*base, str(tmp_path / "whole"), "--wandb", str(tmp_path / "whole-tracked")],
+                          capture_output=True, text=True, timeout=300, env=environment)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = {path.name.rsplit("-", 1)[1] for path in (tmp_path / "tracked" / "wandb").glob("offline-run-*")}
+    assert len(runs) == 1 and len(list((tmp_path / "tracked" / "wandb").glob("offline-run-*"))) == 4
+    logged, expected = _wandb_points(tmp_path / "tracked"), _wandb_points(tmp_path / "whole-tracked")
+    assert max(Counter((name, step) for name, step, _ in logged).values()) == 1  # each step once
+    assert sorted(logged) == sorted(expected) and {"lr", "train_loss", "epoch/valid_loss"} <= {p[0] for p in logged}

@@ -117,7 +117,8 @@ def machine_only(batches: int, ledger: bool = False) -> float:
 
     enter: dict[str, list] = {state: [] for state in STATES}
     exit: dict[str, list] = {state: [] for state in STATES}
-    target = SimpleNamespace(checkpoint_time=CheckpointTime(), device=DEVICE, phase=SimpleNamespace(grad=True))
+    target = SimpleNamespace(checkpoint_time=CheckpointTime(), device=DEVICE, phase=SimpleNamespace(grad=True),
+                             run_id="benchmark", state="idle")
     if ledger:
         timer = st.callbacks.GoodputLedger(tempfile.mkdtemp(prefix="ledger-"))
         surround_hooks(enter, exit, [timer])

@@ -176,6 +176,7 @@ def build(options: argparse.Namespace, writers: bool = True) -> st.Trainer:
         cb.Checkpoint(folder / "checkpoints", every_steps=options.every_steps, keep_last=options.keep_last,
                       background=options.background),
         *([cb.GoodputLedger(folder / "checkpoints")] if options.ledger else []),
+        *([cb.EMA(0.9)] if options.ema else []),
     ]  # fmt: skip
     if options.plant_nan is not None:
         callbacks.append(cb.StopOnNonFinite(every_batches=4))
@@ -358,6 +359,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--ledger", action="store_true", help="a GoodputLedger in the checkpoints' folder")
     parser.add_argument("--compile", action="store_true", help="Trainer(compile=True): torch.compile in place")
+    parser.add_argument("--ema", action="store_true", help="an EMA(0.9) of the weights, which validation runs on")
     parser.add_argument("--deterministic", action="store_true")
     parser.add_argument("--kill", help="RANK:EPOCH:BATCH: SIGKILL that rank after that train batch, once")
     parser.add_argument("--save-at", help="EPOCH:BATCH: save FOLDER/mid.safetensors after that train batch, exit")

@@ -288,6 +288,21 @@ def test_a_rank_killed_anywhere_resumes_bit_identical_with_the_same_torchrun_com
 
 
 @pytest.mark.slow
+def test_an_ema_under_torchrun_killed_on_rank_1_resumes_bit_identical_with_its_average(tmp_path, device):
+    """EMA(0.9) on 2 ranks with DDP, validation on the average: rank 1 SIGKILLed in epoch 2, the same command
+    resumes and ends as the uninterrupted run, the average included (``diff`` of the final checkpoints compares
+    every callback's state but the killers')."""
+    options = (*KILLED, "--ema")
+    launch(tmp_path / "whole", *options, device=device.type)
+    folder = tmp_path / "run"
+    killed = launch(folder, *options, "--kill", "1:1:2", check=False, device=device.type)
+    assert killed.returncode != 0 and (folder / "killed").exists()
+    launch(folder, *options, "--kill", "1:1:2", device=device.type)
+    same_run(folder, tmp_path / "whole")
+    assert read_tree(folder / "final.safetensors")["callbacks"]["EMA"]["updates"] > 0
+
+
+@pytest.mark.slow
 def test_rank1_killed_while_rank0_writes_in_the_background_resumes_bit_identical(tmp_path, uninterrupted, device):
     """Rank 0 writes its checkpoints in the background; its second write is held 2 s, and rank 1 SIGKILLs itself
     meanwhile. Every checkpoint left verifies, and the same command resumes to the end of the synchronous run."""

@@ -13,7 +13,7 @@ header.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -22,8 +22,14 @@ from torch.utils._pytree import tree_flatten_with_path
 from .checkpoint.serialization import view_key
 from .saved_state import unwrap_model
 
-if TYPE_CHECKING:
-    from .trainer import Trainer
+
+class _Run(Protocol):
+    """What ``summary`` reads of a trainer (the facade is above this module, so it is named by what it has)."""
+
+    model: nn.Module
+
+    def state_dict(self) -> dict[str, Any]: ...
+
 
 __all__ = ["ModuleSize", "ModelSummary", "summary"]
 
@@ -76,7 +82,7 @@ class ModelSummary:
         return "\n".join(lines)
 
 
-def summary(subject: nn.Module | Trainer) -> ModelSummary:
+def summary(subject: nn.Module | _Run) -> ModelSummary:
     """The summary of a model, or of a trainer's model and checkpoint (a trainer between batches).
 
     Raises:

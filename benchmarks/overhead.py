@@ -117,8 +117,13 @@ def machine_only(batches: int, ledger: bool = False) -> float:
 
     enter: dict[str, list] = {state: [] for state in STATES}
     exit: dict[str, list] = {state: [] for state in STATES}
-    target = SimpleNamespace(checkpoint_time=CheckpointTime(), device=DEVICE, phase=SimpleNamespace(grad=True),
-                             run_id="benchmark", state="idle")
+    target = SimpleNamespace(
+        checkpoint_time=CheckpointTime(),
+        device=DEVICE,
+        phase=SimpleNamespace(grad=True),
+        run_id="benchmark",
+        state="idle",
+    )
     if ledger:
         timer = st.callbacks.GoodputLedger(tempfile.mkdtemp(prefix="ledger-"))
         surround_hooks(enter, exit, [timer])
@@ -134,6 +139,20 @@ def machine_only(batches: int, ledger: bool = False) -> float:
         step()
         end_batch()
     return (time.perf_counter() - start) / batches * 1e6
+
+
+def ema_update_only(steps: int) -> float:
+    """us for one ``EMA`` update of the benchmark's model (its ``on_exit_step``), alone."""
+    model, optimizer = make_model()
+    ema = st.callbacks.EMA(0.999)
+    trainer = st.Trainer(model, optimizer, nn.MSELoss(), [st.Phase("train", [(torch.randn(4, 32), torch.randn(4, 1))])],
+                         callbacks=[ema], device=DEVICE)  # fmt: skip
+    trainer.fit()  # the average made, the step counted
+    update = ema.on_exit_step
+    start = time.perf_counter()
+    for _ in range(steps):
+        update(trainer)
+    return (time.perf_counter() - start) / steps * 1e6
 
 
 def main() -> None:
@@ -166,6 +185,8 @@ def main() -> None:
     print(f"the bare machine: {machine:.2f} us for a batch's four transitions")
     marked = statistics.median(machine_only(args.batches * 10, ledger=True) for _ in range(5))
     print(f"with a GoodputLedger's marks: {marked:.2f} us (+{marked - machine:.2f} us a batch)")
+    update = statistics.median(ema_update_only(args.batches * 5) for _ in range(5))
+    print(f"an EMA(0.999) update of this model alone: {update:.2f} us a step")
 
 
 def compare(loops: dict[str, Factory], make_data: Callable[[], Iterable], batches: int, rounds: int,

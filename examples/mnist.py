@@ -270,8 +270,10 @@ def main(argv: list[str] | None = None) -> st.Trainer:
         if schedule.total_steps != trainer.total_steps:
             print(f"training on to {args.epochs} epochs: the one-cycle schedule keeps its length of "
                   f"{schedule.total_steps} steps, so steps after it run at its final learning rate", flush=True)  # fmt: skip
-    elif trainer.ranks.is_global_zero:
-        print(st.summary(trainer), flush=True)  # once, as the run starts
+    else:
+        found = st.summary(trainer)  # on every rank: it takes the run's state, which gathers the ranks' generators
+        if trainer.ranks.is_global_zero:
+            print(found, flush=True)  # once, as the run starts
     trainer.fit()
     print(f"checkpoints, log and plots in {args.out}/")
     return trainer

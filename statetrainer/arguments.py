@@ -141,6 +141,10 @@ def _check_callbacks(callbacks: Iterable[Callback]) -> list[Callback]:
         _check_hook_names(callback)
     _refuse_duplicates("callback names", [callback.key for callback in callbacks],
                        "; give each a distinct name (callback.name = '...')")  # fmt: skip
+    swapping = [callback.key for callback in callbacks if callback.swaps_weights]
+    if len(swapping) > 1:
+        raise ValueError(f"callbacks {', '.join(swapping)} each put their weights into the model for evaluation; "
+                         "let one do it (EMA(..., evaluate_with=False) for the others)")  # fmt: skip
     return callbacks
 
 

@@ -83,7 +83,8 @@ class ModelSummary:
 
 
 def summary(subject: nn.Module | _Run) -> ModelSummary:
-    """The summary of a model, or of a trainer's model and checkpoint (a trainer between batches).
+    """The summary of a model, or of a trainer's model and checkpoint (a trainer between batches; under torchrun
+    call it on every rank, as ``state_dict()``, which gathers the ranks' generators).
 
     Raises:
         TypeError: ``subject`` is neither a module nor a trainer.

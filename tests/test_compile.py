@@ -38,9 +38,11 @@ def test_a_checkpoint_moves_between_compiled_and_eager_trainers(tmp_path, device
     and an eager run's into a compiled one (torch.compile's options given as a dict), with the weights saved, and
     trains on."""
     saved = build(tmp_path, device, compile=saved_by).fit()
+    assert (saved.model._compiled_call_impl is not None) == saved_by  # compiled in place, or not
     assert all(not key.startswith("_orig_mod") for key in saved.model.state_dict())
     weights = {key: value.clone() for key, value in saved.model.state_dict().items()}
     loaded = build(tmp_path, device, compile=loaded_by, epochs=2)
+    assert (loaded.model._compiled_call_impl is not None) == (loaded_by is not False)
     loaded.load_checkpoint(tmp_path)
     for key, value in loaded.model.state_dict().items():
         assert torch.equal(value, weights[key]), key

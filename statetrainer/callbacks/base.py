@@ -131,6 +131,7 @@ class Callback:
     state_per_rank: bool = False
     saves_checkpoints: bool = False  # True: a CheckpointSaver, through which a stop signal saves
     times_hooks: bool = False  # True: its surrounding_calls run before and after every other hook (GoodputLedger)
+    swaps_weights: bool = False  # True: evaluation phases run on weights it puts into the model (EMA): one may
 
     @classmethod
     def regroup_states(cls, states: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:

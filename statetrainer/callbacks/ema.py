@@ -26,12 +26,16 @@ class EMA(Callback):
     the weights as the run starts, lives on the model's device, updated in place with one fused call a step
     (``torch._foreach_lerp_``), and is part of the checkpoint, so a resumed run continues it exactly.
 
-    With ``evaluate_with``, every phase without gradients (and ``validate()``, ``predict()``) runs on the averaged
-    weights: they are copied into the model as the phase starts and the raw ones copied back as it ends, bit for
-    bit; training always runs on the raw weights. A checkpoint saved in such a phase (a stop signal's) holds the
+    With ``evaluate_with``, every phase without gradients (and ``validate()``) runs on the averaged weights: they
+    are copied into the model as the phase starts and the raw ones copied back as it ends (or as an error or a cut
+    short ``validate()`` ends it), bit for bit; training always runs on the raw weights. ``predict()`` runs only the
+    callbacks given to it: pass the EMA to predict on the average. One callback may swap weights so. A checkpoint saved in such a phase (a stop signal's) holds the
     averaged weights as the model's and the raw ones in this callback's state, and a resume puts them back as the
     phase ends. ``load_weights(model, path, averaged=True)`` and ``export --averaged`` take the averaged weights.
-    Under torchrun (DDP) every rank keeps the same average; a model sharded with ``fully_shard`` is refused.
+    Under torchrun (DDP) every rank keeps the same average; a model sharded with ``fully_shard`` is refused. The
+    average is kept in the model's dtypes: with bf16 or fp16 weights an update of ``(1 - decay)`` times a small
+    change rounds away, so keep float32 weights (``precision=`` autocasts) or use a smaller decay. Resume a
+    checkpoint saved during an evaluation phase with the EMA: its model part holds the averaged weights.
 
     Args:
         decay: The weight of the average so far, in (0, 1): 0.999 averages over about 1,000 steps.
@@ -46,6 +50,7 @@ class EMA(Callback):
         if isinstance(every_steps, bool) or not isinstance(every_steps, int) or every_steps < 1:
             raise ValueError(f"EMA: every_steps is a positive integer, not {every_steps!r}")
         self.decay, self.every_steps, self.evaluate_with, self.name = float(decay), every_steps, evaluate_with, name
+        self.swaps_weights = evaluate_with
         self.updates = 0
         self.averaged: dict[str, torch.Tensor] | None = None
         self._raw: dict[str, torch.Tensor] | None = None
@@ -133,7 +138,14 @@ class EMA(Callback):
             ):
                 raise CheckpointError(f"{label} is not the model's tensors by key")
 
+    def on_exception(self, trainer: TrainerView, error: BaseException) -> None:
+        self.on_exit_phase(trainer)  # an evaluation phase cut short: the model goes back to the raw weights
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self._raw is not None and self._live is not None:  # an evaluation cut short (validate()'s own undo)
+            with torch.no_grad():
+                for key, tensor in self._live.items():
+                    tensor.copy_(self._raw[key])
         self.updates = state["updates"]
         self.averaged, self._raw = state[AVERAGED], state[RAW]
         self._live, self._floats = None, ([], [], [], [])

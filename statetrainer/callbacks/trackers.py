@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -49,7 +50,9 @@ __all__ = [
 
 
 class Tracker(Protocol):
-    """What an experiment tracker's integration implements (see ``TrackerLogger``)."""
+    """What an experiment tracker's integration implements (see ``TrackerLogger``). An integration whose ``log``
+    returns only once the points are stored (MLflow's) may set ``durable = True``: nothing it logged is then kept
+    in the checkpoint to log again."""
 
     def start(self, run_key: str, params: dict[str, Any]) -> str:
         """Open the tracker's run for the statetrainer run ``run_key``: the one made for it before (a resumed run),
@@ -104,6 +107,7 @@ class TrackerLogger(Callback):
         self.run_id: str | None = None  # the tracker's id of the run, once open
         self._logged: dict[str, int] = {}
         self._unconfirmed: dict[str, list[tuple[int, float]]] = {}  # logged, and not known to be in the tracker
+        self._durable = bool(getattr(tracker, "durable", False))
         self._stepped = False
 
     def _open(self, trainer: TrainerView) -> None:
@@ -122,7 +126,7 @@ class TrackerLogger(Callback):
     def _send(self, metrics: dict[str, float], step: int, keep: bool = True) -> None:
         self.tracker.log(metrics, step)
         self._logged.update(dict.fromkeys(metrics, step))
-        if keep:
+        if keep and not self._durable:
             for name, value in metrics.items():
                 self._unconfirmed.setdefault(name, []).append((step, value))
 
@@ -154,8 +158,13 @@ class TrackerLogger(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         """The points logged that the tracker has not confirmed holding (all of them, for W&B offline)."""
-        if self.run_id is not None:
-            held = self.tracker.logged()
+        if self.run_id is not None and self._unconfirmed:
+            try:
+                held = self.tracker.logged()
+            except Exception as error:  # noqa: BLE001 -- a tracker out of reach must not stop the save
+                warnings.warn(f"{self.key}: could not ask the tracker what it holds ({error!r}); the checkpoint "
+                              "keeps every point not confirmed", stacklevel=2)  # fmt: skip
+                held = {}
             self._unconfirmed = {name: kept for name, points in self._unconfirmed.items()
                                  if (kept := [point for point in points if point[0] > held.get(name, -1)])}  # fmt: skip
         return {"unconfirmed": {name: torch.tensor(points, dtype=torch.float64)
@@ -180,6 +189,7 @@ class MLflowTracker:
     finds it again. Parameters are logged once, when the run is made."""
 
     TAG = "statetrainer.run"
+    durable = True  # log_batch returns once the store holds the points
 
     def __init__(self, tracking_uri: str | None = None, experiment: str = "statetrainer",
                  run_name: str | None = None) -> None:  # fmt: skip
@@ -257,15 +267,23 @@ class WandbTracker:
         self._earlier: dict[str, int] = {}
 
     def start(self, run_key: str, params: dict[str, Any]) -> str:
-        if self.mode == "offline":
-            folder = Path(self.dir or ".") / "wandb"
-            self._earlier = {}
-            for path in sorted(folder.glob(f"offline-run-*-{run_key}/run-{run_key}.wandb")):
-                for step, values in read_wandb_history(path):
-                    self._earlier.update({name: max(step, self._earlier.get(name, -1)) for name in values})
         self.run = self.wandb.init(project=self.project, entity=self.entity, name=self.run_name, id=run_key,
                                    resume="allow", config=params, mode=self.mode, dir=self.dir,
                                    settings=self.wandb.Settings(silent=True))  # fmt: skip
+        self._earlier = {}
+        if self.run.offline:  # however it was asked for (mode=, WANDB_MODE, wandb offline): the earlier folders
+            own = Path(self.run.dir).parent
+            for path in sorted(own.parent.glob(f"offline-run-*-{run_key}/run-{run_key}.wandb")):
+                if path.parent == own:
+                    continue
+                try:
+                    history = read_wandb_history(path)
+                except Exception as error:  # noqa: BLE001 -- a damaged earlier file must not stop the run
+                    warnings.warn(f"WandbTracker: {path} does not read ({error!r}); what it holds may be logged "
+                                  "again", stacklevel=2)  # fmt: skip
+                    continue
+                for step, values in history:
+                    self._earlier.update({name: max(step, self._earlier.get(name, -1)) for name in values})
         return str(self.run.id)
 
     def logged(self) -> dict[str, int]:

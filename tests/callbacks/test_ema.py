@@ -130,3 +130,22 @@ def test_bad_settings_and_a_checkpoint_of_another_decay_are_refused(device, tmp_
     with pytest.raises(CheckpointError, match="holds no averaged weights"):
         st.load_weights(nn.Linear(2, 2), build(device=device, epochs=1).fit().save_checkpoint(tmp_path / "plain.safetensors"),
                         averaged=True)  # fmt: skip
+
+
+def test_one_callback_may_swap_the_weights_for_evaluation(device):
+    with pytest.raises(ValueError, match="each put their weights into the model for evaluation"):
+        build(EMA(0.9, name="fast"), EMA(0.99, name="slow"), device=device)
+    build(EMA(0.9, name="fast"), EMA(0.99, name="slow", evaluate_with=False), device=device)  # one swaps: fine
+
+
+def test_an_evaluation_cut_short_leaves_the_model_on_its_raw_weights(device):
+    """``validation()`` stepped into its first batch (the average in the model) and left: the raw weights are
+    back, bit for bit, and the run goes on as one never evaluated."""
+    trainer = build(EMA(0.9), device=device, epochs=2)
+    trainer.run_until("epoch", epoch=1)  # after the first epoch: the average has moved away from the weights
+    raw = {key: value.detach().clone() for key, value in trainer.model.state_dict().items()}
+    with trainer.validation() as evaluation:
+        evaluation.run_until("batch")
+        assert not all(torch.equal(value, raw[key]) for key, value in trainer.model.state_dict().items())
+    for key, value in trainer.model.state_dict().items():
+        assert torch.equal(value, raw[key]), key

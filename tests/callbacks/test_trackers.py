@@ -166,3 +166,49 @@ def test_wandb_offline_shows_a_run_sigkilled_at_three_points_as_one_run_with_eac
     logged, expected = _wandb_points(tmp_path / "tracked"), _wandb_points(tmp_path / "whole-tracked")
     assert max(Counter((name, step) for name, step, _ in logged).values()) == 1  # each step once
     assert sorted(logged) == sorted(expected) and {"lr", "train_loss", "epoch/valid_loss"} <= {p[0] for p in logged}
+
+
+class ForgetfulTracker:
+    """Keeps its points in memory and stores them only when its run finishes: what W&B offline does, so a run
+    that does not finish loses them all."""
+
+    def __init__(self, store: dict) -> None:
+        self.store, self.buffer = store, []
+
+    def start(self, run_key, params):
+        self.store.setdefault(run_key, [])
+        return run_key
+
+    def logged(self):
+        newest: dict[str, int] = {}
+        for _, points in self.store.items():
+            for name, step, _ in points:
+                newest[name] = max(newest.get(name, -1), step)
+        return newest
+
+    def log(self, metrics, step):
+        self.buffer += [(name, step, value) for name, value in metrics.items()]
+
+    def close(self, finished):
+        if finished:
+            next(iter(self.store.values())).extend(self.buffer)
+        self.buffer = []
+
+
+def test_points_a_tracker_lost_when_a_run_crashed_are_logged_again_from_the_checkpoint(tmp_path, device):
+    """A tracker that loses what an unfinished run logged: crashed at step 8 (saved at 5), the resumed run logs
+    again, from its checkpoint, the points up to step 5 the tracker lost, and the tracker ends with every point
+    of an uninterrupted run, once."""
+    store: dict = {}
+    with pytest.raises(RuntimeError, match="crash at step 8"):
+        build(tmp_path / "run", TrackerLogger(ForgetfulTracker(store), every_steps=2), CrashAtStep(8),
+              device=device).fit()  # fmt: skip
+    assert store and not next(iter(store.values()))  # lost, all of it
+    resumed = build(tmp_path / "run", TrackerLogger(ForgetfulTracker(store), every_steps=2), device=device)
+    resumed.load_checkpoint(tmp_path / "run")
+    resumed.fit()
+    whole: dict = {}
+    build(tmp_path / "whole", TrackerLogger(ForgetfulTracker(whole), every_steps=2), device=device).fit()
+    [logged], [expected] = store.values(), whole.values()
+    assert max(Counter((name, step) for name, step, _ in logged).values()) == 1
+    assert sorted(logged) == sorted(expected) and min(step for _, step, _ in logged) == 2

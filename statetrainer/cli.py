@@ -30,6 +30,7 @@ from .goodput_report import plot_goodput, read_goodput, report_lines
 from .inspection import summarize_file, summarize_folder
 from .machine import DIAGRAM_FORMATS, STATES, diagram, diagram_graph
 from .parts import Position
+from .summary import readable_size
 from .weights import export_weights
 
 __all__ = ["main"]
@@ -210,20 +211,12 @@ def _metrics_text(metrics: dict[str, Any]) -> str:
                      for name, value in metrics.items()) or "none yet"  # fmt: skip
 
 
-def _size(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return ""
-
-
 def _file_lines(summary: dict[str, Any]) -> list[str]:
     lines = [summary["path"]]
     version = f"format {summary['format']}, statetrainer {summary['library']}" if summary["format"] else "no header"
     if not summary["verified"]:
         return [*lines, f"  NOT USABLE ({version}): {summary['error']}"]
-    parts = "; ".join(f"{name} {totals['tensors']} tensors, {_size(totals['bytes'])}"
+    parts = "; ".join(f"{name} {totals['tensors']} tensors, {readable_size(totals['bytes'])}"
                       for name, totals in summary["parts"].items() if totals["tensors"])  # fmt: skip
     callbacks = "; ".join(f"{name} [{', '.join(keys)}]" for name, keys in summary["callbacks"].items()) or "none"
     lines += [
@@ -238,10 +231,11 @@ def _file_lines(summary: dict[str, Any]) -> list[str]:
     if shards:
         files = shards["files"]
         lines.append(f"  shards: {shards['tensors']} sharded tensors in {len(files)} files of pieces (saved by "
-                     f"{shards['world_size']} ranks), {_size(sum(entry['bytes'] for entry in files))}, every piece "
+                     f"{shards['world_size']} ranks), {readable_size(sum(entry['bytes'] for entry in files))}, every piece "
                      "verified against the index")  # fmt: skip
         lines += [
-            f"    {Path(entry['path']).name}: {entry['pieces']} pieces, {_size(entry['bytes'])}" for entry in files
+            f"    {Path(entry['path']).name}: {entry['pieces']} pieces, {readable_size(entry['bytes'])}"
+            for entry in files
         ]
     return lines
 

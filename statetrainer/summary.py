@@ -31,7 +31,7 @@ class _Run(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
 
-__all__ = ["ModuleSize", "ModelSummary", "summary"]
+__all__ = ["ModuleSize", "ModelSummary", "readable_size", "summary"]
 
 
 @dataclass(frozen=True)
@@ -71,14 +71,14 @@ class ModelSummary:
         lines = [f"{'module':<{width}}  {'kind':<16}{'parameters':>14}{'trainable':>14}{'size':>11}"]
         for row in self.modules:
             lines.append(f"{row.name or '(its own)':<{width}}  {row.kind[:15]:<16}{row.parameters:>14,}"
-                         f"{row.trainable:>14,}{_size(row.bytes):>11}")  # fmt: skip
+                         f"{row.trainable:>14,}{readable_size(row.bytes):>11}")  # fmt: skip
         lines.append(f"{'total':<{width}}  {'':<16}{self.parameters:>14,}{self.trainable:>14,}"
-                     f"{_size(self.parameter_bytes):>11}")  # fmt: skip
-        lines.append(f"parameters {self.parameters:,} ({self.trainable:,} trainable), {_size(self.parameter_bytes)}; "
-                     f"buffers {_size(self.buffer_bytes)}")  # fmt: skip
+                     f"{readable_size(self.parameter_bytes):>11}")  # fmt: skip
+        lines.append(f"parameters {self.parameters:,} ({self.trainable:,} trainable), {readable_size(self.parameter_bytes)}; "
+                     f"buffers {readable_size(self.buffer_bytes)}")  # fmt: skip
         if self.checkpoint_bytes is not None:
-            parts = ", ".join(f"{name} {_size(count)}" for name, count in self.checkpoint_bytes.items())
-            lines.append(f"a checkpoint now: {_size(sum(self.checkpoint_bytes.values()))} of tensors ({parts})")
+            parts = ", ".join(f"{name} {readable_size(count)}" for name, count in self.checkpoint_bytes.items())
+            lines.append(f"a checkpoint now: {readable_size(sum(self.checkpoint_bytes.values()))} of tensors ({parts})")
         return "\n".join(lines)
 
 
@@ -103,7 +103,7 @@ def summary(subject: nn.Module | _Run) -> ModelSummary:
 def _model_summary(model: nn.Module) -> ModelSummary:
     children = list(model.named_children())
     inside = {id(parameter) for _, child in children for parameter in child.parameters()}
-    rows = [_module_size(name, child) for name, child in children]
+    rows = [_sized(name, type(child).__name__, list(child.parameters())) for name, child in children]
     own = [parameter for parameter in model.parameters(recurse=False) if id(parameter) not in inside]
     if own:
         rows.insert(0, _sized("", type(model).__name__, own))
@@ -115,10 +115,6 @@ def _model_summary(model: nn.Module) -> ModelSummary:
         buffer_bytes=sum(_bytes(buffer) for buffer in model.buffers()),
         modules=rows,
     )
-
-
-def _module_size(name: str, module: nn.Module) -> ModuleSize:
-    return _sized(name, type(module).__name__, list(module.parameters()))
 
 
 def _sized(name: str, kind: str, parameters: list[nn.Parameter]) -> ModuleSize:
@@ -148,10 +144,10 @@ def _checkpoint_bytes(state: dict[str, Any]) -> dict[str, int]:
     return totals
 
 
-def _size(count: int) -> str:
-    value = float(count)
+def readable_size(count: float) -> str:
+    """``count`` bytes for people, in binary units: ``512 B``, ``1.5 KiB``, ``3.2 GiB``."""
     for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{count} B"
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return ""

@@ -18,6 +18,8 @@ from torch.nn import functional as F
 import statetrainer as st
 from statetrainer.callbacks import Checkpoint, SmoothedLoss, TrackerLogger
 
+from .test_goodput import CrashAtStep
+
 DOC = Path(__file__).parents[2] / "docs" / "trackers.md"
 SCRIPT = Path(__file__).with_name("small_run.py")
 
@@ -30,15 +32,6 @@ def documented_tracker(workdir: Path) -> dict:
     names: dict = {}
     exec(compile(example.replace('"runs/tracked"', repr(str(workdir / "runs/tracked"))), str(DOC), "exec"), names)
     return names
-
-
-class CrashAtStep(st.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_exit_batch(self, trainer: st.Trainer) -> None:
-        if trainer.phase.grad and trainer.global_step == self.step:
-            raise RuntimeError(f"crash at step {self.step}")
 
 
 def build(folder: Path, logger: st.Callback, *callbacks: st.Callback, device) -> st.Trainer:

@@ -12,7 +12,7 @@ from .metrics import Accuracy, Metric, SmoothedLoss, running_metrics
 from .plots import Plots
 from .progress import ProgressBar
 from .schedulers import CosineWarmRestarts, OneCycle, ParamScheduler, TorchScheduler, anneal
-from .tensorboard import TensorBoardLogger
+from .tensorboard import TensorBoardLogger, TensorBoardTracker
 from .trackers import MLflowLogger, Tracker, TrackerLogger, WandbLogger
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "StopOnNonFinite",
     "StreamLogger",
     "TensorBoardLogger",
+    "TensorBoardTracker",
     "MLflowLogger",
     "Tracker",
     "TrackerLogger",

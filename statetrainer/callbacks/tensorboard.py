@@ -1,36 +1,80 @@
-"""TensorBoard scalars per step and per epoch, written so that a resumed run leaves no duplicate and no gap."""
+"""TensorBoard scalars per step and per epoch, one run across kills and resumes (a ``Tracker``)."""
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError
 from ..optional import require
-from .base import Callback, TrainerView
-from .loggers import learning_rates
-from .metrics import running_metrics
-from .periodic import check_every, due
+from .trackers import TrackerLogger
 
-__all__ = ["TensorBoardLogger"]
+__all__ = ["TensorBoardLogger", "TensorBoardTracker"]
 
 
-class TensorBoardLogger(Callback):
-    """Writes scalars for TensorBoard with ``torch.utils.tensorboard`` (the ``tensorboard`` extra).
+class TensorBoardTracker:
+    """TensorBoard's integration: event files in ``log_dir``, written with ``torch.utils.tensorboard`` (the
+    ``tensorboard`` extra), each named for the statetrainer run (``events.out.tfevents.*.<run id>``).
 
-    Every ``every_steps`` optimizer steps, as the batch that took the step
-    ends: ``step/lr`` (``step/lr_0``... for several param groups) and the
-    training phase's running metrics (``step/train_loss``...; reading them waits
-    for the device, hence not every step; list the logger after the metrics). At each epoch's end: every ``trainer.metrics`` entry as
-    ``epoch/<name>``. The x-axis is always ``trainer.global_step``.
+    A new run in a folder that holds another run's events hides them (TensorBoard's ``purge_step=0``). A resumed
+    run reads its earlier files with TensorBoard's own reader to know the newest step of each tag: the points a
+    killed process flushed are kept, and the restart, which recomputes them bit for bit, logs past them.
+    """
 
-    A fresh run hides whatever an earlier run left in ``log_dir`` (TensorBoard's
-    ``purge_step=0``). A resumed run purges every event from the checkpoint's
-    step on, which drops what the interrupted run wrote after its checkpoint,
-    and writes again the events it had written at that step, so each tag has
-    one point per step, none missing. Under torchrun it runs on rank 0 only.
+    durable = True  # once flush() returns, the events are in the files a restart reads
+
+    def __init__(self, log_dir: str | os.PathLike[str]) -> None:
+        require("tensorboard", "tensorboard", "TensorBoardLogger")  # what torch.utils.tensorboard needs
+        self._writer_class = importlib.import_module("torch.utils.tensorboard").SummaryWriter
+        self.log_dir = Path(log_dir)
+        self.writer: Any = None
+        self._held: dict[str, int] = {}
+
+    def start(self, run_key: str, params: dict[str, Any]) -> str:
+        suffix = f".{run_key}"
+        files = [path.name for path in self.log_dir.glob("events.out.tfevents.*")]
+        earlier = any(name.endswith(suffix) for name in files)
+        self._held = self._read_newest_steps() if earlier else {}
+        hide_others = not earlier and bool(files)
+        self.writer = self._writer_class(str(self.log_dir), purge_step=0 if hide_others else None,
+                                         filename_suffix=suffix)  # fmt: skip
+        if not earlier:
+            self.writer.add_text("params", "\n".join(f"    {name}: {json.dumps(value)}"
+                                                     for name, value in params.items()), 0)  # fmt: skip
+        return run_key
+
+    def _read_newest_steps(self) -> dict[str, int]:
+        reading = importlib.import_module("tensorboard.backend.event_processing.event_accumulator")
+        reader = reading.EventAccumulator(str(self.log_dir), size_guidance={reading.SCALARS: 0})
+        reader.Reload()  # the whole folder, purges applied; a record a killed writer left unfinished ends a file
+        return {tag: max(event.step for event in reader.Scalars(tag)) for tag in reader.Tags()["scalars"]}
+
+    def logged(self) -> dict[str, int]:
+        return dict(self._held)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for tag, value in metrics.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self, finished: bool) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+class TensorBoardLogger(TrackerLogger):
+    """``TrackerLogger`` with ``TensorBoardTracker``: scalars for TensorBoard (the ``tensorboard`` extra).
+
+    Every ``every_steps`` optimizer steps, as the batch that took the step ends: ``step/lr`` (``step/lr_0``... for
+    several param groups) and the training phase's running metrics (``step/train_loss``...; list the logger after
+    the metrics); at each epoch's end, every ``trainer.metrics`` entry as ``epoch/<name>``; the run's parameters
+    as text. The x-axis is always ``trainer.global_step``. A killed and resumed run has one point per step, none
+    missing; a new run in the same folder hides an older one's points. Under torchrun it runs on rank 0.
 
     Args:
         log_dir: The run's TensorBoard folder (``tensorboard --logdir`` its parent).
@@ -38,79 +82,15 @@ class TensorBoardLogger(Callback):
         name: The callback's unique name (defaults to the class name).
     """
 
-    rank_zero_only = True
+    tracker: TensorBoardTracker
 
     def __init__(self, log_dir: str | os.PathLike[str], every_steps: int = 10, name: str | None = None) -> None:
-        check_every("TensorBoardLogger: every_steps", every_steps)
-        require("tensorboard", "tensorboard", "TensorBoardLogger")  # what torch.utils.tensorboard needs
-        self._writer_class = importlib.import_module("torch.utils.tensorboard").SummaryWriter
-        self.log_dir, self.every_steps, self.name = Path(log_dir), every_steps, name
-        self.writer: Any = None
-        self._step, self._written = -1, {}  # the newest step written, and what was written at it
-        self._resumed_at: tuple[int, dict[str, float]] | None = None
-        self._stepped = False  # the batch ending took a step to write
+        super().__init__(TensorBoardTracker(log_dir), every_steps, name)
 
-    def _write(self, values: dict[str, float], step: int) -> None:
-        if self.writer is None:
-            self._open()
-            assert self.writer is not None  # _open made it
-        if step != self._step:
-            self._step, self._written = step, {}
-        for tag, value in values.items():
-            self.writer.add_scalar(tag, value, step)
-            self._written[tag] = value
-
-    def _open(self) -> None:
-        if self._resumed_at is None:
-            self.writer = self._writer_class(str(self.log_dir), purge_step=0)  # a fresh run hides an older one's
-            return
-        step, written = self._resumed_at
-        self.writer = self._writer_class(str(self.log_dir), purge_step=max(step, 0))
-        self._resumed_at = None
-        if written:
-            self._write(written, step)  # the points of the newest step written before the checkpoint, purged too
-
-    def on_exit_step(self, trainer: TrainerView) -> None:
-        self._stepped = due(trainer.global_step, self.every_steps)
-
-    def on_exit_batch(self, trainer: TrainerView) -> None:
-        if self._stepped:  # once the batch's metrics are updated (list the logger after them)
-            self._stepped = False
-            running = {f"step/{name}": value for name, value in running_metrics(trainer).items()}
-            lrs = {f"step/{name}": value for name, value in learning_rates(trainer).items()}
-            self._write({**lrs, **running}, trainer.global_step)
-
-    def on_exit_epoch(self, trainer: TrainerView) -> None:
-        self._write({f"epoch/{name}": float(value) for name, value in trainer.metrics.items()}, trainer.global_step)
-
-    def on_close(self, trainer: TrainerView) -> None:
-        if self.writer is not None:  # the run has ended, or an error stopped it: flushed and its file closed
-            self.writer.close()
-            self.writer = None
-
-    def state_dict(self) -> dict[str, Any]:
-        """The newest step written and its points, once they are on disk (a checkpoint must not get ahead)."""
-        if self.writer is not None:
-            self.writer.flush()
-        if self._resumed_at is not None:  # saved again before writing anything since the resume
-            return {"step": self._resumed_at[0], "written": dict(self._resumed_at[1])}
-        return {"step": self._step, "written": dict(self._written)}
+    @property
+    def log_dir(self) -> Path:
+        """The run's TensorBoard folder."""
+        return self.tracker.log_dir
 
     def output_files(self) -> list[Path]:
         return [self.log_dir / "events.out.tfevents.*"]
-
-    def check_fits(self, state: dict[str, Any]) -> None:
-        step, written = state["step"], state["written"]
-        if isinstance(step, bool) or not isinstance(step, int) or step < -1:
-            raise CheckpointError(f"step is {step!r}, not a step number")
-        if not isinstance(written, dict) or not all(
-            isinstance(value, (int, float)) and not isinstance(value, bool) for value in written.values()
-        ):
-            raise CheckpointError("written is not a {tag: number} dict")
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        step = int(state["step"])
-        self._resumed_at = (step, {str(tag): float(value) for tag, value in state["written"].items()})
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None

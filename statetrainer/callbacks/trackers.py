@@ -20,6 +20,7 @@ does what makes a resume clean:
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -27,7 +28,9 @@ from typing import Any, Protocol
 
 import torch
 
+from ..checkpoint.folder import CheckpointFolder
 from ..checkpoint.record_log import read_records
+from ..checkpoint.sharded import shard_files
 from ..errors import CheckpointError
 from ..optional import require
 from ..saved_state import unwrap_model
@@ -50,9 +53,11 @@ __all__ = [
 
 
 class Tracker(Protocol):
-    """What an experiment tracker's integration implements (see ``TrackerLogger``). An integration whose ``log``
-    returns only once the points are stored (MLflow's) may set ``durable = True``: nothing it logged is then kept
-    in the checkpoint to log again."""
+    """What an experiment tracker's integration implements (see ``TrackerLogger``).
+
+    An integration whose points are stored once ``log`` returns (MLflow's), or once an optional ``flush()`` returns
+    (TensorBoard's; the logger calls it before each save), may set ``durable = True``: nothing it logged is then
+    kept in the checkpoint to log again."""
 
     def start(self, run_key: str, params: dict[str, Any]) -> str:
         """Open the tracker's run for the statetrainer run ``run_key``: the one made for it before (a resumed run),
@@ -73,6 +78,18 @@ class Tracker(Protocol):
         ...
 
 
+def _flush(tracker: Tracker) -> None:
+    """Make what ``tracker`` logged durable, if it buffers (an optional ``flush()``, called before each save)."""
+    flush = getattr(tracker, "flush", None)
+    if flush is not None:
+        flush()
+
+
+def trainer_finished(trainer: TrainerView) -> bool:
+    """Whether the training run has ended (not stopped by an error or a signal)."""
+    return bool(getattr(trainer, "finished", False))
+
+
 def run_params(trainer: TrainerView) -> dict[str, Any]:
     """What a tracker records of a run: its seed, shape and settings, and its model's size."""
     found = summary(trainer.model)
@@ -89,8 +106,8 @@ class TrackerLogger(Callback):
     """Logs the run to an experiment tracker (a ``Tracker``), as one run across kills and resumes.
 
     Every ``every_steps`` optimizer steps, as the batch that took the step ends: the learning rate(s) and the
-    training phase's running metrics (reading them waits for the device: list the logger after the metrics); at
-    each epoch's end, every ``trainer.metrics`` entry. The step is always ``trainer.global_step``. As the run
+    training phase's running metrics as ``step/<name>`` (reading them waits for the device: list the logger after
+    the metrics); at each epoch's end, every ``trainer.metrics`` entry as ``epoch/<name>``. The step is always ``trainer.global_step``. As the run
     starts, ``run_params`` are recorded. Under torchrun it runs on rank 0.
 
     Args:
@@ -102,7 +119,7 @@ class TrackerLogger(Callback):
     rank_zero_only = True
 
     def __init__(self, tracker: Tracker, every_steps: int = 10, name: str | None = None) -> None:
-        check_every("TrackerLogger: every_steps", every_steps)
+        check_every(f"{type(self).__name__}: every_steps", every_steps)
         self.tracker, self.every_steps, self.name = tracker, every_steps, name
         self.run_id: str | None = None  # the tracker's id of the run, once open
         self._logged: dict[str, int] = {}
@@ -146,18 +163,21 @@ class TrackerLogger(Callback):
     def on_exit_batch(self, trainer: TrainerView) -> None:
         if self._stepped:  # once the batch's metrics are updated
             self._stepped = False
-            self._log(trainer, {**learning_rates(trainer), **running_metrics(trainer)})
+            values = {**learning_rates(trainer), **running_metrics(trainer)}
+            self._log(trainer, {f"step/{name}": value for name, value in values.items()})
 
     def on_exit_epoch(self, trainer: TrainerView) -> None:
         self._log(trainer, {f"epoch/{name}": float(value) for name, value in trainer.metrics.items()})
 
     def on_close(self, trainer: TrainerView) -> None:
         if self.run_id is not None:
-            self.tracker.close(finished=bool(getattr(trainer, "finished", False)))
+            self.tracker.close(finished=trainer_finished(trainer))
             self.run_id = None
 
     def state_dict(self) -> dict[str, Any]:
         """The points logged that the tracker has not confirmed holding (all of them, for W&B offline)."""
+        if self.run_id is not None and self._durable:
+            _flush(self.tracker)
         if self.run_id is not None and self._unconfirmed:
             try:
                 held = self.tracker.logged()
@@ -171,6 +191,8 @@ class TrackerLogger(Callback):
                                 for name, points in self._unconfirmed.items()}}  # fmt: skip
 
     def check_fits(self, state: dict[str, Any]) -> None:
+        if "unconfirmed" not in state and {"step", "written"} <= state.keys():
+            return  # a TensorBoardLogger's state from before it was a TrackerLogger: its event files say it all
         points = state["unconfirmed"]
         if not isinstance(points, dict) or not all(
             isinstance(name, str) and isinstance(value, torch.Tensor) and value.dtype == torch.float64
@@ -179,29 +201,34 @@ class TrackerLogger(Callback):
             raise CheckpointError("unconfirmed is not a {metric: (step, value) rows} dict of float64 tensors")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.run_id is not None:  # loaded into a run under way: the tracker is asked again what it holds
+            self.tracker.close(finished=False)
+            self.run_id = None
         self._unconfirmed = {name: [(int(step), value) for step, value in points.cpu().tolist()]
-                             for name, points in state["unconfirmed"].items()}  # fmt: skip
+                             for name, points in state.get("unconfirmed", {}).items()}  # fmt: skip
 
 
 class MLflowTracker:
     """MLflow's integration (the ``mlflow`` extra): a run of ``experiment`` at ``tracking_uri`` (MLflow's default:
     ``MLFLOW_TRACKING_URI``), tagged ``statetrainer.run`` with the statetrainer run's id, by which a resumed run
-    finds it again. Parameters are logged once, when the run is made."""
+    finds it again. Parameters are logged once, when the run is made. ``artifact_location`` is where a new
+    experiment keeps its artifacts (MLflow's default: ``./mlruns`` for a local store)."""
 
     TAG = "statetrainer.run"
+    ARTIFACTS = "checkpoints"  # the run's artifact folder that checkpoints go in
     durable = True  # log_batch returns once the store holds the points
 
     def __init__(self, tracking_uri: str | None = None, experiment: str = "statetrainer",
-                 run_name: str | None = None) -> None:  # fmt: skip
+                 run_name: str | None = None, artifact_location: str | None = None) -> None:  # fmt: skip
         tracking = require("mlflow.tracking", "mlflow", "MLflowLogger")
         self.client = tracking.MlflowClient(tracking_uri=tracking_uri)
-        self.experiment, self.run_name = experiment, run_name
+        self.experiment, self.run_name, self.artifact_location = experiment, run_name, artifact_location
         self.run_id: str | None = None
 
     def start(self, run_key: str, params: dict[str, Any]) -> str:
         experiment = self.client.get_experiment_by_name(self.experiment)
         experiment_id = experiment.experiment_id if experiment is not None else self.client.create_experiment(
-            self.experiment)  # fmt: skip
+            self.experiment, artifact_location=self.artifact_location)  # fmt: skip
         found = self.client.search_runs([experiment_id], filter_string=f"tags.`{self.TAG}` = '{run_key}'",
                                         max_results=1)  # fmt: skip
         if found:
@@ -232,10 +259,28 @@ class MLflowTracker:
             self.client.set_terminated(self.run_id, status="FINISHED" if finished else "KILLED")
             self.run_id = None
 
+    def checkpoint_names(self) -> set[str]:
+        """The names of the files in the run's ``checkpoints`` artifacts."""
+        assert self.run_id is not None
+        return {Path(found.path).name for found in self.client.list_artifacts(self.run_id, self.ARTIFACTS)}
+
+    def log_checkpoint(self, path: Path) -> None:
+        """Upload the checkpoint ``path``, with its sharded pieces' files, to the run's ``checkpoints`` artifacts."""
+        assert self.run_id is not None
+        for file in (*shard_files(path), path):  # the checkpoint last, as on disk
+            self.client.log_artifact(self.run_id, str(file), self.ARTIFACTS)
+
 
 class MLflowLogger(TrackerLogger):
     """``TrackerLogger`` with ``MLflowTracker``: per-step and per-epoch metrics against the global step, the run's
     parameters, one MLflow run across kills and resumes (the ``mlflow`` extra).
+
+    With ``checkpoints`` (a ``Checkpoint`` callback's folder), checkpoints are uploaded to the run's
+    ``checkpoints`` artifacts: when the run finishes, the newest one and ``best.safetensors`` if the folder has
+    one; with ``upload="all"`` also, as each phase starts, every checkpoint written since the last upload
+    (an upload waits for the store: large checkpoints on a remote store take the run's time). A name the run's
+    artifacts hold already is not uploaded again (``best.safetensors`` always is), so a resumed run uploads only
+    what is new.
 
     Args:
         tracking_uri: Where MLflow keeps its runs (``sqlite:///mlflow.db``, a server's URL); None: MLflow's default.
@@ -243,11 +288,50 @@ class MLflowLogger(TrackerLogger):
         run_name: The MLflow run's name (MLflow picks one if None).
         every_steps: Steps between per-step points.
         name: The callback's unique name (defaults to the class name).
+        checkpoints: The folder whose checkpoints to upload; None: none.
+        upload: ``"last"``: the newest checkpoint when the run finishes; ``"all"``: each one as the run goes.
+        artifact_location: Where a new experiment keeps its artifacts (MLflow's default if None).
     """
 
+    tracker: MLflowTracker
+
     def __init__(self, tracking_uri: str | None = None, experiment: str = "statetrainer", run_name: str | None = None,
-                 every_steps: int = 10, name: str | None = None) -> None:  # fmt: skip
-        super().__init__(MLflowTracker(tracking_uri, experiment, run_name), every_steps, name)
+                 every_steps: int = 10, name: str | None = None, *, checkpoints: str | os.PathLike[str] | None = None,
+                 upload: str = "last", artifact_location: str | None = None) -> None:  # fmt: skip
+        if upload not in ("last", "all"):
+            raise ValueError(f"MLflowLogger: upload is {upload!r}; use 'last' or 'all'")
+        if upload == "all" and checkpoints is None:
+            raise ValueError("MLflowLogger: upload='all' needs checkpoints=<the Checkpoint's folder>")
+        super().__init__(MLflowTracker(tracking_uri, experiment, run_name, artifact_location), every_steps, name)
+        self.checkpoints = CheckpointFolder(checkpoints) if checkpoints is not None else None
+        self.upload = upload
+        self._uploaded: set[str] | None = None  # the checkpoint names the run's artifacts hold, once asked
+
+    def _upload(self, trainer: TrainerView, newest_only: bool) -> None:
+        assert self.checkpoints is not None
+        self._open(trainer)
+        if self._uploaded is None:
+            self._uploaded = self.tracker.checkpoint_names()
+        found = self.checkpoints.checkpoints()
+        for path in found[-1:] if newest_only else found:
+            if path.name not in self._uploaded:
+                self.tracker.log_checkpoint(path)
+                self._uploaded.add(path.name)
+        if trainer_finished(trainer) and self.checkpoints.best.is_file():
+            self.tracker.log_checkpoint(self.checkpoints.best)
+
+    def on_enter_phase(self, trainer: TrainerView) -> None:
+        if self.upload == "all":  # the saves asked for before are made (or in flight, then uploaded later)
+            self._upload(trainer, newest_only=False)
+
+    def on_close(self, trainer: TrainerView) -> None:
+        if self.checkpoints is not None and trainer_finished(trainer):  # its last (background) write is done
+            self._upload(trainer, newest_only=self.upload == "last")
+        super().on_close(trainer)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._uploaded = None
 
 
 class WandbTracker:

@@ -10,20 +10,20 @@ from torch import nn
 from torch.nn import functional as F
 
 import statetrainer as st
-from statetrainer.callbacks import Checkpoint, SmoothedLoss, TensorBoardLogger
+from statetrainer.callbacks import Checkpoint, SmoothedLoss, TensorBoardLogger, TensorBoardTracker, TrackerLogger
 
 from ..conftest import regression_batches
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
 
-def build(folder: Path, device: torch.device) -> st.Trainer:
+def build(folder: Path, device: torch.device, logger: st.Callback | None = None) -> st.Trainer:
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
     phases = [st.Phase("train", regression_batches(5)), st.Phase("valid", regression_batches(2, seed=1), grad=False)]
     callbacks = [
         SmoothedLoss(),
-        TensorBoardLogger(folder / "tb", every_steps=2),
+        logger or TensorBoardLogger(folder / "tb", every_steps=2),
         Checkpoint(folder / "ckpt", every_steps=3),
     ]
     return st.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05), F.mse_loss, phases, callbacks=callbacks,
@@ -55,16 +55,41 @@ def test_a_killed_and_resumed_run_leaves_one_point_per_step_and_none_missing(tmp
     killed = build(run, device)
     killed.run_until("step", step=stop_after_step)
     killed.advance(8)  # on past the newest checkpoint (every 3 steps), writing points a resume must drop
-    killed.callbacks[1].writer.flush()  # they reach the file, then the process dies
+    killed.callbacks[1].tracker.flush()  # they reach the file, then the process dies
     resumed = build(run, device)
     assert resumed.load_checkpoint(run / "ckpt") is not None
     resumed.fit()
     assert scalars(run / "tb") == expected  # the same points: no step twice, no step missing, same values
 
 
-def test_a_fresh_run_in_the_same_folder_hides_the_older_runs_points(tmp_path, device):
-    build(tmp_path, device).fit()
-    again = build(tmp_path / "other", device)
-    again.callbacks[1].log_dir = tmp_path / "tb"
-    again.fit()
-    assert [step for step, _ in scalars(tmp_path / "tb")["epoch/valid_loss"]] == [5, 10, 15]
+def test_the_tracker_alone_in_a_folder_of_older_events_hides_their_points(tmp_path, device):
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tmp_path / "tb")) as older:  # events another program left (a TensorBoardLogger refuses
+        for step in range(1, 30):  # such a folder; the tracker driven by a TrackerLogger of its own does not)
+            older.add_scalar("epoch/valid_loss", 100.0, step)
+    build(tmp_path, device, TrackerLogger(TensorBoardTracker(tmp_path / "tb"), every_steps=2)).fit()
+    build(tmp_path / "whole", device).fit()
+    points = scalars(tmp_path / "tb")
+    assert [step for step, _ in points["epoch/valid_loss"]] == [5, 10, 15]
+    assert points == scalars(tmp_path / "whole" / "tb")
+
+
+def test_a_checkpoint_with_the_older_tensorboard_state_still_loads(tmp_path, device):
+    """Before TensorBoardLogger was a TrackerLogger its state was the newest step and its points: such a checkpoint
+    resumes, and the event files, read back, say what is there."""
+    from statetrainer.checkpoint import read_tree, write_tree
+
+    build(tmp_path / "whole", device).fit()
+    run = tmp_path / "run"
+    killed = build(run, device)
+    killed.run_until("step", step=7)
+    killed.callbacks[1].tracker.flush()
+    saved = sorted((run / "ckpt").glob("ckpt-*.safetensors"))[-1]
+    state = read_tree(saved)
+    state["callbacks"]["TensorBoardLogger"] = {"step": 6, "written": {"step/lr": 0.05}}
+    write_tree(saved, state, st.__version__)
+    resumed = build(run, device)
+    assert resumed.load_checkpoint(run / "ckpt") == saved
+    resumed.fit()
+    assert scalars(run / "tb") == scalars(tmp_path / "whole" / "tb")

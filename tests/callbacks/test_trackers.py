@@ -34,7 +34,7 @@ def documented_tracker(workdir: Path) -> dict:
     return names
 
 
-def build(folder: Path, logger: st.Callback, *callbacks: st.Callback, device) -> st.Trainer:
+def build(folder: Path, logger: st.Callback, *callbacks: st.Callback, device, keep_last: int | None = 3) -> st.Trainer:
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(1)
     inputs, labels = torch.randn(96, 5, generator=generator), torch.randint(0, 2, (96,), generator=generator)
@@ -42,7 +42,8 @@ def build(folder: Path, logger: st.Callback, *callbacks: st.Callback, device) ->
     model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 2))
     return st.Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-2), F.cross_entropy,
                       [st.Phase("train", batches), st.Phase("valid", batches[:3], grad=False)],
-                      callbacks=[SmoothedLoss(), logger, Checkpoint(folder, every_steps=5), *callbacks], epochs=2,
+                      callbacks=[SmoothedLoss(), logger, Checkpoint(folder, every_steps=5, keep_last=keep_last), *callbacks],
+                      epochs=2,
                       device=device, seed=3)  # fmt: skip
 
 
@@ -70,7 +71,7 @@ def test_the_documented_tracker_shows_a_crashed_and_resumed_run_as_one_with_each
     logged, expected = points(tracked), points(next((tmp_path / "whole-tracked").glob("*.jsonl")))
     assert max(Counter((name, step) for name, step, _ in logged).values()) == 1  # each step once
     assert sorted(logged) == sorted(expected)  # and as the uninterrupted run logged them, values equal
-    assert {name for name, _, _ in logged} >= {"lr", "train_loss", "epoch/train_loss", "epoch/valid_loss"}
+    assert {name for name, _, _ in logged} >= {"step/lr", "step/train_loss", "epoch/train_loss", "epoch/valid_loss"}
     assert whole.global_step == resumed.global_step == 24
 
 
@@ -82,13 +83,23 @@ def test_a_tracker_of_another_shape_is_used_through_the_protocol(tmp_path, devic
     [tracked] = (tmp_path / "tracked").glob("*.jsonl")
     params = json.loads(tracked.read_text().splitlines()[0])["params"]
     assert params["seed"] == 3 and params["total_steps"] == 24 and params["parameters"] == 5 * 16 + 16 + 16 * 2 + 2
-    steps = sorted({step for name, step, _ in points(tracked) if name == "lr"})
+    steps = sorted({step for name, step, _ in points(tracked) if name == "step/lr"})
     assert steps == list(range(4, 25, 4)) and trainer.global_step == 24
 
 
 def test_every_steps_is_checked():
     with pytest.raises(ValueError, match="every_steps"):
         TrackerLogger(object(), every_steps=0)  # type: ignore[arg-type]
+
+
+def test_an_upload_setting_that_cannot_work_is_refused(tmp_path):
+    pytest.importorskip("mlflow")
+    from statetrainer.callbacks import MLflowLogger
+
+    with pytest.raises(ValueError, match="upload='all' needs checkpoints="):
+        MLflowLogger(f"sqlite:///{tmp_path / 'mlflow.db'}", upload="all")
+    with pytest.raises(ValueError, match="upload is 'every'; use 'last' or 'all'"):
+        MLflowLogger(f"sqlite:///{tmp_path / 'mlflow.db'}", checkpoints=tmp_path, upload="every")
 
 
 def _mlflow_points(uri: str) -> tuple[list, dict[str, list[tuple[int, float]]]]:
@@ -101,6 +112,48 @@ def _mlflow_points(uri: str) -> tuple[list, dict[str, list[tuple[int, float]]]]:
     histories = {name: [(point.step, point.value) for point in client.get_metric_history(runs[0].info.run_id, name)]
                  for name in runs[0].data.metrics}  # fmt: skip
     return runs, histories
+
+
+def _mlflow_checkpoints(uri: str, experiment: str, into: Path) -> dict[str, bytes]:
+    """The files in the one run of ``experiment``'s ``checkpoints`` artifacts, downloaded into ``into``."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    [run] = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    if not client.list_artifacts(run.info.run_id, "checkpoints"):
+        return {}
+    folder = Path(client.download_artifacts(run.info.run_id, "checkpoints", str(into)))
+    return {path.name: path.read_bytes() for path in folder.iterdir()}
+
+
+@pytest.mark.parametrize("upload", ["last", "all"])
+def test_mlflow_uploads_checkpoints_as_artifacts_once_across_a_crash_and_resume(tmp_path, device, upload):
+    """``checkpoints=folder``: at the end, the newest checkpoint (the bytes on disk); with ``upload="all"``, each
+    one as the run goes, a crashed and resumed run included (12 steps an epoch, saves every 5 steps and each epoch,
+    all kept). A crash uploads nothing at the end: the run did not finish."""
+    pytest.importorskip("mlflow")
+    pytest.importorskip("sqlalchemy")
+    from statetrainer.callbacks import MLflowLogger
+
+    uri, folder = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "run"
+
+    def logger() -> MLflowLogger:
+        return MLflowLogger(uri, experiment="artifacts", every_steps=5, checkpoints=folder,
+                            upload=upload, artifact_location=str(tmp_path / "artifacts"))  # fmt: skip
+
+    with pytest.raises(RuntimeError, match="crash at step 17"):
+        build(folder, logger(), CrashAtStep(17), device=device, keep_last=None).fit()
+    uploaded = _mlflow_checkpoints(uri, "artifacts", tmp_path / "after-crash")
+    saved = {path.name: path.read_bytes() for path in sorted(folder.glob("ckpt-*.safetensors"))}
+    assert len(saved) == 4  # steps 5, 10, the first epoch's end (12), 15
+    assert uploaded == ({name: saved[name] for name in list(saved)[:3]} if upload == "all" else {})
+    resumed = build(folder, logger(), device=device, keep_last=None)
+    resumed.load_checkpoint(folder)
+    resumed.fit()
+    uploaded = _mlflow_checkpoints(uri, "artifacts", tmp_path / "after-end")
+    saved = {path.name: path.read_bytes() for path in sorted(folder.glob("ckpt-*.safetensors"))}
+    assert len(saved) == 6  # and 20, the second epoch's end (24)
+    assert uploaded == (saved if upload == "all" else {name: saved[name] for name in list(saved)[-1:]})
 
 
 @pytest.mark.slow
@@ -122,7 +175,8 @@ def test_mlflow_shows_a_run_sigkilled_at_three_points_as_one_run_with_each_step_
     runs, histories = _mlflow_points(uri)
     [whole_run], expected = _mlflow_points(whole_uri)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert histories.keys() == expected.keys() and {"lr", "train_loss", "epoch/valid_loss"} <= histories.keys()
+    assert histories.keys() == expected.keys()
+    assert {"step/lr", "step/train_loss", "epoch/valid_loss"} <= histories.keys()
     for name, history in histories.items():
         steps = [step for step, _ in history]
         assert len(steps) == len(set(steps)), name  # each step once
@@ -158,7 +212,8 @@ def test_wandb_offline_shows_a_run_sigkilled_at_three_points_as_one_run_with_eac
     assert len(runs) == 1 and len(list((tmp_path / "tracked" / "wandb").glob("offline-run-*"))) == 4
     logged, expected = _wandb_points(tmp_path / "tracked"), _wandb_points(tmp_path / "whole-tracked")
     assert max(Counter((name, step) for name, step, _ in logged).values()) == 1  # each step once
-    assert sorted(logged) == sorted(expected) and {"lr", "train_loss", "epoch/valid_loss"} <= {p[0] for p in logged}
+    assert sorted(logged) == sorted(expected)
+    assert {"step/lr", "step/train_loss", "epoch/valid_loss"} <= {name for name, _, _ in logged}
 
 
 class ForgetfulTracker:

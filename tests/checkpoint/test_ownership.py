@@ -315,7 +315,8 @@ def test_exporting_an_older_checkpoint_leaves_the_runs_files_as_they_are(device,
     ("CSVLogger", "epochs", {"columns": "epoch", "size": 0, "rows": 0}, "columns"),
     ("CSVLogger", "epochs", {"columns": [], "size": -1, "rows": 0}, "size"),
     ("CSVLogger", "batches", {"columns": [], "size": 10**6, "rows": 3}, "holds less than the checkpoint expects"),
-    ("TensorBoardLogger", "step", -5, "step"), ("TensorBoardLogger", "written", {"epoch/x": "1"}, "written"),
+    ("TensorBoardLogger", "unconfirmed", {"step/lr": [[1, 2]]}, "unconfirmed"),
+    ("TensorBoardLogger", "unconfirmed", {"epoch/x": "1"}, "unconfirmed"),
 ])  # fmt: skip
 def test_a_forged_state_of_a_file_writing_callback_is_refused_before_anything_loads(device, tmp_path, callback, key,
                                                                                     value, named):  # fmt: skip

@@ -11,7 +11,8 @@
 #   2. the per-batch overhead benchmark on CUDA;
 #   3. the checkpoint save/load benchmark with the state on CUDA;
 #   4. the preemption benchmark (SIGTERM to exit) on CUDA, small and 1.5 GB;
-#   5. the torchrun benchmark (1 and 2 ranks on the GPU(s): NCCL with a GPU per rank, else gloo).
+#   5. the torchrun benchmark (1 and 2 ranks on the GPU(s): NCCL with a GPU per rank, else gloo);
+#   6. ResNet-18 throughput, eager and compiled, against a hand loop and Lightning (if it imports there).
 # The suite includes the torchrun tests (tests/test_distributed.py) on CUDA: two ranks, SIGKILL and SIGTERM
 # resume, another world size. GPU_CHECK_TESTS=tests/test_distributed.py runs them alone.
 #
@@ -28,7 +29,8 @@ root=$PWD
 if [[ "${1:-}" == "--prepare" ]]; then
   set -e
   rm -rf .gpu && mkdir -p .gpu/wheels .gpu/mnist
-  for package in transitions torchdata pytorch-ignite; do  # the library, the resume tests and the overhead comparison need these
+  # the library, the resume tests, the overhead comparison and the ResNet-18 comparison need these
+  for package in transitions torchdata pytorch-ignite lightning pytorch-lightning lightning-utilities torchmetrics; do
     version=$(uv run --group bench python -c "import importlib.metadata as m; print(m.version('$package'))")
     python3 -m pip download --quiet --no-deps --only-binary=:all: -d .gpu/wheels "$package==$version"
   done
@@ -88,6 +90,7 @@ step "overhead benchmark ($device)" 120 "$python" benchmarks/overhead.py --devic
 step "checkpoint benchmark ($device)" 150 "$python" benchmarks/checkpoint.py --device "$device" --repeats 3
 step "preemption benchmark ($device)" 150 "$python" benchmarks/preemption.py --device "$device" --repeats 1
 step "torchrun benchmark ($device)" 120 "$python" benchmarks/ddp.py --device "$device" --rounds 3 --saves 3
+step "ResNet-18 benchmark ($device)" 300 "$python" benchmarks/resnet.py --device "$device" --rounds 3
 tail -n +"$((benchmarks_start + 1))" "$log"
 
 if ((${#failed[@]})); then

@@ -26,7 +26,16 @@ from .errors import CheckpointError, HalfLoadedError
 from .machine import AT_REST
 from .optimizer_step import optimizer_class_name
 from .rng import Generators
-from .saved_state import check_flag, check_integer, check_keys, describe, is_real, tensors_to, unwrap_model
+from .saved_state import (
+    REQUIRED_TO_LOAD,
+    check_flag,
+    check_integer,
+    check_keys,
+    describe,
+    is_real,
+    tensors_to,
+    unwrap_model,
+)
 
 if TYPE_CHECKING:
     from .callbacks.base import Callback
@@ -301,6 +310,10 @@ class CallbackStates:
         missing = [callback.key for callback in self.callbacks if callback.key not in state]
         if missing:
             raise CheckpointError(f"the checkpoint has no state for callback(s) {', '.join(missing)}")
+        here = {callback.key for callback in self.callbacks}
+        for key, saved in state.items():
+            if key not in here and isinstance(saved, dict) and saved.get(REQUIRED_TO_LOAD):
+                raise CheckpointError(f"{key}: the checkpoint needs this callback to load: {saved[REQUIRED_TO_LOAD]}")
         for callback in self.callbacks:
             saved = state[callback.key]
             if callback.state_per_rank and not (isinstance(saved, dict) and isinstance(saved.get("ranks"), list)

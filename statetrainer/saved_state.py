@@ -22,10 +22,13 @@ from torch.utils._pytree import KeyEntry, keystr, tree_flatten_with_path, tree_m
 from .errors import CheckpointError
 from .validation import in_interval, interval_words
 
-__all__ = ["LARGEST_COUNT", "check_flag", "check_integer", "check_keys", "check_like", "check_model_state",
+__all__ = ["LARGEST_COUNT", "REQUIRED_TO_LOAD", "check_flag", "check_integer", "check_keys", "check_like", "check_model_state",
            "check_real", "check_tensor", "describe", "is_real", "tensors_to", "unwrap_model"]  # fmt: skip
 
 LARGEST_COUNT = 2**63 - 1  # counts go into int64 tensors and seeds: a larger one is not a run's
+# A callback's saved state may hold this key with a reason: a trainer without that callback refuses the checkpoint
+# (the rest of it is not what it seems without the callback: an EMA's average swapped into the model part, say).
+REQUIRED_TO_LOAD = "required_to_load"
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

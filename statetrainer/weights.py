@@ -46,13 +46,14 @@ def checkpoint_weights(path: str | os.PathLike[str], averaged: bool = False) -> 
     step = tree.get("step")
     weights = step.get("model") if isinstance(step, dict) else None
     ema = _ema_state(tree)
+    if ema is not None and ema.get(RAW) is not None:
+        weights = ema[RAW]  # saved in an evaluation phase run on the averaged weights: the raw ones are the EMA's
     if averaged:
-        weights = ema.get(AVERAGED) if ema is not None else None
-        if weights is None:
+        average = ema.get(AVERAGED) if ema is not None else None
+        if average is None:
             raise CheckpointError(f"{source} holds no averaged weights: the run had no EMA callback, or had taken "
                                   "no step")  # fmt: skip
-    elif ema is not None and ema.get(RAW) is not None:
-        weights = ema[RAW]  # saved in an evaluation phase run on the averaged weights: the raw ones are the EMA's
+        weights = _in_dtypes_of(average, weights)
     if not isinstance(weights, dict) or not all(
         isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in weights.items()
     ):
@@ -60,6 +61,15 @@ def checkpoint_weights(path: str | os.PathLike[str], averaged: bool = False) -> 
             f"{source} holds no model weights (its step/model part): is it a statetrainer checkpoint?"
         )
     return source, weights
+
+
+def _in_dtypes_of(average: Any, weights: Any) -> Any:
+    """The averaged weights in the dtypes of the weights they average (a bf16 or fp16 tensor's average is kept in
+    float32), where both are tensors by key; as they are otherwise (the check that follows names the fault)."""
+    if not isinstance(average, dict) or not isinstance(weights, dict):
+        return average
+    return {key: value.to(weights[key].dtype) if isinstance(value, torch.Tensor) and isinstance(weights.get(key),
+            torch.Tensor) and value.is_floating_point() else value for key, value in average.items()}  # fmt: skip
 
 
 def _ema_state(tree: dict[str, Any]) -> dict[str, Any] | None:

@@ -9,7 +9,7 @@ import torch
 
 from ..checkpoint import CheckpointError
 from ..distributed import fully_sharded
-from ..saved_state import unwrap_model
+from ..saved_state import REQUIRED_TO_LOAD, unwrap_model
 from .base import Callback, TrainerView
 
 __all__ = ["EMA", "AVERAGED", "RAW"]
@@ -33,9 +33,10 @@ class EMA(Callback):
     averaged weights as the model's and the raw ones in this callback's state, and a resume puts them back as the
     phase ends. ``load_weights(model, path, averaged=True)`` and ``export --averaged`` take the averaged weights.
     Under torchrun (DDP) every rank keeps the same average; a model sharded with ``fully_shard`` is refused. The
-    average is kept in the model's dtypes: with bf16 or fp16 weights an update of ``(1 - decay)`` times a small
-    change rounds away, so keep float32 weights (``precision=`` autocasts) or use a smaller decay. Resume a
-    checkpoint saved during an evaluation phase with the EMA: its model part holds the averaged weights.
+    average of a bf16 or fp16 tensor is kept in float32 (in its dtype, an update of ``(1 - decay)`` times a small
+    change would round away): the swap for evaluation and ``load_weights``/``export`` round it to the model's
+    dtype. A checkpoint saved during an evaluation phase holds the averaged weights as its model part: loading it
+    without this callback is refused.
 
     Args:
         decay: The weight of the average so far, in (0, 1): 0.999 averages over about 1,000 steps.
@@ -57,6 +58,7 @@ class EMA(Callback):
         self._live: dict[str, torch.Tensor] | None = None  # the model's own tensors, by state_dict() key
         self._floats: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] = (
             [], [], [], [])  # fmt: skip
+        self._widened: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] = ([], [], [])
 
     def _model_tensors(self, trainer: TrainerView) -> dict[str, torch.Tensor]:
         """The model's tensors (sharing its storage), by ``state_dict()`` key; looked up once."""
@@ -71,16 +73,21 @@ class EMA(Callback):
     def _start(self, trainer: TrainerView) -> dict[str, torch.Tensor]:
         live = self._model_tensors(trainer)
         if self.averaged is None:  # a new run: the average starts from the weights as they start
-            self.averaged = {key: tensor.clone() for key, tensor in live.items()}
-        if not self._floats[0] and not self._floats[2]:
-            _check_like(self.averaged, live, AVERAGED)
+            self.averaged = {key: tensor.to(average_dtype(tensor.dtype), copy=True) for key, tensor in live.items()}
+        if not self._floats[0] and not self._floats[2] and not self._widened[0]:
+            _check_like(self.averaged, live, AVERAGED, widened=True)
             if self._raw is not None:
                 _check_like(self._raw, live, RAW)
             averaged = self.averaged
-            floats = [key for key, tensor in live.items() if tensor.is_floating_point()]
+            floats = [key for key, tensor in live.items() if tensor.is_floating_point()
+                      and averaged[key].dtype == tensor.dtype]  # fmt: skip
+            widened = [key for key, tensor in live.items() if tensor.is_floating_point()
+                       and averaged[key].dtype != tensor.dtype]  # fmt: skip
             others = [key for key, tensor in live.items() if not tensor.is_floating_point()]
             self._floats = ([averaged[key] for key in floats], [live[key] for key in floats],
                             [averaged[key] for key in others], [live[key] for key in others])  # fmt: skip
+            self._widened = ([averaged[key] for key in widened], [live[key] for key in widened],
+                             [torch.empty_like(averaged[key]) for key in widened])  # fmt: skip
         return live
 
     def on_exit_idle(self, trainer: TrainerView) -> None:
@@ -95,6 +102,10 @@ class EMA(Callback):
             if averaged_floats:
                 # the fused list op torch.optim uses: one call for every tensor
                 torch._foreach_lerp_(averaged_floats, live_floats, 1.0 - self.decay)  # pyright: ignore[reportPrivateImportUsage]
+            averaged_wide, live_narrow, staging = self._widened
+            if averaged_wide:  # bf16/fp16 weights, float32 averages: widened into buffers kept for it
+                torch._foreach_copy_(staging, live_narrow)  # pyright: ignore[reportPrivateImportUsage]
+                torch._foreach_lerp_(averaged_wide, staging, 1.0 - self.decay)  # pyright: ignore[reportPrivateImportUsage]
             for average, value in zip(averaged_others, live_others, strict=True):  # a batch count or two
                 average.copy_(value)
         self.updates += 1
@@ -119,7 +130,12 @@ class EMA(Callback):
         self._raw = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "updates": self.updates, AVERAGED: self.averaged, RAW: self._raw}
+        required = None
+        if self._raw is not None:
+            required = ("it was saved during an evaluation phase run on the averaged weights, so its model part "
+                        "holds them: resume it with the EMA callback, or resume an earlier checkpoint")  # fmt: skip
+        return {"decay": self.decay, "updates": self.updates, AVERAGED: self.averaged, RAW: self._raw,
+                REQUIRED_TO_LOAD: required}  # fmt: skip
 
     def check_fits(self, state: dict[str, Any]) -> None:
         decay, updates, averaged, raw = state["decay"], state["updates"], state[AVERAGED], state[RAW]
@@ -148,14 +164,20 @@ class EMA(Callback):
                     tensor.copy_(self._raw[key])
         self.updates = state["updates"]
         self.averaged, self._raw = state[AVERAGED], state[RAW]
-        self._live, self._floats = None, ([], [], [], [])
+        self._live, self._floats, self._widened = None, ([], [], [], []), ([], [], [])
 
 
-def _check_like(saved: dict[str, torch.Tensor], live: dict[str, torch.Tensor], label: str) -> None:
-    """Raise unless ``saved`` holds a tensor of the same shape and dtype for each of the model's keys (a checkpoint
-    whose model part fits, and whose EMA state does not, is a damaged one)."""
-    wrong = [key for key, tensor in live.items()
-             if key not in saved or saved[key].shape != tensor.shape or saved[key].dtype != tensor.dtype]  # fmt: skip
+def average_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the average of a tensor of ``dtype`` is kept in: float32 for bf16 and fp16, else its own."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def _check_like(saved: dict[str, torch.Tensor], live: dict[str, torch.Tensor], label: str,
+                widened: bool = False) -> None:  # fmt: skip
+    """Raise unless ``saved`` holds a tensor of the same shape and dtype (``widened``: the average's dtype) for each
+    of the model's keys (a checkpoint whose model part fits, and whose EMA state does not, is a damaged one)."""
+    wrong = [key for key, tensor in live.items() if key not in saved or saved[key].shape != tensor.shape
+             or saved[key].dtype != (average_dtype(tensor.dtype) if widened else tensor.dtype)]  # fmt: skip
     if wrong or len(saved) != len(live):
         raise CheckpointError(f"EMA: the saved {label} weights do not fit the model (first at "
                               f"{(wrong or sorted(set(saved) - set(live)))[0]!r})")  # fmt: skip

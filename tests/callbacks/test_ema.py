@@ -103,6 +103,15 @@ def test_a_resumed_run_ends_with_the_average_of_the_run_never_stopped(device, tm
     model = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 3))
     st.load_weights(model, path)
     assert all(torch.equal(model.state_dict()[key], value.cpu()) for key, value in raw.items())
+    without = build(device=device)
+    before = {key: value.detach().clone() for key, value in without.model.state_dict().items()}
+    if where[1] == "valid":  # its model part is the average: without the EMA it is refused, nothing loaded
+        with pytest.raises(CheckpointError, match="EMA: the checkpoint needs this callback to load: it was saved "
+                                                  "during an evaluation phase"):  # fmt: skip
+            without.load_checkpoint(path)
+        assert all(torch.equal(value, without.model.state_dict()[key]) for key, value in before.items())
+    else:
+        assert without.load_checkpoint(path) == path  # the EMA's state is left aside
     resumed_ema = EMA(0.9)
     resumed = build(resumed_ema, device=device)
     resumed.load_checkpoint(path)
@@ -149,3 +158,48 @@ def test_an_evaluation_cut_short_leaves_the_model_on_its_raw_weights(device):
         assert not all(torch.equal(value, raw[key]) for key, value in trainer.model.state_dict().items())
     for key, value in trainer.model.state_dict().items():
         assert torch.equal(value, raw[key]), key
+
+
+def test_a_bf16_models_average_is_kept_in_float32_and_rounded_to_bf16_where_it_is_used(device, tmp_path):
+    """A bf16 model, decay 0.999: the average is float32, bit for bit the float32 lerp of the bf16 weights (in
+    bf16, (1 - 0.999) times a change rounds away); the evaluation swap, a resume and ``load_weights(averaged=True)``
+    give it rounded to bf16; the swap puts the raw bf16 weights back."""
+
+    def bf16_run(*callbacks: st.Callback, folder=None) -> st.Trainer:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).to(torch.bfloat16)
+        train, valid = data()
+        train = [(inputs.to(torch.bfloat16), labels) for inputs, labels in train]
+        valid = [(inputs.to(torch.bfloat16), labels) for inputs, labels in valid]
+        saving = [st.callbacks.Checkpoint(folder, every_epochs=1)] if folder is not None else []
+        return st.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), F.cross_entropy,
+                          [st.Phase("train", train), st.Phase("valid", valid, grad=False)],
+                          callbacks=[*callbacks, *saving], epochs=2, device=device, seed=2)  # fmt: skip
+
+    class SeenInValidation(st.Callback):
+        def on_enter_batch(self, trainer: st.Trainer) -> None:
+            if not trainer.phase.grad:
+                self.weights = {key: value.detach().clone() for key, value in trainer.model.state_dict().items()}
+
+    ema, recorder, seen = EMA(0.999), WeightsAfterEachStep(), SeenInValidation()
+    trainer = bf16_run(ema, recorder, seen, folder=tmp_path / "run")
+    start = {key: value.detach().float() for key, value in trainer.model.state_dict().items()}
+    trainer.fit()
+    expected = start
+    for weights in recorder.seen:
+        expected = {key: torch.lerp(value, weights[key].float(), 1 - 0.999) for key, value in expected.items()}
+    assert ema.averaged is not None
+    for key, value in expected.items():
+        assert ema.averaged[key].dtype == torch.float32 and torch.equal(ema.averaged[key], value), key
+    assert any(not torch.equal(value.to(torch.bfloat16).float(), start[key]) for key, value in expected.items())
+    assert all(torch.equal(seen.weights[key], value.to(torch.bfloat16)) for key, value in ema.averaged.items())
+    assert all(value.dtype == torch.bfloat16 for value in trainer.model.state_dict().values())
+    assert torch.equal(trainer.model.state_dict()["0.weight"], recorder.seen[-1]["0.weight"])  # raw, back
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).to(torch.bfloat16)
+    st.load_weights(model, tmp_path / "run", averaged=True)
+    assert all(torch.equal(model.state_dict()[key], value.to(torch.bfloat16)) for key, value in ema.averaged.items())
+    resumed_ema = EMA(0.999)
+    resumed = bf16_run(resumed_ema, folder=tmp_path / "run")
+    resumed.load_checkpoint(tmp_path / "run")
+    assert resumed_ema.averaged is not None
+    assert all(torch.equal(resumed_ema.averaged[key], value) for key, value in ema.averaged.items())

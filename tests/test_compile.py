@@ -63,3 +63,18 @@ def test_a_compiled_run_sigkilled_resumes_bit_identical_on_the_cpu(tmp_path, dev
     assert killed.returncode != 0 and (folder / "killed").exists()
     launch(folder, *options, "--kill", "0:1:2", processes=1)
     same_run(folder, tmp_path / "whole")
+
+
+@pytest.mark.slow
+def test_a_compiled_ddp_run_with_rank_1_sigkilled_resumes_bit_identical_on_the_cpu(tmp_path, device):
+    """``--compile`` under torchrun, 2 ranks, DDP over the compiled module (gloo): rank 1 SIGKILLed in epoch 2, the
+    same command resumes and ends as the uninterrupted compiled run on both ranks, bit for bit."""
+    if device.type != "cpu":
+        pytest.skip("the CPU is what this test is about")
+    options = (*KILLED, "--compile")
+    launch(tmp_path / "whole", *options)
+    folder = tmp_path / "run"
+    killed = launch(folder, *options, "--kill", "1:1:2", check=False)
+    assert killed.returncode != 0 and (folder / "killed").exists()
+    launch(folder, *options, "--kill", "1:1:2")
+    same_run(folder, tmp_path / "whole")

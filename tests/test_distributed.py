@@ -221,6 +221,7 @@ def assert_no_pickle(path: Path) -> None:
     assert 8 + length + max(ends, default=0) == len(data), f"{path} holds bytes that are no tensor's"
 
 
+@pytest.mark.slow  # the default run's FSDP2 case is the sharded kill-and-resume below, which trains it too
 def test_a_model_sharded_with_fully_shard_trains_on_two_ranks_as_one_process_with_the_same_global_batch(
         tmp_path, device, monkeypatch):  # fmt: skip
     """FSDP2 (``shard_model``: each Linear, then the whole) on 2 ranks with windows of 2 batches, against one plain
@@ -740,6 +741,7 @@ def test_total_steps_on_two_ranks_are_the_steps_each_rank_takes(tmp_path, device
     assert summaries[0]["global_step"] == summaries[1]["global_step"]
 
 
+@pytest.mark.slow  # the default run keeps the DDP kill-and-resume and the sample-once checks as torchrun smoke
 def test_predict_on_two_ranks_gives_rank_zero_every_batch_whole_in_the_loaders_order(tmp_path, device):
     """20 validation samples in batches of 4 a rank: global batches of 8, 8 and 4, each rank predicting its share;
     and the same samples as a list of 4 batches, which every rank predicts whole."""

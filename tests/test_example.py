@@ -87,6 +87,12 @@ def test_example_runs_end_to_end_offline(device: torch.device, tmp_path: Path):
         lines[1],  # the same line the run printed as it ended
         f"checkpoints, log and plots in {out}/ (--epochs N trains on to N epochs, --fresh starts over)",
     ]
+
+
+@pytest.mark.slow  # the default run keeps the run above; this one runs the example three times more
+def test_the_example_trains_on_to_more_epochs_and_refuses_fewer(device: torch.device, tmp_path: Path):
+    out = tmp_path / "out"
+    assert run_offline(tmp_path, out, device).returncode == 0
     longer = run_offline(tmp_path, out, device, "--epochs", "2")  # more epochs: it trains on
     assert longer.returncode == 0, longer.stderr
     assert "training on to 2 epochs: the one-cycle schedule keeps its length of 4 steps" in longer.stdout

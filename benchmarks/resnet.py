@@ -116,6 +116,11 @@ def lightning_epoch_runner(model: nn.Module, optimizer: torch.optim.Optimizer, d
                                     logger=False, enable_checkpointing=False, enable_progress_bar=False,
                                     enable_model_summary=False, num_sanity_val_steps=0, callbacks=[timer])  # fmt: skip
         trainer.fit(Module(), train_dataloaders=OneLoader())
+        model.to(device)  # Lightning's teardown moved the model and the optimizer's state to the CPU
+        for state in optimizer.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    state[key] = value.to(device)
         return timer.seconds
 
     return epoch

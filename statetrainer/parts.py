@@ -312,7 +312,7 @@ class CallbackStates:
             raise CheckpointError(f"the checkpoint has no state for callback(s) {', '.join(missing)}")
         here = {callback.key for callback in self.callbacks}
         for key, saved in state.items():
-            if key not in here and isinstance(saved, dict) and saved.get(REQUIRED_TO_LOAD):
+            if key not in here and isinstance(saved, dict) and isinstance(saved.get(REQUIRED_TO_LOAD), str):
                 raise CheckpointError(f"{key}: the checkpoint needs this callback to load: {saved[REQUIRED_TO_LOAD]}")
         for callback in self.callbacks:
             saved = state[callback.key]

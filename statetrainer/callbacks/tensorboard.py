@@ -5,25 +5,32 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ..errors import CheckpointError
 from ..optional import require
 from .trackers import TrackerLogger
 
 __all__ = ["TensorBoardLogger", "TensorBoardTracker"]
+
+_EVENTS = "events.out.tfevents.*"
 
 
 class TensorBoardTracker:
     """TensorBoard's integration: event files in ``log_dir``, written with ``torch.utils.tensorboard`` (the
     ``tensorboard`` extra), each named for the statetrainer run (``events.out.tfevents.*.<run id>``).
 
-    A new run in a folder that holds another run's events hides them (TensorBoard's ``purge_step=0``). A resumed
-    run reads its earlier files with TensorBoard's own reader to know the newest step of each tag: the points a
-    killed process flushed are kept, and the restart, which recomputes them bit for bit, logs past them.
+    A new run in a folder that holds other events hides them (TensorBoard's ``purge_step=0``). A restart reads its
+    own earlier files for the newest step of each tag, and logs past it. Resumed from a checkpoint at step ``S``
+    (``rewind``), it purges what a killed process wrote after ``S`` (``purge_step=S + 1``), so a resume that is not
+    bit for bit (another world size, a changed setting) shows the restart's points there, not the killed one's.
     """
 
-    durable = True  # once flush() returns, the events are in the files a restart reads
+    durable = True  # once flush() returns, the events are in the files a restart reads (flushed, not fsynced)
 
     def __init__(self, log_dir: str | os.PathLike[str]) -> None:
         require("tensorboard", "tensorboard", "TensorBoardLogger")  # what torch.utils.tensorboard needs
@@ -31,25 +38,32 @@ class TensorBoardTracker:
         self.log_dir = Path(log_dir)
         self.writer: Any = None
         self._held: dict[str, int] = {}
+        self._rewind_to: int | None = None
+        self.earlier_files_are_this_runs = False  # files from before they were named for the run (see the logger)
+
+    def rewind(self, step: int) -> None:
+        """Drop, as the run opens, every point after ``step`` (the checkpoint the run resumes from)."""
+        self._rewind_to = step
 
     def start(self, run_key: str, params: dict[str, Any]) -> str:
         suffix = f".{run_key}"
-        files = [path.name for path in self.log_dir.glob("events.out.tfevents.*")]
-        earlier = any(name.endswith(suffix) for name in files)
-        self._held = self._read_newest_steps() if earlier else {}
-        hide_others = not earlier and bool(files)
-        self.writer = self._writer_class(str(self.log_dir), purge_step=0 if hide_others else None,
-                                         filename_suffix=suffix)  # fmt: skip
-        if not earlier:
+        files = sorted(self.log_dir.glob(_EVENTS))
+        own = files if self.earlier_files_are_this_runs else [path for path in files if path.name.endswith(suffix)]
+        held = _newest_steps(own)
+        purge: int | None = None
+        if self._rewind_to is not None and own:
+            purge = self._rewind_to + 1
+            held = {tag: min(step, self._rewind_to) for tag, step in held.items()}
+        elif not own and files:
+            purge = 0  # another run's points: hidden
+        self._held, self._rewind_to = held, None
+        _wait_to_be_named_after(files)
+        self.writer = self._writer_class(str(self.log_dir), purge_step=purge, filename_suffix=suffix)
+        if not own:
             self.writer.add_text("params", "\n".join(f"    {name}: {json.dumps(value)}"
                                                      for name, value in params.items()), 0)  # fmt: skip
+        self.writer.flush()  # the purge on disk before any point that follows it
         return run_key
-
-    def _read_newest_steps(self) -> dict[str, int]:
-        reading = importlib.import_module("tensorboard.backend.event_processing.event_accumulator")
-        reader = reading.EventAccumulator(str(self.log_dir), size_guidance={reading.SCALARS: 0})
-        reader.Reload()  # the whole folder, purges applied; a record a killed writer left unfinished ends a file
-        return {tag: max(event.step for event in reader.Scalars(tag)) for tag in reader.Tags()["scalars"]}
 
     def logged(self) -> dict[str, int]:
         return dict(self._held)
@@ -67,6 +81,31 @@ class TensorBoardTracker:
             self.writer = None
 
 
+def _wait_to_be_named_after(files: list[Path], longest: float = 2.0) -> None:
+    """Wait, if need be, for the clock's second to pass that of the newest of ``files``: an event file's name
+    starts with the second it was made in, and TensorBoard reads a folder's files in name order, so a file made in
+    the same second (a restart in the same process) could be read before the older one it purges."""
+    seconds = [int(part) for path in files if len(parts := path.name.split(".")) > 3 and (part := parts[3]).isdigit()]
+    deadline = time.monotonic() + longest  # a file from a clock ahead of this one is not waited for longer
+    while seconds and int(time.time()) <= max(seconds) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _newest_steps(files: list[Path]) -> dict[str, int]:
+    """The newest step of each scalar tag in the event ``files`` (read in name order, purges applied), up to a
+    record a killed writer left unfinished."""
+    loading = importlib.import_module("tensorboard.backend.event_processing.event_file_loader")
+    newest: dict[str, int] = {}
+    for path in files:
+        for event in loading.EventFileLoader(str(path)).Load():
+            if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+                newest = {tag: step for tag, step in newest.items() if step < event.step}  # a purge
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "scalars":
+                    newest[value.tag] = max(newest.get(value.tag, -1), event.step)
+    return newest
+
+
 class TensorBoardLogger(TrackerLogger):
     """``TrackerLogger`` with ``TensorBoardTracker``: scalars for TensorBoard (the ``tensorboard`` extra).
 
@@ -74,7 +113,7 @@ class TensorBoardLogger(TrackerLogger):
     several param groups) and the training phase's running metrics (``step/train_loss``...; list the logger after
     the metrics); at each epoch's end, every ``trainer.metrics`` entry as ``epoch/<name>``; the run's parameters
     as text. The x-axis is always ``trainer.global_step``. A killed and resumed run has one point per step, none
-    missing; a new run in the same folder hides an older one's points. Under torchrun it runs on rank 0.
+    missing, the resumed run's after its checkpoint. Under torchrun it runs on rank 0.
 
     Args:
         log_dir: The run's TensorBoard folder (``tensorboard --logdir`` its parent).
@@ -93,4 +132,31 @@ class TensorBoardLogger(TrackerLogger):
         return self.tracker.log_dir
 
     def output_files(self) -> list[Path]:
-        return [self.log_dir / "events.out.tfevents.*"]
+        return [self.log_dir / _EVENTS]
+
+    def check_fits(self, state: dict[str, Any]) -> None:
+        if _is_older_state(state):
+            step, written = state["step"], state["written"]
+            if isinstance(step, bool) or not isinstance(step, int) or step < -1:
+                raise CheckpointError(f"step is {step!r}, not a step number")
+            if not isinstance(written, dict) or not all(
+                isinstance(value, (int, float)) and not isinstance(value, bool) for value in written.values()
+            ):
+                raise CheckpointError("written is not a {tag: number} dict")
+            return
+        super().check_fits(state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Also a checkpoint from before the logger named its files for the run: those files are the run's, cut at
+        the checkpoint's step, and the points written at that step are logged again."""
+        older = _is_older_state(state)
+        self.tracker.earlier_files_are_this_runs = older
+        if older:
+            step = int(state["step"])
+            state = {"unconfirmed": {tag: torch.tensor([[float(step), float(value)]], dtype=torch.float64)
+                                     for tag, value in state["written"].items()}, "step": max(step, 0)}  # fmt: skip
+        super().load_state_dict(state)
+
+
+def _is_older_state(state: dict[str, Any]) -> bool:
+    return "unconfirmed" not in state and {"step", "written"} <= state.keys()

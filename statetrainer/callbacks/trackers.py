@@ -57,7 +57,9 @@ class Tracker(Protocol):
 
     An integration whose points are stored once ``log`` returns (MLflow's), or once an optional ``flush()`` returns
     (TensorBoard's; the logger calls it before each save), may set ``durable = True``: nothing it logged is then
-    kept in the checkpoint to log again."""
+    kept in the checkpoint to log again. One that can drop points may have ``rewind(step)``: called before
+    ``start`` when the run resumes from a checkpoint at ``step``, to drop what was logged after it (TensorBoard's
+    does), so that a resume that is not bit for bit shows its own points there."""
 
     def start(self, run_key: str, params: dict[str, Any]) -> str:
         """Open the tracker's run for the statetrainer run ``run_key``: the one made for it before (a resumed run),
@@ -117,6 +119,7 @@ class TrackerLogger(Callback):
     """
 
     rank_zero_only = True
+    runs_in_evaluation = False  # validate() logs nothing, and must not close and reopen the tracker's run
 
     def __init__(self, tracker: Tracker, every_steps: int = 10, name: str | None = None) -> None:
         check_every(f"{type(self).__name__}: every_steps", every_steps)
@@ -126,10 +129,15 @@ class TrackerLogger(Callback):
         self._unconfirmed: dict[str, list[tuple[int, float]]] = {}  # logged, and not known to be in the tracker
         self._durable = bool(getattr(tracker, "durable", False))
         self._stepped = False
+        self._step = 0  # the newest optimizer step seen
+        self._resumed_at: int | None = None  # the step of the checkpoint loaded: the tracker may drop points after it
 
     def _open(self, trainer: TrainerView) -> None:
         if self.run_id is not None:
             return
+        rewind = getattr(self.tracker, "rewind", None)
+        if self._resumed_at is not None and rewind is not None:
+            rewind(self._resumed_at)
         self.run_id = self.tracker.start(trainer.run_id, run_params(trainer))
         self._logged = dict(self.tracker.logged())
         missing: dict[int, dict[str, float]] = {}  # what the checkpoint carries and the tracker lost, by step
@@ -157,8 +165,13 @@ class TrackerLogger(Callback):
     def on_exit_idle(self, trainer: TrainerView) -> None:
         self._open(trainer)
 
+    def open_files(self, trainer: TrainerView) -> None:
+        if not trainer_finished(trainer):  # a logger with files of its own: as the run (or its resume) begins
+            self._open(trainer)
+
     def on_exit_step(self, trainer: TrainerView) -> None:
-        self._stepped = due(trainer.global_step, self.every_steps)
+        self._step = trainer.global_step
+        self._stepped = due(self._step, self.every_steps)
 
     def on_exit_batch(self, trainer: TrainerView) -> None:
         if self._stepped:  # once the batch's metrics are updated
@@ -188,11 +201,12 @@ class TrackerLogger(Callback):
             self._unconfirmed = {name: kept for name, points in self._unconfirmed.items()
                                  if (kept := [point for point in points if point[0] > held.get(name, -1)])}  # fmt: skip
         return {"unconfirmed": {name: torch.tensor(points, dtype=torch.float64)
-                                for name, points in self._unconfirmed.items()}}  # fmt: skip
+                                for name, points in self._unconfirmed.items()}, "step": self._step}  # fmt: skip
 
     def check_fits(self, state: dict[str, Any]) -> None:
-        if "unconfirmed" not in state and {"step", "written"} <= state.keys():
-            return  # a TensorBoardLogger's state from before it was a TrackerLogger: its event files say it all
+        step = state.get("step", 0)
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise CheckpointError(f"step is {step!r}, not a step number")
         points = state["unconfirmed"]
         if not isinstance(points, dict) or not all(
             isinstance(name, str) and isinstance(value, torch.Tensor) and value.dtype == torch.float64
@@ -205,7 +219,8 @@ class TrackerLogger(Callback):
             self.tracker.close(finished=False)
             self.run_id = None
         self._unconfirmed = {name: [(int(step), value) for step, value in points.cpu().tolist()]
-                             for name, points in state.get("unconfirmed", {}).items()}  # fmt: skip
+                             for name, points in state["unconfirmed"].items()}  # fmt: skip
+        self._step = self._resumed_at = int(state.get("step", 0))
 
 
 class MLflowTracker:
@@ -259,10 +274,11 @@ class MLflowTracker:
             self.client.set_terminated(self.run_id, status="FINISHED" if finished else "KILLED")
             self.run_id = None
 
-    def checkpoint_names(self) -> set[str]:
-        """The names of the files in the run's ``checkpoints`` artifacts."""
+    def checkpoint_sizes(self) -> dict[str, int | None]:
+        """The size of each file in the run's ``checkpoints`` artifacts, by name (None: the store does not say)."""
         assert self.run_id is not None
-        return {Path(found.path).name for found in self.client.list_artifacts(self.run_id, self.ARTIFACTS)}
+        return {Path(found.path).name: found.file_size for found in self.client.list_artifacts(self.run_id,
+                                                                                                 self.ARTIFACTS)}  # fmt: skip
 
     def log_checkpoint(self, path: Path) -> None:
         """Upload the checkpoint ``path``, with its sharded pieces' files, to the run's ``checkpoints`` artifacts."""
@@ -305,29 +321,41 @@ class MLflowLogger(TrackerLogger):
         super().__init__(MLflowTracker(tracking_uri, experiment, run_name, artifact_location), every_steps, name)
         self.checkpoints = CheckpointFolder(checkpoints) if checkpoints is not None else None
         self.upload = upload
-        self._uploaded: set[str] | None = None  # the checkpoint names the run's artifacts hold, once asked
+        self._uploaded: dict[str, int | None] | None = None  # the checkpoints the run's artifacts hold, by name
 
     def _upload(self, trainer: TrainerView, newest_only: bool) -> None:
         assert self.checkpoints is not None
         self._open(trainer)
-        if self._uploaded is None:
-            self._uploaded = self.tracker.checkpoint_names()
-        found = self.checkpoints.checkpoints()
-        for path in found[-1:] if newest_only else found:
-            if path.name not in self._uploaded:
-                self.tracker.log_checkpoint(path)
-                self._uploaded.add(path.name)
-        if trainer_finished(trainer) and self.checkpoints.best.is_file():
-            self.tracker.log_checkpoint(self.checkpoints.best)
+        try:
+            if self._uploaded is None:
+                self._uploaded = self.tracker.checkpoint_sizes()
+            found = self.checkpoints.checkpoints()
+            chosen = found[-1:] if newest_only else found
+            if trainer_finished(trainer) and self.checkpoints.best.is_file():
+                chosen.append(self.checkpoints.best)  # always: it is another file under the same name each time
+            for path in chosen:
+                try:
+                    size = path.stat().st_size
+                    if path != self.checkpoints.best and self._uploaded.get(path.name) == size:
+                        continue  # whole in the store already (a copy a kill cut short has another size)
+                    self.tracker.log_checkpoint(path)
+                except FileNotFoundError:
+                    continue  # pruned (by a background write that ended meanwhile) before it could be uploaded
+                self._uploaded[path.name] = size
+        except Exception as error:  # noqa: BLE001 -- a store out of reach must not stop the training
+            warnings.warn(f"{self.key}: uploading checkpoints to MLflow failed ({error!r}); the next upload tries "
+                          "again", stacklevel=2)  # fmt: skip
 
     def on_enter_phase(self, trainer: TrainerView) -> None:
         if self.upload == "all":  # the saves asked for before are made (or in flight, then uploaded later)
             self._upload(trainer, newest_only=False)
 
     def on_close(self, trainer: TrainerView) -> None:
-        if self.checkpoints is not None and trainer_finished(trainer):  # its last (background) write is done
-            self._upload(trainer, newest_only=self.upload == "last")
-        super().on_close(trainer)
+        try:
+            if self.checkpoints is not None and trainer_finished(trainer):  # its last (background) write is done
+                self._upload(trainer, newest_only=self.upload == "last")
+        finally:
+            super().on_close(trainer)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)

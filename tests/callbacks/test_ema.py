@@ -203,3 +203,31 @@ def test_a_bf16_models_average_is_kept_in_float32_and_rounded_to_bf16_where_it_i
     resumed.load_checkpoint(tmp_path / "run")
     assert resumed_ema.averaged is not None
     assert all(torch.equal(resumed_ema.averaged[key], value) for key, value in ema.averaged.items())
+
+
+def test_a_bf16_average_saved_in_bf16_resumes_widened_to_float32(device, tmp_path):
+    """A checkpoint whose average of bf16 weights was kept in bf16 (as before averages were widened) resumes: the
+    average goes on in float32 from the saved values."""
+    from statetrainer.checkpoint import read_tree, write_tree
+
+    def bf16_run(ema: EMA) -> st.Trainer:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).to(torch.bfloat16)
+        train, _ = data()
+        return st.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), F.cross_entropy,
+                          [st.Phase("train", [(inputs.to(torch.bfloat16), labels) for inputs, labels in train])],
+                          callbacks=[ema], epochs=2, device=device, seed=2)  # fmt: skip
+
+    first = bf16_run(EMA(0.9))
+    advance_to(first, 1, "train", 3)
+    path = first.save_checkpoint(tmp_path / "mid.safetensors")
+    state = read_tree(path)
+    state["callbacks"]["EMA"]["averaged"] = {key: value.to(torch.bfloat16)
+                                             for key, value in state["callbacks"]["EMA"]["averaged"].items()}  # fmt: skip
+    write_tree(path, state, st.__version__)
+    ema = EMA(0.9)
+    resumed = bf16_run(ema)
+    resumed.load_checkpoint(path)
+    resumed.fit()
+    assert ema.averaged is not None and all(value.dtype == torch.float32 for value in ema.averaged.values())
+    assert ema.updates == 2 * TRAIN

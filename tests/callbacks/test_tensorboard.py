@@ -62,34 +62,68 @@ def test_a_killed_and_resumed_run_leaves_one_point_per_step_and_none_missing(tmp
     assert scalars(run / "tb") == expected  # the same points: no step twice, no step missing, same values
 
 
-def test_the_tracker_alone_in_a_folder_of_older_events_hides_their_points(tmp_path, device):
+def test_the_tracker_alone_in_a_folder_of_older_events_hides_their_points_across_a_resume(tmp_path, device):
+    """Events another program left (a TensorBoardLogger refuses such a folder; the tracker driven by a
+    ``TrackerLogger`` of its own does not) are hidden, and a restart reads only the run's own files."""
     from torch.utils.tensorboard import SummaryWriter
 
-    with SummaryWriter(str(tmp_path / "tb")) as older:  # events another program left (a TensorBoardLogger refuses
-        for step in range(1, 30):  # such a folder; the tracker driven by a TrackerLogger of its own does not)
+    with SummaryWriter(str(tmp_path / "tb")) as older:
+        for step in range(1, 30):
             older.add_scalar("epoch/valid_loss", 100.0, step)
-    build(tmp_path, device, TrackerLogger(TensorBoardTracker(tmp_path / "tb"), every_steps=2)).fit()
+            older.add_scalar("step/other", 1.0, step)
+    killed = build(tmp_path, device, TrackerLogger(TensorBoardTracker(tmp_path / "tb"), every_steps=2))
+    killed.run_until("step", step=4)
+    killed.callbacks[1].tracker.flush()
+    resumed = build(tmp_path, device, TrackerLogger(TensorBoardTracker(tmp_path / "tb"), every_steps=2))
+    resumed.load_checkpoint(tmp_path / "ckpt")
+    resumed.fit()
     build(tmp_path / "whole", device).fit()
     points = scalars(tmp_path / "tb")
     assert [step for step, _ in points["epoch/valid_loss"]] == [5, 10, 15]
-    assert points == scalars(tmp_path / "whole" / "tb")
+    assert points == {**scalars(tmp_path / "whole" / "tb"), "step/other": []}  # TensorBoard keeps the hidden tag
 
 
-def test_a_checkpoint_with_the_older_tensorboard_state_still_loads(tmp_path, device):
-    """Before TensorBoardLogger was a TrackerLogger its state was the newest step and its points: such a checkpoint
-    resumes, and the event files, read back, say what is there."""
-    from statetrainer.checkpoint import read_tree, write_tree
-
+def test_a_resume_that_is_not_bit_for_bit_shows_its_own_points_after_the_checkpoint(tmp_path, device):
+    """Killed at step 15 (checkpoint at 12), resumed with another learning rate: the points after step 12 are the
+    resumed run's (the killed one's are purged), those up to 12 the killed run's, each step once."""
     build(tmp_path / "whole", device).fit()
     run = tmp_path / "run"
     killed = build(run, device)
-    killed.run_until("step", step=7)
+    killed.run_until("step", step=15)
     killed.callbacks[1].tracker.flush()
+    resumed = build(run, device)
+    resumed.load_checkpoint(run / "ckpt")
+    assert resumed.global_step == 12
+    resumed.optimizer.param_groups[0]["lr"] = 0.01
+    resumed.fit()
+    points, whole = scalars(run / "tb"), scalars(tmp_path / "whole" / "tb")
+    assert [step for step, _ in points["step/lr"]] == [step for step, _ in whole["step/lr"]] == [2, 4, 6, 8, 10, 12, 14]
+    assert points["step/lr"] == [(step, pytest.approx(0.05 if step <= 12 else 0.01)) for step in range(2, 15, 2)]
+    assert points["epoch/valid_loss"][:2] == whole["epoch/valid_loss"][:2]
+    assert points["epoch/valid_loss"][2][0] == 15 and points["epoch/valid_loss"][2] != whole["epoch/valid_loss"][2]
+
+
+def test_files_of_the_older_logger_with_its_checkpoint_resume_as_it_did(tmp_path, device):
+    """Before the logger named its files for the run, a checkpoint held the newest step and its points, and the
+    files had no run id: such a run resumes with its files taken as its own, cut at the checkpoint."""
+    from statetrainer.checkpoint import read_tree, write_tree
+
+    build(tmp_path / "whole", device).fit()
+    whole = scalars(tmp_path / "whole" / "tb")
+    run = tmp_path / "run"
+    killed = build(run, device)
+    killed.run_until("step", step=7)
+    killed.advance(8)  # on past the checkpoint at step 6
+    killed.callbacks[1].tracker.flush()
+    for path in (run / "tb").glob("events.out.tfevents.*"):  # named as the older logger named them
+        path.rename(path.with_name(path.name.removesuffix(f".{killed.run_id}")))
     saved = sorted((run / "ckpt").glob("ckpt-*.safetensors"))[-1]
     state = read_tree(saved)
-    state["callbacks"]["TensorBoardLogger"] = {"step": 6, "written": {"step/lr": 0.05}}
+    assert state["position"]["global_step"] == 6
+    state["callbacks"]["TensorBoardLogger"] = {"step": 6, "written": {"step/lr": 0.05,
+                                                                      "step/train_loss": whole["step/train_loss"][2][1]}}  # fmt: skip
     write_tree(saved, state, st.__version__)
     resumed = build(run, device)
     assert resumed.load_checkpoint(run / "ckpt") == saved
     resumed.fit()
-    assert scalars(run / "tb") == scalars(tmp_path / "whole" / "tb")
+    assert scalars(run / "tb") == whole

@@ -156,6 +156,42 @@ def test_mlflow_uploads_checkpoints_as_artifacts_once_across_a_crash_and_resume(
     assert uploaded == (saved if upload == "all" else {name: saved[name] for name in list(saved)[-1:]})
 
 
+def test_an_upload_that_finds_its_checkpoint_gone_or_the_store_down_does_not_stop_the_run(tmp_path, device):
+    """The first upload finds its file pruned meanwhile (skipped, tried no more), the second finds the store down
+    (a warning; tried again at the next phase): the run goes on and ends FINISHED with the others uploaded."""
+    pytest.importorskip("mlflow")
+    pytest.importorskip("sqlalchemy")
+    from statetrainer.callbacks import MLflowLogger
+
+    uri, folder = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "run"
+    logger = MLflowLogger(uri, experiment="flaky", every_steps=5, checkpoints=folder, upload="all",
+                          artifact_location=str(tmp_path / "artifacts"))  # fmt: skip
+    upload, calls = logger.tracker.log_checkpoint, []
+
+    def pruned_then_down(path: Path) -> None:
+        calls.append(path.name)
+        if len(calls) == 1:
+            path.rename(tmp_path / path.name)  # as a prune by a background write would, mid-upload
+        if len(calls) == 2:
+            raise ConnectionError("the store is down")
+        upload(path)
+
+    logger.tracker.log_checkpoint = pruned_then_down  # type: ignore[method-assign]
+    with pytest.warns(UserWarning, match="uploading checkpoints to MLflow failed.*the store is down"):
+        trainer = build(folder, logger, device=device, keep_last=None).fit()
+    assert trainer.finished
+    from mlflow.tracking import MlflowClient
+
+    [run] = MlflowClient(tracking_uri=uri).search_runs(
+        [MlflowClient(uri).get_experiment_by_name("flaky").experiment_id]
+    )
+    assert run.info.status == "FINISHED"
+    uploaded = _mlflow_checkpoints(uri, "flaky", tmp_path / "down")
+    on_disk = {path.name: path.read_bytes() for path in folder.glob("ckpt-*.safetensors")}
+    assert calls[0] not in uploaded and calls[0] not in on_disk and calls[1] == calls[2]  # the failed one again
+    assert uploaded == on_disk
+
+
 @pytest.mark.slow
 def test_mlflow_shows_a_run_sigkilled_at_three_points_as_one_run_with_each_step_once(tmp_path, device):
     """``small_run.py --mlflow`` SIGKILLed after steps 7 (before any checkpoint), 23 and 47, then run to its end:

@@ -117,9 +117,9 @@ def bisect(folder: str | os.PathLike[str], make_trainer: Callable[[], Trainer], 
     def loaded(checkpoint: Path | None) -> Trainer:
         nonlocal loads, first
         trainer, first = first or make_trainer(), None
-        writers = [callback.key for callback in trainer.callbacks if callback.output_files()]
+        writers = [callback.key for callback in trainer.callbacks if callback.writes_records()]
         if writers:
-            raise ValueError(f"bisect replays the run, and these callbacks would write into its folders: "
+            raise ValueError(f"bisect replays the run, and these callbacks would write into its folders or trackers: "
                              f"{', '.join(writers)}; have make_trainer build the trainer without them")  # fmt: skip
         if checkpoint is not None:
             trainer.load_checkpoint(checkpoint)

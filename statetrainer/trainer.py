@@ -341,15 +341,16 @@ class Trainer:
         ``step`` just taken, or the forward of batch ``batch`` of ``phase`` in ``epoch`` just run (counted from 0).
         It loads the newest good checkpoint saved before the point (none: it starts from the beginning), then
         ``run_until`` stops there: weights, optimizer, ``loss`` and ``output`` are the run's own, bit for bit.
-        Build the trainer as the run was, without the callbacks that write files (a replay never writes into the
-        run's folders). Returns the checkpoint it started from (None: none).
+        Build the trainer as the run was, without the callbacks that write files or log to a tracker (a replay never
+        writes into the run's records). Returns the checkpoint it started from (None: none).
 
         Raises:
             ValueError: Not one point, a point the run never reaches, or a callback that writes files.
         """
-        writers = [callback.key for callback in self.callbacks if callback.output_files()]
+        writers = [callback.key for callback in self.callbacks if callback.writes_records()]
         if writers:
-            raise ValueError(f"travel_to replays the run, and these callbacks would write into its folders: "
+            raise ValueError(f"travel_to replays the run, and these callbacks would write into its folders or "
+                             f"trackers: "
                              f"{', '.join(writers)}; build the trainer without them")  # fmt: skip
         point = RunPoint.of([each.name for each in self.phases], step, epoch, phase, batch)
         if point.step is not None and self.total_steps is not None and point.step > self.total_steps:

@@ -200,6 +200,11 @@ class Callback:
         """
         return []
 
+    def writes_records(self) -> bool:
+        """Whether this callback writes records of the run outside the process (its ``output_files``, an experiment
+        tracker's run): a replay (``travel_to``, ``bisect``) refuses it, as it would write the run's past again."""
+        return bool(self.output_files())
+
     def open_files(self, trainer: TrainerView) -> None:
         """Once the folders are claimed, before the run's first hook in this process: make the files what the loaded
         state says (a resumed run), or start them afresh. Called in the process that writes (rank 0)."""

@@ -6,6 +6,7 @@ import importlib
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,11 @@ class TensorBoardTracker:
     """TensorBoard's integration: event files in ``log_dir``, written with ``torch.utils.tensorboard`` (the
     ``tensorboard`` extra), each named for the statetrainer run (``events.out.tfevents.*.<run id>``).
 
-    A new run in a folder that holds other events hides them (TensorBoard's ``purge_step=0``). A restart reads its
-    own earlier files for the newest step of each tag, and logs past it. Resumed from a checkpoint at step ``S``
-    (``rewind``), it purges what a killed process wrote after ``S`` (``purge_step=S + 1``), so a resume that is not
-    bit for bit (another world size, a changed setting) shows the restart's points there, not the killed one's.
+    It claims ``log_dir`` for the run (``output_files``), as every folder a run writes in. A restart reads its own
+    earlier files for the newest step of each tag, and logs past it. Resumed from a checkpoint at step ``S``
+    (``rewind``; 0 for a run started again before its first checkpoint), it purges what a killed process wrote
+    after ``S`` (``purge_step=S + 1``), so a resume that is not bit for bit (another world size, a changed setting)
+    shows the restart's points there, not the killed one's.
     """
 
     durable = True  # once flush() returns, the events are in the files a restart reads (flushed, not fsynced)
@@ -39,26 +41,24 @@ class TensorBoardTracker:
         self.writer: Any = None
         self._held: dict[str, int] = {}
         self._rewind_to: int | None = None
-        self.earlier_files_are_this_runs = False  # files from before they were named for the run (see the logger)
+
+    def output_files(self) -> list[Path]:
+        return [self.log_dir / _EVENTS]
 
     def rewind(self, step: int) -> None:
         """Drop, as the run opens, every point after ``step`` (the checkpoint the run resumes from)."""
         self._rewind_to = step
 
     def start(self, run_key: str, params: dict[str, Any]) -> str:
-        suffix = f".{run_key}"
-        files = sorted(self.log_dir.glob(_EVENTS))
-        own = files if self.earlier_files_are_this_runs else [path for path in files if path.name.endswith(suffix)]
+        own = sorted(self.log_dir.glob(_EVENTS))  # all the run's: its claim on the folder refuses another run's
         held = _newest_steps(own)
         purge: int | None = None
         if self._rewind_to is not None and own:
             purge = self._rewind_to + 1
             held = {tag: min(step, self._rewind_to) for tag, step in held.items()}
-        elif not own and files:
-            purge = 0  # another run's points: hidden
         self._held, self._rewind_to = held, None
-        _wait_to_be_named_after(files)
-        self.writer = self._writer_class(str(self.log_dir), purge_step=purge, filename_suffix=suffix)
+        _wait_to_be_named_after(own)
+        self.writer = self._writer_class(str(self.log_dir), purge_step=purge, filename_suffix=f".{run_key}")
         if not own:
             self.writer.add_text("params", "\n".join(f"    {name}: {json.dumps(value)}"
                                                      for name, value in params.items()), 0)  # fmt: skip
@@ -87,7 +87,12 @@ def _wait_to_be_named_after(files: list[Path], longest: float = 2.0) -> None:
     the same second (a restart in the same process) could be read before the older one it purges."""
     seconds = [int(part) for path in files if len(parts := path.name.split(".")) > 3 and (part := parts[3]).isdigit()]
     deadline = time.monotonic() + longest  # a file from a clock ahead of this one is not waited for longer
-    while seconds and int(time.time()) <= max(seconds) and time.monotonic() < deadline:
+    while seconds and int(time.time()) <= max(seconds):
+        if time.monotonic() > deadline:
+            warnings.warn(f"TensorBoardTracker: the newest event file is named after a time ahead of this "
+                          f"machine's clock ({max(seconds)} s against {time.time():.0f} s): TensorBoard may read the "
+                          "new file first, and show points a purge should hide", stacklevel=3)  # fmt: skip
+            return
         time.sleep(0.02)
 
 
@@ -95,15 +100,15 @@ def _newest_steps(files: list[Path]) -> dict[str, int]:
     """The newest step of each scalar tag in the event ``files`` (read in name order, purges applied), up to a
     record a killed writer left unfinished."""
     loading = importlib.import_module("tensorboard.backend.event_processing.event_file_loader")
-    newest: dict[str, int] = {}
+    steps: dict[str, list[int]] = {}  # every step, as a purge may leave an older one the newest
     for path in files:
         for event in loading.EventFileLoader(str(path)).Load():
             if event.HasField("session_log") and event.session_log.status == event.session_log.START:
-                newest = {tag: step for tag, step in newest.items() if step < event.step}  # a purge
+                steps = {tag: kept for tag, held in steps.items() if (kept := [at for at in held if at < event.step])}
             for value in event.summary.value:
                 if value.metadata.plugin_data.plugin_name == "scalars":
-                    newest[value.tag] = max(newest.get(value.tag, -1), event.step)
-    return newest
+                    steps.setdefault(value.tag, []).append(event.step)
+    return {tag: max(held) for tag, held in steps.items()}
 
 
 class TensorBoardLogger(TrackerLogger):
@@ -131,9 +136,6 @@ class TensorBoardLogger(TrackerLogger):
         """The run's TensorBoard folder."""
         return self.tracker.log_dir
 
-    def output_files(self) -> list[Path]:
-        return [self.log_dir / _EVENTS]
-
     def check_fits(self, state: dict[str, Any]) -> None:
         if _is_older_state(state):
             step, written = state["step"], state["written"]
@@ -147,11 +149,9 @@ class TensorBoardLogger(TrackerLogger):
         super().check_fits(state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Also a checkpoint from before the logger named its files for the run: those files are the run's, cut at
-        the checkpoint's step, and the points written at that step are logged again."""
-        older = _is_older_state(state)
-        self.tracker.earlier_files_are_this_runs = older
-        if older:
+        """Also a checkpoint from before the logger was a ``TrackerLogger``: its files are cut at the checkpoint's
+        step, and the points it had written at that step are logged again."""
+        if _is_older_state(state):
             step = int(state["step"])
             state = {"unconfirmed": {tag: torch.tensor([[float(step), float(value)]], dtype=torch.float64)
                                      for tag, value in state["written"].items()}, "step": max(step, 0)}  # fmt: skip

@@ -130,14 +130,17 @@ class TrackerLogger(Callback):
         self._durable = bool(getattr(tracker, "durable", False))
         self._stepped = False
         self._step = 0  # the newest optimizer step seen
-        self._resumed_at: int | None = None  # the step of the checkpoint loaded: the tracker may drop points after it
+        # The step to rewind the tracker to as it opens: 0 for a run that loaded no checkpoint (a process of it
+        # killed before its first checkpoint logged what this one logs again), the loaded checkpoint's, or None
+        # (a checkpoint from before the step was saved: log past what the tracker holds).
+        self._rewind_to: int | None = 0
 
     def _open(self, trainer: TrainerView) -> None:
         if self.run_id is not None:
             return
         rewind = getattr(self.tracker, "rewind", None)
-        if self._resumed_at is not None and rewind is not None:
-            rewind(self._resumed_at)
+        if self._rewind_to is not None and rewind is not None:
+            rewind(self._rewind_to)
         self.run_id = self.tracker.start(trainer.run_id, run_params(trainer))
         self._logged = dict(self.tracker.logged())
         missing: dict[int, dict[str, float]] = {}  # what the checkpoint carries and the tracker lost, by step
@@ -164,6 +167,14 @@ class TrackerLogger(Callback):
 
     def on_exit_idle(self, trainer: TrainerView) -> None:
         self._open(trainer)
+
+    def output_files(self) -> list[Path]:
+        """The tracker's files, if it writes some (``output_files()``: TensorBoard's event files)."""
+        files = getattr(self.tracker, "output_files", None)
+        return list(files()) if files is not None else []
+
+    def writes_records(self) -> bool:
+        return True  # the tracker's run, files or not
 
     def open_files(self, trainer: TrainerView) -> None:
         if not trainer_finished(trainer):  # a logger with files of its own: as the run (or its resume) begins
@@ -207,6 +218,8 @@ class TrackerLogger(Callback):
         step = state.get("step", 0)
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise CheckpointError(f"step is {step!r}, not a step number")
+        if "unconfirmed" not in state:
+            raise CheckpointError("no unconfirmed points: not a TrackerLogger's state")
         points = state["unconfirmed"]
         if not isinstance(points, dict) or not all(
             isinstance(name, str) and isinstance(value, torch.Tensor) and value.dtype == torch.float64
@@ -220,7 +233,8 @@ class TrackerLogger(Callback):
             self.run_id = None
         self._unconfirmed = {name: [(int(step), value) for step, value in points.cpu().tolist()]
                              for name, points in state["unconfirmed"].items()}  # fmt: skip
-        self._step = self._resumed_at = int(state.get("step", 0))
+        self._rewind_to = state.get("step")
+        self._step = self._rewind_to or 0
 
 
 class MLflowTracker:
@@ -325,8 +339,8 @@ class MLflowLogger(TrackerLogger):
 
     def _upload(self, trainer: TrainerView, newest_only: bool) -> None:
         assert self.checkpoints is not None
-        self._open(trainer)
         try:
+            self._open(trainer)
             if self._uploaded is None:
                 self._uploaded = self.tracker.checkpoint_sizes()
             found = self.checkpoints.checkpoints()
@@ -336,8 +350,9 @@ class MLflowLogger(TrackerLogger):
             for path in chosen:
                 try:
                     size = path.stat().st_size
-                    if path != self.checkpoints.best and self._uploaded.get(path.name) == size:
-                        continue  # whole in the store already (a copy a kill cut short has another size)
+                    stored = self._uploaded.get(path.name, -1)
+                    if path != self.checkpoints.best and stored in (size, None):
+                        continue  # in the store already (a copy a kill cut short has another size; None: not said)
                     self.tracker.log_checkpoint(path)
                 except FileNotFoundError:
                     continue  # pruned (by a background write that ended meanwhile) before it could be uploaded

@@ -87,6 +87,15 @@ def test_a_tracker_of_another_shape_is_used_through_the_protocol(tmp_path, devic
     assert steps == list(range(4, 25, 4)) and trainer.global_step == 24
 
 
+def test_replays_refuse_a_tracker_logger_as_they_refuse_callbacks_that_write_files(tmp_path, device):
+    """``travel_to`` and ``bisect`` replay the run: a tracker's run would get the past again (and be reopened)."""
+    names = documented_tracker(tmp_path)
+    build(tmp_path / "run", TrackerLogger(names["JsonLinesTracker"](tmp_path / "tracked")), device=device).fit()
+    replay = build(tmp_path / "replay", TrackerLogger(names["JsonLinesTracker"](tmp_path / "tracked")), device=device)
+    with pytest.raises(ValueError, match="would write into its folders or trackers: TrackerLogger"):
+        replay.travel_to(tmp_path / "run", step=7)
+
+
 def test_every_steps_is_checked():
     with pytest.raises(ValueError, match="every_steps"):
         TrackerLogger(object(), every_steps=0)  # type: ignore[arg-type]

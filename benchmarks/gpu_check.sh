@@ -90,7 +90,9 @@ step "overhead benchmark ($device)" 120 "$python" benchmarks/overhead.py --devic
 step "checkpoint benchmark ($device)" 150 "$python" benchmarks/checkpoint.py --device "$device" --repeats 3
 step "preemption benchmark ($device)" 150 "$python" benchmarks/preemption.py --device "$device" --repeats 1
 step "torchrun benchmark ($device)" 120 "$python" benchmarks/ddp.py --device "$device" --rounds 3 --saves 3
-step "ResNet-18 benchmark ($device)" 300 "$python" benchmarks/resnet.py --device "$device" --rounds 3
+resnet_sizes=()  # a rehearsal on the CPU: small images, few batches
+if [[ "$device" == cpu ]]; then resnet_sizes=(--batch-size 8 --image-size 32 --batches 4); fi
+step "ResNet-18 benchmark ($device)" 300 "$python" benchmarks/resnet.py --device "$device" --rounds 3 "${resnet_sizes[@]}"
 tail -n +"$((benchmarks_start + 1))" "$log"
 
 if ((${#failed[@]})); then

@@ -35,8 +35,9 @@ class EMA(Callback):
     Under torchrun (DDP) every rank keeps the same average; a model sharded with ``fully_shard`` is refused. The
     average of a bf16 or fp16 tensor is kept in float32 (in its dtype, an update of ``(1 - decay)`` times a small
     change would round away): the swap for evaluation and ``load_weights``/``export`` round it to the model's
-    dtype (it costs 8 bytes a bf16 parameter: the average and a buffer it is widened into each update). A checkpoint saved during an evaluation phase holds the averaged weights as its model part: loading it
-    without this callback is refused.
+    dtype (it costs 8 bytes a bf16 parameter: the average and a buffer it is widened into each update). A
+    checkpoint saved during an evaluation phase holds the averaged weights as its model part: loading it without
+    this callback is refused.
 
     Args:
         decay: The weight of the average so far, in (0, 1): 0.999 averages over about 1,000 steps.
@@ -56,9 +57,7 @@ class EMA(Callback):
         self.averaged: dict[str, torch.Tensor] | None = None
         self._raw: dict[str, torch.Tensor] | None = None
         self._live: dict[str, torch.Tensor] | None = None  # the model's own tensors, by state_dict() key
-        self._floats: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] = (
-            [], [], [], [])  # fmt: skip
-        self._widened: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] = ([], [], [])
+        self._plan: _UpdatePlan | None = None  # built once the average and the model's tensors are known
 
     def _model_tensors(self, trainer: TrainerView) -> dict[str, torch.Tensor]:
         """The model's tensors (sharing its storage), by ``state_dict()`` key; looked up once."""
@@ -70,28 +69,19 @@ class EMA(Callback):
             self._live = {key: tensor.detach() for key, tensor in model.state_dict().items()}
         return self._live
 
-    def _start(self, trainer: TrainerView) -> dict[str, torch.Tensor]:
+    def _start(self, trainer: TrainerView) -> tuple[dict[str, torch.Tensor], _UpdatePlan]:
         live = self._model_tensors(trainer)
-        if self.averaged is None:  # a new run: the average starts from the weights as they start
-            self.averaged = {key: tensor.to(average_dtype(tensor.dtype), copy=True) for key, tensor in live.items()}
-        if not self._floats[0] and not self._floats[2] and not self._widened[0]:
+        if self._plan is None:
+            if self.averaged is None:  # a new run: the average starts from the weights as they start
+                self.averaged = {key: tensor.clone() for key, tensor in live.items()}
             self.averaged = {key: value.to(average_dtype(value.dtype)) if key in live
                              and value.dtype == live[key].dtype else value
-                             for key, value in self.averaged.items()}  # fmt: skip  # an average saved narrow: widened
+                             for key, value in self.averaged.items()}  # fmt: skip  # a bf16/fp16 one widened
             _check_like(self.averaged, live, AVERAGED, widened=True)
             if self._raw is not None:
                 _check_like(self._raw, live, RAW)
-            averaged = self.averaged
-            floats = [key for key, tensor in live.items() if tensor.is_floating_point()
-                      and averaged[key].dtype == tensor.dtype]  # fmt: skip
-            widened = [key for key, tensor in live.items() if tensor.is_floating_point()
-                       and averaged[key].dtype != tensor.dtype]  # fmt: skip
-            others = [key for key, tensor in live.items() if not tensor.is_floating_point()]
-            self._floats = ([averaged[key] for key in floats], [live[key] for key in floats],
-                            [averaged[key] for key in others], [live[key] for key in others])  # fmt: skip
-            self._widened = ([averaged[key] for key in widened], [live[key] for key in widened],
-                             [torch.empty_like(averaged[key]) for key in widened])  # fmt: skip
-        return live
+            self._plan = _UpdatePlan(self.averaged, live)
+        return live, self._plan
 
     def on_exit_idle(self, trainer: TrainerView) -> None:
         self._start(trainer)
@@ -99,24 +89,22 @@ class EMA(Callback):
     def on_exit_step(self, trainer: TrainerView) -> None:
         if trainer.global_step % self.every_steps:
             return
-        self._start(trainer)
-        averaged_floats, live_floats, averaged_others, live_others = self._floats
+        _, plan = self._start(trainer)
         with torch.no_grad():
-            if averaged_floats:
+            if plan.averaged:
                 # the fused list op torch.optim uses: one call for every tensor
-                torch._foreach_lerp_(averaged_floats, live_floats, 1.0 - self.decay)  # pyright: ignore[reportPrivateImportUsage]
-            averaged_wide, live_narrow, staging = self._widened
-            if averaged_wide:  # bf16/fp16 weights, float32 averages: widened into buffers kept for it
-                torch._foreach_copy_(staging, live_narrow)  # pyright: ignore[reportPrivateImportUsage]
-                torch._foreach_lerp_(averaged_wide, staging, 1.0 - self.decay)  # pyright: ignore[reportPrivateImportUsage]
-            for average, value in zip(averaged_others, live_others, strict=True):  # a batch count or two
-                average.copy_(value)
+                torch._foreach_lerp_(plan.averaged, plan.weights, 1.0 - self.decay)  # pyright: ignore[reportPrivateImportUsage]
+            if plan.averaged_wide:  # bf16/fp16 weights, float32 averages: widened into buffers kept for it
+                torch._foreach_copy_(plan.staging, plan.weights_narrow)  # pyright: ignore[reportPrivateImportUsage]
+                torch._foreach_lerp_(plan.averaged_wide, plan.staging, 1.0 - self.decay)  # pyright: ignore[reportPrivateImportUsage]
+            for copy, value in zip(plan.copies, plan.copied, strict=True):  # a batch count or two
+                copy.copy_(value)
         self.updates += 1
 
     def on_enter_phase(self, trainer: TrainerView) -> None:
         if not self.evaluate_with or trainer.phase is None or trainer.phase.grad or self._raw is not None:
             return
-        live = self._start(trainer)
+        live, _ = self._start(trainer)
         assert self.averaged is not None
         with torch.no_grad():
             self._raw = {key: tensor.clone() for key, tensor in live.items()}
@@ -167,7 +155,25 @@ class EMA(Callback):
                     tensor.copy_(self._raw[key])
         self.updates = state["updates"]
         self.averaged, self._raw = state[AVERAGED], state[RAW]
-        self._live, self._floats, self._widened = None, ([], [], [], []), ([], [], [])
+        self._live, self._plan = None, None
+
+
+class _UpdatePlan:
+    """The tensors of one update, grouped once: averages in the weights' own dtype, float32 averages of bf16/fp16
+    weights (with a float32 buffer each to widen the weights into), and non-float tensors copied."""
+
+    def __init__(self, averaged: dict[str, torch.Tensor], live: dict[str, torch.Tensor]) -> None:
+        same = [
+            key for key, tensor in live.items() if tensor.is_floating_point() and averaged[key].dtype == tensor.dtype
+        ]
+        wide = [
+            key for key, tensor in live.items() if tensor.is_floating_point() and averaged[key].dtype != tensor.dtype
+        ]
+        copied = [key for key, tensor in live.items() if not tensor.is_floating_point()]
+        self.averaged, self.weights = [averaged[key] for key in same], [live[key] for key in same]
+        self.averaged_wide, self.weights_narrow = [averaged[key] for key in wide], [live[key] for key in wide]
+        self.staging = [torch.empty_like(averaged[key]) for key in wide]
+        self.copies, self.copied = [averaged[key] for key in copied], [live[key] for key in copied]
 
 
 def average_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -80,18 +80,6 @@ class Tracker(Protocol):
         ...
 
 
-def _flush(tracker: Tracker) -> None:
-    """Make what ``tracker`` logged durable, if it buffers (an optional ``flush()``, called before each save)."""
-    flush = getattr(tracker, "flush", None)
-    if flush is not None:
-        flush()
-
-
-def trainer_finished(trainer: TrainerView) -> bool:
-    """Whether the training run has ended (not stopped by an error or a signal)."""
-    return bool(getattr(trainer, "finished", False))
-
-
 def run_params(trainer: TrainerView) -> dict[str, Any]:
     """What a tracker records of a run: its seed, shape and settings, and its model's size."""
     found = summary(trainer.model)
@@ -109,8 +97,8 @@ class TrackerLogger(Callback):
 
     Every ``every_steps`` optimizer steps, as the batch that took the step ends: the learning rate(s) and the
     training phase's running metrics as ``step/<name>`` (reading them waits for the device: list the logger after
-    the metrics); at each epoch's end, every ``trainer.metrics`` entry as ``epoch/<name>``. The step is always ``trainer.global_step``. As the run
-    starts, ``run_params`` are recorded. Under torchrun it runs on rank 0.
+    the metrics); at each epoch's end, every ``trainer.metrics`` entry as ``epoch/<name>``. The step is always
+    ``trainer.global_step``. As the run starts, ``run_params`` are recorded. Under torchrun it runs on rank 0.
 
     Args:
         tracker: The tracker's integration.
@@ -177,7 +165,7 @@ class TrackerLogger(Callback):
         return True  # the tracker's run, files or not
 
     def open_files(self, trainer: TrainerView) -> None:
-        if not trainer_finished(trainer):  # a logger with files of its own: as the run (or its resume) begins
+        if not trainer.finished:  # a logger with files of its own: as the run (or its resume) begins
             self._open(trainer)
 
     def on_exit_step(self, trainer: TrainerView) -> None:
@@ -195,13 +183,14 @@ class TrackerLogger(Callback):
 
     def on_close(self, trainer: TrainerView) -> None:
         if self.run_id is not None:
-            self.tracker.close(finished=trainer_finished(trainer))
+            self.tracker.close(finished=trainer.finished)
             self.run_id = None
 
     def state_dict(self) -> dict[str, Any]:
         """The points logged that the tracker has not confirmed holding (all of them, for W&B offline)."""
-        if self.run_id is not None and self._durable:
-            _flush(self.tracker)
+        flush = getattr(self.tracker, "flush", None)
+        if self.run_id is not None and self._durable and flush is not None:
+            flush()  # what was logged is where a restart looks before the checkpoint counts it
         if self.run_id is not None and self._unconfirmed:
             try:
                 held = self.tracker.logged()
@@ -345,7 +334,7 @@ class MLflowLogger(TrackerLogger):
                 self._uploaded = self.tracker.checkpoint_sizes()
             found = self.checkpoints.checkpoints()
             chosen = found[-1:] if newest_only else found
-            if trainer_finished(trainer) and self.checkpoints.best.is_file():
+            if trainer.finished and self.checkpoints.best.is_file():
                 chosen.append(self.checkpoints.best)  # always: it is another file under the same name each time
             for path in chosen:
                 try:
@@ -367,7 +356,7 @@ class MLflowLogger(TrackerLogger):
 
     def on_close(self, trainer: TrainerView) -> None:
         try:
-            if self.checkpoints is not None and trainer_finished(trainer):  # its last (background) write is done
+            if self.checkpoints is not None and trainer.finished:  # its last (background) write is done
                 self._upload(trainer, newest_only=self.upload == "last")
         finally:
             super().on_close(trainer)
